@@ -1,0 +1,99 @@
+//! `hooktrail serve`: opens the store, binds the listeners, starts the
+//! processor, and runs until SIGTERM/SIGINT. SIGHUP reloads sources, handlers
+//! and routes; a config with errors is refused and the old one kept.
+//!
+//! Shutdown order matters for the guarantees: stop accepting, let in-flight
+//! requests finish (their events commit), let running deliveries finish up to
+//! the grace period and release the rest, then flush and close the store.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::ServeRole;
+use crate::config;
+use crate::ingest::{self, Ingest};
+use crate::ops::metrics::Metrics;
+use crate::store::{self, sqlite::Role};
+
+pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
+    let loaded = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for w in &loaded.warnings {
+        tracing::warn!("config: {w}");
+    }
+    let cfg = loaded.config;
+    let store = store::open(&cfg.storage, Role::Daemon).context("opening storage")?;
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    let mut ready = serde_json::Map::new();
+    let ingest = if role != ServeRole::Process {
+        let listener =
+            TcpListener::bind(cfg.server.listen).await.with_context(|| format!("binding server.listen {}", cfg.server.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "listening for webhooks");
+        ready.insert("listen".into(), addr.to_string().into());
+        let ing = Ingest::new(cfg.clone(), store.clone(), metrics.clone());
+        tasks.spawn(ingest::serve(listener, ing.clone(), shutdown.clone()));
+        let trim = ing.clone();
+        let sd = shutdown.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return,
+                    _ = every.tick() => trim.trim_limiters(),
+                }
+            }
+        });
+        Some(ing)
+    } else {
+        None
+    };
+
+    if let Some(file) = &cfg.server.ready_file {
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::Value::Object(ready).to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
+    }
+    // systemd: READY once storage is open and the listener bound.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!(role = ?role, config = %path.display(), "hooktrail started");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                match config::load(path) {
+                    Ok(l) => {
+                        for w in &l.warnings {
+                            tracing::warn!("config: {w}");
+                        }
+                        if let Some(i) = &ingest {
+                            i.reload(l.config.clone());
+                        }
+                        tracing::info!(sources = l.config.sources.len(), handlers = l.config.handlers.len(), "SIGHUP: configuration reloaded");
+                    }
+                    Err(e) => tracing::error!("SIGHUP: configuration refused, keeping the running one: {e}"),
+                }
+            }
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    store.close().await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,614 @@
+//! The public listener: routing by path, the checks every request passes
+//! (method, address, rate, backlog, auth, type, size, body), decoding, and the
+//! durable insert. Owns the answer a sender gets; never answers 2xx before
+//! [`Store::insert_event`] returned, which happens only after COMMIT.
+//!
+//! Checks run cheapest and most-refusing first, and everything that can be
+//! decided from the head is decided before a byte of body is read.
+
+pub mod auth;
+pub mod decode;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
+use serde_json::{Map, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DedupKey, RateLimit, ResponseSpec, SourceConfig};
+use crate::ops::metrics::Metrics;
+use crate::store::{NewEvent, Payload, RejectReason, Store, StoreError};
+use decode::BodyKind;
+
+/// A refused request: status, counted reason, message for the JSON body.
+#[derive(Debug)]
+pub struct Reject {
+    pub status: StatusCode,
+    pub reason: RejectReason,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl Reject {
+    fn new(status: StatusCode, reason: RejectReason, message: impl Into<String>) -> Self {
+        Reject { status, reason, message: message.into(), retry_after: None }
+    }
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut r = error_response(self.status, &self.message);
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, POST, PUT"));
+        }
+        r
+    }
+}
+
+impl From<StoreError> for Reject {
+    fn from(e: StoreError) -> Self {
+        let msg = match &e {
+            StoreError::Overloaded => "overloaded: the write queue is full, retry shortly".to_string(),
+            StoreError::ShuttingDown => "shutting down, retry shortly".to_string(),
+            _ => "storage unavailable, retry shortly".to_string(),
+        };
+        tracing::warn!(error = %e, "store refused an event");
+        Reject::new(StatusCode::SERVICE_UNAVAILABLE, RejectReason::Unavailable, msg).retry_after(5)
+    }
+}
+
+pub fn error_response(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    json_response(status, body)
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// One source with its runtime state (rate limiters).
+pub struct SourceRt {
+    pub cfg: Arc<SourceConfig>,
+    limiter: Option<DefaultDirectRateLimiter>,
+    ip_limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Routes of this source: (handler, conditions).
+    routes: Vec<crate::config::RouteConfig>,
+    /// Lower-case header names whose values are redacted before storing.
+    secret_headers: Vec<String>,
+}
+
+fn quota(r: &RateLimit) -> Quota {
+    let per = NonZeroU32::new(r.per_second).expect("validated: per_second >= 1");
+    let burst = NonZeroU32::new(r.burst).expect("validated: burst >= 1");
+    Quota::per_second(per).allow_burst(burst)
+}
+
+/// Everything a request needs to know, swapped atomically on reload.
+pub struct Routing {
+    pub config: Arc<Config>,
+    by_path: HashMap<String, Arc<SourceRt>>,
+}
+
+impl Routing {
+    pub fn new(config: Arc<Config>) -> Self {
+        let by_path = config
+            .sources
+            .iter()
+            .map(|s| {
+                let rt = SourceRt {
+                    cfg: s.clone(),
+                    limiter: s.rate_limit.as_ref().map(|r| governor::RateLimiter::direct(quota(r))),
+                    ip_limiter: s.per_ip_rate_limit.as_ref().map(|r| governor::RateLimiter::keyed(quota(r))),
+                    routes: config.routes.iter().filter(|r| r.source == s.name).cloned().collect(),
+                    secret_headers: s.auth.secret_headers(),
+                };
+                (s.path.clone(), Arc::new(rt))
+            })
+            .collect();
+        Routing { config, by_path }
+    }
+}
+
+/// State shared by every connection of the public listener.
+pub struct Ingest {
+    routing: ArcSwap<Routing>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl Ingest {
+    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Ingest { routing: ArcSwap::from_pointee(Routing::new(config)), store, metrics })
+    }
+
+    /// Swaps in a new configuration; requests in flight finish with the old one.
+    pub fn reload(&self, config: Arc<Config>) {
+        self.routing.store(Arc::new(Routing::new(config)));
+    }
+
+    /// Forgets idle per-address limiter state so memory stays bounded.
+    pub fn trim_limiters(&self) {
+        for s in self.routing.load().by_path.values() {
+            if let Some(l) = &s.ip_limiter {
+                l.retain_recent();
+                l.shrink_to_fit();
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let received_at = Utc::now();
+        let routing = self.routing.load_full();
+        let Some(src) = routing.by_path.get(req.uri().path()).cloned() else {
+            self.metrics.rejected("", "not_found");
+            let msg = format!("no source is configured at {}", req.uri().path());
+            return error_response(StatusCode::NOT_FOUND, &msg);
+        };
+        let name = src.cfg.name.clone();
+        match self.accept(&routing, &src, req, peer, received_at).await {
+            Ok(resp) => resp,
+            Err(rej) => {
+                self.store.count_rejection(&name, rej.reason);
+                self.metrics.rejected(&name, rej.reason.as_str());
+                tracing::info!(source = %name, status = rej.status.as_u16(), reason = %rej.reason, error = %rej.message, "request rejected");
+                rej.into_response()
+            }
+        }
+    }
+
+    async fn accept(
+        &self,
+        routing: &Routing,
+        src: &SourceRt,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        received_at: DateTime<Utc>,
+    ) -> Result<Response<Full<Bytes>>, Reject> {
+        let cfg = &src.cfg;
+        let server = &routing.config.server;
+        let method = req.method().clone();
+        if !matches!(method, Method::POST | Method::PUT | Method::GET) {
+            return Err(Reject::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                RejectReason::Method,
+                format!("method {method} is not accepted; use POST, PUT or GET"),
+            ));
+        }
+        let remote = client_addr(peer.ip(), req.headers(), &server.trusted_proxies);
+        if !cfg.allow_ips.is_empty() && !cfg.allow_ips.iter().any(|n| n.contains(&remote)) {
+            return Err(Reject::new(
+                StatusCode::FORBIDDEN,
+                RejectReason::Forbidden,
+                format!("address {remote} is not allowed to post to source `{}`", cfg.name),
+            ));
+        }
+        if let Some(l) = &src.ip_limiter {
+            if let Err(not_until) = l.check_key(&remote) {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+                return Err(Reject::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    RejectReason::RateLimited,
+                    format!("rate limit for address {remote} exceeded"),
+                )
+                .retry_after(wait.as_secs_f64().ceil() as u64));
+            }
+        }
+        if let Some(l) = &src.limiter {
+            if let Err(not_until) = l.check() {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+                return Err(Reject::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    RejectReason::RateLimited,
+                    format!("rate limit of source `{}` exceeded", cfg.name),
+                )
+                .retry_after(wait.as_secs_f64().ceil() as u64));
+            }
+        }
+        let backlog = self.store.backlog();
+        if backlog > server.max_backlog {
+            return Err(Reject::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                RejectReason::Unavailable,
+                format!("overloaded: {backlog} deliveries wait to be processed (server.max_backlog = {})", server.max_backlog),
+            )
+            .retry_after(30));
+        }
+        let query = req.uri().query().unwrap_or("").to_string();
+        auth::check_head(&cfg.auth, req.headers(), &query)
+            .map_err(|e| Reject::new(StatusCode::UNAUTHORIZED, RejectReason::Unauthorized, e.to_string()))?;
+
+        let content_type = req.headers().get(CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let kind = match (&method, &content_type) {
+            (&Method::GET, _) => None,
+            (_, Some(ct)) => match decode::classify(ct) {
+                BodyKind::Other if !cfg.accept_any => {
+                    return Err(Reject::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        RejectReason::ContentType,
+                        format!("content type `{ct}` is not accepted; send application/json, application/x-www-form-urlencoded, multipart/form-data or application/xml"),
+                    ))
+                }
+                k => Some(k),
+            },
+            (_, None) => None,
+        };
+
+        if let Some(len) = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+            if len > server.max_body_bytes {
+                return Err(too_large(server.max_body_bytes));
+            }
+        }
+        let (parts, body) = req.into_parts();
+        let limit = usize::try_from(server.max_body_bytes).unwrap_or(usize::MAX);
+        let body = match tokio::time::timeout(server.request_timeout, Limited::new(body, limit).collect()).await {
+            Err(_) => {
+                return Err(Reject::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    RejectReason::Timeout,
+                    format!("request body not received within {}", humantime::format_duration(server.request_timeout)),
+                ))
+            }
+            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large(server.max_body_bytes)),
+            Ok(Err(e)) => {
+                return Err(Reject::new(StatusCode::BAD_REQUEST, RejectReason::Malformed, format!("could not read the request body: {e}")))
+            }
+            Ok(Ok(c)) => c.to_bytes(),
+        };
+
+        auth::check_body(&cfg.auth, &parts.headers, &body, received_at.timestamp())
+            .map_err(|e| Reject::new(StatusCode::UNAUTHORIZED, RejectReason::Unauthorized, e.to_string()))?;
+
+        let secret_param = cfg.auth.secret_param();
+        let malformed = |m: String| Reject::new(StatusCode::BAD_REQUEST, RejectReason::Malformed, m);
+        let (payload, view): (Payload, Value) = match kind {
+            Some(BodyKind::Json) => {
+                let v = decode::json(&body).map_err(|e| malformed(e.to_string()))?;
+                (Payload::Body, v)
+            }
+            Some(BodyKind::Form) => json_payload(decode::form(&body, None)),
+            Some(BodyKind::Multipart { boundary }) => {
+                json_payload(decode::multipart(body.clone(), &boundary).await.map_err(|e| malformed(e.to_string()))?)
+            }
+            Some(BodyKind::Xml) => json_payload(decode::xml(&body).map_err(|e| malformed(e.to_string()))?),
+            Some(BodyKind::Other) => (Payload::Null, Value::Null),
+            None if !body.is_empty() && method != Method::GET => {
+                if cfg.accept_any {
+                    (Payload::Null, Value::Null)
+                } else {
+                    return Err(Reject::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        RejectReason::ContentType,
+                        "missing Content-Type header; send application/json, application/x-www-form-urlencoded, multipart/form-data or application/xml",
+                    ));
+                }
+            }
+            None => {
+                // A ping: GET (or an empty POST) whose data is the query string.
+                if query.is_empty() {
+                    return Err(malformed(format!("{method} without a body needs a query string (a ping URL like ?email=…)")));
+                }
+                json_payload(decode::form(query.as_bytes(), secret_param))
+            }
+        };
+
+        let dedup = cfg.dedup.as_ref().and_then(|d| {
+            let key = match &d.key {
+                DedupKey::Pointer(p) => view.pointer(p).and_then(|v| match v {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Null => None,
+                    other => Some(other.to_string()),
+                }),
+                DedupKey::Header(h) => parts.headers.get(h.as_str()).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            };
+            key.filter(|k| !k.is_empty()).map(|k| (k, d.window))
+        });
+        let mut handlers: Vec<String> = Vec::new();
+        for r in &src.routes {
+            if !handlers.contains(&r.handler) && r.conditions.iter().all(|c| c.holds(&view)) {
+                handlers.push(r.handler.clone());
+            }
+        }
+
+        let ev = NewEvent {
+            source: cfg.name.clone(),
+            received_at,
+            method: method.to_string(),
+            content_type: content_type.unwrap_or_default(),
+            query: redact_query(&query, secret_param),
+            headers: stored_headers(&parts.headers, &src.secret_headers),
+            remote_addr: remote.to_string(),
+            body: body.clone(),
+            payload,
+            dedup,
+            handlers,
+        };
+        let started = std::time::Instant::now();
+        let inserted = self.store.insert_event(ev).await?;
+        self.metrics.commit_latency(started.elapsed());
+        if inserted.duplicate {
+            self.metrics.received(&cfg.name, "duplicate");
+            tracing::info!(event_id = %inserted.id, source = %cfg.name, "duplicate within the dedup window; nothing queued");
+            return Ok(json_response(StatusCode::OK, format!(r#"{{"id":"{}","status":"duplicate"}}"#, inserted.id)));
+        }
+        self.metrics.received(&cfg.name, "accepted");
+        tracing::info!(event_id = %inserted.id, source = %cfg.name, bytes = body.len(), remote = %remote, "event stored");
+        Ok(match &cfg.response {
+            None => json_response(StatusCode::OK, format!(r#"{{"id":"{}","status":"accepted"}}"#, inserted.id)),
+            Some(spec) => templated_response(spec, &inserted.id.to_string(), &view),
+        })
+    }
+}
+
+fn json_payload(v: Value) -> (Payload, Value) {
+    (Payload::Json(v.to_string()), v)
+}
+
+fn too_large(max: u64) -> Reject {
+    Reject::new(StatusCode::PAYLOAD_TOO_LARGE, RejectReason::TooLarge, format!("request body exceeds server.max_body_bytes ({max} bytes)"))
+}
+
+/// The sender's address: the peer, unless the peer is a trusted proxy, in which
+/// case the right-most `X-Forwarded-For` entry that is not itself trusted.
+pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut current = peer;
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    for entry in entries.iter().rev() {
+        let Some(ip) = parse_forwarded_ip(entry) else { return current };
+        current = ip;
+        if !is_trusted(&ip) {
+            return ip;
+        }
+    }
+    current
+}
+
+fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>().ok().or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip())).map(|ip| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    })
+}
+
+const REDACTED: &str = "[redacted]";
+
+/// Header or parameter names that carry credentials, whatever the source's auth.
+fn is_sensitive_name(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    matches!(n.as_str(), "authorization" | "proxy-authorization" | "cookie" | "set-cookie" | "key")
+        || ["token", "secret", "password", "passwd", "api-key", "api_key", "apikey", "auth", "session"].iter().any(|p| n.contains(p))
+}
+
+/// Headers as a JSON object (repeated headers become arrays), secrets redacted.
+pub fn stored_headers(headers: &HeaderMap, secret_headers: &[String]) -> String {
+    let mut map = Map::new();
+    for (name, value) in headers {
+        let n = name.as_str();
+        let v = if is_sensitive_name(n) || secret_headers.iter().any(|s| s == n) {
+            REDACTED.to_string()
+        } else {
+            String::from_utf8_lossy(value.as_bytes()).into_owned()
+        };
+        match map.get_mut(n) {
+            None => {
+                map.insert(n.to_string(), Value::String(v));
+            }
+            Some(Value::Array(a)) => a.push(Value::String(v)),
+            Some(existing) => {
+                let first = existing.take();
+                *existing = Value::Array(vec![first, Value::String(v)]);
+            }
+        }
+    }
+    Value::Object(map).to_string()
+}
+
+/// The query string as received, except the values of credential parameters.
+pub fn redact_query(query: &str, secret_param: Option<&str>) -> String {
+    if query.is_empty() {
+        return String::new();
+    }
+    query
+        .split('&')
+        .map(|pair| {
+            let (raw_name, _) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = serde_urlencoded::from_str::<Vec<(String, String)>>(&format!("{raw_name}="))
+                .ok()
+                .and_then(|v| v.into_iter().next())
+                .map(|(k, _)| k)
+                .unwrap_or_default();
+            if Some(name.as_str()) == secret_param || is_sensitive_name(&name) {
+                format!("{raw_name}={REDACTED}")
+            } else {
+                pair.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Renders a source's `response` template: `{{id}}` and `{{/json/pointer}}`,
+/// escaped for the response's content type so a payload value cannot break it.
+pub fn templated_response(spec: &ResponseSpec, id: &str, payload: &Value) -> Response<Full<Bytes>> {
+    let ct = spec.content_type.to_ascii_lowercase();
+    let escape = |s: &str| -> String {
+        if ct.contains("json") {
+            let quoted = Value::String(s.to_string()).to_string();
+            quoted[1..quoted.len() - 1].to_string()
+        } else if ct.contains("xml") || ct.contains("html") {
+            s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
+        } else if ct.contains("x-www-form-urlencoded") {
+            serde_urlencoded::to_string([("", s)]).map(|e| e[1..].to_string()).unwrap_or_default()
+        } else {
+            s.to_string()
+        }
+    };
+    let body = render(&spec.body, |key| {
+        if key == "id" {
+            Some(id.to_string())
+        } else if key.starts_with('/') {
+            Some(match payload.pointer(key) {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => escape(s),
+                Some(other) => escape(&other.to_string()),
+            })
+        } else {
+            None
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(spec.status).unwrap_or(StatusCode::OK);
+    if let Ok(v) = HeaderValue::from_str(&spec.content_type) {
+        r.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Replaces `{{key}}` using `lookup`; unknown keys are left as written.
+pub fn render(template: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find("}}") {
+            Some(end) => {
+                let key = after[..end].trim();
+                match lookup(key) {
+                    Some(v) => out.push_str(&v),
+                    None => out.push_str(&rest[start..start + 2 + end + 2]),
+                }
+                rest = &after[end + 2..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Accepts connections until `shutdown`, then lets in-flight requests finish
+/// (at most `request_timeout`) before returning.
+pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
+    let server = ingest.routing.load().config.server.clone();
+    let permits = Arc::new(Semaphore::new(server.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(server.header_read_timeout).max_buf_size(server.max_header_bytes.max(8192));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => { backoff = Duration::from_millis(5); x }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let ing = ingest.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let ing = ing.clone();
+            async move { Ok::<_, Infallible>(ing.handle(req, peer).await) }
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(server.request_timeout + Duration::from_secs(1)) => {
+            tracing::warn!("some connections were still open after the request timeout; closing them");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.2".parse().unwrap());
+        assert_eq!(client_addr("10.0.0.1".parse().unwrap(), &h, &trusted), "1.2.3.4".parse::<IpAddr>().unwrap());
+        assert_eq!(client_addr("9.9.9.9".parse().unwrap(), &h, &trusted), "9.9.9.9".parse::<IpAddr>().unwrap());
+        h.insert("x-forwarded-for", "garbage".parse().unwrap());
+        assert_eq!(client_addr("10.0.0.1".parse().unwrap(), &h, &trusted), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_headers_and_query() {
+        let mut h = HeaderMap::new();
+        h.insert("x-webhook-token", "s3cret".parse().unwrap());
+        h.insert("authorization", "Bearer x".parse().unwrap());
+        h.insert("x-custom", "keep".parse().unwrap());
+        let s = stored_headers(&h, &["x-custom-secret".into()]);
+        assert!(!s.contains("s3cret") && !s.contains("Bearer"), "{s}");
+        assert!(s.contains("keep"));
+        assert_eq!(redact_query("a=1&t=zz&api_key=k", Some("t")), "a=1&t=[redacted]&api_key=[redacted]");
+    }
+
+    #[test]
+    fn templates_escape_for_their_content_type() {
+        let spec = ResponseSpec {
+            status: 200,
+            body: r#"{"id":"{{id}}","e":"{{/e}}","m":"{{/missing}}"}"#.into(),
+            content_type: "application/json".into(),
+        };
+        let r = templated_response(&spec, "evt_1", &serde_json::json!({"e": "a\"b"}));
+        let body = futures_util::FutureExt::now_or_never(r.into_body().collect()).unwrap().unwrap().to_bytes();
+        assert_eq!(&body[..], br#"{"id":"evt_1","e":"a\"b","m":""}"#);
+    }
+}

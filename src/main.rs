@@ -1,0 +1,31 @@
+use clap::Parser;
+
+fn main() {
+    let cli = hooktrail::cli::Cli::parse();
+    // Logs go to stderr through a non-blocking writer so a slow terminal or
+    // journal never stalls request handling; the guard flushes on exit.
+    let (writer, _guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    if std::env::var("HOOKTRAIL_LOG_FORMAT").is_ok_and(|v| v == "json") {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match runtime.block_on(hooktrail::cli::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    drop(_guard);
+    std::process::exit(code);
+}

@@ -1,0 +1,143 @@
+//! In-process counters and histograms, rendered as Prometheus text.
+//!
+//! Counters are keyed by small label sets and guarded by one mutex each; the
+//! hot path takes a lock for a hash-map increment, which is far below the cost
+//! of the commit it accompanies.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of histogram buckets.
+const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; 17],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        cumulative += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+type Labels = (String, String);
+
+/// A gauge family: name, help text, and (rendered labels, value) samples.
+pub struct Gauge {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub values: Vec<(String, f64)>,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    received: Mutex<BTreeMap<Labels, u64>>,
+    rejected: Mutex<BTreeMap<Labels, u64>>,
+    deliveries: Mutex<BTreeMap<Labels, u64>>,
+    commit: Histogram,
+    delivery_duration: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
+}
+
+fn bump(m: &Mutex<BTreeMap<Labels, u64>>, a: &str, b: &str) {
+    let mut g = m.lock().expect("metrics lock poisoned");
+    match g.get_mut(&(a.to_string(), b.to_string())) {
+        Some(n) => *n += 1,
+        None => {
+            g.insert((a.to_string(), b.to_string()), 1);
+        }
+    }
+}
+
+/// Escapes a label value for the Prometheus text format.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn received(&self, source: &str, outcome: &str) {
+        bump(&self.received, source, outcome);
+    }
+    pub fn rejected(&self, source: &str, reason: &str) {
+        bump(&self.rejected, source, reason);
+    }
+    pub fn delivery(&self, handler: &str, outcome: &str, took: Duration) {
+        bump(&self.deliveries, handler, outcome);
+        let h = self.delivery_duration.lock().expect("metrics lock poisoned").entry(handler.to_string()).or_default().clone();
+        h.observe(took);
+    }
+    pub fn commit_latency(&self, d: Duration) {
+        self.commit.observe(d);
+    }
+
+    /// Prometheus text exposition, with gauges read from the store by the caller.
+    pub fn render(&self, gauges: &[Gauge]) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, l1: &str, l2: &str, m: &Mutex<BTreeMap<Labels, u64>>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((a, b), n) in m.lock().expect("metrics lock poisoned").iter() {
+                let _ = writeln!(out, "{name}{{{l1}=\"{}\",{l2}=\"{}\"}} {n}", esc(a), esc(b));
+            }
+        };
+        counter(
+            &mut out,
+            "hooktrail_events_received_total",
+            "Requests answered 200, by source and outcome (accepted, duplicate).",
+            "source",
+            "outcome",
+            &self.received,
+        );
+        counter(
+            &mut out,
+            "hooktrail_requests_rejected_total",
+            "Requests refused, by source and reason.",
+            "source",
+            "reason",
+            &self.rejected,
+        );
+        counter(
+            &mut out,
+            "hooktrail_delivery_attempts_total",
+            "Delivery attempts, by handler and outcome.",
+            "handler",
+            "outcome",
+            &self.deliveries,
+        );
+        let _ = writeln!(out, "# HELP hooktrail_commit_seconds Time from handing an event to the store to its durable commit.\n# TYPE hooktrail_commit_seconds histogram");
+        self.commit.render(&mut out, "hooktrail_commit_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP hooktrail_delivery_seconds Duration of delivery attempts, by handler.\n# TYPE hooktrail_delivery_seconds histogram"
+        );
+        for (h, hist) in self.delivery_duration.lock().expect("metrics lock poisoned").iter() {
+            hist.render(&mut out, "hooktrail_delivery_seconds", &format!("handler=\"{}\"", esc(h)));
+        }
+        for Gauge { name, help, values } in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (labels, v) in values {
+                let _ = writeln!(out, "{name}{{{labels}}} {v}");
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,341 @@
+//! The event queue and paper trail. Owns every durable byte: events, their
+//! deliveries (event × handler) and every attempt. Backends sit behind the
+//! [`Store`] trait so ingest and processing never know which database they use.
+//!
+//! Invariant: [`Store::insert_event`] resolves `Ok` only after the transaction
+//! holding the event *and its deliveries* is durably committed, so a 2xx
+//! implies the event and everything routed from it survive a crash.
+
+pub mod sqlite;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `evt_` followed by a ULID: unique, URL-safe, sorts by receive time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(pub ulid::Ulid);
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "evt_{}", self.0)
+    }
+}
+
+impl FromStr for EventId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s.strip_prefix("evt_").ok_or_else(|| format!("`{s}` is not an event id (they look like evt_01JD…)"))?;
+        ulid::Ulid::from_string(rest).map(EventId).map_err(|_| format!("`{s}` is not an event id (they look like evt_01JD…)"))
+    }
+}
+
+impl Serialize for EventId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text),+ } }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s { $($text => Ok($name::$variant),)+
+                    _ => Err(format!("`{s}` is not one of {}", [$($text),+].join(", "))) }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Event status, derived from its deliveries.
+    EventStatus { Pending => "pending", Processing => "processing", Retrying => "retrying", Done => "done", Failed => "failed" }
+);
+string_enum!(
+    /// Delivery (event × handler) status.
+    DeliveryStatus { Pending => "pending", Running => "running", Succeeded => "succeeded", Retrying => "retrying", Failed => "failed" }
+);
+string_enum!(
+    /// What one attempt concluded.
+    Outcome { Success => "success", Retry => "retry", Failure => "failure" }
+);
+
+string_enum!(
+    /// Why a request was refused (or, for `Duplicate`, not stored); counted per source, never queued.
+    RejectReason {
+        Malformed => "malformed",
+        Unauthorized => "unauthorized",
+        Forbidden => "forbidden",
+        Method => "method",
+        Timeout => "timeout",
+        TooLarge => "too_large",
+        ContentType => "content_type",
+        RateLimited => "rate_limited",
+        Unavailable => "unavailable",
+        Duplicate => "duplicate",
+    }
+);
+
+/// The normalized view as stored.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// Not decodable (accept_any with an unknown type): `null`.
+    Null,
+    /// The body is itself the JSON document; storing it twice would waste the disk.
+    Body,
+    /// Serialized JSON.
+    Json(String),
+}
+
+/// An event as received, ready to be stored.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub source: String,
+    pub received_at: DateTime<Utc>,
+    pub method: String,
+    pub content_type: String,
+    pub query: String,
+    /// JSON object, secrets already redacted.
+    pub headers: String,
+    pub remote_addr: String,
+    pub body: Bytes,
+    pub payload: Payload,
+    pub dedup: Option<(String, Duration)>,
+    /// Handlers routed to this event; one delivery each, in the same transaction.
+    pub handlers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    pub id: EventId,
+    /// The first event's id is returned and nothing new was stored.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage is overloaded (write queue full)")]
+    Overloaded,
+    #[error("storage is shutting down")]
+    ShuttingDown,
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("cannot open database `{path}`: {message}")]
+    Open { path: String, message: String },
+}
+
+/// One attempt of one delivery.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRecord {
+    pub number: u32,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    pub error: Option<String>,
+    pub output: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryRecord {
+    pub handler: String,
+    pub status: DeliveryStatus,
+    pub attempt_count: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// An event as the CLI, the admin API and `export` show it (SPEC §5).
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    pub id: EventId,
+    pub source: String,
+    pub status: EventStatus,
+    pub received_at: String,
+    pub method: String,
+    pub content_type: String,
+    pub query: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Value>,
+    pub remote_addr: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+    pub body_bytes: usize,
+    pub payload: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<Vec<DeliveryRecord>>,
+}
+
+/// How much of an event to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Metadata and payload only (lists).
+    Summary,
+    /// Everything: headers, body, deliveries, attempts.
+    Full,
+}
+
+/// Filters shared by `events list`, `/api/events`, `export` and bulk replay.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub source: Option<String>,
+    pub status: Option<EventStatus>,
+    /// Events with a delivery to this handler.
+    pub handler: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    /// (JSON pointer, value) pairs the normalized payload must hold.
+    pub matches: Vec<(String, String)>,
+    pub limit: Option<usize>,
+    /// Only events older (smaller id) than this, for paging newest-first.
+    pub before: Option<EventId>,
+    /// Only events newer (larger id) than this, for paging oldest-first.
+    pub after: Option<EventId>,
+    /// Oldest first (export) instead of newest first.
+    pub ascending: bool,
+}
+
+/// One line of `stats`: a source total (`handler` None) or a (source, handler) pair.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StatsRow {
+    pub source: String,
+    pub handler: Option<String>,
+    pub received: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub pending: u64,
+    pub processing: u64,
+    pub succeeded: u64,
+    pub retrying: u64,
+    pub failed: u64,
+}
+
+/// A delivery claimed by a processor, with what a handler needs to run it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub delivery_id: i64,
+    pub event_id: EventId,
+    pub source: String,
+    pub handler: String,
+    /// 1-based number of the attempt about to run.
+    pub attempt: u32,
+    pub received_at: DateTime<Utc>,
+    /// When the delivery was created (replay resets the max_age clock).
+    pub first_queued_at: DateTime<Utc>,
+    pub content_type: String,
+    pub query: String,
+    pub headers: Value,
+    pub body: Bytes,
+    pub payload: Value,
+}
+
+/// What to do with a delivery after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Succeeded,
+    RetryAt(DateTime<Utc>),
+    Failed,
+}
+
+/// The attempt a processor finished, to be recorded with the delivery's next state.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub delivery_id: i64,
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub http_status: Option<u16>,
+    pub error: Option<String>,
+    pub output: String,
+    pub next: Next,
+}
+
+/// The queue and paper trail, whatever database holds them.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Durably stores an event and its deliveries (or finds the dedup twin).
+    async fn insert_event(&self, ev: NewEvent) -> Result<Inserted, StoreError>;
+    /// Counts a refused request. Cheap and never blocks; flushed with the next commit.
+    fn count_rejection(&self, source: &str, reason: RejectReason);
+    /// Unfinished deliveries (pending, running, retrying), cached; for backpressure.
+    fn backlog(&self) -> u64;
+    /// Resolves when new work may be due (an insert with deliveries, a replay).
+    fn work_signal(&self) -> Arc<tokio::sync::Notify>;
+
+    async fn list_events(&self, filter: EventFilter, detail: Detail) -> Result<Vec<EventRecord>, StoreError>;
+    async fn get_event(&self, id: EventId) -> Result<Option<EventRecord>, StoreError>;
+    async fn stats(&self, source: Option<String>, since: Option<DateTime<Utc>>) -> Result<Vec<StatsRow>, StoreError>;
+
+    /// Claims up to `limit` due deliveries of `handler` for `owner`, leased for `lease`.
+    async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError>;
+    /// Records an attempt and moves its delivery (and event) on.
+    async fn finish(&self, f: Finished) -> Result<(), StoreError>;
+    /// Gives back deliveries leased by `owner` without recording an attempt (shutdown).
+    async fn release(&self, owner: &str, delivery_ids: Vec<i64>) -> Result<u64, StoreError>;
+    /// Re-queues deliveries of the given events (all of them, or only those to `handler`, or only failed ones).
+    async fn replay(&self, ids: Vec<EventId>, handler: Option<String>, only_failed: bool) -> Result<u64, StoreError>;
+    /// Ids of events matching a filter (for bulk replay).
+    async fn find_ids(&self, filter: EventFilter) -> Result<Vec<EventId>, StoreError>;
+    /// Deletes finished events received before `before`; at most `batch` per transaction.
+    async fn prune(&self, before: DateTime<Utc>, batch: usize) -> Result<u64, StoreError>;
+    /// Checks the database accepts a write (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Flushes and stops background work; further writes fail with ShuttingDown.
+    async fn close(&self);
+}
+
+pub fn micros_to_time(us: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(us).single().unwrap_or_default()
+}
+
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// `2h` (ago) or an RFC 3339 time.
+pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        let d = chrono::Duration::from_std(d).map_err(|_| format!("`{s}` is too long ago"))?;
+        return Ok(Utc::now() - d);
+    }
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| format!("`{s}` is neither a duration like `2h` nor an RFC 3339 time like `2026-11-23T10:42:00Z`"))
+}
+
+/// Opens the configured backend.
+pub fn open(cfg: &crate::config::StorageConfig, role: sqlite::Role) -> Result<Arc<dyn Store>, StoreError> {
+    match cfg.backend {
+        crate::config::Backend::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(&cfg.path, role)?)),
+    }
+}

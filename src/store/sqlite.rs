@@ -1,0 +1,1098 @@
+//! SQLite backend: WAL, `synchronous=FULL`, one writer thread doing group commit.
+//!
+//! Every write is an operation sent to the writer thread. The writer takes
+//! whatever operations are waiting, runs them in *one* transaction and commits
+//! once, then answers each caller. Callers are answered only after `COMMIT`
+//! returned, so an acknowledged write survives `kill -9` and power loss; the
+//! fsync cost is shared by everyone who was waiting, which is where throughput
+//! under concurrency comes from. Checkpoints run on a separate thread and
+//! connection (`wal_autocheckpoint=0` on the writer) so the writer never stalls
+//! copying pages into the main file.
+//!
+//! Reads use a small pool of read connections on the blocking thread pool; the
+//! async runtime never touches rusqlite directly.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use rusqlite::functions::FunctionFlags;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde_json::Value;
+use tokio::sync::{oneshot, Notify};
+
+use super::*;
+
+/// What the opener will do with the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The daemon: checkpointer thread, periodic maintenance.
+    Daemon,
+    /// A CLI command: short-lived, leaves checkpoints to SQLite's defaults.
+    Client,
+}
+
+/// Most operations taken into one transaction. Bounded so one commit's
+/// latency stays small even under a flood.
+const MAX_BATCH: usize = 1024;
+/// Operations that may wait for the writer; beyond this, ingest answers 503.
+const QUEUE_DEPTH: usize = 16 * 1024;
+/// How long a dedup row outlives its window before cleanup may remove it.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r#"
+    CREATE TABLE events (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT NOT NULL UNIQUE,
+        source       TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        received_at  INTEGER NOT NULL,          -- unix microseconds
+        method       TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        query        TEXT NOT NULL,
+        headers      TEXT NOT NULL,             -- JSON object, secrets redacted
+        remote_addr  TEXT NOT NULL,
+        body         BLOB NOT NULL,             -- exactly as received
+        payload_kind INTEGER NOT NULL,          -- 0 null, 1 the body is the JSON, 2 in payload
+        payload      TEXT
+    );
+    CREATE INDEX events_source ON events(source, seq);
+    CREATE INDEX events_status ON events(status, seq);
+    CREATE INDEX events_received ON events(received_at);
+
+    CREATE TABLE deliveries (
+        id           INTEGER PRIMARY KEY,
+        event_seq    INTEGER NOT NULL REFERENCES events(seq) ON DELETE CASCADE,
+        handler      TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        budget_from  INTEGER NOT NULL DEFAULT 0, -- attempts before the last replay
+        next_at      INTEGER NOT NULL,          -- due time; lease expiry while running
+        lease_owner  TEXT,
+        queued_at    INTEGER NOT NULL,          -- start of the max_age clock
+        updated_at   INTEGER NOT NULL,
+        UNIQUE (event_seq, handler)
+    );
+    CREATE INDEX deliveries_due ON deliveries(handler, next_at)
+        WHERE status IN ('pending', 'retrying', 'running');
+    CREATE INDEX deliveries_handler ON deliveries(handler, status);
+
+    CREATE TABLE attempts (
+        delivery_id  INTEGER NOT NULL REFERENCES deliveries(id) ON DELETE CASCADE,
+        number       INTEGER NOT NULL,
+        started_at   INTEGER NOT NULL,
+        duration_ms  INTEGER NOT NULL,
+        outcome      TEXT NOT NULL,
+        exit_code    INTEGER,
+        http_status  INTEGER,
+        error        TEXT,
+        output       TEXT NOT NULL,
+        PRIMARY KEY (delivery_id, number)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE dedup (
+        source       TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        event_id     TEXT NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        PRIMARY KEY (source, key)
+    ) WITHOUT ROWID;
+
+    -- Requests counted but not stored (rejections, duplicates), per hour.
+    CREATE TABLE counters (
+        source       TEXT NOT NULL,
+        kind         TEXT NOT NULL,
+        hour         INTEGER NOT NULL,          -- unix seconds / 3600
+        n            INTEGER NOT NULL,
+        PRIMARY KEY (source, kind, hour)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    "#,
+];
+
+fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+/// State only the writer thread touches.
+struct WriterState {
+    ids: ulid::Generator,
+    /// Deliveries created or re-queued in this batch: wake the processor after commit.
+    new_work: bool,
+    /// Change in unfinished deliveries made by this batch.
+    backlog_delta: i64,
+}
+
+impl WriterState {
+    fn next_id(&mut self) -> EventId {
+        // The generator fails only if 2^80 ids were made in one millisecond.
+        EventId(self.ids.generate().unwrap_or_else(|_| ulid::Ulid::new()))
+    }
+}
+
+/// One unit of work for the writer. `apply` may run twice (if a batch
+/// neighbour failed, each op is retried in its own transaction), so it must not
+/// consume its inputs; `finish` answers the caller after the outcome is known.
+trait WriteOp: Send {
+    fn apply(&mut self, conn: &Connection, st: &mut WriterState) -> Result<(), StoreError>;
+    fn finish(self: Box<Self>, result: Result<(), StoreError>);
+}
+
+struct Op<T, F> {
+    f: F,
+    out: Option<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> WriteOp for Op<T, F>
+where
+    T: Send,
+    F: FnMut(&Connection, &mut WriterState) -> Result<T, StoreError> + Send,
+{
+    fn apply(&mut self, conn: &Connection, st: &mut WriterState) -> Result<(), StoreError> {
+        self.out = Some((self.f)(conn, st)?);
+        Ok(())
+    }
+    fn finish(self: Box<Self>, result: Result<(), StoreError>) {
+        let Op { out, reply, .. } = *self;
+        let answer = result.map(|()| out.expect("apply succeeded before finish(Ok)"));
+        // The caller may have given up (request timeout); the write stands either way.
+        let _ = reply.send(answer);
+    }
+}
+
+type Counts = HashMap<(String, RejectReason), u64>;
+
+struct Shared {
+    backlog: AtomicU64,
+    work: Arc<Notify>,
+    rejections: Mutex<Counts>,
+    closing: AtomicBool,
+    /// Signals the checkpointer that commits happened.
+    wal_dirty: (Mutex<bool>, Condvar),
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    tx: Mutex<Option<SyncSender<Box<dyn WriteOp>>>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;")?;
+    register_functions(&conn)?;
+    Ok(conn)
+}
+
+/// `json_pointer_is(doc, pointer, text)`: whether the JSON document has, at that
+/// JSON pointer, a scalar whose text is `text`. Lets `--match` filter in SQL so
+/// LIMIT applies after filtering.
+fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
+    conn.create_scalar_function("json_pointer_is", 3, FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC, |ctx| {
+        let doc = match ctx.get_raw(0) {
+            rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => b,
+            _ => return Ok(false),
+        };
+        let pointer: String = ctx.get(1)?;
+        let want: String = ctx.get(2)?;
+        let Ok(v) = serde_json::from_slice::<Value>(doc) else { return Ok(false) };
+        Ok(match v.pointer(&pointer) {
+            Some(Value::String(s)) => *s == want,
+            Some(Value::Number(n)) => n.to_string() == want,
+            Some(Value::Bool(b)) => b.to_string() == want,
+            Some(Value::Null) => want == "null",
+            _ => false,
+        })
+    })
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {version} is newer than this hooktrail understands ({known}); upgrade hooktrail"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Another process may have migrated while we waited for the lock.
+        let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if now > i as i64 {
+            continue;
+        }
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path, role: Role) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Open { path: path.display().to_string(), message: format!("cannot create directory: {e}") })?;
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut writer = open_conn(path, flags)?;
+        let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Open { path: path.display().to_string(), message: format!("cannot use WAL journal (got {mode})") });
+        }
+        migrate(&mut writer)?;
+        if role == Role::Daemon {
+            // Checkpoints are the checkpointer thread's job; see the module doc.
+            writer.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -16000;")?;
+        }
+        let backlog: i64 =
+            writer.query_row("SELECT count(*) FROM deliveries WHERE status IN ('pending','retrying','running')", [], |r| r.get(0))?;
+        let shared = Arc::new(Shared {
+            backlog: AtomicU64::new(backlog.max(0) as u64),
+            work: Arc::new(Notify::new()),
+            rejections: Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
+            wal_dirty: (Mutex::new(false), Condvar::new()),
+        });
+        let (tx, rx) = mpsc::sync_channel::<Box<dyn WriteOp>>(QUEUE_DEPTH);
+        let mut threads = Vec::new();
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("hooktrail-writer".into())
+                .spawn(move || writer_loop(writer, rx, sh, role))
+                .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?,
+        );
+        if role == Role::Daemon {
+            let ck = open_conn(path, flags)?;
+            let sh = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("hooktrail-checkpoint".into())
+                    .spawn(move || checkpoint_loop(ck, sh))
+                    .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?,
+            );
+        }
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            tx: Mutex::new(Some(tx)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+            shared,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// Runs `f` on the writer thread inside the current group transaction.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let op: Box<dyn WriteOp> = Box::new(Op { f, out: None, reply });
+        {
+            let guard = self.tx.lock().expect("writer sender lock poisoned");
+            let Some(tx) = guard.as_ref() else { return Err(StoreError::ShuttingDown) };
+            match tx.try_send(op) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => return Err(StoreError::Overloaded),
+                Err(TrySendError::Disconnected(_)) => return Err(StoreError::ShuttingDown),
+            }
+        }
+        rx.await.unwrap_or(Err(StoreError::ShuttingDown))
+    }
+
+    /// Runs `f` with a read connection on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.lock().expect("reader pool lock poisoned").pop();
+            let conn = match conn {
+                Some(c) => c,
+                None => open_conn(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?,
+            };
+            let out = f(&conn);
+            let mut pool = readers.lock().expect("reader pool lock poisoned");
+            if pool.len() < 8 {
+                pool.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+fn is_unavailable(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(
+            DiskFull
+                | ReadOnly
+                | SystemIoFailure
+                | CannotOpen
+                | DatabaseBusy
+                | DatabaseLocked
+                | OutOfMemory
+                | PermissionDenied
+                | DatabaseCorrupt
+                | NotADatabase
+        )
+    )
+}
+
+impl From<&StoreError> for StoreError {
+    fn from(e: &StoreError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: Receiver<Box<dyn WriteOp>>, shared: Arc<Shared>, role: Role) {
+    let mut st = WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0 };
+    let mut last_maintenance = Instant::now();
+    let mut disconnected = false;
+    while !disconnected {
+        let mut batch: Vec<Box<dyn WriteOp>> = Vec::new();
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(op) => batch.push(op),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => disconnected = true,
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let counts = std::mem::take(&mut *shared.rejections.lock().expect("rejection counter lock poisoned"));
+        if !batch.is_empty() || !counts.is_empty() {
+            run_batch(&mut conn, &mut st, batch, &counts, &shared);
+        }
+        if role == Role::Daemon && last_maintenance.elapsed() >= MAINTENANCE_EVERY {
+            last_maintenance = Instant::now();
+            maintenance(&conn, &shared);
+        }
+    }
+    // Leave the WAL folded into the main file on a clean stop.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+}
+
+fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn WriteOp>>, counts: &Counts, shared: &Shared) {
+    st.new_work = false;
+    st.backlog_delta = 0;
+    let whole = (|| -> Result<(), StoreError> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        for op in batch.iter_mut() {
+            if let Err(e) = op.apply(conn, st) {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+        add_counts(conn, counts)?;
+        if let Err(e) = conn.execute_batch("COMMIT") {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+        Ok(())
+    })();
+    match whole {
+        Ok(()) => {
+            after_commit(st, shared);
+            for op in batch {
+                op.finish(Ok(()));
+            }
+        }
+        Err(e) if is_store_down(&e) => {
+            tracing::error!(error = %e, ops = batch.len(), "commit failed; answering 503 to everyone in the batch");
+            for op in batch {
+                op.finish(Err(StoreError::Unavailable(e.to_string())));
+            }
+            // The counts were not stored; keep them for the next commit.
+            let mut pending = shared.rejections.lock().expect("rejection counter lock poisoned");
+            for (k, n) in counts {
+                *pending.entry(k.clone()).or_default() += n;
+            }
+        }
+        Err(_) => {
+            // One operation failed on its own (e.g. a constraint); isolate it so
+            // its neighbours still commit.
+            st.new_work = false;
+            st.backlog_delta = 0;
+            let mut counts_done = false;
+            for mut op in batch {
+                let r = (|| -> Result<(), StoreError> {
+                    conn.execute_batch("BEGIN IMMEDIATE")?;
+                    if let Err(e) = op.apply(conn, st) {
+                        let _ = conn.execute_batch("ROLLBACK");
+                        return Err(e);
+                    }
+                    if !counts_done {
+                        add_counts(conn, counts)?;
+                    }
+                    conn.execute_batch("COMMIT").inspect_err(|_| {
+                        let _ = conn.execute_batch("ROLLBACK");
+                    })?;
+                    Ok(())
+                })();
+                if r.is_ok() {
+                    counts_done = true;
+                }
+                op.finish(r);
+            }
+            after_commit(st, shared);
+        }
+    }
+}
+
+fn is_store_down(e: &StoreError) -> bool {
+    match e {
+        StoreError::Db(e) => is_unavailable(e),
+        StoreError::Unavailable(_) => true,
+        _ => false,
+    }
+}
+
+fn after_commit(st: &mut WriterState, shared: &Shared) {
+    if st.backlog_delta != 0 {
+        let cur = shared.backlog.load(Ordering::Relaxed) as i64;
+        shared.backlog.store((cur + st.backlog_delta).max(0) as u64, Ordering::Relaxed);
+    }
+    if st.new_work {
+        shared.work.notify_waiters();
+        shared.work.notify_one();
+    }
+    let (lock, cv) = &shared.wal_dirty;
+    *lock.lock().expect("checkpoint flag lock poisoned") = true;
+    cv.notify_one();
+}
+
+fn add_counts(conn: &Connection, counts: &Counts) -> Result<(), StoreError> {
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let hour = Utc::now().timestamp() / 3600;
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO counters(source, kind, hour, n) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(source, kind, hour) DO UPDATE SET n = n + excluded.n",
+    )?;
+    for ((source, reason), n) in counts {
+        stmt.execute(params![source, reason.as_str(), hour, *n as i64])?;
+    }
+    Ok(())
+}
+
+/// Housekeeping done by the daemon's writer between batches.
+fn maintenance(conn: &Connection, shared: &Shared) {
+    let now = now_us();
+    // Bounded so a large backlog of expired keys never stalls the writer.
+    if let Err(e) =
+        conn.execute("DELETE FROM dedup WHERE (source, key) IN (SELECT source, key FROM dedup WHERE expires_at < ?1 LIMIT 1000)", [now])
+    {
+        tracing::warn!(error = %e, "dedup cleanup failed");
+    }
+    // Other processes (a separate --role ingest/process) change the backlog too.
+    if let Ok(n) =
+        conn.query_row::<i64, _, _>("SELECT count(*) FROM deliveries WHERE status IN ('pending','retrying','running')", [], |r| r.get(0))
+    {
+        shared.backlog.store(n.max(0) as u64, Ordering::Relaxed);
+    }
+}
+
+fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
+    let (lock, cv) = &shared.wal_dirty;
+    loop {
+        {
+            let mut dirty = lock.lock().expect("checkpoint flag lock poisoned");
+            while !*dirty && !shared.closing.load(Ordering::Relaxed) {
+                dirty = cv.wait_timeout(dirty, Duration::from_secs(1)).expect("checkpoint flag lock poisoned").0;
+            }
+            *dirty = false;
+        }
+        if shared.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        // PASSIVE never blocks the writer; it copies what it can. Once a pass
+        // catches up, the writer's next commit restarts the WAL from the start,
+        // so the file stays small without ever making a request wait.
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "checkpoint failed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn event_status_of(conn: &Connection, seq: i64) -> Result<EventStatus, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT status, count(*) FROM deliveries WHERE event_seq = ?1 GROUP BY status")?;
+    let mut counts: HashMap<String, i64> = HashMap::new();
+    for row in stmt.query_map([seq], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (s, n) = row?;
+        counts.insert(s, n);
+    }
+    let has = |s: &str| counts.get(s).copied().unwrap_or(0) > 0;
+    let finished = has("succeeded") || has("failed");
+    Ok(if has("running") {
+        EventStatus::Processing
+    } else if has("retrying") {
+        EventStatus::Retrying
+    } else if has("pending") {
+        if finished {
+            EventStatus::Processing
+        } else {
+            EventStatus::Pending
+        }
+    } else if has("failed") {
+        EventStatus::Failed
+    } else {
+        EventStatus::Done
+    })
+}
+
+fn refresh_event_status(conn: &Connection, seq: i64) -> Result<(), StoreError> {
+    let status = event_status_of(conn, seq)?;
+    conn.prepare_cached("UPDATE events SET status = ?1 WHERE seq = ?2 AND status != ?1")?.execute(params![status.as_str(), seq])?;
+    Ok(())
+}
+
+fn insert_event(conn: &Connection, st: &mut WriterState, ev: &NewEvent) -> Result<Inserted, StoreError> {
+    let now = now_us();
+    if let Some((key, _)) = &ev.dedup {
+        let found: Option<String> = conn
+            .prepare_cached("SELECT event_id FROM dedup WHERE source = ?1 AND key = ?2 AND expires_at > ?3")?
+            .query_row(params![ev.source, key, now], |r| r.get(0))
+            .optional()?;
+        if let Some(id) = found {
+            let id = id.parse::<EventId>().map_err(StoreError::Corrupt)?;
+            add_counts(conn, &HashMap::from([((ev.source.clone(), RejectReason::Duplicate), 1)]))?;
+            return Ok(Inserted { id, duplicate: true });
+        }
+    }
+    let id = st.next_id();
+    let status = if ev.handlers.is_empty() { EventStatus::Done } else { EventStatus::Pending };
+    let (kind, payload) = match &ev.payload {
+        Payload::Null => (0, None),
+        Payload::Body => (1, None),
+        Payload::Json(s) => (2, Some(s.as_str())),
+    };
+    conn.prepare_cached(
+        "INSERT INTO events(id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        id.to_string(),
+        ev.source,
+        status.as_str(),
+        ev.received_at.timestamp_micros(),
+        ev.method,
+        ev.content_type,
+        ev.query,
+        ev.headers,
+        ev.remote_addr,
+        &ev.body[..],
+        kind,
+        payload
+    ])?;
+    let seq = conn.last_insert_rowid();
+    if !ev.handlers.is_empty() {
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO deliveries(event_seq, handler, status, next_at, queued_at, updated_at) VALUES (?1, ?2, 'pending', ?3, ?3, ?3)",
+        )?;
+        for h in &ev.handlers {
+            stmt.execute(params![seq, h, now])?;
+        }
+        st.new_work = true;
+        st.backlog_delta += ev.handlers.len() as i64;
+    }
+    if let Some((key, window)) = &ev.dedup {
+        conn.prepare_cached("INSERT OR REPLACE INTO dedup(source, key, event_id, expires_at) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![ev.source, key, id.to_string(), now + window.as_micros() as i64])?;
+    }
+    Ok(Inserted { id, duplicate: false })
+}
+
+fn body_fields(body: Vec<u8>) -> (Option<String>, Option<String>, usize) {
+    let len = body.len();
+    match String::from_utf8(body) {
+        Ok(s) => (Some(s), None, len),
+        Err(e) => (None, Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes())), len),
+    }
+}
+
+fn payload_value(kind: i64, body: &[u8], payload: Option<String>) -> Value {
+    match kind {
+        1 => serde_json::from_slice(body).unwrap_or(Value::Null),
+        2 => payload.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or(Value::Null),
+        _ => Value::Null,
+    }
+}
+
+const EVENT_COLS: &str = "e.seq, e.id, e.source, e.status, e.received_at, e.method, e.content_type, e.query, e.remote_addr, e.payload_kind, e.payload, e.body, e.headers";
+
+/// Builds an [`EventRecord`] from a row of [`EVENT_COLS`].
+fn event_from_row(r: &rusqlite::Row<'_>, detail: Detail) -> rusqlite::Result<(i64, EventRecord)> {
+    let seq: i64 = r.get(0)?;
+    let id: String = r.get(1)?;
+    let status: String = r.get(3)?;
+    let kind: i64 = r.get(9)?;
+    let payload: Option<String> = r.get(10)?;
+    let body: Vec<u8> = r.get(11)?;
+    let headers: String = r.get(12)?;
+    let conv = |e: String| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into());
+    let payload = payload_value(kind, &body, payload);
+    let (body_s, body_b64, body_len) = body_fields(body);
+    let full = detail == Detail::Full;
+    Ok((
+        seq,
+        EventRecord {
+            id: id.parse().map_err(conv)?,
+            source: r.get(2)?,
+            status: status.parse().map_err(conv)?,
+            received_at: rfc3339(micros_to_time(r.get(4)?)),
+            method: r.get(5)?,
+            content_type: r.get(6)?,
+            query: r.get(7)?,
+            headers: full.then(|| serde_json::from_str(&headers).unwrap_or(Value::Null)),
+            remote_addr: r.get(8)?,
+            body: if full { body_s } else { None },
+            body_base64: if full { body_b64 } else { None },
+            body_bytes: body_len,
+            payload,
+            deliveries: None,
+        },
+    ))
+}
+
+fn load_deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT id, handler, status, attempts, next_at FROM deliveries WHERE event_seq = ?1 ORDER BY handler")?;
+    let rows: Vec<(i64, String, String, i64, i64)> =
+        stmt.query_map([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.collect::<Result<_, _>>()?;
+    let mut att = conn.prepare_cached(
+        "SELECT number, started_at, duration_ms, outcome, exit_code, http_status, error, output FROM attempts WHERE delivery_id = ?1 ORDER BY number",
+    )?;
+    let mut out = Vec::new();
+    for (id, handler, status, attempts, next_at) in rows {
+        let status: DeliveryStatus = status.parse().map_err(StoreError::Corrupt)?;
+        let list = att
+            .query_map([id], |r| {
+                let outcome: String = r.get(3)?;
+                Ok(AttemptRecord {
+                    number: r.get(0)?,
+                    started_at: rfc3339(micros_to_time(r.get(1)?)),
+                    duration_ms: r.get::<_, i64>(2)?.max(0) as u64,
+                    outcome: outcome.parse().unwrap_or(Outcome::Failure),
+                    exit_code: r.get(4)?,
+                    http_status: r.get(5)?,
+                    error: r.get(6)?,
+                    output: r.get(7)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let waiting = matches!(status, DeliveryStatus::Pending | DeliveryStatus::Retrying);
+        out.push(DeliveryRecord {
+            handler,
+            status,
+            attempt_count: attempts.max(0) as u32,
+            next_attempt_at: waiting.then(|| rfc3339(micros_to_time(next_at))),
+            attempts: list,
+        });
+    }
+    Ok(out)
+}
+
+/// WHERE clause and parameters for an [`EventFilter`].
+fn filter_sql(f: &EventFilter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value as V;
+    let mut sql = String::from(" WHERE 1=1");
+    let mut args: Vec<V> = Vec::new();
+    if let Some(s) = &f.source {
+        args.push(V::Text(s.clone()));
+        sql.push_str(&format!(" AND e.source = ?{}", args.len()));
+    }
+    if let Some(s) = f.status {
+        args.push(V::Text(s.as_str().into()));
+        sql.push_str(&format!(" AND e.status = ?{}", args.len()));
+    }
+    if let Some(t) = f.since {
+        args.push(V::Integer(t.timestamp_micros()));
+        sql.push_str(&format!(" AND e.received_at >= ?{}", args.len()));
+    }
+    if let Some(b) = f.before {
+        args.push(V::Text(b.to_string()));
+        sql.push_str(&format!(" AND e.id < ?{}", args.len()));
+    }
+    if let Some(a) = f.after {
+        args.push(V::Text(a.to_string()));
+        sql.push_str(&format!(" AND e.id > ?{}", args.len()));
+    }
+    if let Some(h) = &f.handler {
+        args.push(V::Text(h.clone()));
+        sql.push_str(&format!(" AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.handler = ?{})", args.len()));
+    }
+    for (ptr, val) in &f.matches {
+        args.push(V::Text(ptr.clone()));
+        args.push(V::Text(val.clone()));
+        sql.push_str(&format!(
+            " AND json_pointer_is(CASE e.payload_kind WHEN 1 THEN e.body WHEN 2 THEN e.payload END, ?{}, ?{})",
+            args.len() - 1,
+            args.len()
+        ));
+    }
+    (sql, args)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_event(&self, ev: NewEvent) -> Result<Inserted, StoreError> {
+        self.write(move |conn, st| insert_event(conn, st, &ev)).await
+    }
+
+    fn count_rejection(&self, source: &str, reason: RejectReason) {
+        *self.shared.rejections.lock().expect("rejection counter lock poisoned").entry((source.to_string(), reason)).or_default() += 1;
+    }
+
+    fn backlog(&self) -> u64 {
+        self.shared.backlog.load(Ordering::Relaxed)
+    }
+
+    fn work_signal(&self) -> Arc<Notify> {
+        self.shared.work.clone()
+    }
+
+    async fn list_events(&self, filter: EventFilter, detail: Detail) -> Result<Vec<EventRecord>, StoreError> {
+        self.read(move |conn| {
+            let (where_sql, args) = filter_sql(&filter);
+            let order = if filter.ascending { "ASC" } else { "DESC" };
+            let limit = filter.limit.map_or(-1, |l| l as i64);
+            let sql = format!("SELECT {EVENT_COLS} FROM events e {where_sql} ORDER BY e.seq {order} LIMIT {limit}");
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| event_from_row(r, detail))?.collect::<Result<Vec<_>, _>>()?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (seq, mut ev) in rows {
+                if detail == Detail::Full {
+                    ev.deliveries = Some(load_deliveries(conn, seq)?);
+                }
+                out.push(ev);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_event(&self, id: EventId) -> Result<Option<EventRecord>, StoreError> {
+        self.read(move |conn| {
+            let sql = format!("SELECT {EVENT_COLS} FROM events e WHERE e.id = ?1");
+            let found = conn.query_row(&sql, [id.to_string()], |r| event_from_row(r, Detail::Full)).optional()?;
+            let Some((seq, mut ev)) = found else { return Ok(None) };
+            ev.deliveries = Some(load_deliveries(conn, seq)?);
+            Ok(Some(ev))
+        })
+        .await
+    }
+
+    async fn stats(&self, source: Option<String>, since: Option<DateTime<Utc>>) -> Result<Vec<StatsRow>, StoreError> {
+        self.read(move |conn| {
+            let since_us = since.map_or(i64::MIN, |t| t.timestamp_micros());
+            let since_hour = since.map_or(i64::MIN, |t| t.timestamp() / 3600);
+            let mut rows: std::collections::BTreeMap<(String, Option<String>), StatsRow> = Default::default();
+            let mut ev = conn.prepare(
+                "SELECT source, status, count(*) FROM events WHERE received_at >= ?1 AND (?2 IS NULL OR source = ?2) GROUP BY source, status",
+            )?;
+            for r in ev.query_map(params![since_us, source], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))? {
+                let (src, status, n) = r?;
+                let row = rows.entry((src.clone(), None)).or_insert_with(|| StatsRow { source: src, ..Default::default() });
+                let n = n as u64;
+                row.received += n;
+                match status.as_str() {
+                    "pending" => row.pending += n,
+                    "processing" => row.processing += n,
+                    "retrying" => row.retrying += n,
+                    "done" => row.succeeded += n,
+                    _ => row.failed += n,
+                }
+            }
+            let mut cn = conn.prepare("SELECT source, kind, sum(n) FROM counters WHERE hour >= ?1 AND (?2 IS NULL OR source = ?2) GROUP BY source, kind")?;
+            for r in cn.query_map(params![since_hour, source], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))? {
+                let (src, kind, n) = r?;
+                let row = rows.entry((src.clone(), None)).or_insert_with(|| StatsRow { source: src, ..Default::default() });
+                if kind == RejectReason::Duplicate.as_str() {
+                    row.duplicates += n as u64;
+                } else {
+                    row.rejected += n as u64;
+                }
+            }
+            let mut dl = conn.prepare(
+                "SELECT e.source, d.handler, d.status, count(*) FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE e.received_at >= ?1 AND (?2 IS NULL OR e.source = ?2) GROUP BY e.source, d.handler, d.status",
+            )?;
+            for r in dl.query_map(params![since_us, source], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+            })? {
+                let (src, handler, status, n) = r?;
+                let row = rows
+                    .entry((src.clone(), Some(handler.clone())))
+                    .or_insert_with(|| StatsRow { source: src, handler: Some(handler), ..Default::default() });
+                let n = n as u64;
+                row.received += n;
+                match status.as_str() {
+                    "pending" => row.pending += n,
+                    "running" => row.processing += n,
+                    "retrying" => row.retrying += n,
+                    "succeeded" => row.succeeded += n,
+                    _ => row.failed += n,
+                }
+            }
+            Ok(rows.into_values().collect())
+        })
+        .await
+    }
+
+    async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
+        let owner = owner.to_string();
+        let handler = handler.to_string();
+        self.write(move |conn, _st| claim(conn, &owner, &handler, limit, lease)).await
+    }
+
+    async fn finish(&self, f: Finished) -> Result<(), StoreError> {
+        self.write(move |conn, st| finish(conn, st, &f)).await
+    }
+
+    async fn release(&self, owner: &str, ids: Vec<i64>) -> Result<u64, StoreError> {
+        let owner = owner.to_string();
+        self.write(move |conn, st| {
+            let mut n = 0;
+            for id in &ids {
+                let seq: Option<i64> = conn
+                    .prepare_cached(
+                        "UPDATE deliveries SET status = CASE WHEN attempts - 1 > budget_from THEN 'retrying' ELSE 'pending' END,
+                         attempts = attempts - 1, next_at = ?3, lease_owner = NULL, updated_at = ?3
+                         WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' RETURNING event_seq",
+                    )?
+                    .query_row(params![id, owner, now_us()], |r| r.get(0))
+                    .optional()?;
+                if let Some(seq) = seq {
+                    refresh_event_status(conn, seq)?;
+                    n += 1;
+                }
+            }
+            st.new_work |= n > 0;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn replay(&self, ids: Vec<EventId>, handler: Option<String>, only_failed: bool) -> Result<u64, StoreError> {
+        self.write(move |conn, st| {
+            let now = now_us();
+            let mut n = 0u64;
+            for id in &ids {
+                let seq: Option<i64> = conn.prepare_cached("SELECT seq FROM events WHERE id = ?1")?.query_row([id.to_string()], |r| r.get(0)).optional()?;
+                let Some(seq) = seq else { continue };
+                let changed = conn
+                    .prepare_cached(
+                        "UPDATE deliveries SET status = 'pending', budget_from = attempts, next_at = ?2, queued_at = ?2, lease_owner = NULL, updated_at = ?2
+                         WHERE event_seq = ?1 AND status != 'running' AND (?3 IS NULL OR handler = ?3)
+                         AND (NOT ?4 OR status = 'failed')",
+                    )?
+                    .execute(params![seq, now, handler, only_failed])?;
+                if changed > 0 {
+                    refresh_event_status(conn, seq)?;
+                    n += changed as u64;
+                }
+            }
+            st.new_work |= n > 0;
+            st.backlog_delta += n as i64;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn find_ids(&self, filter: EventFilter) -> Result<Vec<EventId>, StoreError> {
+        self.read(move |conn| {
+            let (where_sql, args) = filter_sql(&filter);
+            let limit = filter.limit.map_or(-1, |l| l as i64);
+            let sql = format!("SELECT e.id FROM events e {where_sql} ORDER BY e.seq LIMIT {limit}");
+            let mut stmt = conn.prepare(&sql)?;
+            let ids = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+            ids.into_iter().map(|s| s.parse().map_err(StoreError::Corrupt)).collect()
+        })
+        .await
+    }
+
+    async fn prune(&self, before: DateTime<Utc>, batch: usize) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = self
+                .write(move |conn, _| {
+                    Ok(conn
+                        .prepare_cached(
+                            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE status IN ('done', 'failed') AND received_at < ?1 LIMIT ?2)",
+                        )?
+                        .execute(params![before.timestamp_micros(), batch as i64])? as u64)
+                })
+                .await?;
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.write(|conn, _| {
+            conn.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_ping', ?1)")?.execute([now_us().to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        self.shared.closing.store(true, Ordering::Relaxed);
+        // Dropping the sender lets the writer drain what is queued and stop.
+        self.tx.lock().expect("writer sender lock poisoned").take();
+        self.shared.wal_dirty.1.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock().expect("thread list lock poisoned"));
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::Relaxed);
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        self.shared.wal_dirty.1.notify_all();
+    }
+}
+
+fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
+    let now = now_us();
+    let lease_until = now + lease.as_micros() as i64;
+    let due: Vec<(i64, i64, String, i64)> = conn
+        .prepare_cached(
+            "SELECT id, event_seq, status, attempts FROM deliveries
+             WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running') AND next_at <= ?2
+             ORDER BY next_at LIMIT ?3",
+        )?
+        .query_map(params![handler, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(due.len());
+    for (id, seq, status, attempts) in due {
+        if status == "running" {
+            // The previous holder died mid-attempt: leave that in the paper trail.
+            conn.prepare_cached(
+                "INSERT OR IGNORE INTO attempts(delivery_id, number, started_at, duration_ms, outcome, error, output)
+                 VALUES (?1, ?2, ?3, 0, 'retry', 'the processor stopped before this attempt finished (lease expired); running it again', '')",
+            )?
+            .execute(params![id, attempts, now])?;
+        }
+        conn.prepare_cached("UPDATE deliveries SET status = 'running', attempts = attempts + 1, lease_owner = ?2, next_at = ?3, updated_at = ?4 WHERE id = ?1")?
+            .execute(params![id, owner, lease_until, now])?;
+        refresh_event_status(conn, seq)?;
+        let c = conn
+            .prepare_cached(
+                "SELECT e.id, e.source, e.received_at, e.content_type, e.query, e.headers, e.body, e.payload_kind, e.payload, d.queued_at
+             FROM events e JOIN deliveries d ON d.event_seq = e.seq WHERE d.id = ?1",
+            )?
+            .query_row([id], |r| {
+                let eid: String = r.get(0)?;
+                let headers: String = r.get(5)?;
+                let body: Vec<u8> = r.get(6)?;
+                let payload = payload_value(r.get(7)?, &body, r.get(8)?);
+                Ok((
+                    eid,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    headers,
+                    body,
+                    payload,
+                    r.get::<_, i64>(9)?,
+                ))
+            })?;
+        let (eid, source, received, ct, query, headers, body, payload, queued) = c;
+        out.push(Claimed {
+            delivery_id: id,
+            event_id: eid.parse().map_err(StoreError::Corrupt)?,
+            source,
+            handler: handler.to_string(),
+            attempt: (attempts + 1) as u32,
+            received_at: micros_to_time(received),
+            first_queued_at: micros_to_time(queued),
+            content_type: ct,
+            query,
+            headers: serde_json::from_str(&headers).unwrap_or(Value::Null),
+            body: Bytes::from(body),
+            payload,
+        });
+    }
+    Ok(out)
+}
+
+fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), StoreError> {
+    let now = now_us();
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO attempts(delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        f.delivery_id,
+        f.attempt,
+        f.started_at.timestamp_micros(),
+        f.duration_ms as i64,
+        f.outcome.as_str(),
+        f.exit_code,
+        f.http_status,
+        f.error,
+        f.output
+    ])?;
+    let (status, next_at) = match f.next {
+        Next::Succeeded => (DeliveryStatus::Succeeded, now),
+        Next::Failed => (DeliveryStatus::Failed, now),
+        Next::RetryAt(t) => (DeliveryStatus::Retrying, t.timestamp_micros()),
+    };
+    // Only the holder of this attempt moves the delivery on; if the lease was
+    // lost and another processor took over, its own result will count.
+    let seq: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE deliveries SET status = ?1, next_at = ?2, lease_owner = NULL, updated_at = ?3
+             WHERE id = ?4 AND status = 'running' AND attempts = ?5 RETURNING event_seq",
+        )?
+        .query_row(params![status.as_str(), next_at, now, f.delivery_id, f.attempt], |r| r.get(0))
+        .optional()?;
+    if let Some(seq) = seq {
+        refresh_event_status(conn, seq)?;
+        if matches!(status, DeliveryStatus::Succeeded | DeliveryStatus::Failed) {
+            st.backlog_delta -= 1;
+        }
+    }
+    Ok(())
+}
