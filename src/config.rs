@@ -90,6 +90,9 @@ pub struct Config {
     pub sources: Vec<Arc<SourceConfig>>,
     pub handlers: BTreeMap<String, Arc<HandlerConfig>>,
     pub routes: Vec<RouteConfig>,
+    /// Environment variables the config reads secrets from; kept out of
+    /// handler processes' environments.
+    pub secret_vars: Vec<String>,
 }
 
 impl Config {
@@ -624,12 +627,20 @@ type EnvLookup = Box<dyn Fn(&str) -> Option<String>>;
 struct Checker {
     problems: Vec<Problem>,
     warnings: Vec<Problem>,
+    /// Every environment variable read for a secret.
+    secret_vars: std::collections::BTreeSet<String>,
     /// Looks up environment variables; a parameter so tests need not mutate the process env.
     env: EnvLookup,
     base_dir: PathBuf,
 }
 
 impl Checker {
+    /// Reads an environment variable that holds a secret, remembering its name.
+    fn secret_var(&mut self, var: &str) -> Option<String> {
+        self.secret_vars.insert(var.to_string());
+        (self.env)(var)
+    }
+
     fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem { path: path.into(), message: message.into() });
     }
@@ -665,7 +676,7 @@ impl Checker {
             return None;
         }
         if let Some(var) = &r.secret_env {
-            return match (self.env)(var) {
+            return match self.secret_var(var) {
                 Some(v) if !v.is_empty() => Some(Secret::new(v.into_bytes())),
                 _ => {
                     self.error(join(path, "secret_env"), format!("environment variable `{var}` is not set"));
@@ -835,7 +846,13 @@ pub fn load_with_env(path: &Path, env: Vec<(String, String)>) -> Result<Loaded, 
         }
     };
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut ck = Checker { problems: Vec::new(), warnings: Vec::new(), env: Box::new(move |k| env_map.get(k).cloned()), base_dir };
+    let mut ck = Checker {
+        problems: Vec::new(),
+        warnings: Vec::new(),
+        secret_vars: Default::default(),
+        env: Box::new(move |k| env_map.get(k).cloned()),
+        base_dir,
+    };
     let config = build(&mut ck, root, path);
     if ck.problems.is_empty() {
         Ok(Loaded { config: Arc::new(config.expect("no problems means every section built")), warnings: ck.warnings })
@@ -861,7 +878,13 @@ pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigErrors> {
         .and_then(|c| c.try_deserialize::<Value>())
         .map_err(|e| fail(format!("cannot read `{}`: {e}", path.display())))?;
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut ck = Checker { problems: Vec::new(), warnings: Vec::new(), env: Box::new(|k| std::env::var(k).ok()), base_dir };
+    let mut ck = Checker {
+        problems: Vec::new(),
+        warnings: Vec::new(),
+        secret_vars: Default::default(),
+        env: Box::new(|k| std::env::var(k).ok()),
+        base_dir,
+    };
     let storage = ck.section::<RawStorage>("storage", root.get("storage").cloned()).and_then(|r| storage_config(&mut ck, r));
     match storage {
         Some(s) if ck.problems.is_empty() => Ok(s),
@@ -953,6 +976,7 @@ fn build(ck: &mut Checker, root: Value, path: &Path) -> Option<Config> {
         sources,
         handlers,
         routes,
+        secret_vars: ck.secret_vars.iter().cloned().collect(),
     })
 }
 
@@ -1013,7 +1037,7 @@ fn admin_config(ck: &mut Checker, r: RawAdmin) -> Option<AdminConfig> {
     let listen_s = r.listen.unwrap_or_else(|| "127.0.0.1:9090".to_string());
     let listen = if listen_s.is_empty() || listen_s == "off" { None } else { Some(parse_addr(ck, "admin.listen", &listen_s)?) };
     let token_env = r.token_env.unwrap_or_else(|| "HOOKTRAIL_ADMIN_TOKEN".to_string());
-    let token = (ck.env)(&token_env).filter(|t| !t.is_empty()).map(|t| Secret::new(t.into_bytes()));
+    let token = ck.secret_var(&token_env).filter(|t| !t.is_empty()).map(|t| Secret::new(t.into_bytes()));
     if let Some(addr) = listen {
         if token.is_none() && !addr.ip().is_loopback() {
             ck.error(
@@ -1222,7 +1246,7 @@ fn auth_spec(ck: &mut Checker, p: &str, a: &RawAuth) -> Option<AuthSpec> {
             let secrets = ck.secrets(p, &a.secret, &a.secrets);
             if preset == Preset::StandardWebhooks {
                 for (i, s) in secrets.iter().enumerate() {
-                    if crate::ingest::auth::standard_webhooks_key(s).is_none() {
+                    if crate::crypto::standard_webhooks_key(s).is_none() {
                         ck.error(join(p, "secrets"), format!("secret #{} is not a `whsec_<base64>` Standard Webhooks secret", i + 1));
                     }
                 }
@@ -1315,7 +1339,7 @@ fn expand_vars(ck: &mut Checker, path: &str, s: &str) -> Option<String> {
             return None;
         };
         let var = &after[..end];
-        match (ck.env)(var) {
+        match ck.secret_var(var) {
             Some(v) => out.push_str(&v),
             None => {
                 ck.error(path, format!("environment variable `{var}` is not set"));
@@ -1390,7 +1414,7 @@ fn http_spec(ck: &mut Checker, p: &str, r: &RawHandler) -> Option<HttpSpec> {
             }
             let secrets = ck.secrets(&sp, &s.secret, &s.secrets);
             for s in &secrets {
-                if crate::ingest::auth::standard_webhooks_key(s).is_none() {
+                if crate::crypto::standard_webhooks_key(s).is_none() {
                     ck.error(&sp, "signing secret must be `whsec_<base64>`");
                 }
             }
@@ -1423,7 +1447,7 @@ fn crm_spec(ck: &mut Checker, p: &str, r: &RawHandler) -> Option<CrmSpec> {
         }
     };
     let token = match &r.token_env {
-        Some(var) => match (ck.env)(var) {
+        Some(var) => match ck.secret_var(var) {
             Some(v) if !v.is_empty() => Some(Secret::new(v.into_bytes())),
             _ => {
                 ck.error(join(p, "token_env"), format!("environment variable `{var}` is not set"));

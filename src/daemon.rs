@@ -19,6 +19,7 @@ use crate::cli::ServeRole;
 use crate::config;
 use crate::ingest::{self, Ingest};
 use crate::ops::metrics::Metrics;
+use crate::process::Processor;
 use crate::store::{self, sqlite::Role};
 
 pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
@@ -57,6 +58,14 @@ pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
         None
     };
 
+    let processor = if role != ServeRole::Ingest {
+        let p = Processor::new(cfg.clone(), store.clone(), metrics.clone());
+        tasks.spawn(p.clone().run(shutdown.clone()));
+        Some(p)
+    } else {
+        None
+    };
+
     if let Some(file) = &cfg.server.ready_file {
         let tmp = file.with_extension("tmp");
         std::fs::write(&tmp, serde_json::Value::Object(ready).to_string()).with_context(|| format!("writing {}", tmp.display()))?;
@@ -81,6 +90,9 @@ pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
                         }
                         if let Some(i) = &ingest {
                             i.reload(l.config.clone());
+                        }
+                        if let Some(p) = &processor {
+                            p.reload(l.config.clone());
                         }
                         tracing::info!(sources = l.config.sources.len(), handlers = l.config.handlers.len(), "SIGHUP: configuration reloaded");
                     }

@@ -15,7 +15,10 @@
 
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod daemon;
+pub mod handlers;
 pub mod ingest;
 pub mod ops;
+pub mod process;
 pub mod store;

@@ -3,17 +3,15 @@
 //!
 //! Every comparison is constant-time: tokens are compared as SHA-256 digests
 //! with `subtle` (so neither content nor length leaks), signatures with the
-//! `hmac` crate's `verify_slice`. Error messages name what is missing or wrong,
+//! `hmac` crate's `verify_slice` (see [`crate::crypto`]). Error messages name what is missing or wrong,
 //! never a secret or the expected value.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use hyper::HeaderMap;
-use sha2::{Digest, Sha256, Sha512};
-use subtle::ConstantTimeEq;
 
 use crate::config::{AuthSpec, HmacAlgorithm, HmacSpec, Preset, Secret, SigEncoding, SignedContent};
+use crate::crypto::{self, standard_webhooks_key};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -33,11 +31,9 @@ pub enum AuthError {
     Stale(String, u64),
 }
 
-/// Constant-time equality that leaks neither content nor length.
-pub fn secret_eq(given: &[u8], secret: &Secret) -> bool {
-    let a = Sha256::digest(given);
-    let b = Sha256::digest(secret.expose());
-    a.ct_eq(&b).into()
+/// Constant-time comparison of a presented token with a configured secret.
+fn secret_eq(given: &[u8], secret: &Secret) -> bool {
+    crypto::secret_eq(given, secret.expose())
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, AuthError> {
@@ -178,13 +174,6 @@ pub fn check_body(spec: &AuthSpec, headers: &HeaderMap, body: &[u8], now: i64) -
     }
 }
 
-/// The HMAC key of a Standard Webhooks secret: base64 after `whsec_`.
-pub fn standard_webhooks_key(s: &Secret) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(s.expose()).ok()?;
-    let rest = text.strip_prefix("whsec_")?;
-    B64.decode(rest).ok().filter(|k| !k.is_empty())
-}
-
 fn check_fresh(ts: &str, header: &str, now: i64, tolerance: u64) -> Result<(), AuthError> {
     let t: i64 = ts.parse().map_err(|_| AuthError::Malformed(header.into(), "timestamp is not unix seconds"))?;
     if now.abs_diff(t) > tolerance {
@@ -223,7 +212,7 @@ fn verify_any<'k>(
     for key in keys {
         for sig in given {
             // Evaluate every pair so timing does not reveal which key matched.
-            ok |= verify_one(alg, key, parts, sig);
+            ok |= crypto::hmac_verify(alg, key, parts, sig);
         }
     }
     if ok {
@@ -233,35 +222,10 @@ fn verify_any<'k>(
     }
 }
 
-fn verify_one(alg: HmacAlgorithm, key: &[u8], parts: &[&[u8]], sig: &[u8]) -> bool {
-    macro_rules! run {
-        ($d:ty) => {{
-            let mut m = <Hmac<$d> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
-            for p in parts {
-                m.update(p);
-            }
-            m.verify_slice(sig).is_ok()
-        }};
-    }
-    match alg {
-        HmacAlgorithm::Sha1 => run!(sha1::Sha1),
-        HmacAlgorithm::Sha256 => run!(Sha256),
-        HmacAlgorithm::Sha512 => run!(Sha512),
-    }
-}
-
-/// Computes a signature (used by tests, the bench, and outbound signing).
-pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
-    for p in parts {
-        m.update(p);
-    }
-    m.finalize().into_bytes().to_vec()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::hmac_sha256;
     use std::time::Duration;
 
     fn hm(pairs: &[(&str, &str)]) -> HeaderMap {

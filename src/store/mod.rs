@@ -247,6 +247,8 @@ pub struct Claimed {
     pub handler: String,
     /// 1-based number of the attempt about to run.
     pub attempt: u32,
+    /// 1-based number of this attempt since the last replay (what max_attempts counts).
+    pub attempt_in_budget: u32,
     pub received_at: DateTime<Utc>,
     /// When the delivery was created (replay resets the max_age clock).
     pub first_queued_at: DateTime<Utc>,

@@ -995,16 +995,16 @@ impl Drop for SqliteStore {
 fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
     let now = now_us();
     let lease_until = now + lease.as_micros() as i64;
-    let due: Vec<(i64, i64, String, i64)> = conn
+    let due: Vec<(i64, i64, String, i64, i64)> = conn
         .prepare_cached(
-            "SELECT id, event_seq, status, attempts FROM deliveries
+            "SELECT id, event_seq, status, attempts, budget_from FROM deliveries
              WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running') AND next_at <= ?2
              ORDER BY next_at LIMIT ?3",
         )?
-        .query_map(params![handler, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map(params![handler, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(due.len());
-    for (id, seq, status, attempts) in due {
+    for (id, seq, status, attempts, budget_from) in due {
         if status == "running" {
             // The previous holder died mid-attempt: leave that in the paper trail.
             conn.prepare_cached(
@@ -1045,6 +1045,7 @@ fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Dur
             source,
             handler: handler.to_string(),
             attempt: (attempts + 1) as u32,
+            attempt_in_budget: (attempts + 1 - budget_from).max(1) as u32,
             received_at: micros_to_time(received),
             first_queued_at: micros_to_time(queued),
             content_type: ct,

@@ -1,0 +1,228 @@
+//! The processor: claims due deliveries with a lease, runs them on their
+//! handler within per-handler and global concurrency limits, and records each
+//! attempt with the delivery's next state. Separate from the listener; runs in
+//! the same process (`serve --role all`) or its own (`--role process`).
+//!
+//! It wakes at once when the store commits new work in this process and also
+//! polls every `processor.poll_interval`, which covers work another process
+//! stored, retries coming due and leases that expired because their holder
+//! died. A crash mid-attempt therefore means the attempt runs again after the
+//! lease expires (at-least-once). Idle, it sleeps: no busy loop.
+
+pub mod retry;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use chrono::Utc;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, HandlerConfig};
+use crate::handlers::{self, AttemptResult, Handler, Job};
+use crate::ops::metrics::Metrics;
+use crate::store::{Claimed, Finished, Next, Store};
+
+/// Most deliveries claimed in one store round trip per handler.
+const CLAIM_BATCH: usize = 64;
+
+struct HandlerRt {
+    cfg: Arc<HandlerConfig>,
+    run: Arc<dyn Handler>,
+    permits: Arc<Semaphore>,
+    lease: Duration,
+}
+
+struct State {
+    config: Arc<Config>,
+    handlers: Vec<Arc<HandlerRt>>,
+}
+
+pub struct Processor {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    /// Identifies this process's leases.
+    owner: String,
+    client: reqwest::Client,
+    state: ArcSwap<State>,
+    slot_freed: Notify,
+}
+
+impl Processor {
+    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let client = handlers::http_client();
+        let owner = format!("{}-{}", std::process::id(), ulid::Ulid::new());
+        let state = ArcSwap::from_pointee(build_state(config, &client, None));
+        Arc::new(Processor { store, metrics, owner, client, state, slot_freed: Notify::new() })
+    }
+
+    /// Swaps in reloaded handlers; attempts already running finish with the old ones.
+    pub fn reload(&self, config: Arc<Config>) {
+        let old = self.state.load_full();
+        self.state.store(Arc::new(build_state(config, &self.client, Some(&old))));
+    }
+
+    /// Runs until `shutdown`; then lets running attempts finish for
+    /// `processor.shutdown_grace`, interrupts the rest and gives their
+    /// deliveries back so the next start picks them up at once.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let work = self.store.work_signal();
+        let tasks = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let global = Arc::new(Semaphore::new(self.state.load().config.processor.max_concurrency));
+        tracing::info!(owner = %self.owner, "processor started");
+        loop {
+            // Register interest before looking, so a commit between the look
+            // and the wait is not missed.
+            let notified = work.notified();
+            let freed = self.slot_freed.notified();
+            tokio::pin!(notified, freed);
+            notified.as_mut().enable();
+            freed.as_mut().enable();
+            let poll = self.state.load().config.processor.poll_interval;
+            let more = match self.dispatch_round(&global, &tasks, &hard_stop).await {
+                Ok(more) => more,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming deliveries failed; will try again");
+                    false
+                }
+            };
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if more {
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = &mut notified => {}
+                _ = &mut freed => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+        tasks.close();
+        let grace = self.state.load().config.processor.shutdown_grace;
+        if !tasks.is_empty() {
+            tracing::info!(running = tasks.len(), grace = %humantime::format_duration(grace), "waiting for running deliveries");
+        }
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            tracing::warn!(running = tasks.len(), "grace period over; interrupting the remaining deliveries and releasing them");
+            hard_stop.cancel();
+            tasks.wait().await;
+        }
+        tracing::info!("processor stopped");
+    }
+
+    /// Claims what each handler has room for. Returns whether some handler
+    /// filled a whole batch (there may be more due right away).
+    async fn dispatch_round(
+        self: &Arc<Self>,
+        global: &Arc<Semaphore>,
+        tasks: &TaskTracker,
+        hard_stop: &CancellationToken,
+    ) -> Result<bool, crate::store::StoreError> {
+        let state = self.state.load_full();
+        let mut more = false;
+        for h in &state.handlers {
+            let room = h.permits.available_permits().min(global.available_permits()).min(CLAIM_BATCH);
+            if room == 0 {
+                continue;
+            }
+            let claimed = self.store.claim(&self.owner, &h.cfg.name, room, h.lease).await?;
+            more |= claimed.len() == room && room == CLAIM_BATCH;
+            for c in claimed {
+                // Only this loop takes permits, and it checked there was room.
+                let (Ok(hp), Ok(gp)) = (h.permits.clone().try_acquire_owned(), global.clone().try_acquire_owned()) else {
+                    self.store.release(&self.owner, vec![c.delivery_id]).await?;
+                    continue;
+                };
+                let me = self.clone();
+                let h = h.clone();
+                let stop = hard_stop.clone();
+                let hidden = state.config.secret_vars.clone();
+                tasks.spawn(async move {
+                    me.execute(&h, c, &stop, &hidden).await;
+                    drop((hp, gp));
+                    me.slot_freed.notify_one();
+                });
+            }
+        }
+        Ok(more)
+    }
+
+    async fn execute(&self, h: &HandlerRt, c: Claimed, stop: &CancellationToken, hidden_env: &[String]) {
+        let started = Utc::now();
+        let t0 = Instant::now();
+        let result: AttemptResult = h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env }).await;
+        let took = t0.elapsed();
+        if result.interrupted {
+            match self.store.release(&self.owner, vec![c.delivery_id]).await {
+                Ok(_) => tracing::info!(event_id = %c.event_id, handler = %c.handler, "attempt interrupted by shutdown; delivery released"),
+                Err(e) => tracing::warn!(event_id = %c.event_id, error = %e, "could not release the delivery; its lease will expire"),
+            }
+            return;
+        }
+        let (next, give_up) = retry::decide(&h.cfg.retry, &result, c.attempt_in_budget, c.first_queued_at, Utc::now());
+        let error = match (result.error, give_up) {
+            (Some(e), Some(g)) => Some(format!("{e}; {g}")),
+            (e, g) => e.or(g),
+        };
+        self.metrics.delivery(&c.handler, result.outcome.as_str(), took);
+        tracing::info!(
+            event_id = %c.event_id,
+            source = %c.source,
+            handler = %c.handler,
+            attempt = c.attempt,
+            outcome = %result.outcome,
+            duration_ms = took.as_millis() as u64,
+            exit_code = result.exit_code,
+            http_status = result.http_status,
+            error = error.as_deref().unwrap_or(""),
+            next = %match next { Next::Succeeded => "succeeded".to_string(), Next::Failed => "failed".to_string(), Next::RetryAt(t) => format!("retry at {}", crate::store::rfc3339(t)) },
+            "attempt finished"
+        );
+        let finished = Finished {
+            delivery_id: c.delivery_id,
+            attempt: c.attempt,
+            started_at: started,
+            duration_ms: took.as_millis() as u64,
+            outcome: result.outcome,
+            exit_code: result.exit_code,
+            http_status: result.http_status,
+            error,
+            output: result.output,
+            next,
+        };
+        // The store may be briefly unavailable; if it stays so, the lease
+        // expires and the delivery runs again (at-least-once).
+        for wait in [0u64, 1, 2, 4] {
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            match self.store.finish(finished.clone()).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(event_id = %c.event_id, error = %e, "could not record the attempt; retrying"),
+            }
+        }
+        tracing::error!(event_id = %c.event_id, handler = %c.handler, "could not record the attempt; it will run again when its lease expires");
+    }
+}
+
+fn build_state(config: Arc<Config>, client: &reqwest::Client, old: Option<&State>) -> State {
+    let handlers = config
+        .handlers
+        .values()
+        .map(|cfg| {
+            // Keep the running permits when the limit did not change, so a
+            // reload never lets a handler exceed its concurrency.
+            let permits = old
+                .and_then(|o| o.handlers.iter().find(|h| h.cfg.name == cfg.name && h.cfg.concurrency == cfg.concurrency))
+                .map(|h| h.permits.clone())
+                .unwrap_or_else(|| Arc::new(Semaphore::new(cfg.concurrency)));
+            // A lease must outlive the attempt it covers.
+            let lease = config.processor.lease.max(cfg.timeout + Duration::from_secs(30));
+            Arc::new(HandlerRt { cfg: cfg.clone(), run: handlers::build(cfg, client), permits, lease })
+        })
+        .collect();
+    State { config, handlers }
+}
