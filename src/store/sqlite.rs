@@ -47,6 +47,9 @@ const MAX_BATCH: usize = 1024;
 const QUEUE_DEPTH: usize = 16 * 1024;
 /// How long a dedup row outlives its window before cleanup may remove it.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
+/// WAL frames after which the writer finishes a checkpoint itself (see
+/// [`writer_loop`]); 4096 frames of 4 KiB = 16 MiB.
+const WAL_FINISH_FRAMES: u64 = 4096;
 
 const MIGRATIONS: &[&str] = &[
     // 1: the initial schema.
@@ -181,6 +184,8 @@ struct Shared {
     closing: AtomicBool,
     /// Signals the checkpointer that commits happened.
     wal_dirty: (Mutex<bool>, Condvar),
+    /// Frames in the WAL, as the checkpointer last saw.
+    wal_frames: AtomicU64,
 }
 
 pub struct SqliteStore {
@@ -259,7 +264,8 @@ impl SqliteStore {
         migrate(&mut writer)?;
         if role == Role::Daemon {
             // Checkpoints are the checkpointer thread's job; see the module doc.
-            writer.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -16000;")?;
+            // After a WAL restart the file is cut back to this size.
+            writer.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -16000; PRAGMA journal_size_limit = 67108864;")?;
         }
         let backlog: i64 =
             writer.query_row("SELECT count(*) FROM deliveries WHERE status IN ('pending','retrying','running')", [], |r| r.get(0))?;
@@ -269,6 +275,7 @@ impl SqliteStore {
             rejections: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             wal_dirty: (Mutex::new(false), Condvar::new()),
+            wal_frames: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::sync_channel::<Box<dyn WriteOp>>(QUEUE_DEPTH);
         let mut threads = Vec::new();
@@ -372,6 +379,7 @@ impl From<&StoreError> for StoreError {
 fn writer_loop(mut conn: Connection, rx: Receiver<Box<dyn WriteOp>>, shared: Arc<Shared>, role: Role) {
     let mut st = WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0 };
     let mut last_maintenance = Instant::now();
+    let mut last_finish = Instant::now();
     let mut disconnected = false;
     while !disconnected {
         let mut batch: Vec<Box<dyn WriteOp>> = Vec::new();
@@ -389,6 +397,23 @@ fn writer_loop(mut conn: Connection, rx: Receiver<Box<dyn WriteOp>>, shared: Arc
         let counts = std::mem::take(&mut *shared.rejections.lock().expect("rejection counter lock poisoned"));
         if !batch.is_empty() || !counts.is_empty() {
             run_batch(&mut conn, &mut st, batch, &counts, &shared);
+        }
+        // Under sustained load the checkpointer copies frames while new ones
+        // keep arriving, so the WAL could never restart and would grow without
+        // bound. When it is large, the writer itself checkpoints between two
+        // batches: only the few frames the checkpointer has not copied yet
+        // remain, so this is short, and afterwards the next commit restarts
+        // the WAL from its beginning.
+        if role == Role::Daemon
+            && shared.wal_frames.load(Ordering::Relaxed) > WAL_FINISH_FRAMES
+            && last_finish.elapsed() >= Duration::from_secs(1)
+        {
+            last_finish = Instant::now();
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
+                Ok((log, done)) if log == done => shared.wal_frames.store(0, Ordering::Relaxed),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "writer checkpoint failed"),
+            }
         }
         if role == Role::Daemon && last_maintenance.elapsed() >= MAINTENANCE_EVERY {
             last_maintenance = Instant::now();
@@ -536,8 +561,9 @@ fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
         // PASSIVE never blocks the writer; it copies what it can. Once a pass
         // catches up, the writer's next commit restarts the WAL from the start,
         // so the file stays small without ever making a request wait.
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "checkpoint failed");
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
+            Ok((log, _)) => shared.wal_frames.store(log.max(0) as u64, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
         }
         std::thread::sleep(Duration::from_millis(100));
     }
