@@ -57,6 +57,8 @@ pub struct Metrics {
     deliveries: Mutex<BTreeMap<Labels, u64>>,
     commit: Histogram,
     delivery_duration: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
+    /// Unix milliseconds of the processor loop's last round; 0 = never.
+    processor_round_ms: AtomicU64,
 }
 
 fn bump(m: &Mutex<BTreeMap<Labels, u64>>, a: &str, b: &str) {
@@ -67,6 +69,10 @@ fn bump(m: &Mutex<BTreeMap<Labels, u64>>, a: &str, b: &str) {
             g.insert((a.to_string(), b.to_string()), 1);
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Escapes a label value for the Prometheus text format.
@@ -88,6 +94,20 @@ impl Metrics {
     }
     pub fn commit_latency(&self, d: Duration) {
         self.commit.observe(d);
+    }
+
+    /// Called by the processor loop once per round (before it claims work), so
+    /// readiness and the systemd watchdog can tell a live loop from a stuck one.
+    pub fn processor_round(&self) {
+        self.processor_round_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// Time since the processor loop's last round; `None` before the first.
+    pub fn since_processor_round(&self) -> Option<Duration> {
+        match self.processor_round_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(unix_ms().saturating_sub(ms))),
+        }
     }
 
     /// Prometheus text exposition, with gauges read from the store by the caller.

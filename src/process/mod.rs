@@ -81,6 +81,7 @@ impl Processor {
             tokio::pin!(notified, freed);
             notified.as_mut().enable();
             freed.as_mut().enable();
+            self.metrics.processor_round();
             let poll = self.state.load().config.processor.poll_interval;
             let more = match self.dispatch_round(&global, &tasks, &hard_stop).await {
                 Ok(more) => more,

@@ -238,6 +238,25 @@ pub struct StatsRow {
     pub failed: u64,
 }
 
+/// Unfinished deliveries of one handler in one status (queue-depth metrics).
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueDepth {
+    pub handler: String,
+    pub status: DeliveryStatus,
+    pub count: u64,
+    /// When the longest-waiting of them was queued (received or replayed).
+    pub oldest_queued_at: Option<DateTime<Utc>>,
+}
+
+/// Events received in one hour and how many of them ended done or failed (the page's chart).
+#[derive(Debug, Clone, Serialize)]
+pub struct HourCounts {
+    pub hour: DateTime<Utc>,
+    pub received: u64,
+    pub done: u64,
+    pub failed: u64,
+}
+
 /// A delivery claimed by a processor, with what a handler needs to run it.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -297,6 +316,10 @@ pub trait Store: Send + Sync + 'static {
     async fn list_events(&self, filter: EventFilter, detail: Detail) -> Result<Vec<EventRecord>, StoreError>;
     async fn get_event(&self, id: EventId) -> Result<Option<EventRecord>, StoreError>;
     async fn stats(&self, source: Option<String>, since: Option<DateTime<Utc>>) -> Result<Vec<StatsRow>, StoreError>;
+    /// Unfinished deliveries (pending, running, retrying) per handler and status (metrics).
+    async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError>;
+    /// Events received per hour since `since`, oldest hour first (the event-log page's chart).
+    async fn hourly(&self, since: DateTime<Utc>) -> Result<Vec<HourCounts>, StoreError>;
 
     /// Claims up to `limit` due deliveries of `handler` for `owner`, leased for `lease`.
     async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError>;

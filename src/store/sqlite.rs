@@ -894,6 +894,51 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError> {
+        self.read(|conn| {
+            // Same predicate as the partial index deliveries_due, so only unfinished rows are read.
+            let mut stmt = conn.prepare_cached(
+                "SELECT handler, status, count(*), min(queued_at) FROM deliveries
+                 WHERE status IN ('pending', 'retrying', 'running') GROUP BY handler, status",
+            )?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<i64>>(3)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(handler, status, n, oldest)| {
+                    Ok(QueueDepth {
+                        handler,
+                        status: status.parse().map_err(StoreError::Corrupt)?,
+                        count: n.max(0) as u64,
+                        oldest_queued_at: oldest.map(micros_to_time),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn hourly(&self, since: DateTime<Utc>) -> Result<Vec<HourCounts>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT received_at / 3600000000 AS h, count(*), sum(status = 'done'), sum(status = 'failed')
+                 FROM events WHERE received_at >= ?1 GROUP BY h ORDER BY h",
+            )?;
+            let rows = stmt
+                .query_map([since.timestamp_micros()], |r| {
+                    Ok(HourCounts {
+                        hour: micros_to_time(r.get::<_, i64>(0)? * 3_600_000_000),
+                        received: r.get::<_, i64>(1)?.max(0) as u64,
+                        done: r.get::<_, i64>(2)?.max(0) as u64,
+                        failed: r.get::<_, i64>(3)?.max(0) as u64,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
     async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
         let owner = owner.to_string();
         let handler = handler.to_string();
