@@ -260,10 +260,7 @@ impl DaemonBuilder<'_> {
         let log_path = env.log_path(n);
         let log = File::create(&log_path).expect("creating the daemon log");
         let mut c = env.command(&["serve"]);
-        c.args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().expect("cloning the log handle"))
-            .stderr(log);
+        c.args(&self.args).env("RUST_LOG", "info").stdout(log.try_clone().expect("cloning the log handle")).stderr(log);
         for (k, v) in &self.vars {
             c.env(k, v);
         }
