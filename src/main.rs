@@ -6,7 +6,8 @@ fn main() {
     // journal never stalls request handling; the guard flushes on exit.
     let (writer, _guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
     if std::env::var("HOOKTRAIL_LOG_FORMAT").is_ok_and(|v| v == "json") {
         builder.json().flatten_event(true).init();
     } else {

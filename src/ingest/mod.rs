@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod decode;
+pub mod disk;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, DedupKey, RateLimit, ResponseSpec, SourceConfig};
 use crate::ops::metrics::Metrics;
 use crate::store::{NewEvent, Payload, RejectReason, Store, StoreError};
+use crate::template::{render, value_text, Escape};
 use decode::BodyKind;
 
 /// A refused request: status, counted reason, message for the JSON body.
@@ -137,11 +139,14 @@ pub struct Ingest {
     routing: ArcSwap<Routing>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// Free space of the storage volume, sampled in the background (issue 5).
+    disk: Arc<disk::DiskGuard>,
 }
 
 impl Ingest {
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Ingest { routing: ArcSwap::from_pointee(Routing::new(config)), store, metrics })
+        let disk = Arc::new(disk::DiskGuard::new(&config.storage.path));
+        Arc::new(Ingest { routing: ArcSwap::from_pointee(Routing::new(config)), store, metrics, disk })
     }
 
     /// Swaps in a new configuration; requests in flight finish with the old one.
@@ -236,6 +241,17 @@ impl Ingest {
             )
             .retry_after(30));
         }
+        // A nearly full disk: refuse here, before reading the body, rather than
+        // fail the COMMIT (or leave SQLite unable to grow its WAL) later.
+        let min_free = routing.config.storage.min_free_bytes;
+        if let Some(free) = self.disk.below(min_free) {
+            return Err(Reject::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                RejectReason::Unavailable,
+                format!("storage nearly full: {free} bytes free on the database volume, below storage.min_free_bytes ({min_free})"),
+            )
+            .retry_after(60));
+        }
         let query = req.uri().query().unwrap_or("").to_string();
         auth::check_head(&cfg.auth, req.headers(), &query)
             .map_err(|e| Reject::new(StatusCode::UNAUTHORIZED, RejectReason::Unauthorized, e.to_string()))?;
@@ -283,6 +299,9 @@ impl Ingest {
 
         let secret_param = cfg.auth.secret_param();
         let malformed = |m: String| Reject::new(StatusCode::BAD_REQUEST, RejectReason::Malformed, m);
+        // A ping carries its data in the query string: a GET, or a POST with
+        // an empty body (whatever Content-Type the sender put on it).
+        let kind = if body.is_empty() && !query.is_empty() { None } else { kind };
         let (payload, view): (Payload, Value) = match kind {
             Some(BodyKind::Json) => {
                 let v = decode::json(&body).map_err(|e| malformed(e.to_string()))?;
@@ -463,28 +482,12 @@ pub fn redact_query(query: &str, secret_param: Option<&str>) -> String {
 /// Renders a source's `response` template: `{{id}}` and `{{/json/pointer}}`,
 /// escaped for the response's content type so a payload value cannot break it.
 pub fn templated_response(spec: &ResponseSpec, id: &str, payload: &Value) -> Response<Full<Bytes>> {
-    let ct = spec.content_type.to_ascii_lowercase();
-    let escape = |s: &str| -> String {
-        if ct.contains("json") {
-            let quoted = Value::String(s.to_string()).to_string();
-            quoted[1..quoted.len() - 1].to_string()
-        } else if ct.contains("xml") || ct.contains("html") {
-            s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
-        } else if ct.contains("x-www-form-urlencoded") {
-            serde_urlencoded::to_string([("", s)]).map(|e| e[1..].to_string()).unwrap_or_default()
-        } else {
-            s.to_string()
-        }
-    };
+    let escape = Escape::for_content_type(&spec.content_type);
     let body = render(&spec.body, |key| {
         if key == "id" {
             Some(id.to_string())
         } else if key.starts_with('/') {
-            Some(match payload.pointer(key) {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => escape(s),
-                Some(other) => escape(&other.to_string()),
-            })
+            Some(escape.apply(&value_text(payload.pointer(key))))
         } else {
             None
         }
@@ -497,32 +500,6 @@ pub fn templated_response(spec: &ResponseSpec, id: &str, payload: &Value) -> Res
     r
 }
 
-/// Replaces `{{key}}` using `lookup`; unknown keys are left as written.
-pub fn render(template: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        match after.find("}}") {
-            Some(end) => {
-                let key = after[..end].trim();
-                match lookup(key) {
-                    Some(v) => out.push_str(&v),
-                    None => out.push_str(&rest[start..start + 2 + end + 2]),
-                }
-                rest = &after[end + 2..];
-            }
-            None => {
-                out.push_str(&rest[start..]);
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 /// Accepts connections until `shutdown`, then lets in-flight requests finish
 /// (at most `request_timeout`) before returning.
 pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
@@ -531,6 +508,7 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(server.header_read_timeout).max_buf_size(server.max_header_bytes.max(8192));
+    let disk_task = tokio::spawn(ingest.disk.clone().refresh_loop(shutdown.clone()));
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -571,6 +549,7 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
             tracing::warn!("some connections were still open after the request timeout; closing them");
         }
     }
+    let _ = disk_task.await;
 }
 
 #[cfg(test)]
