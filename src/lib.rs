@@ -22,3 +22,4 @@ pub mod ingest;
 pub mod ops;
 pub mod process;
 pub mod store;
+pub mod template;
