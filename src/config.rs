@@ -125,7 +125,13 @@ pub struct StorageConfig {
     pub backend: Backend,
     pub path: PathBuf,
     pub retention: Option<Duration>,
+    /// Free bytes on the database's volume below which ingest answers 503
+    /// instead of accepting events it may not be able to commit; 0 disables.
+    pub min_free_bytes: u64,
 }
+
+/// Default `storage.min_free_bytes`: room for SQLite's WAL and a few checkpoints.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -461,6 +467,7 @@ struct RawStorage {
     path: Option<PathBuf>,
     url: Option<String>,
     retention: Option<Dur>,
+    min_free_bytes: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1030,7 +1037,12 @@ fn storage_config(ck: &mut Checker, r: RawStorage) -> Option<StorageConfig> {
         ck.error("storage.url", "only used with backend = \"postgres\"");
     }
     let path = r.path.unwrap_or_else(|| PathBuf::from("./data/hooktrail.db"));
-    Some(StorageConfig { backend, path, retention: r.retention.map(|d| d.0) })
+    Some(StorageConfig {
+        backend,
+        path,
+        retention: r.retention.map(|d| d.0),
+        min_free_bytes: r.min_free_bytes.unwrap_or(DEFAULT_MIN_FREE_BYTES),
+    })
 }
 
 fn admin_config(ck: &mut Checker, r: RawAdmin) -> Option<AdminConfig> {
