@@ -285,9 +285,20 @@ impl AuthSpec {
     /// Header names (lower-case) whose values are secrets or signatures and must be
     /// redacted before storing.
     pub fn secret_headers(&self) -> Vec<String> {
+        // Signatures are redacted like tokens: with the stored body, a kept
+        // signature would let anyone who can read events or an export replay
+        // the delivery (forever, for schemes without a timestamp).
+        let preset_header = |p: &Preset| match p {
+            Preset::StandardWebhooks => "webhook-signature",
+            Preset::Github => "x-hub-signature-256",
+            Preset::Stripe => "stripe-signature",
+            Preset::Shopify => "x-shopify-hmac-sha256",
+            Preset::Slack => "x-slack-signature",
+        };
         match self {
             AuthSpec::HeaderToken { header, .. } => vec![header.clone()],
             AuthSpec::Hmac(h) => vec![h.header.clone()],
+            AuthSpec::Preset { preset, .. } => vec![preset_header(preset).to_string()],
             _ => Vec::new(),
         }
     }
