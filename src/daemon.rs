@@ -19,6 +19,7 @@ use crate::cli::ServeRole;
 use crate::config;
 use crate::ingest::{self, Ingest};
 use crate::ops::metrics::Metrics;
+use crate::ops::{self, Ops, Roles};
 use crate::process::Processor;
 use crate::store::{self, sqlite::Role};
 
@@ -33,6 +34,13 @@ pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
 
+    let ops = Ops::new(
+        cfg.clone(),
+        store.clone(),
+        metrics.clone(),
+        Roles { ingest: role != ServeRole::Process, process: role != ServeRole::Ingest },
+    );
+
     let mut ready = serde_json::Map::new();
     let ingest = if role != ServeRole::Process {
         let listener =
@@ -42,6 +50,7 @@ pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
         ready.insert("listen".into(), addr.to_string().into());
         let ing = Ingest::new(cfg.clone(), store.clone(), metrics.clone());
         tasks.spawn(ingest::serve(listener, ing.clone(), shutdown.clone()));
+        ops.set_listener_bound();
         let trim = ing.clone();
         let sd = shutdown.clone();
         tasks.spawn(async move {
@@ -66,6 +75,16 @@ pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
         None
     };
 
+    if let Some(addr) = cfg.admin.listen {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding admin.listen {addr}"))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, token = cfg.admin.token.is_some(), "admin listener: health, metrics, API and event log");
+        ready.insert("admin".into(), addr.to_string().into());
+        tasks.spawn(ops::admin::serve(listener, ops.clone(), shutdown.clone()));
+    }
+    tasks.spawn(ops::retention::run(ops.clone(), shutdown.clone()));
+    tasks.spawn(ops::watchdog::run(ops.clone(), shutdown.clone()));
+
     if let Some(file) = &cfg.server.ready_file {
         let tmp = file.with_extension("tmp");
         std::fs::write(&tmp, serde_json::Value::Object(ready).to_string()).with_context(|| format!("writing {}", tmp.display()))?;
@@ -83,6 +102,8 @@ pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
+                // systemd shows the unit as reloading until READY=1 comes back.
+                notify_reloading();
                 match config::load(path) {
                     Ok(l) => {
                         for w in &l.warnings {
@@ -94,10 +115,12 @@ pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
                         if let Some(p) = &processor {
                             p.reload(l.config.clone());
                         }
+                        ops.reload(l.config.clone());
                         tracing::info!(sources = l.config.sources.len(), handlers = l.config.handlers.len(), "SIGHUP: configuration reloaded");
                     }
                     Err(e) => tracing::error!("SIGHUP: configuration refused, keeping the running one: {e}"),
                 }
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             }
         }
     }
@@ -108,4 +131,12 @@ pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
     store.close().await;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// `RELOADING=1`, with the `MONOTONIC_USEC=` systemd 253+ expects beside it.
+fn notify_reloading() {
+    let _ = match sd_notify::NotifyState::monotonic_usec_now() {
+        Ok(stamp) => sd_notify::notify(false, &[sd_notify::NotifyState::Reloading, stamp]),
+        Err(_) => sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]),
+    };
 }

@@ -1,0 +1,458 @@
+//! The admin listener: its own socket (never the public one), routing, and
+//! access control for health, metrics, the JSON API and the event-log page.
+//!
+//! Access rules, decided here once for every route:
+//! - `/healthz` and `/readyz` are open (load balancers and systemd probes).
+//! - When `admin.token_env` names a set variable, everything else needs
+//!   `Authorization: Bearer <token>` or the session cookie the `/login` form
+//!   sets (a browser cannot add a header to a plain link or form). The cookie
+//!   holds an expiry and an HMAC keyed by the token, never the token itself; it
+//!   is `HttpOnly` and `SameSite=Strict`, and all comparisons are constant-time.
+//! - Without a token the listener is loopback-only (config refuses anything
+//!   else), and answers only requests whose `Host` is a loopback name or
+//!   address, so a web page cannot reach it through DNS rebinding.
+//! - Requests that change something (POST) must not come from another site
+//!   (`Origin` / `Sec-Fetch-Site`), so a page on the internet cannot make a
+//!   local browser press "replay".
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::{api, page, Ops};
+use crate::config::Config;
+use crate::crypto;
+
+pub(super) type Resp = Response<Full<Bytes>>;
+
+/// Concurrent admin connections; ops tooling needs few, and a cap keeps a
+/// misbehaving scraper from starving the daemon.
+const MAX_CONNECTIONS: usize = 128;
+/// Largest request body the admin listener reads (login and replay forms).
+const MAX_FORM_BYTES: usize = 8 * 1024;
+/// Name of the page's session cookie.
+const COOKIE: &str = "hooktrail_admin";
+/// How long a page login lasts.
+pub(super) const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+
+/// Accepts admin connections until `shutdown`, then lets open requests finish
+/// for a few seconds.
+pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => { backoff = Duration::from_millis(5); x }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let ops = ops.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let ops = ops.clone();
+            async move { Ok::<_, Infallible>(handle(&ops, req, peer).await) }
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "admin connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => tracing::debug!("closing admin connections still open at shutdown"),
+    }
+}
+
+/// Where a request goes. Ids stay strings here; each endpoint parses its own.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Healthz,
+    Readyz,
+    Metrics,
+    ApiEvents,
+    ApiEvent(&'a str),
+    ApiReplay(&'a str),
+    ApiStats,
+    PageList,
+    PageEvent(&'a str),
+    PageReplay(&'a str),
+    LoginForm,
+    Login,
+    Logout,
+    NotFound,
+    /// The path exists with other methods (the `Allow` value).
+    WrongMethod(&'static str),
+}
+
+impl Route<'_> {
+    /// Routes answered without credentials.
+    fn is_open(&self) -> bool {
+        matches!(self, Route::Healthz | Route::Readyz | Route::LoginForm | Route::Login)
+    }
+
+    /// Routes for programs (JSON/text errors) rather than people (HTML).
+    fn is_machine(&self) -> bool {
+        matches!(self, Route::Metrics | Route::ApiEvents | Route::ApiEvent(_) | Route::ApiReplay(_) | Route::ApiStats)
+    }
+}
+
+fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
+    let read = *method == Method::GET || *method == Method::HEAD;
+    let post = *method == Method::POST;
+    let pick = |ok: bool, r: Route<'a>, allow: &'static str| if ok { r } else { Route::WrongMethod(allow) };
+    let segs: Vec<&'a str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    match segs.as_slice() {
+        ["healthz"] => pick(read, Route::Healthz, "GET, HEAD"),
+        ["readyz"] => pick(read, Route::Readyz, "GET, HEAD"),
+        ["metrics"] => pick(read, Route::Metrics, "GET, HEAD"),
+        ["api", "events"] => pick(read, Route::ApiEvents, "GET, HEAD"),
+        ["api", "events", id] if !id.is_empty() => pick(read, Route::ApiEvent(id), "GET, HEAD"),
+        ["api", "events", id, "replay"] if !id.is_empty() => pick(post, Route::ApiReplay(id), "POST"),
+        ["api", "stats"] => pick(read, Route::ApiStats, "GET, HEAD"),
+        [""] => pick(read, Route::PageList, "GET, HEAD"),
+        ["events", id] if !id.is_empty() => pick(read, Route::PageEvent(id), "GET, HEAD"),
+        ["events", id, "replay"] if !id.is_empty() => pick(post, Route::PageReplay(id), "POST"),
+        ["login"] if read => Route::LoginForm,
+        ["login"] => pick(post, Route::Login, "GET, HEAD, POST"),
+        ["logout"] => pick(post, Route::Logout, "POST"),
+        _ => Route::NotFound,
+    }
+}
+
+async fn handle(ops: &Ops, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().unwrap_or("").to_string();
+    let r = route(&parts.method, &path);
+    tracing::debug!(method = %parts.method, path = %path, %peer, "admin request");
+    let cfg = ops.config();
+    if let Err(denied) = authorize(&cfg, &parts, &r) {
+        return *denied;
+    }
+    let form = if parts.method == Method::POST {
+        match read_form(body).await {
+            Ok(f) => f,
+            Err(resp) => return *resp,
+        }
+    } else {
+        String::new()
+    };
+    let logged_in = cfg.admin.token.is_some();
+    match r {
+        Route::Healthz => text(StatusCode::OK, "ok\n"),
+        Route::Readyz => api::readyz(ops).await,
+        Route::Metrics => api::metrics(ops).await,
+        Route::ApiEvents => api::events(ops, &query).await,
+        Route::ApiEvent(id) => api::event(ops, id).await,
+        Route::ApiReplay(id) => api::replay(ops, id, &query).await,
+        Route::ApiStats => api::stats(ops, &query).await,
+        Route::PageList => page::list(ops, &query, logged_in).await,
+        Route::PageEvent(id) => page::event(ops, id, &query, logged_in).await,
+        Route::PageReplay(id) => page::replay(ops, id, &form).await,
+        Route::LoginForm => login_form(&cfg, &query),
+        Route::Login => login(&cfg, &form),
+        Route::Logout => logout(),
+        Route::NotFound if path.starts_with("/api/") => json_error(StatusCode::NOT_FOUND, &format!("no admin endpoint `{path}`")),
+        Route::NotFound => page::not_found(&format!("Nothing at {path}.")),
+        Route::WrongMethod(allow) => {
+            let mut resp = json_error(StatusCode::METHOD_NOT_ALLOWED, &format!("{} is not allowed on {path}; use {allow}", parts.method));
+            resp.headers_mut().insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+            resp
+        }
+    }
+}
+
+/// Applies the access rules of the module doc; `Err` is the answer to send.
+fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>) -> Result<(), Box<Resp>> {
+    if matches!(r, Route::Healthz | Route::Readyz) {
+        return Ok(());
+    }
+    if parts.method == Method::POST && !same_site(parts) {
+        return Err(Box::new(json_error(StatusCode::FORBIDDEN, "cross-site requests may not change anything here")));
+    }
+    let Some(token) = &cfg.admin.token else {
+        if !host_is_loopback(parts) {
+            let msg = format!(
+                "without a token ({} is not set) the admin listener answers only requests for localhost, 127.0.0.1 or [::1]",
+                cfg.admin.token_env
+            );
+            return Err(Box::new(json_error(StatusCode::FORBIDDEN, &msg)));
+        }
+        return Ok(());
+    };
+    if r.is_open() || bearer_ok(parts, token.expose()) || cookie_ok(parts, token.expose()) {
+        return Ok(());
+    }
+    if r.is_machine() {
+        let mut resp = json_error(StatusCode::UNAUTHORIZED, "missing or wrong admin token: send Authorization: Bearer <token>");
+        resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"hooktrail admin\""));
+        return Err(Box::new(resp));
+    }
+    // A person: the login form, coming back here afterwards.
+    let here = match parts.uri.query() {
+        Some(q) => format!("{}?{q}", parts.uri.path()),
+        None => parts.uri.path().to_string(),
+    };
+    let next = if parts.method == Method::GET { here } else { "/".into() };
+    Err(Box::new(page::login(StatusCode::UNAUTHORIZED, &next, None)))
+}
+
+fn bearer_ok(parts: &Parts, token: &[u8]) -> bool {
+    parts.headers.get_all(hyper::header::AUTHORIZATION).iter().any(|v| {
+        let v = v.as_bytes();
+        v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") && crypto::secret_eq(v[7..].trim_ascii(), token)
+    })
+}
+
+fn cookie_ok(parts: &Parts, token: &[u8]) -> bool {
+    let now = chrono::Utc::now().timestamp();
+    parts
+        .headers
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+        .any(|v| session_valid(token, v, now))
+}
+
+/// The cookie value for a session ending at `expires` (unix seconds): the
+/// expiry and an HMAC over it keyed by the admin token. Changing the token
+/// ends every session.
+pub(super) fn session_value(token: &[u8], expires: i64) -> String {
+    let e = expires.to_string();
+    let mac = crypto::hmac_sha256(token, &[b"hooktrail admin session\0", e.as_bytes()]);
+    format!("{e}.{}", hex::encode(mac))
+}
+
+fn session_valid(token: &[u8], value: &str, now: i64) -> bool {
+    let Some(expires) = value.split_once('.').and_then(|(e, _)| e.parse::<i64>().ok()) else {
+        return false;
+    };
+    let live = expires > now && expires <= now + SESSION_TTL.as_secs() as i64 + 60;
+    live && crypto::secret_eq(value.as_bytes(), session_value(token, expires).as_bytes())
+}
+
+/// Whether a state-changing request comes from this site (or from a program,
+/// which sends neither header).
+fn same_site(parts: &Parts) -> bool {
+    let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok());
+    if let Some(site) = header("sec-fetch-site") {
+        if site != "same-origin" && site != "none" {
+            return false;
+        }
+    }
+    match (header("origin"), header("host")) {
+        (None, _) => true,
+        (Some(origin), Some(host)) => {
+            let o = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")).unwrap_or("");
+            o.eq_ignore_ascii_case(host)
+        }
+        (Some(_), None) => false,
+    }
+}
+
+/// Whether the `Host` header names this machine's loopback (or is absent, as
+/// from an HTTP/1.0 tool). Anything else is a browser sent here by a foreign name.
+fn host_is_loopback(parts: &Parts) -> bool {
+    let Some(host) = parts.headers.get(hyper::header::HOST).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let name = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+async fn read_form(body: Incoming) -> Result<String, Box<Resp>> {
+    match Limited::new(body, MAX_FORM_BYTES).collect().await {
+        Ok(b) => Ok(String::from_utf8_lossy(&b.to_bytes()).into_owned()),
+        Err(_) => {
+            Err(Box::new(json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("admin request bodies are at most {MAX_FORM_BYTES} bytes"))))
+        }
+    }
+}
+
+fn login_form(cfg: &Config, query: &str) -> Resp {
+    if cfg.admin.token.is_none() {
+        return redirect("/");
+    }
+    let next = form_value(query, "next").unwrap_or_default();
+    page::login(StatusCode::OK, &safe_next(&next), None)
+}
+
+fn login(cfg: &Config, form: &str) -> Resp {
+    let Some(token) = &cfg.admin.token else { return redirect("/") };
+    let next = safe_next(&form_value(form, "next").unwrap_or_default());
+    let given = form_value(form, "token").unwrap_or_default();
+    if !crypto::secret_eq(given.as_bytes(), token.expose()) {
+        tracing::warn!("admin page: login with a wrong token");
+        return page::login(StatusCode::UNAUTHORIZED, &next, Some("That is not the admin token."));
+    }
+    let expires = chrono::Utc::now().timestamp() + SESSION_TTL.as_secs() as i64;
+    let cookie = format!(
+        "{COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict",
+        session_value(token.expose(), expires),
+        SESSION_TTL.as_secs()
+    );
+    let mut resp = redirect(&next);
+    resp.headers_mut().insert(SET_COOKIE, HeaderValue::from_str(&cookie).expect("cookie is ASCII: digits, hex and fixed text"));
+    resp
+}
+
+fn logout() -> Resp {
+    let mut resp = redirect("/login");
+    resp.headers_mut().insert(SET_COOKIE, HeaderValue::from_static("hooktrail_admin=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"));
+    resp
+}
+
+/// A local path to go back to after login; anything that could leave the site is `/`.
+fn safe_next(next: &str) -> String {
+    let local = next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') && !next.chars().any(char::is_control);
+    if local {
+        next.to_string()
+    } else {
+        "/".into()
+    }
+}
+
+/// The last value of `key` in a urlencoded string.
+pub(super) fn form_value(form: &str, key: &str) -> Option<String> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(form).ok()?.into_iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+/// Headers every admin answer carries: nothing here may be cached or framed.
+fn harden(resp: &mut Resp) {
+    let h = resp.headers_mut();
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+}
+
+pub(super) fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    harden(&mut resp);
+    resp
+}
+
+pub(super) fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+pub(super) fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp {
+    match serde_json::to_vec(value) {
+        Ok(body) => respond(status, "application/json", body),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot serialize the answer: {e}")),
+    }
+}
+
+pub(super) fn json_error(status: StatusCode, message: &str) -> Resp {
+    respond(status, "application/json", serde_json::json!({ "error": message }).to_string())
+}
+
+/// 303 See Other: after a form POST the browser GETs `location`.
+pub(super) fn redirect(location: &str) -> Resp {
+    let mut resp = respond(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "");
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(LOCATION, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: Method, headers: &[(&str, &str)]) -> Parts {
+        let mut b = Request::builder().method(method).uri("/x");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn routes_map_paths_and_methods() {
+        assert_eq!(route(&Method::GET, "/healthz"), Route::Healthz);
+        assert_eq!(route(&Method::GET, "/api/events/evt_1"), Route::ApiEvent("evt_1"));
+        assert_eq!(route(&Method::POST, "/api/events/evt_1/replay"), Route::ApiReplay("evt_1"));
+        assert_eq!(route(&Method::GET, "/api/events/evt_1/replay"), Route::WrongMethod("POST"));
+        assert_eq!(route(&Method::GET, "/"), Route::PageList);
+        assert_eq!(route(&Method::GET, "/events/"), Route::NotFound);
+        assert_eq!(route(&Method::DELETE, "/metrics"), Route::WrongMethod("GET, HEAD"));
+    }
+
+    #[test]
+    fn sessions_are_bound_to_the_token_and_expire() {
+        let now = 1_700_000_000;
+        let v = session_value(b"tok", now + 100);
+        assert!(session_valid(b"tok", &v, now));
+        assert!(!session_valid(b"other", &v, now));
+        assert!(!session_valid(b"tok", &v, now + 101));
+        assert!(!session_valid(b"tok", &v.replace('.', "x"), now));
+        let forged = format!("{}.{}", now + 100_000_000, v.split_once('.').unwrap().1);
+        assert!(!session_valid(b"tok", &forged, now));
+    }
+
+    #[test]
+    fn cross_site_posts_are_refused() {
+        assert!(same_site(&parts(Method::POST, &[])));
+        assert!(same_site(&parts(Method::POST, &[("host", "127.0.0.1:9090"), ("origin", "http://127.0.0.1:9090")])));
+        assert!(!same_site(&parts(Method::POST, &[("host", "127.0.0.1:9090"), ("origin", "https://evil.example")])));
+        assert!(!same_site(&parts(Method::POST, &[("sec-fetch-site", "cross-site")])));
+        assert!(!same_site(&parts(Method::POST, &[("host", "127.0.0.1:9090"), ("origin", "null")])));
+    }
+
+    #[test]
+    fn only_loopback_hosts_pass_without_a_token() {
+        for ok in ["127.0.0.1:9090", "localhost:9090", "[::1]:9090", "LOCALHOST", "127.0.0.2"] {
+            assert!(host_is_loopback(&parts(Method::GET, &[("host", ok)])), "{ok}");
+        }
+        for bad in ["rebind.evil.example:9090", "10.0.0.1:9090", "localhost.evil.example"] {
+            assert!(!host_is_loopback(&parts(Method::GET, &[("host", bad)])), "{bad}");
+        }
+    }
+
+    #[test]
+    fn login_never_sends_you_elsewhere() {
+        assert_eq!(safe_next("/events/evt_1?x=1"), "/events/evt_1?x=1");
+        assert_eq!(safe_next("//evil.example/"), "/");
+        assert_eq!(safe_next("https://evil.example/"), "/");
+        assert_eq!(safe_next("/\\evil.example"), "/");
+    }
+}

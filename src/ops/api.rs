@@ -1,0 +1,290 @@
+//! The machine-facing admin endpoints: readiness, Prometheus metrics and the
+//! JSON API (`/api/events`, `/api/events/{id}`, `/api/events/{id}/replay`,
+//! `/api/stats`). Field names are SPEC §5's, the same as the CLI's `--json`.
+//! Query parameters mirror the CLI flags, and [`Params`]/[`event_filter`] are
+//! shared with the page so both read filters the same way.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use hyper::StatusCode;
+use serde_json::json;
+
+use super::admin::{json, json_error, text, Resp};
+use super::metrics::{label, Gauge};
+use super::Ops;
+use crate::store::{self, DeliveryStatus, Detail, EventFilter, EventId, EventStatus, StoreError};
+
+/// Events per page when the request names no limit.
+pub(super) const DEFAULT_LIMIT: usize = 50;
+/// Most events one page may ask for.
+const MAX_LIMIT: usize = 1000;
+/// Query parameters `/api/events` and the page understand.
+const EVENT_PARAMS: &[&str] = &["source", "status", "handler", "since", "match", "limit", "cursor"];
+
+/// Decoded query parameters, in order. Empty values count as absent, as an
+/// untouched field of the page's filter form sends them.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Params(pub Vec<(String, String)>);
+
+impl Params {
+    pub fn parse(query: &str) -> Result<Self, String> {
+        serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+            .map(|v| Params(v.into_iter().filter(|(_, val)| !val.is_empty()).collect()))
+            .map_err(|e| format!("malformed query string: {e}"))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Refuses names outside `known`, so a typo (`sorce=`) is an error, not a silent no-op.
+    pub fn only(&self, known: &[&str]) -> Result<(), String> {
+        match self.0.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+            Some((k, _)) => Err(format!("unknown query parameter `{k}`; expected one of {}", known.join(", "))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The CLI's `events list` filters from query parameters: `source`, `status`,
+/// `handler`, `since` (`2h` or RFC 3339), `match` (repeatable `PTR=VALUE`),
+/// `limit` and `cursor` (the `next` of the previous page).
+pub(super) fn event_filter(p: &Params) -> Result<EventFilter, String> {
+    p.only(EVENT_PARAMS)?;
+    let status = p.get("status").map(str::parse::<EventStatus>).transpose().map_err(|e| format!("status: {e}"))?;
+    let since = p.get("since").map(store::parse_since).transpose().map_err(|e| format!("since: {e}"))?;
+    let matches = p.all("match").map(parse_match).collect::<Result<Vec<_>, _>>()?;
+    let limit = match p.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => return Err(format!("limit: `{l}` is not a number from 1 to {MAX_LIMIT}")),
+        },
+    };
+    let before = p.get("cursor").map(str::parse::<EventId>).transpose().map_err(|e| format!("cursor: {e}"))?;
+    Ok(EventFilter {
+        source: p.get("source").map(str::to_string),
+        status,
+        handler: p.get("handler").map(str::to_string),
+        since,
+        matches,
+        limit: Some(limit),
+        before,
+        ..Default::default()
+    })
+}
+
+/// `PTR=VALUE`, split at the first `=`: a value may contain `=`, a pointer may not.
+fn parse_match(m: &str) -> Result<(String, String), String> {
+    let (ptr, val) = m.split_once('=').ok_or_else(|| format!("match `{m}`: expected /json/pointer=value"))?;
+    if !ptr.starts_with('/') {
+        return Err(format!("match `{m}`: `{ptr}` is not a JSON pointer (it starts with `/`)"));
+    }
+    Ok((ptr.to_string(), val.to_string()))
+}
+
+/// One page of events, newest first, and the cursor of the next page.
+pub(super) async fn event_page(ops: &Ops, mut filter: EventFilter) -> Result<(Vec<store::EventRecord>, Option<EventId>), StoreError> {
+    let limit = filter.limit.unwrap_or(DEFAULT_LIMIT);
+    // One more than asked tells whether a next page exists without a second query.
+    filter.limit = Some(limit + 1);
+    let mut list = ops.store.list_events(filter, Detail::Summary).await?;
+    let next = if list.len() > limit {
+        list.truncate(limit);
+        list.last().map(|e| e.id)
+    } else {
+        None
+    };
+    Ok((list, next))
+}
+
+pub(super) fn store_error(e: &StoreError) -> Resp {
+    tracing::warn!(error = %e, "admin request failed in the store");
+    json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+}
+
+pub(super) async fn readyz(ops: &Ops) -> Resp {
+    let r = ops.readiness().await;
+    let status = if r.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    if !r.ready() {
+        tracing::warn!(storage = %r.storage.describe(), listener = %r.listener.describe(), processor = %r.processor.describe(), "not ready");
+    }
+    json(
+        status,
+        &json!({
+            "ready": r.ready(),
+            "storage": r.storage.describe(),
+            "listener": r.listener.describe(),
+            "processor": r.processor.describe(),
+        }),
+    )
+}
+
+pub(super) async fn metrics(ops: &Ops) -> Resp {
+    let cfg = ops.config();
+    let queue = match ops.store.queue_depth().await {
+        Ok(q) => q,
+        Err(e) => return store_error(&e),
+    };
+    // Every configured handler gets every unfinished state, zeros included, so
+    // an alert on "pending > N" sees a series from the start.
+    let waiting = [DeliveryStatus::Pending, DeliveryStatus::Retrying, DeliveryStatus::Running];
+    let mut depth: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+    let mut oldest: BTreeMap<String, f64> = cfg.handlers.keys().map(|h| (h.clone(), 0.0)).collect();
+    for h in cfg.handlers.keys() {
+        for s in waiting {
+            depth.insert((h.clone(), s.as_str()), 0);
+        }
+    }
+    let now = Utc::now();
+    for q in &queue {
+        *depth.entry((q.handler.clone(), q.status.as_str())).or_default() += q.count;
+        if q.status == DeliveryStatus::Running {
+            continue;
+        }
+        if let Some(t) = q.oldest_queued_at {
+            let age = (now - t).num_milliseconds().max(0) as f64 / 1000.0;
+            let e = oldest.entry(q.handler.clone()).or_default();
+            *e = e.max(age);
+        }
+    }
+    let mut gauges = vec![
+        Gauge {
+            name: "hooktrail_queue_depth",
+            help: "Unfinished deliveries, by handler and status (pending, retrying, running).",
+            values: depth.into_iter().map(|((h, s), n)| (format!("{},{}", label("handler", &h), label("status", s)), n as f64)).collect(),
+        },
+        Gauge {
+            name: "hooktrail_oldest_pending_seconds",
+            help: "Age of the longest-waiting pending or retrying delivery, by handler (0 when none waits).",
+            values: oldest.into_iter().map(|(h, age)| (label("handler", &h), age)).collect(),
+        },
+        Gauge {
+            name: "hooktrail_backlog_deliveries",
+            help: "Unfinished deliveries in total (what ingest compares with server.max_backlog).",
+            values: vec![(String::new(), ops.store.backlog() as f64)],
+        },
+    ];
+    if ops.roles.process {
+        let idle = ops.metrics.since_processor_round().map_or(-1.0, |d| d.as_secs_f64());
+        gauges.push(Gauge {
+            name: "hooktrail_processor_last_round_seconds",
+            help: "Seconds since the processor loop last looked for work (-1 before its first round).",
+            values: vec![(String::new(), idle)],
+        });
+    }
+    gauges.push(Gauge {
+        name: "hooktrail_build_info",
+        help: "Always 1; the version label says which build runs.",
+        values: vec![(label("version", env!("CARGO_PKG_VERSION")), 1.0)],
+    });
+    let mut resp = text(StatusCode::OK, ops.metrics.render(&gauges));
+    resp.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp
+}
+
+pub(super) async fn events(ops: &Ops, query: &str) -> Resp {
+    let filter = match Params::parse(query).and_then(|p| event_filter(&p)) {
+        Ok(f) => f,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    match event_page(ops, filter).await {
+        Ok((events, next)) => json(StatusCode::OK, &json!({ "events": events, "next": next.map(|id| id.to_string()) })),
+        Err(e) => store_error(&e),
+    }
+}
+
+pub(super) async fn event(ops: &Ops, id: &str) -> Resp {
+    let id: EventId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return json_error(StatusCode::NOT_FOUND, &e),
+    };
+    match ops.store.get_event(id).await {
+        Ok(Some(ev)) => json(StatusCode::OK, &ev),
+        Ok(None) => json_error(StatusCode::NOT_FOUND, &format!("no event {id}")),
+        Err(e) => store_error(&e),
+    }
+}
+
+/// `POST /api/events/{id}/replay[?handler=H]`: re-queues the event's
+/// deliveries (or the one to `H`); attempt numbers continue, history is kept.
+pub(super) async fn replay(ops: &Ops, id: &str, query: &str) -> Resp {
+    let handler = match Params::parse(query).and_then(|p| p.only(&["handler"]).map(|()| p.get("handler").map(str::to_string))) {
+        Ok(h) => h,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    match replay_event(ops, id, handler).await {
+        Ok((id, n)) => json(StatusCode::OK, &json!({ "id": id.to_string(), "requeued": n })),
+        Err((status, msg)) => json_error(status, &msg),
+    }
+}
+
+/// Replays one event for the API and the page; `Err` is the status and message to answer.
+pub(super) async fn replay_event(ops: &Ops, id: &str, handler: Option<String>) -> Result<(EventId, u64), (StatusCode, String)> {
+    let unavailable = |e: StoreError| {
+        tracing::warn!(error = %e, "admin replay failed in the store");
+        (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    };
+    let id: EventId = id.parse().map_err(|e| (StatusCode::NOT_FOUND, e))?;
+    let ev = ops.store.get_event(id).await.map_err(unavailable)?.ok_or_else(|| (StatusCode::NOT_FOUND, format!("no event {id}")))?;
+    if let Some(h) = &handler {
+        if !ev.deliveries.iter().flatten().any(|d| &d.handler == h) {
+            return Err((StatusCode::NOT_FOUND, format!("event {id} has no delivery to handler `{h}`")));
+        }
+    }
+    let n = ops.store.replay(vec![id], handler.clone(), false).await.map_err(unavailable)?;
+    ops.invalidate_chart();
+    tracing::info!(event_id = %id, handler = handler.as_deref().unwrap_or("(all)"), requeued = n, "replay requested from the admin listener");
+    Ok((id, n))
+}
+
+/// `GET /api/stats[?source=S][&since=T]`: the rows of `hooktrail stats --json`.
+pub(super) async fn stats(ops: &Ops, query: &str) -> Resp {
+    let parsed = Params::parse(query).and_then(|p| {
+        p.only(&["source", "since"])?;
+        let since = p.get("since").map(store::parse_since).transpose().map_err(|e| format!("since: {e}"))?;
+        Ok((p.get("source").map(str::to_string), since))
+    });
+    let (source, since) = match parsed {
+        Ok(x) => x,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    match ops.store.stats(source, since).await {
+        Ok(rows) => json(StatusCode::OK, &rows),
+        Err(e) => store_error(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_read_like_the_cli_flags() {
+        let p = Params::parse("source=nr&status=failed&match=%2Fa%2F0%3Dx%3Dy&match=/b=1&limit=10&since=2h&handler=").unwrap();
+        let f = event_filter(&p).unwrap();
+        assert_eq!(f.source.as_deref(), Some("nr"));
+        assert_eq!(f.status, Some(EventStatus::Failed));
+        assert_eq!(f.matches, vec![("/a/0".to_string(), "x=y".to_string()), ("/b".to_string(), "1".to_string())]);
+        assert_eq!(f.limit, Some(10));
+        assert!(f.handler.is_none(), "an empty value is no filter");
+        assert!(f.since.is_some());
+    }
+
+    #[test]
+    fn bad_filters_say_what_is_wrong() {
+        let err = |q: &str| event_filter(&Params::parse(q).unwrap()).unwrap_err();
+        assert!(err("status=nope").contains("status"));
+        assert!(err("match=email").contains("pointer=value"));
+        assert!(err("match=email=x").contains("JSON pointer"));
+        assert!(err("limit=0").contains("limit"));
+        assert!(err("cursor=123").contains("cursor"));
+        assert!(err("sorce=x").contains("unknown query parameter `sorce`"));
+    }
+}
