@@ -1,0 +1,318 @@
+//! Connection hygiene through the real binary (issue 5): slow clients are cut
+//! off without holding up others, bodies are limited while streaming (a 100 MB
+//! upload costs the daemon no memory), header size and connection count are
+//! capped.
+//!
+//! Slow clients here pace their own writes (that is what they test); every
+//! wait for the daemon polls with a deadline.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SOURCE: &str = "[sources.a]\nauth = { type = \"none\" }\n";
+
+fn assert_status(r: &Resp, status: u16, want: &str) {
+    assert_eq!(r.status, status, "expected {status} ({want}), got {} {}", r.status, r.text());
+    let e = r.error();
+    assert!(e.contains(want), "error {e:?} does not mention {want:?}");
+}
+
+/// What a slow client saw at the end: the daemon closed on it, or answered.
+#[derive(Debug)]
+enum CutOff {
+    Closed,
+    Answered(u16),
+}
+
+/// Reads until the daemon answers or closes; panics if it does neither before the read timeout.
+fn how_it_ended(s: &mut TcpStream) -> CutOff {
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 512];
+    match s.read(&mut buf) {
+        Ok(0) => CutOff::Closed,
+        Ok(n) => {
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            CutOff::Answered(status)
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => CutOff::Closed,
+        Err(e) => panic!("the daemon neither answered nor closed a slow connection: {e}"),
+    }
+}
+
+/// Trickles header bytes, one every 100 ms, until a write fails (the daemon
+/// closed the connection) or `limit` passes. Returns the stream and whether it was cut.
+fn trickle_headers(mut s: TcpStream, limit: Duration) -> (TcpStream, bool) {
+    let start = Instant::now();
+    if s.write_all(b"POST /hooks/a HTTP/1.1\r\nHost: slow\r\nX-Slow: ").is_err() {
+        return (s, true);
+    }
+    while start.elapsed() < limit {
+        if s.write_all(b"z").is_err() {
+            return (s, true);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    (s, false)
+}
+
+#[test]
+fn slowloris_trickling_headers_is_cut_off_while_normal_clients_are_served() {
+    let env = TestEnv::with_server("header_read_timeout = \"1s\"", SOURCE);
+    let d = env.start();
+    let slow: Vec<_> = (0..5)
+        .map(|_| {
+            let s = d.connect();
+            thread::spawn(move || trickle_headers(s, Duration::from_secs(60)))
+        })
+        .collect();
+    // Normal clients keep being served while the slow ones trickle.
+    let mut served_during = 0;
+    let mut normal = 0;
+    while slow.iter().any(|t| !t.is_finished()) {
+        d.post_json("/hooks/a", r#"{"normal":true}"#).id();
+        normal += 1;
+        if slow.iter().any(|t| !t.is_finished()) {
+            served_during += 1;
+        }
+        thread::sleep(Duration::from_millis(50)); // pace the normal client, not a wait
+    }
+    assert!(served_during >= 1, "no normal request completed while the slow clients were trickling");
+    for t in slow {
+        let (mut s, cut) = t.join().unwrap();
+        assert!(cut, "a client trickling headers for 60 s was never cut off");
+        match how_it_ended(&mut s) {
+            CutOff::Closed | CutOff::Answered(408) => {}
+            CutOff::Answered(other) => panic!("a slowloris client got {other}, expected 408 or a closed connection"),
+        }
+    }
+    // The daemon is fine and still serving; nothing of the slow requests was stored.
+    d.post_json("/hooks/a", "{}").id();
+    assert_eq!(env.events().len(), normal + 1);
+}
+
+#[test]
+fn idle_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
+    let env = TestEnv::with_server("header_read_timeout = \"1s\"", SOURCE);
+    let d = env.start();
+    let mut idle = d.connect();
+    assert!(matches!(how_it_ended(&mut idle), CutOff::Closed | CutOff::Answered(408)));
+}
+
+#[test]
+fn body_trickled_past_request_timeout_gets_408_and_nothing_is_stored() {
+    let env = TestEnv::with_server("request_timeout = \"2s\"", SOURCE);
+    let d = env.start();
+    let mut s = d.connect();
+    s.write_all(b"POST /hooks/a HTTP/1.1\r\nHost: slow\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"a\":\"")
+        .unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let t = thread::spawn(move || {
+        let start = Instant::now();
+        while !stop2.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+            if writer.write_all(b"x").is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let r = read_response(&mut s).expect("a response to the slow body");
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+    assert_status(&r, 408, "request body not received within 2s");
+    wait_for("the timeout to be counted", Duration::from_secs(10), || env.stat("a", "rejected") == 1);
+    assert!(env.events().is_empty());
+}
+
+/// VmRSS of a process in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/PID/status");
+    let kb: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value");
+    kb * 1024
+}
+
+/// Samples the daemon's RSS every 10 ms until dropped; `max()` is the peak seen.
+struct RssSampler {
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let peak = Arc::new(AtomicU64::new(rss_bytes(pid)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        let thread = Some(thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(rss_bytes(pid), Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(10));
+            }
+        }));
+        RssSampler { peak, stop, thread }
+    }
+    fn max(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+const HUNDRED_MB: usize = 100 * 1024 * 1024;
+const MB: u64 = 1024 * 1024;
+
+/// Streams a 100 MB body (chunked or with Content-Length) from a writer thread
+/// while this thread reads the answer; returns it and the daemon's peak RSS.
+fn upload_100mb(d: &Daemon, chunked: bool) -> (Resp, u64) {
+    let sampler = RssSampler::start(d.pid());
+    let mut s = d.connect();
+    let framing = if chunked { "Transfer-Encoding: chunked".to_string() } else { format!("Content-Length: {HUNDRED_MB}") };
+    s.write_all(format!("POST /hooks/a HTTP/1.1\r\nHost: big\r\nContent-Type: application/json\r\n{framing}\r\n\r\n").as_bytes()).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let t = thread::spawn(move || {
+        let chunk = vec![b' '; 64 * 1024];
+        let mut sent = 0;
+        while sent < HUNDRED_MB {
+            let ok = if chunked {
+                writer.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_ok()
+                    && writer.write_all(&chunk).is_ok()
+                    && writer.write_all(b"\r\n").is_ok()
+            } else {
+                writer.write_all(&chunk).is_ok()
+            };
+            if !ok {
+                return sent; // the daemon stopped reading and closed: expected
+            }
+            sent += chunk.len();
+        }
+        if chunked {
+            let _ = writer.write_all(b"0\r\n\r\n");
+        }
+        sent
+    });
+    let r = read_response(&mut s).expect("an answer to the 100 MB upload");
+    drop(s);
+    let sent = t.join().unwrap();
+    eprintln!("upload (chunked = {chunked}): {} MiB written before the daemon stopped reading", sent >> 20);
+    (r, sampler.max())
+}
+
+#[test]
+fn hundred_megabyte_chunked_body_is_refused_with_413_without_buffering_it() {
+    let env = TestEnv::new(SOURCE);
+    let d = env.start();
+    let (r, peak) = upload_100mb(&d, true);
+    assert_status(&r, 413, "request body exceeds server.max_body_bytes (1048576 bytes)");
+    assert!(peak < 100 * MB, "daemon RSS reached {} MB during a 100 MB upload", peak / MB);
+    wait_for("the 413 to be counted", Duration::from_secs(10), || env.stat("a", "rejected") == 1);
+    assert!(env.events().is_empty());
+    d.post_json("/hooks/a", "{}").id();
+}
+
+#[test]
+fn hundred_megabyte_body_with_content_length_is_refused_with_413_before_reading_it() {
+    let env = TestEnv::new(SOURCE);
+    let d = env.start();
+    let (r, peak) = upload_100mb(&d, false);
+    assert_status(&r, 413, "request body exceeds server.max_body_bytes (1048576 bytes)");
+    assert!(peak < 100 * MB, "daemon RSS reached {} MB during a 100 MB upload", peak / MB);
+    wait_for("the 413 to be counted", Duration::from_secs(10), || env.stat("a", "rejected") == 1);
+    assert!(env.events().is_empty());
+}
+
+/// A JSON document of exactly `len` bytes.
+fn json_of_len(len: usize) -> String {
+    let pad = len - r#"{"pad":""}"#.len();
+    format!(r#"{{"pad":"{}"}}"#, "p".repeat(pad))
+}
+
+fn chunked_request(body: &str) -> Vec<u8> {
+    let mut req =
+        b"POST /hooks/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            .to_vec();
+    // Uneven chunks, so the limit is checked across chunk boundaries.
+    for piece in body.as_bytes().chunks(1000) {
+        req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        req.extend_from_slice(piece);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    req
+}
+
+#[test]
+fn body_of_exactly_max_body_bytes_is_accepted_and_one_more_byte_is_413() {
+    let env = TestEnv::with_server("max_body_bytes = 4096", SOURCE);
+    let d = env.start();
+    let exact = json_of_len(4096);
+    let id = d.post_json("/hooks/a", exact.as_str()).id();
+    assert_eq!(env.show(&id)["body"].as_str().map(str::len), Some(4096));
+    assert_status(&d.post_json("/hooks/a", json_of_len(4097).as_str()), 413, "exceeds server.max_body_bytes (4096 bytes)");
+    // The same through chunked framing, where no Content-Length announces the size.
+    d.raw(&chunked_request(&exact)).id();
+    assert_status(&d.raw(&chunked_request(&json_of_len(4097))), 413, "exceeds server.max_body_bytes (4096 bytes)");
+    assert_eq!(env.events().len(), 2);
+}
+
+#[test]
+fn oversized_request_head_is_refused_with_431_and_normal_heads_pass() {
+    let env = TestEnv::with_server("max_header_bytes = 8192", SOURCE);
+    let d = env.start();
+    let big = "h".repeat(16 * 1024);
+    let r = d.request("POST", "/hooks/a").header("content-type", "application/json").header("x-big", &big).body("{}").try_send();
+    match r {
+        Ok(r) => assert_eq!(r.status, 431, "a 16 KiB header got {} {}", r.status, r.text()),
+        Err(e) => assert!(e.is_request() || e.is_connect() || e.is_body(), "unexpected error {e}"),
+    }
+    // Many headers adding up past the limit are refused the same way.
+    let mut req = String::from("POST /hooks/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n");
+    for i in 0..400 {
+        req.push_str(&format!("X-H{i}: {}\r\n", "v".repeat(40)));
+    }
+    req.push_str("\r\n{}");
+    assert_eq!(d.raw(req.as_bytes()).status, 431);
+    // A request with a few KiB of headers is fine.
+    d.request("POST", "/hooks/a").header("content-type", "application/json").header("x-medium", &"m".repeat(4000)).body("{}").send().id();
+    assert_eq!(env.events().len(), 1);
+}
+
+#[test]
+fn connections_beyond_max_connections_wait_until_one_closes() {
+    let env = TestEnv::with_server("max_connections = 2\nheader_read_timeout = \"60s\"", SOURCE);
+    let d = env.start();
+    let keep_alive = b"POST /hooks/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+    // Two keep-alive connections, each proven accepted by a served request, hold both slots.
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = d.connect();
+            s.write_all(keep_alive).unwrap();
+            assert_eq!(read_response(&mut s).unwrap().status, 200);
+            s
+        })
+        .collect();
+    let mut third = d.connect();
+    third.write_all(keep_alive).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut byte = [0u8; 1];
+    match third.read(&mut byte) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("a third connection was served while max_connections = 2 were open: {other:?}"),
+    }
+    // Closing one held connection frees its slot for the waiting one.
+    drop(held.remove(0));
+    third.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let r = read_response(&mut third).expect("the waiting connection is served once a slot frees");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(env.events().len(), 3);
+}

@@ -1,0 +1,184 @@
+//! Who may come in, and how fast, through the real binary (issue 5): the IP
+//! allowlist with and without trusted proxies (a forged `X-Forwarded-For` gets
+//! nobody in), per-address and per-source rate limits (429 + `Retry-After`),
+//! and the global backpressure bounds: a full backlog and a nearly full disk
+//! each answer 503 + `Retry-After` instead of queueing work that cannot drain.
+//!
+//! Addresses in `X-Forwarded-For` are only header text here: every request goes
+//! to the daemon on 127.0.0.1.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const NONE: &str = "auth = { type = \"none\" }";
+
+/// POSTs `{}` as JSON, with an `X-Forwarded-For` header when `xff` is given.
+fn post_from(d: &Daemon, path: &str, xff: Option<&str>) -> Resp {
+    let mut r = d.request("POST", path).header("content-type", "application/json");
+    if let Some(x) = xff {
+        r = r.header("x-forwarded-for", x);
+    }
+    r.body("{}").send()
+}
+
+fn assert_status(r: &Resp, status: u16, want: &str) {
+    assert_eq!(r.status, status, "expected {status} ({want}), got {} {}", r.status, r.text());
+    let e = r.error();
+    assert!(e.contains(want), "error {e:?} does not mention {want:?}");
+}
+
+/// `Retry-After` as whole seconds; panics when absent or not a number.
+fn retry_after(r: &Resp) -> u64 {
+    let v = r.header("retry-after").unwrap_or_else(|| panic!("{} without Retry-After: {}", r.status, r.text()));
+    v.parse().unwrap_or_else(|_| panic!("Retry-After {v:?} is not a number of seconds"))
+}
+
+fn wait_rejected(env: &TestEnv, source: &str, n: u64) {
+    wait_for(&format!("stats to count {n} rejections for {source}"), Duration::from_secs(10), || env.stat(source, "rejected") == n);
+}
+
+#[test]
+fn allow_ips_admits_listed_addresses_and_answers_403_to_others() {
+    let env = TestEnv::new(&format!(
+        "[sources.local]\n{NONE}\nallow_ips = [\"127.0.0.1/32\"]\n[sources.tennet]\n{NONE}\nallow_ips = [\"10.0.0.0/8\"]\n"
+    ));
+    let d = env.start();
+    let id = post_from(&d, "/hooks/local", None).id();
+    assert_eq!(env.show(&id)["remote_addr"], "127.0.0.1");
+    assert_status(&post_from(&d, "/hooks/tennet", None), 403, "address 127.0.0.1 is not allowed to post to source `tennet`");
+    wait_rejected(&env, "tennet", 1);
+    assert_eq!(env.events().len(), 1);
+}
+
+#[test]
+fn forged_forwarded_for_gets_nobody_in_without_trusted_proxies() {
+    let env = TestEnv::new(&format!(
+        "[sources.local]\n{NONE}\nallow_ips = [\"127.0.0.1/32\"]\n[sources.tennet]\n{NONE}\nallow_ips = [\"10.0.0.0/8\"]\n"
+    ));
+    let d = env.start();
+    // The peer (127.0.0.1) is no trusted proxy: its X-Forwarded-For is ignored.
+    for xff in ["10.1.2.3", "10.1.2.3, 10.0.0.1", "10.1.2.3:443"] {
+        assert_status(&post_from(&d, "/hooks/tennet", Some(xff)), 403, "address 127.0.0.1 is not allowed");
+    }
+    wait_rejected(&env, "tennet", 3);
+    assert!(env.events().is_empty());
+    // …and it does not change the recorded address of an allowed request either.
+    let id = post_from(&d, "/hooks/local", Some("10.1.2.3")).id();
+    let ev = env.show(&id);
+    assert_eq!(ev["remote_addr"], "127.0.0.1");
+}
+
+#[test]
+fn trusted_proxy_forwarded_client_is_allowed_and_recorded_but_forged_left_entries_are_not() {
+    let env =
+        TestEnv::with_server("trusted_proxies = [\"127.0.0.1/32\"]", &format!("[sources.tennet]\n{NONE}\nallow_ips = [\"10.0.0.0/8\"]\n"));
+    let d = env.start();
+    let id = post_from(&d, "/hooks/tennet", Some("10.1.2.3")).id();
+    assert_eq!(env.show(&id)["remote_addr"], "10.1.2.3");
+    // A proxy appends the address it saw: what the client itself wrote stays on
+    // the left and is not believed. The right-most untrusted entry decides.
+    assert_status(&post_from(&d, "/hooks/tennet", Some("10.6.6.6, 203.0.113.7")), 403, "address 203.0.113.7 is not allowed");
+    // Chains of trusted proxies are walked from the right.
+    let id = post_from(&d, "/hooks/tennet", Some("10.1.2.4, 127.0.0.1")).id();
+    assert_eq!(env.show(&id)["remote_addr"], "10.1.2.4");
+    // A trusted peer that forwards nothing is itself the client.
+    assert_status(&post_from(&d, "/hooks/tennet", None), 403, "address 127.0.0.1 is not allowed");
+    // Garbage in the header falls back to the last address that could be read.
+    assert_status(&post_from(&d, "/hooks/tennet", Some("not-an-ip")), 403, "address 127.0.0.1 is not allowed");
+    wait_rejected(&env, "tennet", 3);
+    assert_eq!(env.events().len(), 2);
+}
+
+/// Sends up to `max` requests until one is refused; returns (accepted, refusal).
+fn until_refused(d: &Daemon, path: &str, max: usize, mut xff: impl FnMut(usize) -> Option<String>) -> (usize, Resp) {
+    for i in 0..max {
+        let r = post_from(d, path, xff(i).as_deref());
+        if r.status != 200 {
+            return (i, r);
+        }
+    }
+    panic!("{max} requests to {path} were all accepted; no rate limit applied");
+}
+
+#[test]
+fn per_address_rate_limit_answers_429_with_retry_after_and_spares_other_addresses() {
+    let env = TestEnv::with_server(
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+        &format!("[sources.lim]\n{NONE}\nper_ip_rate_limit = {{ per_second = 1, burst = 3 }}\n"),
+    );
+    let d = env.start();
+    let (accepted, r) = until_refused(&d, "/hooks/lim", 50, |_| Some("192.0.2.10".into()));
+    assert!(accepted >= 3, "the burst of 3 was not honoured: refused after {accepted}");
+    assert_status(&r, 429, "rate limit for address 192.0.2.10 exceeded");
+    assert!(retry_after(&r) >= 1);
+    // Another client has its own bucket.
+    post_from(&d, "/hooks/lim", Some("198.51.100.20")).id();
+    wait_rejected(&env, "lim", 1);
+    assert_eq!(env.events().len(), accepted + 1);
+}
+
+#[test]
+fn per_source_rate_limit_answers_429_with_retry_after_whatever_the_address() {
+    let env = TestEnv::with_server(
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+        &format!("[sources.lim]\n{NONE}\nrate_limit = {{ per_second = 1, burst = 3 }}\n[sources.free]\n{NONE}\n"),
+    );
+    let d = env.start();
+    // Every request from a different address: the source's bucket still empties.
+    let (accepted, r) = until_refused(&d, "/hooks/lim", 50, |i| Some(format!("192.0.2.{}", i + 1)));
+    assert!(accepted >= 3, "the burst of 3 was not honoured: refused after {accepted}");
+    assert_status(&r, 429, "rate limit of source `lim` exceeded");
+    assert!(retry_after(&r) >= 1);
+    // Other sources are not affected.
+    post_from(&d, "/hooks/free", None).id();
+    wait_rejected(&env, "lim", 1);
+    assert_eq!(env.events_where(&["--source", "lim"]).len(), accepted);
+}
+
+#[test]
+fn backlog_above_max_backlog_answers_503_with_retry_after() {
+    // `--role ingest`: nothing processes, so every routed delivery stays pending.
+    let env = TestEnv::with_server(
+        "max_backlog = 2",
+        &format!(
+            "[sources.q]\n{NONE}\n[handlers.slow]\ntype = \"shell\"\ncommand = [\"sleep\", \"30\"]\nconcurrency = 1\n\
+             [[routes]]\nsource = \"q\"\nhandler = \"slow\"\n"
+        ),
+    );
+    let d = env.daemon().arg("--role").arg("ingest").start();
+    for _ in 0..3 {
+        post_from(&d, "/hooks/q", None).id();
+    }
+    let r = post_from(&d, "/hooks/q", None);
+    assert_status(&r, 503, "(server.max_backlog = 2)");
+    assert!(r.error().contains("3 deliveries wait to be processed"), "{}", r.error());
+    assert!(retry_after(&r) >= 1);
+    wait_rejected(&env, "q", 1);
+    assert_eq!(env.events().len(), 3);
+}
+
+#[test]
+fn nearly_full_disk_answers_503_with_retry_after_and_stores_nothing() {
+    let env = TestEnv::new(&format!("[sources.a]\n{NONE}\n"));
+    // No test can fill the real disk; instead ask for more free space than any
+    // disk has, so the real free space is below the bound.
+    let d = env.daemon().env("HOOKTRAIL__STORAGE__MIN_FREE_BYTES", "9000000000000000000").start();
+    let r = post_from(&d, "/hooks/a", None);
+    assert_status(&r, 503, "storage nearly full");
+    assert!(r.error().contains("below storage.min_free_bytes (9000000000000000000)"), "{}", r.error());
+    assert!(retry_after(&r) >= 1);
+    // Refused before the body is read: a GET ping is refused the same way.
+    assert_status(&d.get("/hooks/a?email=a%40b.c"), 503, "storage nearly full");
+    wait_rejected(&env, "a", 2);
+    assert!(env.events().is_empty());
+}
+
+#[test]
+fn min_free_bytes_zero_disables_the_disk_check() {
+    let env = TestEnv::new(&format!("[sources.a]\n{NONE}\n"));
+    let d = env.daemon().env("HOOKTRAIL__STORAGE__MIN_FREE_BYTES", "0").start();
+    post_from(&d, "/hooks/a", None).id();
+}
