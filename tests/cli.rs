@@ -1,0 +1,258 @@
+//! The inspection CLI on the daemon's database while `serve` runs (SPEC §2, §5):
+//! `events list` filters, `events show` human and JSON, `stats --json`, and
+//! clear errors for an unknown id or a missing database.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// netresults events are routed to a handler; with `--role ingest` no
+/// processor runs, so they stay `pending` while ontraport's (unrouted) are `done`.
+const CONFIG: &str = r#"
+[sources.netresults]
+auth = { type = "none" }
+[sources.ontraport]
+auth = { type = "none" }
+[handlers.crm]
+type = "shell"
+command = ["/bin/true"]
+[[routes]]
+source = "netresults"
+handler = "crm"
+"#;
+
+const ANN_NR: &str = r#"{"form_completion_id":"2","submission_values":{"email_address":["ann@example.com"],"first_name":["Ann"]}}"#;
+
+/// A running daemon with four events; `ids` oldest first:
+/// 0 netresults (Daniel), 1 ontraport (Daniel), 2 netresults (Ann), 3 ontraport (Ann).
+struct Populated {
+    env: TestEnv,
+    d: Daemon,
+    ids: Vec<String>,
+}
+
+fn populated() -> Populated {
+    let env = TestEnv::new(CONFIG);
+    let d = env.daemon().arg("--role").arg("ingest").start();
+    let form = "application/x-www-form-urlencoded";
+    let ids = vec![
+        d.post_json("/hooks/netresults", seeds::NETRESULTS_FORM).id(),
+        d.post("/hooks/ontraport", form, seeds::ONTRAPORT_FORM).id(),
+        d.post_json("/hooks/netresults", ANN_NR).id(),
+        d.post("/hooks/ontraport", form, "First_Name=Ann&Email=ann%40example.com").id(),
+    ];
+    Populated { env, d, ids }
+}
+
+fn ids_of(list: &[Value]) -> Vec<String> {
+    list.iter().map(|e| e["id"].as_str().expect("every listed event has an id").to_string()).collect()
+}
+
+impl Populated {
+    /// Ids listed by `events list --json ARGS…`.
+    fn list(&self, args: &[&str]) -> Vec<String> {
+        let mut all = vec!["events", "list", "--json"];
+        all.extend_from_slice(args);
+        match self.env.cli_json(&all) {
+            Value::Array(list) => ids_of(&list),
+            other => panic!("not an array: {other}"),
+        }
+    }
+    /// Ids by position (oldest = 0), newest first as lists print them.
+    fn newest_first(&self, positions: &[usize]) -> Vec<String> {
+        positions.iter().map(|&i| self.ids[i].clone()).collect()
+    }
+}
+
+#[test]
+fn events_list_json_is_newest_first_with_the_spec_field_names() {
+    let p = populated();
+    let list = p.env.events();
+    assert_eq!(ids_of(&list), p.newest_first(&[3, 2, 1, 0]));
+    for e in &list {
+        for key in ["id", "source", "status", "received_at", "method", "content_type", "query", "remote_addr", "payload"] {
+            assert!(e.get(key).is_some(), "list element lacks `{key}`: {e}");
+        }
+    }
+    let first = &list[3];
+    assert_eq!(first["source"], "netresults");
+    assert_eq!(first["status"], "pending");
+    assert_eq!(first["method"], "POST");
+    assert_eq!(first["content_type"], "application/json");
+    assert_eq!(first["remote_addr"], "127.0.0.1");
+    assert_eq!(first["payload"]["form_completion_id"], "4453534");
+    assert_eq!(list[2]["payload"]["Email"], "dgolden@mid-corp.com");
+    assert_eq!(list[2]["status"], "done");
+
+    // The human listing names every event too.
+    let out = p.env.cli(&["events", "list"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    for id in &p.ids {
+        assert!(out.stdout.contains(id.as_str()), "{id} missing from:\n{}", out.stdout);
+    }
+    assert!(out.stdout.contains("netresults") && out.stdout.contains("pending"), "{}", out.stdout);
+}
+
+#[test]
+fn events_list_filters_by_source_status_handler_since_limit_and_match() {
+    let p = populated();
+    assert_eq!(p.list(&["--source", "ontraport"]), p.newest_first(&[3, 1]));
+    assert_eq!(p.list(&["--source", "nobody"]), Vec::<String>::new());
+    assert_eq!(p.list(&["--status", "pending"]), p.newest_first(&[2, 0]));
+    assert_eq!(p.list(&["--status", "done"]), p.newest_first(&[3, 1]));
+    assert_eq!(p.list(&["--status", "failed"]), Vec::<String>::new());
+    assert_eq!(p.list(&["--handler", "crm"]), p.newest_first(&[2, 0]));
+    assert_eq!(p.list(&["--limit", "2"]), p.newest_first(&[3, 2]));
+    assert_eq!(p.list(&["--limit", "1", "--source", "netresults"]), p.newest_first(&[2]));
+
+    assert_eq!(p.list(&["--since", "1h"]), p.newest_first(&[3, 2, 1, 0]));
+    let third = p.env.show(&p.ids[2]);
+    let at = third["received_at"].as_str().unwrap();
+    assert_eq!(p.list(&["--since", at]), p.newest_first(&[3, 2]), "--since an RFC 3339 time is inclusive");
+    assert_eq!(p.list(&["--since", "2999-01-01T00:00:00Z"]), Vec::<String>::new());
+
+    assert_eq!(p.list(&["--match", "/submission_values/email_address/0=dgolden@mid-corp.com"]), p.newest_first(&[0]));
+    assert_eq!(p.list(&["--match", "/Email=ann@example.com"]), p.newest_first(&[3]));
+    assert_eq!(p.list(&["--match", "/First_Name=Ann", "--match", "/Email=ann@example.com"]), p.newest_first(&[3]));
+    assert_eq!(p.list(&["--match", "/First_Name=Ann", "--match", "/Email=dgolden@mid-corp.com"]), Vec::<String>::new());
+    assert_eq!(p.list(&["--match", "/form_completion_id=2", "--source", "netresults"]), p.newest_first(&[2]));
+
+    for (args, needle) in [
+        (vec!["events", "list", "--status", "sleeping"], "`sleeping` is not one of"),
+        (vec!["events", "list", "--since", "last tuesday"], "neither a duration"),
+        (vec!["events", "list", "--match", "email=x"], "not a JSON pointer"),
+    ] {
+        let out = p.env.cli(&args);
+        assert_ne!(out.code, 0, "{args:?} should fail");
+        assert!(out.stderr.contains(needle), "{args:?}: stderr should say {needle:?}: {out:?}");
+    }
+}
+
+#[test]
+fn events_show_prints_the_whole_event_as_json_and_for_humans() {
+    let p = populated();
+    let id = &p.ids[0];
+    let ev = p.env.show(id);
+    for key in [
+        "id",
+        "source",
+        "status",
+        "received_at",
+        "method",
+        "content_type",
+        "query",
+        "headers",
+        "remote_addr",
+        "body",
+        "payload",
+        "deliveries",
+    ] {
+        assert!(ev.get(key).is_some(), "events show --json lacks `{key}`: {ev}");
+    }
+    assert_eq!(ev["id"], id.as_str());
+    assert_eq!(ev["body"], seeds::NETRESULTS_FORM);
+    assert!(ev["headers"].is_object());
+    let deliveries = ev["deliveries"].as_array().expect("deliveries is an array");
+    assert_eq!(deliveries.len(), 1, "{ev}");
+    assert_eq!(deliveries[0]["handler"], "crm");
+    assert_eq!(deliveries[0]["status"], "pending");
+    assert_eq!(deliveries[0]["attempts"], json!([]));
+    let done = p.env.show(&p.ids[1]);
+    assert_eq!(done["deliveries"], json!([]), "an unrouted event has no deliveries");
+
+    let out = p.env.cli(&["events", "show", id]);
+    assert_eq!(out.code, 0, "{out:?}");
+    for needle in
+        [id.as_str(), "netresults", "pending", "application/json", "dgolden@mid-corp.com", "\"form_completion_id\": \"4453534\"", "crm"]
+    {
+        assert!(out.stdout.contains(needle), "human show lacks {needle:?}:\n{}", out.stdout);
+    }
+}
+
+#[test]
+fn stats_json_counts_per_source_and_handler() {
+    let p = populated();
+    // One refused request, counted but not stored.
+    assert_eq!(p.d.post("/hooks/ontraport", "text/plain", "hi").status, 415);
+    wait_for("stats to count the rejection", Duration::from_secs(10), || p.env.stat("ontraport", "rejected") == 1);
+
+    let rows = p.env.stats();
+    for r in &rows {
+        for key in ["source", "handler", "received", "duplicates", "rejected", "pending", "processing", "succeeded", "retrying", "failed"] {
+            assert!(r.get(key).is_some(), "stats row lacks `{key}`: {r}");
+        }
+    }
+    let row = |source: &str, handler: Value| {
+        rows.iter()
+            .find(|r| r["source"] == source && r["handler"] == handler)
+            .unwrap_or_else(|| panic!("no row {source}/{handler}: {rows:?}"))
+    };
+    let nr = row("netresults", Value::Null);
+    assert_eq!((nr["received"].as_u64(), nr["pending"].as_u64(), nr["rejected"].as_u64()), (Some(2), Some(2), Some(0)), "{nr}");
+    let op = row("ontraport", Value::Null);
+    assert_eq!((op["received"].as_u64(), op["succeeded"].as_u64(), op["rejected"].as_u64()), (Some(2), Some(2), Some(1)), "{op}");
+    let crm = row("netresults", json!("crm"));
+    assert_eq!((crm["received"].as_u64(), crm["pending"].as_u64()), (Some(2), Some(2)), "{crm}");
+
+    let only = p.env.cli_json(&["stats", "--source", "ontraport", "--json"]);
+    let only = only.as_array().unwrap();
+    assert!(!only.is_empty() && only.iter().all(|r| r["source"] == "ontraport"), "{only:?}");
+
+    let out = p.env.cli(&["stats"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("SOURCE") && out.stdout.contains("netresults") && out.stdout.contains("crm"), "{}", out.stdout);
+}
+
+#[test]
+fn events_show_unknown_or_malformed_id_is_a_clear_error() {
+    let p = populated();
+    let missing = "evt_01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    let out = p.env.cli(&["events", "show", missing, "--json"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(&format!("no event {missing}")), "{out:?}");
+    assert!(out.stdout.is_empty(), "nothing printed as if found: {out:?}");
+
+    let out = p.env.cli(&["events", "show", "not-an-id"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("`not-an-id` is not an event id"), "{out:?}");
+}
+
+#[test]
+fn inspection_commands_without_a_database_say_so() {
+    let env = TestEnv::new(CONFIG);
+    for args in [vec!["events", "list"], vec!["events", "show", "evt_01ARZ3NDEKTSV4RRFFQ69G5FAV"], vec!["stats", "--json"]] {
+        let out = env.cli(&args);
+        assert_eq!(out.code, 1, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("no database at"), "{args:?}: {out:?}");
+        assert!(out.stderr.contains(env.db_path().to_str().unwrap()), "{args:?} names the path: {out:?}");
+    }
+    assert!(!env.db_path().exists(), "an inspection command must not create the database");
+
+    let mut c = clean_command();
+    c.args(["--config", "/nonexistent/hooktrail.toml", "events", "list"]);
+    let out = run(c);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("/nonexistent/hooktrail.toml") && out.stderr.contains("not found"), "{out:?}");
+}
+
+#[test]
+fn config_flag_works_after_the_subcommand_and_hooktrail_config_is_read() {
+    let p = populated();
+    let cfg = p.env.config_path().to_str().unwrap().to_string();
+
+    let mut c = clean_command();
+    c.args(["events", "list", "--json", "--config", &cfg]);
+    let out = run(c);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(ids_of(serde_json::from_str::<Value>(&out.stdout).unwrap().as_array().unwrap()).len(), 4);
+
+    let mut c = clean_command();
+    c.args(["stats", "--json"]).env("HOOKTRAIL_CONFIG", &cfg).current_dir(p.env.dir());
+    let out = run(c);
+    assert_eq!(out.code, 0, "{out:?}");
+    let rows: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(rows.as_array().unwrap().iter().any(|r| r["source"] == "netresults"), "{rows}");
+}
