@@ -557,7 +557,7 @@ rate_limit = { per_second = 1, burst = 1 }
 }
 
 #[test]
-fn storage_write_failure_gets_503_with_retry_after_never_200() {
+fn storage_write_failure_gets_503_never_200_and_the_daemon_recovers_when_space_returns() {
     // The daemon may not grow any file past 1 MiB: once the database and its
     // WAL reach that, writes fail with EFBIG exactly as on a full disk.
     let env = TestEnv::new("[sources.api]\nauth = { type = \"none\" }\n");
@@ -593,6 +593,14 @@ fn storage_write_failure_gets_503_with_retry_after_never_200() {
         assert!(stored.iter().any(|e| e["id"] == id.as_str()), "acknowledged event {id} (n={n}) is missing");
     }
     assert!(!stored_ns.contains(&(refused_n as i64)) && !stored_ns.contains(&999), "a refused event was stored: {stored_ns:?}");
+
+    // Space comes back (the limit is lifted): the same daemon stores again,
+    // without a restart, and the refusals it could not count until now are counted.
+    d.set_max_file_size(None);
+    let id = d.post_json("/hooks/api", r#"{"n":1000}"#).id();
+    assert_eq!(env.show(&id)["payload"], json!({"n": 1000}));
+    wait_rejected(&env, "api", 2);
+    assert_eq!(env.events().len(), acked.len() + 1);
 }
 
 #[test]

@@ -270,7 +270,8 @@ impl DaemonBuilder<'_> {
             unsafe {
                 c.pre_exec(move || {
                     libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                    let lim = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
+                    // Soft limit only, so a test may lift it again without privileges.
+                    let lim = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: libc::RLIM_INFINITY };
                     if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -387,6 +388,17 @@ impl Daemon {
         });
         assert!(exited, "hooktrail did not exit within {timeout:?}; its log:\n{}", self.log());
         status.expect("checked above")
+    }
+
+    /// Changes the running daemon's `RLIMIT_FSIZE` (see [`DaemonBuilder::max_file_size`]);
+    /// `None` lifts it.
+    pub fn set_max_file_size(&self, bytes: Option<u64>) {
+        let v = bytes.map_or(libc::RLIM_INFINITY, |b| b as libc::rlim_t);
+        let lim = libc::rlimit { rlim_cur: v, rlim_max: libc::RLIM_INFINITY };
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: prlimit(2) on our own child with a valid rlimit and no old-value pointer.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit failed: {}", std::io::Error::last_os_error());
     }
 
     /// Whether the process is still running.
@@ -572,4 +584,156 @@ pub mod seeds {
 
     /// ONTRAPORT "Send a Webhook" post data (`First_Name=[First Name]&Email=[Email]`, merged).
     pub const ONTRAPORT_FORM: &str = "First_Name=Daniel&Email=dgolden%40mid-corp.com&address=2040+Alameda+Padre+Serra&city=Santa%20Barbara";
+}
+
+/// One request as a [`FakePeer`] received it.
+#[derive(Debug, Clone)]
+pub struct PeerRequest {
+    pub at: std::time::Instant,
+    pub method: String,
+    /// The request target: path and query string.
+    pub path: String,
+    /// Names lower-cased, in the order sent.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl PeerRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("peer got a non-JSON body ({e}): {:?}", self.text()))
+    }
+}
+
+/// What a [`FakePeer`] answers.
+#[derive(Debug, Clone)]
+pub struct PeerReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl PeerReply {
+    pub fn new(status: u16, body: impl Into<String>) -> Self {
+        PeerReply { status, headers: Vec::new(), body: body.into() }
+    }
+    /// A JSON answer (`content-type: application/json`).
+    pub fn json(status: u16, body: &Value) -> Self {
+        Self::new(status, body.to_string()).header("content-type", "application/json")
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+type PeerRespond = dyn Fn(&PeerRequest, usize) -> PeerReply + Send + Sync;
+
+/// A fake peer (forward target, CRM) on loopback: HTTP/1.1 with keep-alive,
+/// one thread per connection, recording every request before answering it.
+pub struct FakePeer {
+    pub addr: SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<PeerRequest>>>,
+}
+
+impl FakePeer {
+    /// `respond(request, n)`, where `n` counts the requests to that path so
+    /// far, this one included (1 = the first).
+    pub fn start(respond: impl Fn(&PeerRequest, usize) -> PeerReply + Send + Sync + 'static) -> FakePeer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the fake peer");
+        let addr = listener.local_addr().expect("fake peer address");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let respond: std::sync::Arc<PeerRespond> = std::sync::Arc::new(respond);
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (log, respond) = (log.clone(), respond.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_peer(conn, &log, respond.as_ref());
+                });
+            }
+        });
+        FakePeer { addr, seen }
+    }
+
+    /// `http://127.0.0.1:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<PeerRequest> {
+        self.seen.lock().expect("fake peer log").clone()
+    }
+
+    /// The requests to exactly `path`.
+    pub fn requests_to(&self, path: &str) -> Vec<PeerRequest> {
+        self.requests().into_iter().filter(|r| r.path == path).collect()
+    }
+}
+
+fn serve_peer(stream: TcpStream, log: &std::sync::Mutex<Vec<PeerRequest>>, respond: &PeerRespond) -> std::io::Result<()> {
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let at = std::time::Instant::now();
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_string();
+        let path = parts.next().unwrap_or_default().to_string();
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+            }
+        }
+        let find = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let mut body = Vec::new();
+        if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            loop {
+                let mut size = String::new();
+                reader.read_line(&mut size)?;
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
+                let mut chunk = vec![0; n + 2];
+                reader.read_exact(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            body.resize(n, 0);
+            reader.read_exact(&mut body)?;
+        }
+        let req = PeerRequest { at, method, path, headers, body };
+        let n = {
+            let mut log = log.lock().expect("fake peer log");
+            log.push(req.clone());
+            log.iter().filter(|r| r.path == req.path).count()
+        };
+        let r = respond(&req, n);
+        let mut head = format!("HTTP/1.1 {} X\r\ncontent-length: {}\r\n", r.status, r.body.len());
+        for (k, v) in &r.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        out.write_all(head.as_bytes())?;
+        out.write_all(r.body.as_bytes())?;
+        out.flush()?;
+    }
 }
