@@ -29,8 +29,9 @@ const ANN_NR: &str = r#"{"form_completion_id":"2","submission_values":{"email_ad
 /// A running daemon with four events; `ids` oldest first:
 /// 0 netresults (Daniel), 1 ontraport (Daniel), 2 netresults (Ann), 3 ontraport (Ann).
 struct Populated {
-    env: TestEnv,
+    // Fields drop in order: the daemon is killed before its temp dir goes.
     d: Daemon,
+    env: TestEnv,
     ids: Vec<String>,
 }
 
@@ -44,7 +45,7 @@ fn populated() -> Populated {
         d.post_json("/hooks/netresults", ANN_NR).id(),
         d.post("/hooks/ontraport", form, "First_Name=Ann&Email=ann%40example.com").id(),
     ];
-    Populated { env, d, ids }
+    Populated { d, env, ids }
 }
 
 fn ids_of(list: &[Value]) -> Vec<String> {
