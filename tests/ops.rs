@@ -1,0 +1,697 @@
+//! Operations through the real binary (SPEC §7, issue 7): systemd
+//! notifications on a test `NOTIFY_SOCKET`, SIGHUP reload under traffic, the
+//! admin listener's endpoints with and without the token, metrics that move,
+//! `/api/events` filters and paging, HTML escaping on the event-log page,
+//! background retention, JSON logs, and the page driven by headless Chromium.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const ADMIN_TOKEN: &str = "adm-7f3c9e1b5d2a4c6e8f0a1b3c5d7e9f11";
+
+/// `forms` events go to `ok` (always succeeds, echoes its stdin), `stuck`
+/// events to `stuck` (always fails, next try in an hour), `bare` has no route.
+const CONFIG: &str = r#"
+[sources.forms]
+auth = { type = "none" }
+[sources.stuck]
+auth = { type = "none" }
+[sources.bare]
+auth = { type = "none" }
+[handlers.ok]
+type = "shell"
+command = ["/bin/cat"]
+[handlers.stuck]
+type = "shell"
+command = ["/bin/false"]
+initial_backoff = "1h"
+max_backoff = "1h"
+[[routes]]
+source = "forms"
+handler = "ok"
+[[routes]]
+source = "stuck"
+handler = "stuck"
+"#;
+
+/// A blocking client for the admin listener, with or without the token.
+struct Admin {
+    base: String,
+    token: Option<String>,
+    http: reqwest::blocking::Client,
+}
+
+impl Admin {
+    /// The admin listener of the daemon last started in `env` (from its ready file).
+    fn of(env: &TestEnv, token: Option<&str>) -> Admin {
+        let ready: Value =
+            serde_json::from_slice(&std::fs::read(env.ready_file()).expect("reading the ready file")).expect("ready file is JSON");
+        let addr = ready["admin"].as_str().unwrap_or_else(|| panic!("ready file has no \"admin\" address: {ready}"));
+        let http = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("building the admin client");
+        Admin { base: format!("http://{addr}"), token: token.map(str::to_string), http }
+    }
+
+    fn anon(&self) -> Admin {
+        Admin { base: self.base.clone(), token: None, http: self.http.clone() }
+    }
+
+    fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("a method name");
+        let mut rb = self.http.request(m, format!("{}{path}", self.base)).body(body.to_string());
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        let r = rb.send().unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        Resp { status, headers, body: r.bytes().expect("reading the admin answer").to_vec() }
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        self.send("GET", path, &[], "")
+    }
+
+    fn post(&self, path: &str) -> Resp {
+        self.send("POST", path, &[], "")
+    }
+
+    /// GET that must answer 200 with JSON.
+    fn json(&self, path: &str) -> Value {
+        let r = self.get(path);
+        assert_eq!(r.status, 200, "GET {path}: {} {}", r.status, r.text());
+        r.json()
+    }
+
+    fn event(&self, id: &str) -> Value {
+        self.json(&format!("/api/events/{id}"))
+    }
+
+    fn metrics(&self) -> String {
+        let r = self.get("/metrics");
+        assert_eq!(r.status, 200, "GET /metrics: {} {}", r.status, r.text());
+        r.text()
+    }
+
+    /// Waits until event `id` has `status`.
+    fn wait_status(&self, id: &str, status: &str) {
+        wait_for(&format!("event {id} to be {status}"), Duration::from_secs(20), || self.event(id)["status"] == status);
+    }
+}
+
+/// Attempts recorded for the event's delivery to `handler`.
+fn attempts(ev: &Value, handler: &str) -> usize {
+    ev["deliveries"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["handler"] == handler))
+        .and_then(|d| d["attempts"].as_array())
+        .map_or(0, Vec::len)
+}
+
+/// The value of one series (`name{labels}` exactly as rendered) in Prometheus text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn pct(s: &str) -> String {
+    serde_urlencoded::to_string([("v", s)]).expect("encoding a value")[2..].to_string()
+}
+
+/// A daemon started through `sh` so that `WATCHDOG_PID` can name its own pid
+/// (`exec` keeps it); killed on drop.
+struct Wrapped {
+    child: Child,
+}
+
+impl Drop for Wrapped {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads notify datagrams until one holds the line `want`; returns all lines seen.
+fn recv_until(sock: &UnixDatagram, want: &str, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let hit = msg.lines().any(|l| l == want);
+                seen.extend(msg.lines().map(str::to_string));
+                if hit {
+                    return seen;
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("reading the notify socket: {e}"),
+        }
+    }
+    panic!("no {want} on NOTIFY_SOCKET within {timeout:?}; saw {seen:?}");
+}
+
+#[test]
+fn systemd_gets_ready_watchdog_reloading_and_stopping_on_notify_socket() {
+    let env = TestEnv::new(CONFIG);
+    let sock_path = env.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("binding the notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("setting a timeout");
+    let log = std::fs::File::create(env.dir().join("wrapped.log")).expect("creating the log");
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg("WATCHDOG_PID=$$ exec \"$@\"").arg("sh").arg(BIN).arg("--config").arg(env.config_path()).arg("serve");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("HOOKTRAIL") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("cloning the log"))
+        .stderr(log);
+    let mut d = Wrapped { child: cmd.spawn().expect("spawning hooktrail through sh") };
+
+    recv_until(&sock, "READY=1", START_TIMEOUT);
+    // READY comes after the listeners are bound: the ready file names both.
+    let ready: Value = serde_json::from_slice(&std::fs::read(env.ready_file()).expect("ready file written before READY=1")).unwrap();
+    assert!(ready["listen"].is_string() && ready["admin"].is_string(), "{ready}");
+
+    // WATCHDOG_USEC=1s: earned pings every half second.
+    recv_until(&sock, "WATCHDOG=1", Duration::from_secs(10));
+    recv_until(&sock, "WATCHDOG=1", Duration::from_secs(10));
+
+    signal(d.child.id(), libc::SIGHUP);
+    let seen = recv_until(&sock, "RELOADING=1", Duration::from_secs(10));
+    assert!(seen.iter().any(|l| l.starts_with("MONOTONIC_USEC=")), "systemd 253+ wants MONOTONIC_USEC with RELOADING: {seen:?}");
+    recv_until(&sock, "READY=1", Duration::from_secs(10));
+
+    signal(d.child.id(), libc::SIGTERM);
+    recv_until(&sock, "STOPPING=1", Duration::from_secs(10));
+    let mut status = None;
+    wait_for("the daemon to exit after SIGTERM", Duration::from_secs(30), || {
+        status = d.child.try_wait().expect("polling the daemon");
+        status.is_some()
+    });
+    assert!(status.expect("checked above").success(), "hooktrail did not exit 0 after SIGTERM");
+}
+
+#[test]
+fn sighup_adds_a_source_while_requests_keep_flowing_and_a_broken_config_is_refused() {
+    let env = TestEnv::new(CONFIG);
+    let d = env.start();
+    let url_a = d.url("/hooks/forms");
+    let url_new = d.url("/hooks/fresh");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let flow = {
+        let (stop, sent, failures) = (stop.clone(), sent.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let http = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let r = http.post(&url_a).header("content-type", "application/json").body(r#"{"n":1}"#).send();
+                match r {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => failures.lock().unwrap().push(format!("status {}", r.status())),
+                    Err(e) => failures.lock().unwrap().push(format!("transport: {e}")),
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let after = |n: u64| {
+        let target = sent.load(Ordering::Relaxed) + n;
+        wait_for("requests to keep flowing", Duration::from_secs(30), || sent.load(Ordering::Relaxed) >= target);
+    };
+    after(20);
+    assert_eq!(d.post_json("/hooks/fresh", "{}").status, 404, "the new source must not exist before the reload");
+
+    let original = std::fs::read_to_string(env.config_path()).unwrap();
+    env.write_config(&format!("{original}\n[sources.fresh]\nauth = {{ type = \"none\" }}\n"));
+    signal(d.pid(), libc::SIGHUP);
+    let http = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
+    wait_for("the new source to accept events", Duration::from_secs(15), || {
+        http.post(&url_new).header("content-type", "application/json").body("{}").send().is_ok_and(|r| r.status() == 200)
+    });
+    assert!(d.log().contains("SIGHUP: configuration reloaded"), "{}", d.log());
+    after(20);
+
+    // A config with an error is refused; the running one (with `fresh`) stays.
+    env.write_config(&format!("{original}\n[sources.fresh]\nauth = {{ type = \"none\" }}\n[handlers.broken]\ntype = \"nope\"\n"));
+    signal(d.pid(), libc::SIGHUP);
+    wait_for("the broken config to be refused", Duration::from_secs(15), || d.log().contains("configuration refused"));
+    let log = d.log();
+    let refusal = &log[log.find("configuration refused").expect("checked above")..];
+    assert!(log.contains("ERROR") && refusal.contains("handlers.broken"), "the refusal is an error naming the problem: {refusal}");
+    after(20);
+    assert_eq!(d.post_json("/hooks/fresh", "{}").status, 200, "the running config was kept");
+
+    stop.store(true, Ordering::Relaxed);
+    flow.join().unwrap();
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed across reloads: {:?}",
+        failures.len(),
+        sent.load(Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+#[test]
+fn admin_endpoints_need_the_token_when_one_is_set() {
+    let env = TestEnv::new(CONFIG);
+    let d = env.daemon().env("HOOKTRAIL_ADMIN_TOKEN", ADMIN_TOKEN).start();
+    let id = d.post_json("/hooks/forms", r#"{"email":"a@example.com"}"#).id();
+    let admin = Admin::of(&env, Some(ADMIN_TOKEN));
+    let anon = admin.anon();
+    let wrong = Admin { token: Some("adm-not-the-token".into()), ..admin.anon() };
+    admin.wait_status(&id, "done");
+
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(anon.get(path).status, 200, "{path} is open to probes");
+    }
+    assert_eq!(anon.get("/readyz").json()["ready"], true);
+
+    let gets = [
+        "/metrics".to_string(),
+        "/api/events".into(),
+        format!("/api/events/{id}"),
+        "/api/stats".into(),
+        "/".into(),
+        format!("/events/{id}"),
+    ];
+    for path in &gets {
+        for (who, client) in [("no token", &anon), ("a wrong token", &wrong)] {
+            let r = client.get(path);
+            assert_eq!(r.status, 401, "GET {path} with {who}: {}", r.text());
+        }
+        assert_eq!(admin.get(path).status, 200, "GET {path} with the token");
+    }
+    let r = anon.get("/api/events");
+    assert!(r.error().contains("token"), "the 401 says what is missing");
+    assert!(r.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")));
+    assert!(anon.get("/").text().contains("name=\"token\""), "people get the login form");
+
+    let replay = format!("/api/events/{id}/replay");
+    assert_eq!(anon.post(&replay).status, 401);
+    assert_eq!(wrong.post(&replay).status, 401);
+    let r = admin.post(&replay);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["requeued"], 1);
+    wait_for("the replayed delivery to run", Duration::from_secs(20), || attempts(&admin.event(&id), "ok") == 2);
+
+    // The page's login form: a wrong token is refused, the right one sets a
+    // cookie that is HttpOnly, SameSite=Strict and not the token itself.
+    let form = "application/x-www-form-urlencoded";
+    let r = anon.send("POST", "/login", &[("content-type", form)], "token=nope&next=%2F");
+    assert_eq!(r.status, 401);
+    let r = anon.send("POST", "/login", &[("content-type", form)], &format!("token={ADMIN_TOKEN}&next=%2Fevents%2F{id}"));
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(r.header("location").as_deref(), Some(format!("/events/{id}").as_str()));
+    let set = r.header("set-cookie").expect("login sets a cookie");
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    assert!(!set.contains(ADMIN_TOKEN), "the cookie must not carry the token: {set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let page = anon.send("GET", &format!("/events/{id}"), &[("cookie", &cookie)], "");
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains(&id));
+    assert_eq!(anon.send("GET", "/api/stats", &[("cookie", "hooktrail_admin=1.deadbeef")], "").status, 401, "forged cookie");
+    // Another site cannot make a logged-in browser press replay.
+    let origin = admin.base.replace("127.0.0.1", "evil.example");
+    let r = anon.send("POST", &format!("/events/{id}/replay"), &[("cookie", &cookie), ("origin", &origin)], "");
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = anon.send("POST", &format!("/events/{id}/replay"), &[("cookie", &cookie), ("origin", &admin.base)], "");
+    assert_eq!(r.status, 303, "{}", r.text());
+}
+
+#[test]
+fn admin_without_a_token_is_loopback_only() {
+    let env = TestEnv::new(CONFIG);
+    let d = env.start();
+    let id = d.post_json("/hooks/bare", "{}").id();
+    let admin = Admin::of(&env, None);
+    for path in
+        ["/healthz", "/readyz", "/metrics", "/api/events", &format!("/api/events/{id}"), "/api/stats", "/", &format!("/events/{id}")]
+    {
+        let r = admin.get(path);
+        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+    }
+    // A browser sent here by a foreign name (DNS rebinding) is refused.
+    let r = admin.send("GET", "/api/events", &[("host", "rebind.attacker.example")], "");
+    assert_eq!(r.status, 403, "{}", r.text());
+
+    let db = toml_str(&env.db_path().to_string_lossy());
+    let open = TestEnv::raw(&format!("[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {db}\n[admin]\nlisten = \"0.0.0.0:0\"\n"));
+    let out = open.cli(&["check-config"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stdout.contains("admin.listen") && out.stdout.contains("HOOKTRAIL_ADMIN_TOKEN"), "{out:?}");
+    let served = run(open.command(&["serve"]));
+    assert_ne!(served.code, 0, "serve must refuse a non-loopback admin listener without a token: {served:?}");
+    assert!(served.stderr.contains("admin.listen"), "{served:?}");
+    let ok = run({
+        let mut c = open.command(&["check-config"]);
+        c.env("HOOKTRAIL_ADMIN_TOKEN", ADMIN_TOKEN);
+        c
+    });
+    assert_eq!(ok.code, 0, "with a token any address is fine: {ok:?}");
+}
+
+#[test]
+fn metrics_move_as_events_are_received_rejected_and_delivered() {
+    let env = TestEnv::new(CONFIG);
+    let d = env.start();
+    let admin = Admin::of(&env, None);
+    let before = admin.metrics();
+    assert_eq!(metric(&before, "hooktrail_queue_depth{handler=\"stuck\",status=\"retrying\"}"), Some(0.0), "{before}");
+    assert_eq!(metric(&before, "hooktrail_events_received_total{source=\"forms\",outcome=\"accepted\"}"), None);
+
+    let ok: Vec<String> = (0..2).map(|i| d.post_json("/hooks/forms", &format!("{{\"n\":{i}}}")).id()).collect();
+    let stuck = d.post_json("/hooks/stuck", "{}").id();
+    assert_eq!(d.post("/hooks/forms", "image/png", "x").status, 415);
+    for id in &ok {
+        admin.wait_status(id, "done");
+    }
+    admin.wait_status(&stuck, "retrying");
+
+    let m = admin.metrics();
+    let v = |s: &str| metric(&m, s).unwrap_or_else(|| panic!("no series {s} in:\n{m}"));
+    assert_eq!(v("hooktrail_events_received_total{source=\"forms\",outcome=\"accepted\"}"), 2.0);
+    assert_eq!(v("hooktrail_events_received_total{source=\"stuck\",outcome=\"accepted\"}"), 1.0);
+    assert_eq!(v("hooktrail_requests_rejected_total{source=\"forms\",reason=\"content_type\"}"), 1.0);
+    assert_eq!(v("hooktrail_delivery_attempts_total{handler=\"ok\",outcome=\"success\"}"), 2.0);
+    assert_eq!(v("hooktrail_delivery_attempts_total{handler=\"stuck\",outcome=\"retry\"}"), 1.0);
+    assert_eq!(v("hooktrail_delivery_seconds_count{handler=\"ok\"}"), 2.0);
+    assert!(v("hooktrail_commit_seconds_count") >= 3.0);
+    assert_eq!(v("hooktrail_queue_depth{handler=\"stuck\",status=\"retrying\"}"), 1.0);
+    assert_eq!(v("hooktrail_queue_depth{handler=\"ok\",status=\"pending\"}"), 0.0);
+    assert!(v("hooktrail_oldest_pending_seconds{handler=\"stuck\"}") > 0.0);
+    assert_eq!(v("hooktrail_oldest_pending_seconds{handler=\"ok\"}"), 0.0);
+    assert_eq!(v("hooktrail_backlog_deliveries"), 1.0);
+    for family in ["hooktrail_commit_seconds histogram", "hooktrail_delivery_seconds histogram", "hooktrail_queue_depth gauge"] {
+        assert!(m.contains(&format!("# TYPE {family}")), "missing # TYPE {family}");
+    }
+    // Every sample line is `name{labels} number` or `name number`.
+    for line in m.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (_, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
+    }
+}
+
+#[test]
+fn api_events_filters_like_the_cli_pages_with_a_cursor_and_replays() {
+    let env = TestEnv::new(CONFIG);
+    let d = env.start();
+    let admin = Admin::of(&env, None);
+    let daniel = d.post_json("/hooks/forms", seeds::NETRESULTS_FORM).id();
+    let ann = d.post_json("/hooks/forms", r#"{"submission_values":{"email_address":["ann@example.com"]}}"#).id();
+    let others: Vec<String> = (0..3).map(|_| d.post_json("/hooks/bare", r#"{"k":"a=b"}"#).id()).collect();
+    admin.wait_status(&daniel, "done");
+    admin.wait_status(&ann, "done");
+
+    let m = "/submission_values/email_address/0=dgolden@mid-corp.com";
+    let r = admin.json(&format!("/api/events?match={}", pct(m)));
+    let ids: Vec<&str> = r["events"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec![daniel.as_str()]);
+    assert_eq!(r["next"], Value::Null);
+    let cli = env.events_where(&["--match", m]);
+    assert_eq!(cli.len(), 1);
+    assert_eq!(cli[0]["id"], daniel.as_str(), "the API and `events list --match` agree");
+    // A value may itself contain `=`; several matches must all hold.
+    let r = admin.json(&format!("/api/events?match={}&source=bare", pct("/k=a=b")));
+    assert_eq!(r["events"].as_array().unwrap().len(), 3);
+    let r = admin.json(&format!("/api/events?match={}&match={}", pct(m), pct("/form_id=nope")));
+    assert!(r["events"].as_array().unwrap().is_empty());
+    let r = admin.json("/api/events?source=forms&status=done&handler=ok&since=1h");
+    assert_eq!(r["events"].as_array().unwrap().len(), 2);
+    let listed = &r["events"][0];
+    assert_eq!(listed["id"], ann.as_str(), "newest first");
+    for field in ["id", "source", "status", "received_at", "method", "content_type", "query", "remote_addr", "payload"] {
+        assert!(listed.get(field).is_some(), "list element lacks {field}: {listed}");
+    }
+
+    // Paging: limit 2 over five events, following `next` to the end.
+    let mut seen = Vec::new();
+    let mut path = "/api/events?limit=2".to_string();
+    loop {
+        let page = admin.json(&path);
+        let events = page["events"].as_array().unwrap();
+        assert!(events.len() <= 2);
+        seen.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_string()));
+        match page["next"].as_str() {
+            Some(c) => path = format!("/api/events?limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = [daniel.clone(), ann.clone()].into_iter().chain(others).collect();
+    expected.reverse();
+    assert_eq!(seen, expected);
+
+    let ev = admin.event(&daniel);
+    for field in ["body", "headers", "payload", "deliveries"] {
+        assert!(ev.get(field).is_some(), "/api/events/ID lacks {field}");
+    }
+    assert_eq!(ev["body"], seeds::NETRESULTS_FORM);
+    assert_eq!(ev["deliveries"][0]["handler"], "ok");
+    assert_eq!(ev["deliveries"][0]["attempts"][0]["outcome"], "success");
+
+    let r = admin.post(&format!("/api/events/{daniel}/replay?handler=ok"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({"id": daniel, "requeued": 1}));
+    wait_for("the replay to add attempt 2", Duration::from_secs(20), || {
+        let ev = admin.event(&daniel);
+        attempts(&ev, "ok") == 2 && ev["status"] == "done"
+    });
+    assert_eq!(admin.event(&daniel)["deliveries"][0]["attempts"][1]["number"], 2);
+
+    let stats = admin.json("/api/stats?source=forms");
+    let total = stats.as_array().unwrap().iter().find(|r| r["handler"].is_null()).expect("a source total row");
+    assert_eq!(total["received"], 2);
+
+    assert_eq!(admin.get("/api/events/evt_01J00000000000000000000000").status, 404);
+    assert_eq!(admin.get("/api/events/nonsense").status, 404);
+    assert_eq!(admin.post("/api/events/evt_01J00000000000000000000000/replay").status, 404);
+    assert_eq!(admin.post(&format!("/api/events/{daniel}/replay?handler=nope")).status, 404);
+    for bad in ["status=nope", "limit=0", "match=nopointer", "cursor=x", "sorce=forms"] {
+        let r = admin.get(&format!("/api/events?{bad}"));
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert!(!r.error().is_empty());
+    }
+    assert_eq!(admin.get("/api/events/x/replay").status, 405);
+}
+
+#[test]
+fn event_log_page_escapes_html_from_payloads_and_handler_output() {
+    let env = TestEnv::new(CONFIG);
+    let d = env.start();
+    let admin = Admin::of(&env, None);
+    let evil = r#"{"name":"<script>alert(1)</script>","x":"\"><img src=x onerror=alert(2)>"}"#;
+    let id = d
+        .request("POST", "/hooks/forms?q=%3Cscript%3Eq()%3C/script%3E")
+        .header("content-type", "application/json")
+        .header("x-evil", "<script>h()</script>")
+        .body(evil)
+        .send()
+        .id();
+    admin.wait_status(&id, "done");
+
+    for path in ["/".to_string(), format!("/events/{id}"), format!("/?match={}", pct("/name=<script>alert(1)</script>"))] {
+        let r = admin.get(&path);
+        assert_eq!(r.status, 200, "{path}");
+        let html = r.text();
+        assert!(!html.contains("<script"), "{path} contains a raw <script>:\n{html}");
+        assert!(!html.contains("<img"), "{path} contains a raw <img>");
+        assert!(html.contains("&lt;script&gt;"), "{path} shows the payload escaped");
+        let csp = r.header("content-security-policy").expect("pages carry a CSP");
+        assert!(csp.contains("default-src 'none'") && !csp.contains("script-src"), "{csp}");
+        assert_eq!(r.header("x-content-type-options").as_deref(), Some("nosniff"));
+    }
+    let detail = admin.get(&format!("/events/{id}")).text();
+    // The handler (cat) echoed the payload: its output is escaped too.
+    assert!(detail.contains("class=\"attempt\""), "{detail}");
+    assert!(detail.matches("&lt;script&gt;alert(1)&lt;/script&gt;").count() >= 3, "payload, body and output: {detail}");
+    assert!(detail.contains("&lt;script&gt;h()&lt;/script&gt;"), "headers escaped");
+    let list = admin.get(&format!("/?match={}", pct("/name=<script>alert(1)</script>"))).text();
+    assert!(list.contains(&id), "the match filter finds the event");
+    assert!(list.contains("value=\"/name=&lt;script&gt;"), "the filter field echoes the value escaped");
+}
+
+#[test]
+fn retention_prunes_only_finished_events_past_the_age() {
+    let env = TestEnv::new(&format!("{CONFIG}\n[handlers.permanent]\ntype = \"shell\"\ncommand = [\"/bin/false\"]\npermanent_exit_codes = [1]\n[sources.doomed]\nauth = {{ type = \"none\" }}\n[[routes]]\nsource = \"doomed\"\nhandler = \"permanent\"\n"));
+    let text = std::fs::read_to_string(env.config_path()).unwrap().replace("[storage]\n", "[storage]\nretention = \"4s\"\n");
+    env.write_config(&text);
+    let d = env.start();
+    let admin = Admin::of(&env, None);
+    let received = Instant::now();
+    let done = d.post_json("/hooks/forms", "{}").id();
+    let unrouted = d.post_json("/hooks/bare", "{}").id();
+    let failed = d.post_json("/hooks/doomed", "{}").id();
+    let retrying = d.post_json("/hooks/stuck", "{}").id();
+    admin.wait_status(&done, "done");
+    admin.wait_status(&failed, "failed");
+    admin.wait_status(&retrying, "retrying");
+
+    // Not before the age: at 1.5 s (of 4 s) everything is still there.
+    let early = received + Duration::from_millis(1500);
+    std::thread::sleep(early.saturating_duration_since(Instant::now()));
+    if received.elapsed() < Duration::from_millis(3500) {
+        for id in [&done, &unrouted, &failed] {
+            assert_eq!(admin.get(&format!("/api/events/{id}")).status, 200, "{id} pruned before its age");
+        }
+    }
+    wait_for("finished events past the age to be pruned", Duration::from_secs(30), || {
+        [&done, &unrouted, &failed].iter().all(|id| admin.get(&format!("/api/events/{id}")).status == 404)
+    });
+    assert!(received.elapsed() >= Duration::from_secs(4), "pruned before the retention age");
+    assert_eq!(admin.event(&retrying)["status"], "retrying", "unfinished work is never pruned");
+    assert!(d.log().contains("retention: deleted finished events"), "{}", d.log());
+    // A fresh event is kept while young.
+    let fresh = d.post_json("/hooks/bare", "{}").id();
+    assert_eq!(admin.get(&format!("/api/events/{fresh}")).status, 200);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_event_ids_and_no_secrets() {
+    let source_secret = "src-5ecret-9d8c7b6a5f4e3d2c1b0a";
+    let env = TestEnv::new(&format!(
+        "{CONFIG}\n[sources.guarded]\nauth = {{ type = \"header_token\", header = \"X-Token\", secret_env = \"GUARD_TOKEN\" }}\n[[routes]]\nsource = \"guarded\"\nhandler = \"ok\"\n"
+    ));
+    let d = env
+        .daemon()
+        .env("HOOKTRAIL_LOG_FORMAT", "json")
+        .env("RUST_LOG", "trace")
+        .env("GUARD_TOKEN", source_secret)
+        .env("HOOKTRAIL_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start();
+    let admin = Admin::of(&env, Some(ADMIN_TOKEN));
+    let id = d
+        .request("POST", "/hooks/guarded")
+        .header("content-type", "application/json")
+        .header("x-token", source_secret)
+        .body("{}")
+        .send()
+        .id();
+    assert_eq!(
+        d.request("POST", "/hooks/guarded").header("content-type", "application/json").header("x-token", "wrong").body("{}").send().status,
+        401
+    );
+    admin.wait_status(&id, "done");
+    assert_eq!(admin.post(&format!("/api/events/{id}/replay")).status, 200);
+    wait_for("the replayed attempt", Duration::from_secs(20), || attempts(&admin.event(&id), "ok") == 2);
+    let form = "application/x-www-form-urlencoded";
+    let login = admin.anon().send("POST", "/login", &[("content-type", form)], &format!("token={ADMIN_TOKEN}"));
+    assert_eq!(login.status, 303);
+    wait_for("the attempt lines to be logged", Duration::from_secs(10), || d.log().matches("attempt finished").count() >= 2);
+
+    let log = d.log();
+    let mut stored = 0;
+    let mut attempts_logged = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        assert!(v.is_object() && v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+        match v["message"].as_str() {
+            Some("event stored") if v["source"] == "guarded" => {
+                assert_eq!(v["event_id"], id.as_str(), "{line}");
+                stored += 1;
+            }
+            Some("attempt finished") => {
+                assert_eq!(v["event_id"], id.as_str(), "{line}");
+                attempts_logged += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(stored, 1, "one line per received event");
+    assert_eq!(attempts_logged, 2, "one line per attempt");
+    for secret in [source_secret, ADMIN_TOKEN] {
+        assert!(!log.contains(secret), "a secret reached the log");
+    }
+}
+
+/// The browser test's directory (package.json, the script, node_modules).
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+fn chromium() -> Option<PathBuf> {
+    let p = std::env::var_os("CHROMIUM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    p.exists().then_some(p)
+}
+
+#[test]
+fn browser_filters_opens_an_event_and_replays_it() {
+    let Some(chromium) = chromium() else {
+        println!("SKIPPED browser_filters_opens_an_event_and_replays_it: no Chromium at /usr/bin/chromium (set CHROMIUM=…); .ci/browser.sh installs it");
+        return;
+    };
+    let dir = browser_dir();
+    if !dir.join("node_modules/playwright-core").exists() {
+        let out = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .output()
+            .expect("running npm ci in tests/browser");
+        assert!(
+            out.status.success(),
+            "Chromium is installed but tests/browser has no node_modules and `npm ci` failed; run .ci/browser.sh:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let env = TestEnv::new(CONFIG);
+    let d = env.daemon().env("HOOKTRAIL_ADMIN_TOKEN", ADMIN_TOKEN).start();
+    let admin = Admin::of(&env, Some(ADMIN_TOKEN));
+    let target = d.post_json("/hooks/forms", r#"{"email":"lead@example.com","note":"<script>alert(1)</script>"}"#).id();
+    let other = d.post_json("/hooks/forms", r#"{"email":"other@example.com"}"#).id();
+    let unrelated = d.post_json("/hooks/bare", r#"{"email":"lead@example.com"}"#).id();
+    for id in [&target, &other, &unrelated] {
+        admin.wait_status(id, "done");
+    }
+    assert_eq!(attempts(&admin.event(&target), "ok"), 1);
+
+    let profile = tempfile::tempdir().expect("a Chromium profile dir");
+    let out = Command::new("node")
+        .arg(dir.join("page.test.mjs"))
+        .current_dir(&dir)
+        .env("ADMIN_URL", &admin.base)
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("TARGET_ID", &target)
+        .env("CHROMIUM", &chromium)
+        .env("PROFILE_DIR", profile.path())
+        .output()
+        .expect("running node tests/browser/page.test.mjs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser script failed:\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    let result: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("browser script's last line is not JSON ({e}): {stdout}"));
+    assert_eq!(result["filtered_rows"], 1, "{result}");
+    assert_eq!(result["attempts_before"], 1, "{result}");
+    assert_eq!(result["attempts_after"], 2, "{result}");
+    assert_eq!(result["dialogs"], 0, "a payload script ran in the page: {result}");
+    // The daemon agrees: pressing replay ran the delivery again.
+    let ev = admin.event(&target);
+    assert_eq!(attempts(&ev, "ok"), 2);
+    assert_eq!(ev["deliveries"][0]["attempts"][1]["outcome"], "success");
+    assert_eq!(attempts(&admin.event(&other), "ok"), 1, "only the opened event was replayed");
+}
