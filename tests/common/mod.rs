@@ -737,3 +737,30 @@ fn serve_peer(stream: TcpStream, log: &std::sync::Mutex<Vec<PeerRequest>>, respo
         out.flush()?;
     }
 }
+
+/// How long a delivery may take to end (`done` or `failed`) in these tests.
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+/// Polls `events show ID` until the event is `done` or `failed`; returns it.
+pub fn wait_settled(env: &TestEnv, id: &str) -> Value {
+    let mut last = Value::Null;
+    let ok = wait_until(SETTLE, || {
+        last = env.show(id);
+        last["status"] == "done" || last["status"] == "failed"
+    });
+    assert!(ok, "event {id} did not settle within {SETTLE:?}; last seen:\n{last:#}\ndaemon log:\n{}", env.log());
+    last
+}
+
+/// The event's delivery to `handler` (from `events show --json`).
+pub fn delivery<'a>(ev: &'a Value, handler: &str) -> &'a Value {
+    ev["deliveries"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["handler"] == handler))
+        .unwrap_or_else(|| panic!("event has no delivery to `{handler}`: {ev:#}"))
+}
+
+/// A delivery's attempts, oldest first.
+pub fn attempts(d: &Value) -> &Vec<Value> {
+    d["attempts"].as_array().unwrap_or_else(|| panic!("delivery without an attempts array: {d:#}"))
+}
