@@ -659,8 +659,15 @@ impl Checker {
         (self.env)(var)
     }
 
+    /// Records a problem. A key already reported (say, `auth` with a wrong
+    /// type) is not reported again by a later check (say, "auth is required").
     fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem { path: path.into(), message: message.into() });
+        let path = path.into();
+        let already = self.problems.iter().any(|p| p.path == path || p.path.starts_with(&format!("{path}.")));
+        if already && !path.is_empty() {
+            return;
+        }
+        self.problems.push(Problem { path, message: message.into() });
     }
     fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.warnings.push(Problem { path: path.into(), message: message.into() });
@@ -669,6 +676,7 @@ impl Checker {
     /// Deserializes one subtree, recording unknown keys and type errors with their path.
     fn section<T: DeserializeOwned + Default>(&mut self, prefix: &str, value: Option<Value>) -> Option<T> {
         let Some(value) = value else { return Some(T::default()) };
+        let whole = value.clone();
         let mut unknown = Vec::new();
         let mut note = |p: serde_ignored::Path| unknown.push(p.to_string());
         let de = serde_ignored::Deserializer::new(value, &mut note);
@@ -676,15 +684,30 @@ impl Checker {
         for key in unknown {
             self.error(join(prefix, &key), "unknown key");
         }
-        match result {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let inner = e.path().to_string();
-                let path = if inner == "." { prefix.to_string() } else { join(prefix, &inner) };
-                self.error(path, e.into_inner().to_string());
-                None
+        let Err(first) = result else { return result.ok() };
+        let Value::Object(map) = whole else {
+            self.type_error(prefix, first);
+            return None;
+        };
+        // Report every bad key of the table, not just the first, then build
+        // the table from its good keys so its other checks still run.
+        let mut good = serde_json::Map::new();
+        for (k, v) in map {
+            let single = Value::Object(serde_json::Map::from_iter([(k.clone(), v.clone())]));
+            match serde_path_to_error::deserialize::<_, T>(single) {
+                Ok(_) => {
+                    good.insert(k, v);
+                }
+                Err(e) => self.type_error(prefix, e),
             }
         }
+        serde_json::from_value(Value::Object(good)).ok()
+    }
+
+    fn type_error(&mut self, prefix: &str, e: serde_path_to_error::Error<serde_json::Error>) {
+        let inner = e.path().to_string();
+        let path = if inner == "." { prefix.to_string() } else { join(prefix, &inner) };
+        self.error(path, e.into_inner().to_string());
     }
 
     fn secret(&mut self, path: &str, r: &RawSecretRef) -> Option<Secret> {
