@@ -38,9 +38,9 @@ done
 
 # The user and the config directory, created in a scratch root.
 mkdir -p "$tmp/root/etc"
-systemd-sysusers --root="$tmp/root" systemd/hooktrail.sysusers
-grep -q '^hooktrail:' "$tmp/root/etc/passwd"
-systemd-tmpfiles --root="$tmp/root" --create systemd/hooktrail.tmpfiles
+systemd-sysusers --root="$tmp/root" "$PWD/systemd/hooktrail.sysusers"
+grep -q "^hooktrail:" "$tmp/root/etc/passwd" || { echo "systemd-verify: sysusers did not create the user"; exit 1; }
+systemd-tmpfiles --root="$tmp/root" --create "$PWD/systemd/hooktrail.tmpfiles"
 test -d "$tmp/root/etc/hooktrail"
 
 echo "systemd-verify: ok"
