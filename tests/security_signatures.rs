@@ -446,7 +446,9 @@ fn malformed_signature_headers_are_refused_with_what_is_wrong() {
          [sources.b64]\nauth = { type = \"hmac\", header = \"X-Sig\", encoding = \"base64\", secret_env = \"K\" }\n",
     );
     let d = env.daemon().env("K", "k").env("SW", &whsec(b"k")).start();
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    // (path, headers, what the error says)
+    type Malformed<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Malformed] = &[
         ("/hooks/gh", &[("X-Hub-Signature-256", "sha1=abcd")], "x-hub-signature-256 header is malformed: expected sha256=<hex>"),
         ("/hooks/gh", &[("X-Hub-Signature-256", "sha256=zz")], "x-hub-signature-256 header is malformed: not hex"),
         ("/hooks/stripe", &[("Stripe-Signature", "v1=abcd")], "stripe-signature header is malformed: no t= timestamp"),
