@@ -31,9 +31,6 @@ fn fast(processor: &str) -> String {
     )
 }
 
-/// Upper bound for a delivery to settle on a busy 2-core box (debug build).
-const SETTLE: Duration = Duration::from_secs(30);
-
 /// A source that accepts anyone.
 fn open_source(name: &str) -> String {
     format!("[sources.{name}]\nauth = {{ type = \"none\" }}\n")
@@ -87,22 +84,6 @@ fn wait_event(env: &TestEnv, id: &str, what: &str, timeout: Duration, done: impl
     });
     assert!(ok, "timed out after {timeout:?} waiting for {what} of {id}; last seen:\n{last:#}\ndaemon log:\n{}", env.log());
     last
-}
-
-/// Waits until the event is `done` or `failed` (every delivery finished).
-fn wait_settled(env: &TestEnv, id: &str) -> Value {
-    wait_event(env, id, "a final status", SETTLE, |ev| ev["status"] == "done" || ev["status"] == "failed")
-}
-
-fn delivery<'a>(ev: &'a Value, handler: &str) -> &'a Value {
-    ev["deliveries"]
-        .as_array()
-        .and_then(|ds| ds.iter().find(|d| d["handler"] == handler))
-        .unwrap_or_else(|| panic!("event has no delivery to `{handler}`: {ev:#}"))
-}
-
-fn attempts(d: &Value) -> &Vec<Value> {
-    d["attempts"].as_array().unwrap_or_else(|| panic!("delivery without an attempts array: {d:#}"))
 }
 
 fn handlers_of(ev: &Value) -> BTreeSet<String> {

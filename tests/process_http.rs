@@ -11,19 +11,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::TcpListener;
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use common::*;
 use hmac::{Hmac, Mac};
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::Sha256;
-
-const SETTLE: Duration = Duration::from_secs(30);
 
 /// Fast polling and retries; every retry path ends in well under a second.
 const FAST: &str = r#"
@@ -39,134 +35,6 @@ max_backoff = "200ms"
 auth = { type = "none" }
 "#;
 
-/// One request as the peer received it.
-#[derive(Debug, Clone)]
-struct Seen {
-    at: Instant,
-    method: String,
-    path: String,
-    /// Lower-cased names.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("peer got a non-JSON body ({e}): {:?}", self.body))
-    }
-}
-
-/// What the peer answers.
-struct Reply {
-    status: u16,
-    headers: Vec<(&'static str, String)>,
-    body: String,
-}
-
-fn reply(status: u16, body: &str) -> Reply {
-    Reply { status, headers: Vec::new(), body: body.to_string() }
-}
-
-type Respond = dyn Fn(&Seen, usize) -> Reply + Send + Sync;
-
-/// A forward target on loopback: HTTP/1.1 with keep-alive, one thread per
-/// connection, recording every request before answering it.
-struct Peer {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl Peer {
-    /// `respond(request, n)` where `n` counts requests to that path, from 1.
-    fn start(respond: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) -> Peer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the peer");
-        let addr = listener.local_addr().expect("peer address");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let respond: Arc<Respond> = Arc::new(respond);
-        let log = seen.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let (log, respond) = (log.clone(), respond.clone());
-                std::thread::spawn(move || {
-                    let _ = serve(conn, &log, respond.as_ref());
-                });
-            }
-        });
-        Peer { addr, seen }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn requests(&self, path: &str) -> Vec<Seen> {
-        self.seen.lock().expect("peer log").iter().filter(|s| s.path == path).cloned().collect()
-    }
-}
-
-fn serve(stream: TcpStream, log: &Mutex<Vec<Seen>>, respond: &Respond) -> std::io::Result<()> {
-    let mut out = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let at = Instant::now();
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_string();
-        let path = parts.next().unwrap_or_default().to_string();
-        let mut headers = Vec::new();
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-            }
-        }
-        let find = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        let mut body = Vec::new();
-        if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-            loop {
-                let mut size = String::new();
-                reader.read_line(&mut size)?;
-                let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
-                let mut chunk = vec![0; n + 2];
-                reader.read_exact(&mut chunk)?;
-                if n == 0 {
-                    break;
-                }
-                body.extend_from_slice(&chunk[..n]);
-            }
-        } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
-            body.resize(n, 0);
-            reader.read_exact(&mut body)?;
-        }
-        let seen = Seen { at, method, path, headers, body };
-        let n = {
-            let mut log = log.lock().expect("peer log");
-            log.push(seen.clone());
-            log.iter().filter(|s| s.path == seen.path).count()
-        };
-        let r = respond(&seen, n);
-        let mut head = format!("HTTP/1.1 {} X\r\ncontent-length: {}\r\n", r.status, r.body.len());
-        for (k, v) in &r.headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        out.write_all(head.as_bytes())?;
-        out.write_all(r.body.as_bytes())?;
-        out.flush()?;
-    }
-}
-
 fn http_handler(name: &str, url: &str, extra: &str) -> String {
     format!(
         "[handlers.{name}]\ntype = \"http\"\nurl = {}\n{extra}\n\n[[routes]]\nsource = \"leads\"\nhandler = \"{name}\"\n",
@@ -174,30 +42,10 @@ fn http_handler(name: &str, url: &str, extra: &str) -> String {
     )
 }
 
-fn wait_settled(env: &TestEnv, id: &str) -> Value {
-    let mut last = Value::Null;
-    let ok = wait_until(SETTLE, || {
-        last = env.show(id);
-        last["status"] == "done" || last["status"] == "failed"
-    });
-    assert!(ok, "event {id} did not settle within {SETTLE:?}; last seen:\n{last:#}\ndaemon log:\n{}", env.log());
-    last
-}
-
-fn delivery<'a>(ev: &'a Value, handler: &str) -> &'a Value {
-    ev["deliveries"]
-        .as_array()
-        .and_then(|ds| ds.iter().find(|d| d["handler"] == handler))
-        .unwrap_or_else(|| panic!("event has no delivery to `{handler}`: {ev:#}"))
-}
-
-fn attempts(d: &Value) -> &Vec<Value> {
-    d["attempts"].as_array().unwrap_or_else(|| panic!("delivery without an attempts array: {d:#}"))
-}
-
 #[test]
 fn forward_retries_5xx_and_connection_errors_recording_each_status() {
-    let peer = Peer::start(|_, n| if n == 1 { reply(503, "busy, come back later") } else { reply(200, "ok, thanks") });
+    let peer =
+        FakePeer::start(|_, n| if n == 1 { PeerReply::new(503, "busy, come back later") } else { PeerReply::new(200, "ok, thanks") });
     // A port with nothing listening: bind, note, close.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let config =
@@ -218,7 +66,7 @@ fn forward_retries_5xx_and_connection_errors_recording_each_status() {
     assert_eq!((a[1]["number"].clone(), a[1]["outcome"].clone(), a[1]["http_status"].clone()), (json!(2), json!("success"), json!(200)));
     assert!(a[1]["error"].is_null());
     assert_eq!(a[1]["output"], "ok, thanks");
-    let seen = peer.requests("/inbound");
+    let seen = peer.requests_to("/inbound");
     assert_eq!(seen.len(), 2, "the peer saw the first try and the retry");
     assert!(seen.iter().all(|s| s.method == "POST" && s.body == body.as_bytes()), "{seen:?}");
 
@@ -235,10 +83,10 @@ fn forward_retries_5xx_and_connection_errors_recording_each_status() {
 
 #[test]
 fn forward_4xx_and_redirects_fail_without_retry() {
-    let peer = Peer::start(|s, _| match s.path.as_str() {
-        "/reject" => reply(400, r#"{"error":"email is invalid"}"#),
-        "/moved" => Reply { status: 302, headers: vec![("location", "/elsewhere".into())], body: String::new() },
-        _ => reply(200, "ok"),
+    let peer = FakePeer::start(|s, _| match s.path.as_str() {
+        "/reject" => PeerReply::new(400, r#"{"error":"email is invalid"}"#),
+        "/moved" => PeerReply::new(302, "").header("location", "/elsewhere"),
+        _ => PeerReply::new(200, "ok"),
     });
     let config = [FAST, &http_handler("strict", &peer.url("/reject"), ""), &http_handler("moved", &peer.url("/moved"), "")].concat();
     let env = TestEnv::new(&config);
@@ -253,26 +101,29 @@ fn forward_4xx_and_redirects_fail_without_retry() {
     assert_eq!(a.len(), 1, "a 400 is not retried: {strict:#}");
     assert_eq!((a[0]["outcome"].clone(), a[0]["http_status"].clone()), (json!("failure"), json!(400)));
     assert_eq!(a[0]["output"], r#"{"error":"email is invalid"}"#, "the peer's explanation is kept");
-    assert_eq!(peer.requests("/reject").len(), 1);
+    assert_eq!(peer.requests_to("/reject").len(), 1);
 
     let moved = delivery(&ev, "moved");
     assert_eq!(moved["status"], "failed");
     let a = attempts(moved);
     assert_eq!(a.len(), 1, "a redirect is a failure, not retried: {moved:#}");
     assert_eq!((a[0]["outcome"].clone(), a[0]["http_status"].clone()), (json!("failure"), json!(302)));
-    assert_eq!(peer.requests("/moved").len(), 1);
-    assert!(peer.requests("/elsewhere").is_empty(), "the redirect was followed");
+    assert_eq!(peer.requests_to("/moved").len(), 1);
+    assert!(peer.requests_to("/elsewhere").is_empty(), "the redirect was followed");
 }
 
 #[test]
 fn forward_honours_retry_after() {
-    let peer = Peer::start(|_, n| {
-        if n == 1 {
-            Reply { status: 429, headers: vec![("retry-after", "1".into())], body: "slow down".into() }
-        } else {
-            reply(200, "ok")
-        }
-    });
+    let peer =
+        FakePeer::start(
+            |_, n| {
+                if n == 1 {
+                    PeerReply::new(429, "slow down").header("retry-after", "1")
+                } else {
+                    PeerReply::new(200, "ok")
+                }
+            },
+        );
     // initial_backoff is 100ms: only Retry-After explains a gap of a second.
     let env = TestEnv::new(&[FAST, &http_handler("limited", &peer.url("/limited"), "")].concat());
     let d = env.start();
@@ -284,7 +135,7 @@ fn forward_honours_retry_after() {
     assert_eq!(a.len(), 2);
     assert_eq!((a[0]["outcome"].clone(), a[0]["http_status"].clone()), (json!("retry"), json!(429)));
     assert_eq!((a[1]["outcome"].clone(), a[1]["http_status"].clone()), (json!("success"), json!(200)));
-    let seen = peer.requests("/limited");
+    let seen = peer.requests_to("/limited");
     assert_eq!(seen.len(), 2);
     let gap = seen[1].at - seen[0].at;
     // Correctness, not speed: the retry may not come before the peer allowed it.
@@ -294,7 +145,7 @@ fn forward_honours_retry_after() {
 
 #[test]
 fn forward_body_modes_env_headers_and_standard_webhooks_signature() {
-    let peer = Peer::start(|_, _| reply(204, ""));
+    let peer = FakePeer::start(|_, _| PeerReply::new(204, ""));
     let key = b"0123456789abcdef-signing-key";
     let secret = format!("whsec_{}", B64.encode(key));
     let config = [
@@ -321,7 +172,7 @@ fn forward_body_modes_env_headers_and_standard_webhooks_signature() {
     let payload = json!({"first_name": "Daniel", "email": "dgolden@mid-corp.com", "tags": ["a", "b"]});
     assert_eq!(ev["payload"], payload);
 
-    let raw = &peer.requests("/raw")[0];
+    let raw = &peer.requests_to("/raw")[0];
     assert_eq!(raw.method, "POST");
     assert_eq!(raw.body, form.as_bytes(), "body = raw: the bytes as received");
     assert_eq!(raw.header("content-type"), Some("application/x-www-form-urlencoded"));
@@ -329,13 +180,13 @@ fn forward_body_modes_env_headers_and_standard_webhooks_signature() {
     assert_eq!(raw.header("x-static"), Some("plain"));
     assert!(raw.header("webhook-signature").is_none(), "only handlers with `sign` sign");
 
-    let js = &peer.requests("/json")[0];
+    let js = &peer.requests_to("/json")[0];
     assert_eq!(js.method, "PUT");
     assert_eq!(js.header("content-type"), Some("application/json"));
     assert_eq!(js.json(), payload, "body = json: the normalized payload");
     assert!(js.header("authorization").is_none(), "headers are per handler");
 
-    let envl = &peer.requests("/envelope")[0];
+    let envl = &peer.requests_to("/envelope")[0];
     assert_eq!(envl.header("content-type"), Some("application/json"));
     let doc = envl.json();
     let keys: BTreeSet<&str> = doc.as_object().expect("object").keys().map(String::as_str).collect();
