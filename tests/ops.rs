@@ -379,6 +379,26 @@ fn admin_without_a_token_is_loopback_only() {
 }
 
 #[test]
+fn readiness_checks_storage_listener_and_processor_of_this_role() {
+    let env = TestEnv::new(CONFIG);
+    let all = env.start();
+    let admin = Admin::of(&env, None);
+    let r = admin.get("/readyz");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({"ready": true, "storage": "ok", "listener": "ok", "processor": "ok"}));
+    assert!(metric(&admin.metrics(), "hooktrail_processor_last_round_seconds").is_some_and(|s| (0.0..5.0).contains(&s)));
+    drop(all);
+
+    // `--role ingest` runs no processor: readiness does not wait for one.
+    let _ingest = env.daemon().arg("--role").arg("ingest").start();
+    let admin = Admin::of(&env, None);
+    let r = admin.get("/readyz").json();
+    assert_eq!(r["ready"], true, "{r}");
+    assert_eq!(r["processor"], "not run by this process");
+    assert!(metric(&admin.metrics(), "hooktrail_processor_last_round_seconds").is_none());
+}
+
+#[test]
 fn metrics_move_as_events_are_received_rejected_and_delivered() {
     let env = TestEnv::new(CONFIG);
     let d = env.start();
