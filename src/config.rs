@@ -1494,6 +1494,10 @@ fn crm_spec(ck: &mut Checker, p: &str, r: &RawHandler) -> Option<CrmSpec> {
     };
     let token = match &r.token_env {
         Some(var) => match ck.secret_var(var) {
+            Some(v) if hyper::header::HeaderValue::from_str(&format!("Bearer {v}")).is_err() => {
+                ck.error(join(p, "token_env"), format!("environment variable `{var}` does not hold a usable token (control characters?)"));
+                None
+            }
             Some(v) if !v.is_empty() => Some(Secret::new(v.into_bytes())),
             _ => {
                 ck.error(join(p, "token_env"), format!("environment variable `{var}` is not set"));
@@ -1524,8 +1528,35 @@ fn crm_spec(ck: &mut Checker, p: &str, r: &RawHandler) -> Option<CrmSpec> {
     if batch_size == 0 {
         ck.error(join(p, "batch_size"), "must be at least 1");
     }
-    if provider == CrmProvider::Http && r.url_template.is_none() {
-        ck.error(join(p, "url_template"), "is required for provider = \"http\" (e.g. \"https://crm.example.com/contacts/{id}\")");
+    // HubSpot refuses batch requests of more than 100 inputs.
+    if provider == CrmProvider::Hubspot && batch_size > 100 {
+        ck.error(join(p, "batch_size"), format!("{batch_size} is more than HubSpot accepts in one batch (100)"));
+    }
+    match (&r.url_template, provider) {
+        (None, CrmProvider::Http) => {
+            ck.error(join(p, "url_template"), "is required for provider = \"http\" (e.g. \"https://crm.example.com/contacts/{id}\")")
+        }
+        // `{id}` becomes a percent-encoded id, so a template that is a URL with
+        // a plain id in its place stays one with any id.
+        (Some(t), CrmProvider::Http) => {
+            check_url(ck, &join(p, "url_template"), &t.replace("{id}", "id"));
+        }
+        (_, CrmProvider::Hubspot | CrmProvider::Salesforce) => {
+            for (key, set) in
+                [("method", r.method.is_some()), ("url_template", r.url_template.is_some()), ("body_template", r.body_template.is_some())]
+            {
+                if set {
+                    ck.warn(join(p, key), "is used only with provider = \"http\"; ignored");
+                }
+            }
+        }
+    }
+    if provider == CrmProvider::Http {
+        if let Some(m) = &r.method {
+            if reqwest::Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err() {
+                ck.error(join(p, "method"), format!("`{m}` is not an HTTP method"));
+            }
+        }
     }
     let headers = headers(ck, p, &r.headers);
     let rate_limit = r.rate_limit.as_ref().and_then(|x| ck.rate(&join(p, "rate_limit"), x));
