@@ -892,3 +892,78 @@ mod tests {
         assert_eq!((r.outcome, r.http_status), (Outcome::Success, None), "nothing to send is not a failure");
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::*;
+
+    /// JSON trees whose keys include the characters a pointer must escape.
+    fn json_tree() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![Just(Value::Null), any::<i64>().prop_map(Value::from), "[a-z@.]{0,6}".prop_map(Value::from)];
+        leaf.prop_recursive(4, 48, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::btree_map("[ab/~*]{0,3}", inner, 0..5).prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+            ]
+        })
+    }
+
+    fn record_path() -> impl Strategy<Value = String> {
+        let step = prop_oneof![Just("*".to_string()), Just("a".to_string()), Just("0".to_string()), Just("~1".to_string())];
+        prop::collection::vec(step, 0..5).prop_map(|steps| format!("/{}", steps.join("/")))
+    }
+
+    fn percent_decode(s: &str) -> Vec<u8> {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn every_selected_pointer_leads_back_to_its_value(root in json_tree(), path in record_path()) {
+            for (at, v) in RecordPath::parse(&path).select(&root) {
+                prop_assert_eq!(root.pointer(&at), Some(v), "pointer {} from path {}", at, path);
+            }
+        }
+
+        #[test]
+        fn a_star_selects_each_child_once(root in json_tree()) {
+            let n = match &root {
+                Value::Array(a) => a.len(),
+                Value::Object(m) => m.len(),
+                _ => 0,
+            };
+            prop_assert_eq!(RecordPath::parse("/*").select(&root).len(), n);
+        }
+
+        #[test]
+        fn every_selected_record_is_sent_skipped_or_merged(root in json_tree(), path in record_path()) {
+            let fields: BTreeMap<String, String> = [("id".to_string(), String::new())].into_iter().collect();
+            let s = select_records(&root, &RecordPath::parse(&path), &fields, "id");
+            prop_assert_eq!(s.selected, s.records.len() + s.skipped.len() + s.merged);
+            let ids: std::collections::HashSet<&str> = s.records.iter().map(|r| r.id.as_str()).collect();
+            prop_assert_eq!(ids.len(), s.records.len(), "ids are unique after merging");
+        }
+
+        #[test]
+        fn an_encoded_id_is_one_safe_url_component(id in any::<String>()) {
+            let enc = encode_component(&id);
+            prop_assert!(enc.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)));
+            prop_assert_eq!(percent_decode(&enc), id.as_bytes());
+        }
+    }
+}
