@@ -200,6 +200,15 @@ fn check_hmac(h: &HmacSpec, headers: &HeaderMap, body: &[u8], now: i64) -> Resul
     verify_any(h.algorithm, h.secrets.iter().map(|s| s.expose()), &[ts_prefix.as_bytes(), body], &[given], &h.header)
 }
 
+/// Most signatures one request may list (Stripe's `v1=`, Standard Webhooks'
+/// `v1,`). Each listed signature costs one HMAC over the whole body per
+/// configured key, so without a bound a 64 KiB header of thousands of dummy
+/// signatures turns one request into gigabytes of hashing. Senders list one
+/// per active secret: two during a rotation.
+pub const MAX_SIGNATURES: usize = 8;
+// The refusal's message names the bound.
+const _: () = assert!(MAX_SIGNATURES == 8);
+
 /// Whether any key's MAC over the concatenated `parts` equals any given signature.
 fn verify_any<'k>(
     alg: HmacAlgorithm,
@@ -208,6 +217,9 @@ fn verify_any<'k>(
     given: &[Vec<u8>],
     header: &str,
 ) -> Result<(), AuthError> {
+    if given.len() > MAX_SIGNATURES {
+        return Err(AuthError::Malformed(header.to_string(), "lists more than 8 signatures"));
+    }
     let mut ok = false;
     for key in keys {
         for sig in given {
@@ -271,6 +283,28 @@ mod tests {
         assert!(check_body(&spec, &h, body, 1614265330).is_ok());
         assert!(matches!(check_body(&spec, &h, body, 1614265330 + 301), Err(AuthError::Stale(..))));
         assert!(matches!(check_body(&spec, &h, b"{}", 1614265330), Err(AuthError::BadSignature(_))));
+    }
+
+    #[test]
+    fn a_long_list_of_signatures_is_refused_before_any_hmac_is_computed() {
+        // Regression (issue 5): every listed signature cost one HMAC over the whole body.
+        let key = b"sekrit";
+        let body = b"payload";
+        let tol = Duration::from_secs(300);
+        let good = hex::encode(hmac_sha256(key, &[b"100.", body]));
+        let spec = AuthSpec::Preset { preset: Preset::Stripe, tolerance: tol, secrets: vec![Secret::new(key.to_vec())] };
+        let list = |bogus: usize| {
+            let mut v = String::from("t=100");
+            for _ in 0..bogus {
+                v.push_str(&format!(",v1={}", "00".repeat(32)));
+            }
+            v + ",v1=" + &good
+        };
+        assert!(check_body(&spec, &hm(&[("stripe-signature", &list(MAX_SIGNATURES - 1))]), body, 100).is_ok());
+        assert_eq!(
+            check_body(&spec, &hm(&[("stripe-signature", &list(MAX_SIGNATURES))]), body, 100),
+            Err(AuthError::Malformed("stripe-signature".into(), "lists more than 8 signatures"))
+        );
     }
 
     #[test]
