@@ -494,3 +494,27 @@ fn published_example_vectors_of_slack_and_standard_webhooks_verify() {
     ]);
     assert_accepted(&env, &d, "/hooks/std", &headers, std_body);
 }
+
+#[test]
+fn a_header_listing_more_than_eight_signatures_is_refused_without_hashing_for_each() {
+    // Each listed signature used to cost one HMAC over the whole body: a 64 KiB
+    // header of dummy signatures made one request cost gigabytes of hashing.
+    let key = b"standard webhooks key bytes 0123";
+    let env =
+        TestEnv::with_server("max_body_bytes = 2000000", "[sources.std]\nauth = { type = \"standard_webhooks\", secret_env = \"SW\" }\n");
+    let d = env.daemon().env("SW", &whsec(key)).start();
+    let bogus = format!("v1,{}", B64.encode([7u8; 32]));
+    let with = |extra: usize| {
+        let mut hs = standard_headers(key, "msg_many", now(), BODY);
+        hs[2].1 = format!("{} {}", vec![bogus.as_str(); extra].join(" "), hs[2].1);
+        hs
+    };
+    assert_accepted(&env, &d, "/hooks/std", &with(7), BODY);
+    assert_401(&post(&d, "/hooks/std", &with(8), BODY), "webhook-signature header is malformed: lists more than 8 signatures");
+    // The attack itself: a 1 MB body and as many signatures as fit in the header.
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(1_000_000));
+    let mut hs = standard_headers(key, "msg_attack", now(), &big);
+    hs[2].1 = vec![bogus.as_str(); 1300].join(" ");
+    assert_401(&post(&d, "/hooks/std", &hs, &big), "lists more than 8 signatures");
+    assert_eq!(env.events().len(), 1);
+}
