@@ -345,8 +345,10 @@ pub enum Skip {
     MissingId(String),
     #[error("`{0}` is empty")]
     EmptyId(String),
-    #[error("`{property}` is {found}, not a string or number (a form field? map it with `/0`)")]
-    UnusableId { property: String, found: &'static str },
+    #[error("`{0}` is a list, not a string or number (a form field? add `/0` to its pointer)")]
+    ListId(String),
+    #[error("`{0}` is an object, not a string or number")]
+    ObjectId(String),
 }
 
 /// What an event yields: the records to send and the ones set aside.
@@ -395,10 +397,8 @@ fn record_id(properties: &Map<String, Value>, id_property: &str) -> Result<Strin
         None => return Err(Skip::MissingId(id_property.to_string())),
         Some(Value::String(s)) => s.trim().to_string(),
         Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
-        Some(other) => {
-            let found = if other.is_array() { "an array" } else { "an object" };
-            return Err(Skip::UnusableId { property: id_property.to_string(), found });
-        }
+        Some(Value::Array(_)) => return Err(Skip::ListId(id_property.to_string())),
+        Some(_) => return Err(Skip::ObjectId(id_property.to_string())),
     };
     if id.is_empty() {
         return Err(Skip::EmptyId(id_property.to_string()));
@@ -772,6 +772,7 @@ mod tests {
             {"email": "  ", "name": "blank"},
             {"email": ["b@x.io"], "name": "form field"},
             {"email": null},
+            {"email": {"work": "c@x.io"}},
         ]});
         let s = select_records(&payload, &RecordPath::parse("/people/*"), &fields(&[("email", "/email"), ("name", "/name")]), "email");
         assert_eq!(s.records.len(), 1);
@@ -780,8 +781,9 @@ mod tests {
             vec![
                 ("/people/1".to_string(), Skip::MissingId("email".into())),
                 ("/people/2".to_string(), Skip::EmptyId("email".into())),
-                ("/people/3".to_string(), Skip::UnusableId { property: "email".into(), found: "an array" }),
+                ("/people/3".to_string(), Skip::ListId("email".into())),
                 ("/people/4".to_string(), Skip::MissingId("email".into())),
+                ("/people/5".to_string(), Skip::ObjectId("email".into())),
             ]
         );
     }
