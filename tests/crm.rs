@@ -350,3 +350,52 @@ fields = { email = "email" }
     let ignored = "handlers.hub.url_template: (warning) is used only with provider = \"http\"; ignored";
     assert!(out.stdout.contains(ignored), "missing {ignored:?} in:\n{}", out.stdout);
 }
+
+#[test]
+fn salesforce_chunk_with_a_503_stops_the_attempt_and_the_retry_resends_every_record() {
+    // Five contact ids in chunks of 2: [a, b] [c, d] [e]; `d` answers 503 once.
+    let ids: Vec<u64> = (0..5).map(|i| 1_234_567 + i).collect();
+    let flaky = format!("/services/data/v60.0/sobjects/Contact/Netresults_Id__c/{}", ids[3]);
+    let crm = FakePeer::start(move |req, n| {
+        if req.path == flaky && n == 1 {
+            PeerReply::json(503, &json!([{"message": "Server unavailable", "errorCode": "SERVER_UNAVAILABLE"}]))
+        } else {
+            PeerReply::json(200, &json!({"id": "003Dn00000ABCDEF", "success": true, "errors": [], "created": false}))
+        }
+    });
+    let env = env_with(&format!(
+        r#"provider = "salesforce"
+base_url = {}
+token_env = "SF_TOKEN"
+records = "/CampaignActionQualification/*/Campaign/*/CampaignAction/*/Contacts/*/*"
+id_property = "Netresults_Id__c"
+fields = {{ Netresults_Id__c = "" }}
+batch_size = 2"#,
+        toml_str(&crm.url(""))
+    ));
+    let d = env.daemon().env("SF_TOKEN", SF_TOKEN).start();
+    let id = post(&d, &campaign_with(&ids).to_string());
+
+    let ev = wait_settled(&env, &id);
+    let del = delivery(&ev, "crm");
+    assert_eq!(del["status"], "succeeded", "{ev:#}");
+    let tries = attempts(del);
+    assert_eq!(tries.len(), 2, "{del:#}");
+    assert_eq!((&tries[0]["outcome"], &tries[0]["http_status"]), (&json!("retry"), &json!(503)));
+    let first = tries[0]["output"].as_str().unwrap_or_default();
+    assert!(first.starts_with("salesforce: 5 record(s) selected, 5 to send, 4 request(s) sent"), "{first}");
+    assert!(first.contains("SERVER_UNAVAILABLE: Server unavailable"), "{first}");
+    assert!(first.contains("not sent: 1 record(s); the next attempt sends every record again"), "{first}");
+    assert_eq!(tries[1]["outcome"], "success");
+
+    let got = crm.requests();
+    assert!(got.iter().all(|r| r.method == "PATCH" && r.json() == json!({})), "the id is only in the URL: {got:#?}");
+    let sent: Vec<String> = got.iter().map(|r| r.path.rsplit('/').next().unwrap_or_default().to_string()).collect();
+    let want: Vec<String> = ids.iter().map(u64::to_string).collect();
+    let mut first_attempt = sent[..4].to_vec();
+    first_attempt.sort();
+    assert_eq!(first_attempt, want[..4], "the first attempt stopped after the chunk with the 503");
+    let mut retry = sent[4..].to_vec();
+    retry.sort();
+    assert_eq!(retry, want, "the retry sent every record again, the one never sent included");
+}
