@@ -218,6 +218,9 @@ fn check_config(path: &std::path::Path) -> i32 {
             0
         }
         Err(e) => {
+            for w in e.warnings() {
+                println!("warning: {w}");
+            }
             for p in &e.0 {
                 println!("error: {p}");
             }

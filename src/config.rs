@@ -69,7 +69,17 @@ impl fmt::Display for Problem {
 /// Everything wrong with a configuration. Never empty.
 #[derive(Debug, thiserror::Error)]
 #[error("{} problem(s) in configuration:\n  {}", .0.len(), .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
-pub struct ConfigErrors(pub Vec<Problem>);
+pub struct ConfigErrors(pub Vec<Problem>, pub Vec<Problem>);
+
+impl ConfigErrors {
+    fn one(message: String) -> Self {
+        ConfigErrors(vec![Problem { path: String::new(), message }], Vec::new())
+    }
+    /// Warnings found alongside the problems.
+    pub fn warnings(&self) -> &[Problem] {
+        &self.1
+    }
+}
 
 /// A validated, frozen configuration plus the warnings found on the way.
 #[derive(Debug)]
@@ -868,7 +878,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
 /// Like [`load`], with an explicit environment (used by tests and by `load`).
 pub fn load_with_env(path: &Path, env: Vec<(String, String)>) -> Result<Loaded, ConfigErrors> {
     if !path.exists() {
-        return Err(ConfigErrors(vec![Problem { path: String::new(), message: format!("config file `{}` not found", path.display()) }]));
+        return Err(ConfigErrors::one(format!("config file `{}` not found", path.display())));
     }
     let env_map: std::collections::HashMap<String, String> = env.into_iter().collect();
     let overrides: std::collections::HashMap<String, String> =
@@ -882,9 +892,7 @@ pub fn load_with_env(path: &Path, env: Vec<(String, String)>) -> Result<Loaded, 
         .and_then(|c| c.try_deserialize::<Value>());
     let root = match built {
         Ok(v) => v,
-        Err(e) => {
-            return Err(ConfigErrors(vec![Problem { path: String::new(), message: format!("cannot read `{}`: {e}", path.display()) }]))
-        }
+        Err(e) => return Err(ConfigErrors::one(format!("cannot read `{}`: {e}", path.display()))),
     };
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut ck = Checker {
@@ -898,17 +906,14 @@ pub fn load_with_env(path: &Path, env: Vec<(String, String)>) -> Result<Loaded, 
     if ck.problems.is_empty() {
         Ok(Loaded { config: Arc::new(config.expect("no problems means every section built")), warnings: ck.warnings })
     } else {
-        // Warnings are worth showing too when there are errors.
-        let mut all = ck.problems;
-        all.extend(ck.warnings.into_iter().map(|w| Problem { path: w.path, message: format!("(warning) {}", w.message) }));
-        Err(ConfigErrors(all))
+        Err(ConfigErrors(ck.problems, ck.warnings))
     }
 }
 
 /// Only the `[storage]` section, leniently: what the inspection commands need,
 /// without requiring the daemon's secrets to be set in the operator's shell.
 pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigErrors> {
-    let fail = |m: String| ConfigErrors(vec![Problem { path: String::new(), message: m }]);
+    let fail = ConfigErrors::one;
     if !path.exists() {
         return Err(fail(format!("config file `{}` not found", path.display())));
     }
@@ -929,7 +934,7 @@ pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigErrors> {
     let storage = ck.section::<RawStorage>("storage", root.get("storage").cloned()).and_then(|r| storage_config(&mut ck, r));
     match storage {
         Some(s) if ck.problems.is_empty() => Ok(s),
-        _ => Err(ConfigErrors(ck.problems)),
+        _ => Err(ConfigErrors(ck.problems, ck.warnings)),
     }
 }
 

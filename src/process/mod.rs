@@ -156,7 +156,22 @@ impl Processor {
     async fn execute(&self, h: &HandlerRt, c: Claimed, stop: &CancellationToken, hidden_env: &[String]) {
         let started = Utc::now();
         let t0 = Instant::now();
-        let result: AttemptResult = h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env }).await;
+        let run = h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env });
+        tokio::pin!(run);
+        // Keep the lease while the attempt runs, however long a handler's
+        // timeout or a CRM fan-out makes it: another processor may take the
+        // delivery over only when this one stopped renewing (it died).
+        let renew_every = h.lease / 3;
+        let result: AttemptResult = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                _ = tokio::time::sleep(renew_every) => match self.store.renew(&self.owner, c.delivery_id, h.lease).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(event_id = %c.event_id, handler = %c.handler, "lease lost; another processor took this delivery over"),
+                    Err(e) => tracing::warn!(event_id = %c.event_id, error = %e, "could not renew the lease"),
+                },
+            }
+        };
         let took = t0.elapsed();
         if result.interrupted {
             match self.store.release(&self.owner, vec![c.delivery_id]).await {
@@ -220,8 +235,10 @@ fn build_state(config: Arc<Config>, client: &reqwest::Client, old: Option<&State
                 .and_then(|o| o.handlers.iter().find(|h| h.cfg.name == cfg.name && h.cfg.concurrency == cfg.concurrency))
                 .map(|h| h.permits.clone())
                 .unwrap_or_else(|| Arc::new(Semaphore::new(cfg.concurrency)));
-            // A lease must outlive the attempt it covers.
-            let lease = config.processor.lease.max(cfg.timeout + Duration::from_secs(30));
+            // Renewed while an attempt runs (see `execute`), so it need not
+            // cover a whole attempt; it bounds how long a crashed processor's
+            // work waits before running again.
+            let lease = config.processor.lease;
             Arc::new(HandlerRt { cfg: cfg.clone(), run: handlers::build(cfg, client), permits, lease })
         })
         .collect();

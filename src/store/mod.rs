@@ -325,6 +325,8 @@ pub trait Store: Send + Sync + 'static {
     async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError>;
     /// Records an attempt and moves its delivery (and event) on.
     async fn finish(&self, f: Finished) -> Result<(), StoreError>;
+    /// Extends `owner`'s lease on a running delivery; false if it is no longer ours.
+    async fn renew(&self, owner: &str, delivery_id: i64, lease: Duration) -> Result<bool, StoreError>;
     /// Gives back deliveries leased by `owner` without recording an attempt (shutdown).
     async fn release(&self, owner: &str, delivery_ids: Vec<i64>) -> Result<u64, StoreError>;
     /// Re-queues deliveries of the given events (all of them, or only those to `handler`, or only failed ones).

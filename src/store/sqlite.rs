@@ -949,6 +949,18 @@ impl Store for SqliteStore {
         self.write(move |conn, st| finish(conn, st, &f)).await
     }
 
+    async fn renew(&self, owner: &str, delivery_id: i64, lease: Duration) -> Result<bool, StoreError> {
+        let owner = owner.to_string();
+        self.write(move |conn, _| {
+            let until = now_us() + lease.as_micros() as i64;
+            let n = conn
+                .prepare_cached("UPDATE deliveries SET next_at = ?1 WHERE id = ?2 AND lease_owner = ?3 AND status = 'running'")?
+                .execute(params![until, delivery_id, owner])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     async fn release(&self, owner: &str, ids: Vec<i64>) -> Result<u64, StoreError> {
         let owner = owner.to_string();
         self.write(move |conn, st| {
