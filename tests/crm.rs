@@ -347,7 +347,7 @@ fields = { email = "email" }
     ] {
         assert!(out.stdout.lines().any(|l| l.starts_with(line)), "missing {line:?} in:\n{}", out.stdout);
     }
-    let ignored = "handlers.hub.url_template: (warning) is used only with provider = \"http\"; ignored";
+    let ignored = "warning: handlers.hub.url_template: is used only with provider = \"http\"; ignored";
     assert!(out.stdout.contains(ignored), "missing {ignored:?} in:\n{}", out.stdout);
 }
 
