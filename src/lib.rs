@@ -18,6 +18,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod handlers;
+pub mod http_server;
 pub mod ingest;
 pub mod ops;
 pub mod process;

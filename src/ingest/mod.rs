@@ -11,7 +11,6 @@ pub mod decode;
 pub mod disk;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -25,11 +24,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use serde_json::{Map, Value};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DedupKey, RateLimit, ResponseSpec, SourceConfig};
@@ -504,51 +501,19 @@ pub fn templated_response(spec: &ResponseSpec, id: &str, payload: &Value) -> Res
 /// (at most `request_timeout`) before returning.
 pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
     let server = ingest.routing.load().config.server.clone();
-    let permits = Arc::new(Semaphore::new(server.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(server.header_read_timeout).max_buf_size(server.max_header_bytes.max(8192));
     let disk_task = tokio::spawn(ingest.disk.clone().refresh_loop(shutdown.clone()));
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => { backoff = Duration::from_millis(5); x }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    let limits = crate::http_server::Limits {
+        name: "webhook",
+        max_connections: server.max_connections,
+        header_read_timeout: server.header_read_timeout,
+        max_header_bytes: server.max_header_bytes,
+        drain: server.request_timeout + Duration::from_secs(1),
+    };
+    crate::http_server::serve(listener, limits, shutdown, move |req, peer| {
         let ing = ingest.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let ing = ing.clone();
-            async move { Ok::<_, Infallible>(ing.handle(req, peer).await) }
-        });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(server.request_timeout + Duration::from_secs(1)) => {
-            tracing::warn!("some connections were still open after the request timeout; closing them");
-        }
-    }
+        async move { ing.handle(req, peer).await }
+    })
+    .await;
     let _ = disk_task.await;
 }
 

@@ -15,7 +15,6 @@
 //!   (`Origin` / `Sec-Fetch-Site`), so a page on the internet cannot make a
 //!   local browser press "replay".
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,10 +25,8 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{api, page, Ops};
@@ -51,46 +48,18 @@ pub(super) const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Accepts admin connections until `shutdown`, then lets open requests finish
 /// for a few seconds.
 pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => { backoff = Duration::from_millis(5); x }
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
+    let limits = crate::http_server::Limits {
+        name: "admin",
+        max_connections: MAX_CONNECTIONS,
+        header_read_timeout: Duration::from_secs(10),
+        max_header_bytes: 64 * 1024,
+        drain: Duration::from_secs(5),
+    };
+    crate::http_server::serve(listener, limits, shutdown, move |req, peer| {
         let ops = ops.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let ops = ops.clone();
-            async move { Ok::<_, Infallible>(handle(&ops, req, peer).await) }
-        });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "admin connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(5)) => tracing::debug!("closing admin connections still open at shutdown"),
-    }
+        async move { handle(&ops, req, peer).await }
+    })
+    .await;
 }
 
 /// Where a request goes. Ids stay strings here; each endpoint parses its own.
