@@ -18,6 +18,9 @@
 //!     Starts CMD (`hooktrail serve --role process`) and polls the database every
 //!     5 ms until N deliveries of HANDLER finished; prints the rate, then SIGTERMs
 //!     CMD and waits for it. Any failed delivery makes it exit 1.
+//!     Both spawn-rate and dispatch also print the CPU time (user + system, child
+//!     processes included) per spawn / delivery: unlike a rate, it hardly moves
+//!     when other work shares the machine.
 //! process-bench latency URL TARGET N GAP_MS
 //!     Posts N events one at a time to an idle daemon; after each, waits until
 //!     TARGET received it, then stays idle GAP_MS. Prints p50/p90/p99/max of
@@ -76,8 +79,23 @@ async fn main() {
 
 // ------------------------------------------------------------------ spawn
 
+/// CPU seconds (user + system) used so far by this process (`libc::RUSAGE_SELF`)
+/// or by its waited-for descendants (`libc::RUSAGE_CHILDREN`, grandchildren
+/// included once their parent reaped them).
+fn cpu_secs(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage only writes the struct we hand it.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
 async fn spawn_rate(n: usize, concurrency: usize, piped: bool) -> Result<(), Error> {
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu0 = cpu_secs(libc::RUSAGE_SELF) + cpu_secs(libc::RUSAGE_CHILDREN);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -96,7 +114,9 @@ async fn spawn_rate(n: usize, concurrency: usize, piped: bool) -> Result<(), Err
         t.await??;
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_secs(libc::RUSAGE_SELF) + cpu_secs(libc::RUSAGE_CHILDREN) - cpu0;
     println!("spawn_rate {:.0}", n as f64 / secs);
+    println!("cpu_ms_per_spawn {:.3}", cpu * 1000.0 / n as f64);
     eprintln!("{n} spawns of /bin/true ({}) at concurrency {concurrency} in {secs:.3}s", if piped { "piped" } else { "bare" });
     Ok(())
 }
@@ -298,9 +318,12 @@ async fn dispatch(db: &str, handler: &str, n: u64, timeout: Duration, cmd: &[&st
         libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
     }
     let st = child.wait()?;
+    // The daemon and every handler process it reaped (the helper's own polling is not counted).
+    let cpu = cpu_secs(libc::RUSAGE_CHILDREN);
     let startup = first.map_or(0.0, |f| (f - spawned_at) as f64 / 1e6);
     println!("dispatch_rate {:.0}", n as f64 / secs);
     println!("dispatch_rate_after_start {:.0}", n as f64 / (secs - startup).max(1e-6));
+    println!("cpu_ms_per_delivery {:.3}", cpu * 1000.0 / n as f64);
     eprintln!(
         "{ok} succeeded, {failed} failed in {secs:.3}s from spawning the daemon ({startup:.3}s until its first attempt); daemon exit {st}"
     );
