@@ -119,11 +119,12 @@ wait_quiet() {
     local waited=0 a b busy
     while :; do
         a=$(cpu_sample); sleep 2; b=$(cpu_sample)
-        busy=$(echo "$a $b" | awk '{d=$6-$3; printf "%.0f", d>0 ? 100*($4-$1)/d : 0}')
+        busy=$(echo "$a $b" | awk '{d=$6-$3; printf "%.0f", (d > 0) ? 100 * ($4 - $1) / d : 0 }')
         if [ "$busy" -le "$QUIET_BUSY_PCT" ] || [ "$waited" -ge "$QUIET_MAX_WAIT" ]; then
             QUIET_NOTE="machine ${busy}% busy before the run (waited ${waited}s); $(uptime | sed 's/.*load/load/')"
             return
         fi
+        [ "$waited" -eq 0 ] && echo "   machine ${busy}% busy (other work); waiting up to ${QUIET_MAX_WAIT}s for it to drop below ${QUIET_BUSY_PCT}%"
         waited=$((waited + 2))
     done
 }
