@@ -122,7 +122,25 @@ const MIGRATIONS: &[&str] = &[
 
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
     "#,
+    // 2: fewer indexes to maintain on the insert path. Time ranges use the id
+    // (a ULID starts with its time), so received_at needs no index of its own;
+    // status lookups need only the unfinished events ("done" is the common
+    // final state and is found by scanning newest-first).
+    r#"
+    DROP INDEX events_received;
+    DROP INDEX events_status;
+    CREATE INDEX events_unfinished ON events(status, seq) WHERE status != 'done';
+    DROP INDEX deliveries_handler;
+    "#,
 ];
+
+/// The smallest event id that can have been received at or after `t`: ids are
+/// made at commit, after receipt, and a ULID's text sorts by its time. Lets
+/// time ranges use the id index.
+fn id_floor(t: DateTime<Utc>) -> String {
+    let ms = u64::try_from(t.timestamp_millis()).unwrap_or(0);
+    format!("evt_{}", ulid::Ulid::from_parts(ms, 0))
+}
 
 fn now_us() -> i64 {
     Utc::now().timestamp_micros()
@@ -759,10 +777,17 @@ fn filter_sql(f: &EventFilter) -> (String, Vec<rusqlite::types::Value>) {
     if let Some(s) = f.status {
         args.push(V::Text(s.as_str().into()));
         sql.push_str(&format!(" AND e.status = ?{}", args.len()));
+        if s != EventStatus::Done {
+            // A literal the planner can see, so it uses the partial index
+            // `events_unfinished` (a bound parameter alone would not).
+            sql.push_str(" AND e.status != 'done'");
+        }
     }
     if let Some(t) = f.since {
         args.push(V::Integer(t.timestamp_micros()));
         sql.push_str(&format!(" AND e.received_at >= ?{}", args.len()));
+        args.push(V::Text(id_floor(t)));
+        sql.push_str(&format!(" AND e.id >= ?{}", args.len()));
     }
     if let Some(b) = f.before {
         args.push(V::Text(b.to_string()));
@@ -841,11 +866,12 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let since_us = since.map_or(i64::MIN, |t| t.timestamp_micros());
             let since_hour = since.map_or(i64::MIN, |t| t.timestamp() / 3600);
+            let floor = since.map_or(String::new(), id_floor);
             let mut rows: std::collections::BTreeMap<(String, Option<String>), StatsRow> = Default::default();
             let mut ev = conn.prepare(
-                "SELECT source, status, count(*) FROM events WHERE received_at >= ?1 AND (?2 IS NULL OR source = ?2) GROUP BY source, status",
+                "SELECT source, status, count(*) FROM events WHERE received_at >= ?1 AND id >= ?3 AND (?2 IS NULL OR source = ?2) GROUP BY source, status",
             )?;
-            for r in ev.query_map(params![since_us, source], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))? {
+            for r in ev.query_map(params![since_us, source, floor], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))? {
                 let (src, status, n) = r?;
                 let row = rows.entry((src.clone(), None)).or_insert_with(|| StatsRow { source: src, ..Default::default() });
                 let n = n as u64;
@@ -870,9 +896,9 @@ impl Store for SqliteStore {
             }
             let mut dl = conn.prepare(
                 "SELECT e.source, d.handler, d.status, count(*) FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE e.received_at >= ?1 AND (?2 IS NULL OR e.source = ?2) GROUP BY e.source, d.handler, d.status",
+                 WHERE e.received_at >= ?1 AND e.id >= ?3 AND (?2 IS NULL OR e.source = ?2) GROUP BY e.source, d.handler, d.status",
             )?;
-            for r in dl.query_map(params![since_us, source], |r| {
+            for r in dl.query_map(params![since_us, source, floor], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
             })? {
                 let (src, handler, status, n) = r?;
@@ -922,10 +948,10 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT received_at / 3600000000 AS h, count(*), sum(status = 'done'), sum(status = 'failed')
-                 FROM events WHERE received_at >= ?1 GROUP BY h ORDER BY h",
+                 FROM events WHERE received_at >= ?1 AND id >= ?2 GROUP BY h ORDER BY h",
             )?;
             let rows = stmt
-                .query_map([since.timestamp_micros()], |r| {
+                .query_map(params![since.timestamp_micros(), id_floor(since)], |r| {
                     Ok(HourCounts {
                         hour: micros_to_time(r.get::<_, i64>(0)? * 3_600_000_000),
                         received: r.get::<_, i64>(1)?.max(0) as u64,
@@ -1030,9 +1056,12 @@ impl Store for SqliteStore {
                 .write(move |conn, _| {
                     Ok(conn
                         .prepare_cached(
-                            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE status IN ('done', 'failed') AND received_at < ?1 LIMIT ?2)",
+                            // Runs on the writer thread: the id bound keeps the
+                            // scan to old events, never the whole table.
+                            "DELETE FROM events WHERE seq IN (SELECT seq FROM events
+                             WHERE id < ?3 AND status IN ('done', 'failed') AND received_at < ?1 LIMIT ?2)",
                         )?
-                        .execute(params![before.timestamp_micros(), batch as i64])? as u64)
+                        .execute(params![before.timestamp_micros(), batch as i64, id_floor(before)])? as u64)
                 })
                 .await?;
             total += n;
