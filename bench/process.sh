@@ -240,7 +240,7 @@ median() { awk -F'\t' -v c="$1" 'NR > 1 { print $c }' "$OUT/results.tsv" | sort 
 
 M_BARE=$(median 2); M_PIPED=$(median 3); M_SH=$(median 4); M_PCT=$(median 5); M_FWD=$(median 6)
 M_P50=$(median 7); M_P90=$(median 8); M_P99=$(median 9)
-M_BARE_CPU=$(median 10); M_SH_CPU=$(median 11); M_CEIL=$(median 12)
+M_BARE_CPU=$(median 10); M_SH_CPU=$(median 11); M_CEIL=$(median 12); M_OTHERS=$(median 13)
 verdict() { if awk "BEGIN { exit !($1) }"; then echo met; else echo MISSED; fi; }
 log ""
 log "== medians of $RUNS run(s)"
@@ -249,4 +249,8 @@ log "   (a) shell handler /bin/true:   $M_SH deliveries/s = $M_PCT% of bare   ta
 log "       CPU per delivery $M_SH_CPU ms vs $M_BARE_CPU ms per bare spawn: at most $M_CEIL% of bare when CPU-bound"
 log "   (b) http forward on loopback:  $M_FWD deliveries/s   target >= 5000/s: $(verdict "$M_FWD >= 5000")"
 log "   (c) idle receive-to-dispatch:  p50 $M_P50 ms (p90 $M_P90, p99 $M_P99)   target p50 < 5 ms: $(verdict "$M_P50 < 5")"
+if [ "$M_OTHERS" -ge "$QUIET_BUSY_PCT" ]; then
+    log "   WARNING: other work took a median $M_OTHERS% of the machine during the kept runs: the rates"
+    log "   and verdicts above are not trustworthy (the CPU-per-delivery figures are); run again when it is quiet."
+fi
 log "   results: $OUT"

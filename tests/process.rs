@@ -623,7 +623,7 @@ fn ingest_and_process_roles_share_one_database() {
 fn sigterm_lets_running_deliveries_finish_within_grace_then_releases_the_rest() {
     let w = Work::new();
     let config = [
-        fast("shutdown_grace = \"2s\"").as_str(),
+        fast("shutdown_grace = \"5s\"").as_str(),
         &open_source("leads"),
         &w.shell(
             "stuck",
