@@ -542,9 +542,8 @@ exec sleep 600"#,
     assert_eq!(delivery(&ev, "import")["status"], "running", "the delivery was mid-attempt: {ev:#}");
 
     let _d = env.start();
-    // The lease is max(processor.lease, handler timeout + 30s), so this waits ~32s.
-    let ev =
-        wait_event(&env, &id, "the delivery to run again after its lease expired", Duration::from_secs(90), |ev| ev["status"] == "done");
+    // The dead daemon no longer renews its lease (processor.lease = 2s): once it expires, the delivery runs again.
+    let ev = wait_event(&env, &id, "the delivery to run again after its lease expired", SETTLE, |ev| ev["status"] == "done");
     let imp = delivery(&ev, "import");
     assert_eq!(imp["status"], "succeeded");
     let a = attempts(imp);
