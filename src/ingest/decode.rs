@@ -78,6 +78,67 @@ pub fn json(body: &[u8]) -> Result<Value, DecodeError> {
     Ok(v)
 }
 
+/// Checks a body is valid JSON exactly as [`json`] does (same errors), without
+/// building the value.
+pub fn json_validate(body: &[u8]) -> Result<(), DecodeError> {
+    use serde::Deserialize as _;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(DecodeError::Empty("JSON"));
+    }
+    if json_depth_exceeds(body, MAX_JSON_DEPTH) {
+        return Err(DecodeError::JsonTooDeep);
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    de.disable_recursion_limit();
+    Validate::deserialize(&mut de).map_err(|e| DecodeError::Json(e.to_string()))?;
+    de.end().map_err(|e| DecodeError::Json(e.to_string()))
+}
+
+/// A JSON value parsed and thrown away: strings are decoded (so bad UTF-8 and
+/// bad escapes are caught, exactly as when building a `Value`) but borrowed,
+/// and nothing is allocated for maps or arrays. `IgnoredAny` would be cheaper
+/// still but skips strings unchecked.
+struct Validate;
+
+impl<'de> serde::Deserialize<'de> for Validate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Validate)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Validate {
+    type Value = Validate;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Validate, E> {
+        Ok(Validate)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Validate, E> {
+        Ok(Validate)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Validate, E> {
+        Ok(Validate)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Validate, E> {
+        Ok(Validate)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Validate, E> {
+        Ok(Validate)
+    }
+    fn visit_unit<E>(self) -> Result<Validate, E> {
+        Ok(Validate)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Validate, A::Error> {
+        while seq.next_element::<Validate>()?.is_some() {}
+        Ok(Validate)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Validate, A::Error> {
+        while map.next_entry::<Validate, Validate>()?.is_some() {}
+        Ok(Validate)
+    }
+}
+
 /// Whether brackets outside strings nest deeper than `max`. A linear scan that
 /// cannot overflow the stack whatever the input.
 fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
@@ -297,6 +358,15 @@ mod tests {
         // Brackets inside strings do not count.
         let s = format!("[\"{}\"]", "[".repeat(500));
         assert!(json(s.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn validation_without_a_value_agrees_with_parsing() {
+        for body in [&b"{\"a\": [1, 2, {\"b\": null}]}"[..], b"{\n \"a\": }", b"\"\xff\"", b"  ", b"[1] x", b"\"\\ud800\""] {
+            assert_eq!(json(body).err(), json_validate(body).err(), "{}", String::from_utf8_lossy(body));
+        }
+        let deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
+        assert_eq!(json_validate(deep.as_bytes()), Err(DecodeError::JsonTooDeep));
     }
 
     #[test]

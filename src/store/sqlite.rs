@@ -47,9 +47,10 @@ const MAX_BATCH: usize = 1024;
 const QUEUE_DEPTH: usize = 16 * 1024;
 /// How long a dedup row outlives its window before cleanup may remove it.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
-/// WAL frames after which the writer finishes a checkpoint itself (see
-/// [`writer_loop`]); 4096 frames of 4 KiB = 16 MiB.
-const WAL_FINISH_FRAMES: u64 = 4096;
+/// WAL frames above which the writer finishes a checkpoint itself (see
+/// [`writer_loop`]); 1024 frames of 4 KiB = 4 MiB. Below it a quiet WAL
+/// restarts on its own.
+const WAL_FINISH_FRAMES: u64 = 1024;
 
 const MIGRATIONS: &[&str] = &[
     // 1: the initial schema.
@@ -204,6 +205,8 @@ struct Shared {
     wal_dirty: (Mutex<bool>, Condvar),
     /// Frames in the WAL, as the checkpointer last saw.
     wal_frames: AtomicU64,
+    /// The checkpointer finished a pass: the writer may complete it.
+    pass_done: AtomicBool,
 }
 
 pub struct SqliteStore {
@@ -294,6 +297,7 @@ impl SqliteStore {
             closing: AtomicBool::new(false),
             wal_dirty: (Mutex::new(false), Condvar::new()),
             wal_frames: AtomicU64::new(0),
+            pass_done: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::sync_channel::<Box<dyn WriteOp>>(QUEUE_DEPTH);
         let mut threads = Vec::new();
@@ -397,7 +401,6 @@ impl From<&StoreError> for StoreError {
 fn writer_loop(mut conn: Connection, rx: Receiver<Box<dyn WriteOp>>, shared: Arc<Shared>, role: Role) {
     let mut st = WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0 };
     let mut last_maintenance = Instant::now();
-    let mut last_finish = Instant::now();
     let mut disconnected = false;
     while !disconnected {
         let mut batch: Vec<Box<dyn WriteOp>> = Vec::new();
@@ -418,15 +421,14 @@ fn writer_loop(mut conn: Connection, rx: Receiver<Box<dyn WriteOp>>, shared: Arc
         }
         // Under sustained load the checkpointer copies frames while new ones
         // keep arriving, so the WAL could never restart and would grow without
-        // bound. When it is large, the writer itself checkpoints between two
-        // batches: only the few frames the checkpointer has not copied yet
-        // remain, so this is short, and afterwards the next commit restarts
-        // the WAL from its beginning.
+        // bound. Right after each checkpointer pass, the writer finishes the
+        // checkpoint itself between two batches: only the frames committed
+        // during that pass remain to copy, so the stall is short, and the next
+        // commit restarts the WAL from its beginning.
         if role == Role::Daemon
+            && shared.pass_done.swap(false, Ordering::Relaxed)
             && shared.wal_frames.load(Ordering::Relaxed) > WAL_FINISH_FRAMES
-            && last_finish.elapsed() >= Duration::from_secs(1)
         {
-            last_finish = Instant::now();
             match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
                 Ok((log, done)) if log == done => shared.wal_frames.store(0, Ordering::Relaxed),
                 Ok(_) => {}
@@ -580,7 +582,10 @@ fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
         // catches up, the writer's next commit restarts the WAL from the start,
         // so the file stays small without ever making a request wait.
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
-            Ok((log, _)) => shared.wal_frames.store(log.max(0) as u64, Ordering::Relaxed),
+            Ok((log, _)) => {
+                shared.wal_frames.store(log.max(0) as u64, Ordering::Relaxed);
+                shared.pass_done.store(true, Ordering::Relaxed);
+            }
             Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
         }
         std::thread::sleep(Duration::from_millis(100));
