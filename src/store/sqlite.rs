@@ -300,12 +300,23 @@ impl SqliteStore {
             pass_done: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::sync_channel::<Box<dyn WriteOp>>(QUEUE_DEPTH);
+        let responder = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Answers>();
+            rt.spawn(async move {
+                while let Some(answers) = rx.recv().await {
+                    for (op, r) in answers {
+                        op.finish(r);
+                    }
+                }
+            });
+            tx
+        });
         let mut threads = Vec::new();
         let sh = shared.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("hooktrail-writer".into())
-                .spawn(move || writer_loop(writer, rx, sh, role))
+                .spawn(move || writer_loop(writer, rx, sh, role, responder))
                 .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?,
         );
         if role == Role::Daemon {
@@ -398,7 +409,13 @@ impl From<&StoreError> for StoreError {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: Receiver<Box<dyn WriteOp>>, shared: Arc<Shared>, role: Role) {
+fn writer_loop(
+    mut conn: Connection,
+    rx: Receiver<Box<dyn WriteOp>>,
+    shared: Arc<Shared>,
+    role: Role,
+    responder: Option<tokio::sync::mpsc::UnboundedSender<Answers>>,
+) {
     let mut st = WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0 };
     let mut last_maintenance = Instant::now();
     let mut disconnected = false;
@@ -417,7 +434,7 @@ fn writer_loop(mut conn: Connection, rx: Receiver<Box<dyn WriteOp>>, shared: Arc
         }
         let counts = std::mem::take(&mut *shared.rejections.lock().expect("rejection counter lock poisoned"));
         if !batch.is_empty() || !counts.is_empty() {
-            run_batch(&mut conn, &mut st, batch, &counts, &shared);
+            answer(run_batch(&mut conn, &mut st, batch, &counts, &shared), &responder);
         }
         // Under sustained load the checkpointer copies frames while new ones
         // keep arriving, so the WAL could never restart and would grow without
@@ -444,7 +461,27 @@ fn writer_loop(mut conn: Connection, rx: Receiver<Box<dyn WriteOp>>, shared: Arc
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
-fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn WriteOp>>, counts: &Counts, shared: &Shared) {
+/// Operations with their outcome, to be answered once the batch is over.
+type Answers = Vec<(Box<dyn WriteOp>, Result<(), StoreError>)>;
+
+/// Answers a finished batch. Waking hundreds of tasks one by one from this
+/// (non-runtime) thread costs a cross-thread wake-up each; handing the whole
+/// batch to one task on the runtime costs one, and that task's wake-ups stay
+/// on the runtime's own queues. Without a runtime, answers here.
+fn answer(answers: Answers, responder: &Option<tokio::sync::mpsc::UnboundedSender<Answers>>) {
+    let answers = match responder {
+        Some(tx) => match tx.send(answers) {
+            Ok(()) => return,
+            Err(tokio::sync::mpsc::error::SendError(back)) => back,
+        },
+        None => answers,
+    };
+    for (op, r) in answers {
+        op.finish(r);
+    }
+}
+
+fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn WriteOp>>, counts: &Counts, shared: &Shared) -> Answers {
     st.new_work = false;
     st.backlog_delta = 0;
     let whole = (|| -> Result<(), StoreError> {
@@ -465,20 +502,16 @@ fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn
     match whole {
         Ok(()) => {
             after_commit(st, shared);
-            for op in batch {
-                op.finish(Ok(()));
-            }
+            batch.into_iter().map(|op| (op, Ok(()))).collect()
         }
         Err(e) if is_store_down(&e) => {
             tracing::error!(error = %e, ops = batch.len(), "commit failed; answering 503 to everyone in the batch");
-            for op in batch {
-                op.finish(Err(StoreError::Unavailable(e.to_string())));
-            }
             // The counts were not stored; keep them for the next commit.
             let mut pending = shared.rejections.lock().expect("rejection counter lock poisoned");
             for (k, n) in counts {
                 *pending.entry(k.clone()).or_default() += n;
             }
+            batch.into_iter().map(|op| (op, Err(StoreError::Unavailable(e.to_string())))).collect()
         }
         Err(_) => {
             // One operation failed on its own (e.g. a constraint); isolate it so
@@ -486,6 +519,7 @@ fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn
             st.new_work = false;
             st.backlog_delta = 0;
             let mut counts_done = false;
+            let mut answers = Vec::with_capacity(batch.len());
             for mut op in batch {
                 let r = (|| -> Result<(), StoreError> {
                     conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -504,9 +538,10 @@ fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn
                 if r.is_ok() {
                     counts_done = true;
                 }
-                op.finish(r);
+                answers.push((op, r));
             }
             after_commit(st, shared);
+            answers
         }
     }
 }
