@@ -60,28 +60,21 @@ pub fn classify(content_type: &str) -> BodyKind {
     }
 }
 
-/// Validates JSON and returns its value. Depth is checked by a linear scan
-/// first, so serde_json's own guard (which stops at 127) can be lifted safely
-/// and exactly 128 levels are accepted.
+/// Validates JSON and returns its value.
 pub fn json(body: &[u8]) -> Result<Value, DecodeError> {
-    use serde::Deserialize as _;
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(DecodeError::Empty("JSON"));
-    }
-    if json_depth_exceeds(body, MAX_JSON_DEPTH) {
-        return Err(DecodeError::JsonTooDeep);
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    de.disable_recursion_limit();
-    let v = Value::deserialize(&mut de).map_err(|e| DecodeError::Json(e.to_string()))?;
-    de.end().map_err(|e| DecodeError::Json(e.to_string()))?;
-    Ok(v)
+    parse_json::<Value>(body)
 }
 
 /// Checks a body is valid JSON exactly as [`json`] does (same errors), without
 /// building the value.
 pub fn json_validate(body: &[u8]) -> Result<(), DecodeError> {
-    use serde::Deserialize as _;
+    parse_json::<Validate>(body).map(|_| ())
+}
+
+/// Parses a whole body as one JSON document. Depth is checked by a linear scan
+/// first, so serde_json's own guard (which stops at 127) can be lifted safely
+/// and exactly 128 levels are accepted.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(DecodeError::Empty("JSON"));
     }
@@ -90,8 +83,9 @@ pub fn json_validate(body: &[u8]) -> Result<(), DecodeError> {
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     de.disable_recursion_limit();
-    Validate::deserialize(&mut de).map_err(|e| DecodeError::Json(e.to_string()))?;
-    de.end().map_err(|e| DecodeError::Json(e.to_string()))
+    let v = T::deserialize(&mut de).map_err(|e| DecodeError::Json(e.to_string()))?;
+    de.end().map_err(|e| DecodeError::Json(e.to_string()))?;
+    Ok(v)
 }
 
 /// A JSON value parsed and thrown away: strings are decoded (so bad UTF-8 and
