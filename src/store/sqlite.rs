@@ -286,7 +286,7 @@ impl SqliteStore {
         if role == Role::Daemon {
             // Checkpoints are the checkpointer thread's job; see the module doc.
             // After a WAL restart the file is cut back to this size.
-            writer.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -16000; PRAGMA journal_size_limit = 67108864;")?;
+            writer.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -8000; PRAGMA journal_size_limit = 67108864;")?;
         }
         let backlog: i64 =
             writer.query_row("SELECT count(*) FROM deliveries WHERE status IN ('pending','retrying','running')", [], |r| r.get(0))?;
