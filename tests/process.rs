@@ -666,6 +666,14 @@ echo "finished during the grace period""#,
     let stuck = delivery(&ev, "stuck");
     assert_eq!(stuck["status"], "pending", "released for the next start, not failed: {ev:#}");
     assert!(attempts(stuck).iter().all(|a| a["outcome"] == "retry"), "an interrupted attempt is never a failure: {ev:#}");
+    let interrupted = attempts(stuck);
+    assert_eq!(interrupted.len(), 1, "the interrupted attempt is in the paper trail: {ev:#}");
+    assert!(
+        interrupted[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("interrupted by shutdown") && e.contains("released for the next start")),
+        "{ev:#}"
+    );
 
     let _d = env.start();
     let ev = wait_settled(&env, &id);

@@ -143,17 +143,23 @@ impl Processor {
                 let h = h.clone();
                 let stop = hard_stop.clone();
                 let hidden = state.config.secret_vars.clone();
-                tasks.spawn(async move {
-                    me.execute(&h, c, &stop, &hidden).await;
-                    drop((hp, gp));
-                    me.slot_freed.notify_one();
-                });
+                tasks.spawn(async move { me.execute(&h, c, &stop, &hidden, (hp, gp)).await });
             }
         }
         Ok(more)
     }
 
-    async fn execute(&self, h: &HandlerRt, c: Claimed, stop: &CancellationToken, hidden_env: &[String]) {
+    /// Runs one attempt holding `permits`, which are given back as soon as
+    /// the handler returns: recording the result is bookkeeping, and the slot
+    /// can already run the next delivery while it commits.
+    async fn execute(
+        &self,
+        h: &HandlerRt,
+        c: Claimed,
+        stop: &CancellationToken,
+        hidden_env: &[String],
+        permits: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
+    ) {
         let started = Utc::now();
         let t0 = Instant::now();
         let run = h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env });
@@ -173,14 +179,15 @@ impl Processor {
             }
         };
         let took = t0.elapsed();
-        if result.interrupted {
-            match self.store.release(&self.owner, vec![c.delivery_id]).await {
-                Ok(_) => tracing::info!(event_id = %c.event_id, handler = %c.handler, "attempt interrupted by shutdown; delivery released"),
-                Err(e) => tracing::warn!(event_id = %c.event_id, error = %e, "could not release the delivery; its lease will expire"),
-            }
-            return;
-        }
-        let (next, give_up) = retry::decide(&h.cfg.retry, &result, c.attempt_in_budget, c.first_queued_at, Utc::now());
+        drop(permits);
+        self.slot_freed.notify_one();
+        let (next, give_up) = if result.interrupted {
+            // Kept in the paper trail like any attempt; the delivery is due
+            // again at once, so the next start runs it first.
+            (Next::Released, Some("released for the next start".to_string()))
+        } else {
+            retry::decide(&h.cfg.retry, &result, c.attempt_in_budget, c.first_queued_at, Utc::now())
+        };
         let error = match (result.error, give_up) {
             (Some(e), Some(g)) => Some(format!("{e}; {g}")),
             (e, g) => e.or(g),
@@ -196,7 +203,12 @@ impl Processor {
             exit_code = result.exit_code,
             http_status = result.http_status,
             error = error.as_deref().unwrap_or(""),
-            next = %match next { Next::Succeeded => "succeeded".to_string(), Next::Failed => "failed".to_string(), Next::RetryAt(t) => format!("retry at {}", crate::store::rfc3339(t)) },
+            next = %match next {
+                Next::Succeeded => "succeeded".to_string(),
+                Next::Failed => "failed".to_string(),
+                Next::RetryAt(t) => format!("retry at {}", crate::store::rfc3339(t)),
+                Next::Released => "released".to_string(),
+            },
             "attempt finished"
         );
         let finished = Finished {

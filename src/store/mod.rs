@@ -284,6 +284,8 @@ pub enum Next {
     Succeeded,
     RetryAt(DateTime<Utc>),
     Failed,
+    /// The attempt was cut short by shutdown: pending again, due at once.
+    Released,
 }
 
 /// The attempt a processor finished, to be recorded with the delivery's next state.

@@ -1231,6 +1231,7 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), S
         Next::Succeeded => (DeliveryStatus::Succeeded, now),
         Next::Failed => (DeliveryStatus::Failed, now),
         Next::RetryAt(t) => (DeliveryStatus::Retrying, t.timestamp_micros()),
+        Next::Released => (DeliveryStatus::Pending, now),
     };
     // Only the holder of this attempt moves the delivery on; if the lease was
     // lost and another processor took over, its own result will count.
