@@ -206,6 +206,15 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+impl RateLimit {
+    /// The governor quota, for inbound (ingest) and outbound (handler) limiters alike.
+    pub fn quota(&self) -> governor::Quota {
+        let per = std::num::NonZeroU32::new(self.per_second).expect("validated: per_second >= 1");
+        let burst = std::num::NonZeroU32::new(self.burst).expect("validated: burst >= 1");
+        governor::Quota::per_second(per).allow_burst(burst)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DedupSpec {
     pub key: DedupKey,

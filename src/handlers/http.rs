@@ -1,11 +1,9 @@
 //! The HTTP forward handler: sends the event on to another service, optionally
 //! signed with Standard Webhooks, at most `rate_limit` requests per second.
 
-use std::num::NonZeroU32;
-
 use async_trait::async_trait;
 use base64::Engine as _;
-use governor::{DefaultDirectRateLimiter, Quota};
+use governor::DefaultDirectRateLimiter;
 
 use super::{envelope, send, AttemptResult, Handler, Job};
 use crate::config::{BodyMode, HandlerKind, HttpSpec, RateLimit, Secret};
@@ -18,11 +16,7 @@ pub struct Forward {
 
 /// An outbound limiter for a handler's `rate_limit`.
 pub fn limiter(r: &Option<RateLimit>) -> Option<DefaultDirectRateLimiter> {
-    r.as_ref().map(|r| {
-        let per = NonZeroU32::new(r.per_second).expect("validated: per_second >= 1");
-        let burst = NonZeroU32::new(r.burst).expect("validated: burst >= 1");
-        governor::RateLimiter::direct(Quota::per_second(per).allow_burst(burst))
-    })
+    r.as_ref().map(|r| governor::RateLimiter::direct(r.quota()))
 }
 
 impl Forward {

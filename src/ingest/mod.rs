@@ -12,14 +12,13 @@ pub mod disk;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -29,7 +28,7 @@ use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, DedupKey, RateLimit, ResponseSpec, SourceConfig};
+use crate::config::{Config, DedupKey, ResponseSpec, SourceConfig};
 use crate::ops::metrics::Metrics;
 use crate::store::{NewEvent, Payload, RejectReason, Store, StoreError};
 use crate::template::{render, value_text, Escape};
@@ -103,10 +102,10 @@ pub struct SourceRt {
     needs_view: bool,
 }
 
-fn quota(r: &RateLimit) -> Quota {
-    let per = NonZeroU32::new(r.per_second).expect("validated: per_second >= 1");
-    let burst = NonZeroU32::new(r.burst).expect("validated: burst >= 1");
-    Quota::per_second(per).allow_burst(burst)
+/// A 429 whose `Retry-After` is when the limiter next has a token.
+fn rate_limited(not_until: governor::NotUntil<governor::clock::QuantaInstant>, message: String) -> Reject {
+    let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+    Reject::new(StatusCode::TOO_MANY_REQUESTS, RejectReason::RateLimited, message).retry_after(wait.as_secs_f64().ceil() as u64)
 }
 
 /// Everything a request needs to know, swapped atomically on reload.
@@ -123,8 +122,8 @@ impl Routing {
             .map(|s| {
                 let rt = SourceRt {
                     cfg: s.clone(),
-                    limiter: s.rate_limit.as_ref().map(|r| governor::RateLimiter::direct(quota(r))),
-                    ip_limiter: s.per_ip_rate_limit.as_ref().map(|r| governor::RateLimiter::keyed(quota(r))),
+                    limiter: s.rate_limit.as_ref().map(|r| governor::RateLimiter::direct(r.quota())),
+                    ip_limiter: s.per_ip_rate_limit.as_ref().map(|r| governor::RateLimiter::keyed(r.quota())),
                     routes: config.routes.iter().filter(|r| r.source == s.name).cloned().collect(),
                     secret_headers: s.auth.secret_headers(),
                     needs_view: matches!(s.dedup.as_ref().map(|d| &d.key), Some(DedupKey::Pointer(_)))
@@ -214,27 +213,11 @@ impl Ingest {
                 format!("address {remote} is not allowed to post to source `{}`", cfg.name),
             ));
         }
-        if let Some(l) = &src.ip_limiter {
-            if let Err(not_until) = l.check_key(&remote) {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
-                return Err(Reject::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    RejectReason::RateLimited,
-                    format!("rate limit for address {remote} exceeded"),
-                )
-                .retry_after(wait.as_secs_f64().ceil() as u64));
-            }
+        if let Some(Err(not_until)) = src.ip_limiter.as_ref().map(|l| l.check_key(&remote)) {
+            return Err(rate_limited(not_until, format!("rate limit for address {remote} exceeded")));
         }
-        if let Some(l) = &src.limiter {
-            if let Err(not_until) = l.check() {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
-                return Err(Reject::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    RejectReason::RateLimited,
-                    format!("rate limit of source `{}` exceeded", cfg.name),
-                )
-                .retry_after(wait.as_secs_f64().ceil() as u64));
-            }
+        if let Some(Err(not_until)) = src.limiter.as_ref().map(|l| l.check()) {
+            return Err(rate_limited(not_until, format!("rate limit of source `{}` exceeded", cfg.name)));
         }
         let backlog = self.store.backlog();
         if backlog > server.max_backlog {
