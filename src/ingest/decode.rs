@@ -166,7 +166,7 @@ fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
 }
 
 /// Adds one field; a repeated key turns the value into an array.
-fn push_field(map: &mut Map<String, Value>, key: String, value: String) {
+pub(crate) fn push_field(map: &mut Map<String, Value>, key: String, value: String) {
     match map.get_mut(&key) {
         None => {
             map.insert(key, Value::String(value));

@@ -429,16 +429,7 @@ pub fn stored_headers(headers: &HeaderMap, secret_headers: &[String]) -> String 
         } else {
             String::from_utf8_lossy(value.as_bytes()).into_owned()
         };
-        match map.get_mut(n) {
-            None => {
-                map.insert(n.to_string(), Value::String(v));
-            }
-            Some(Value::Array(a)) => a.push(Value::String(v)),
-            Some(existing) => {
-                let first = existing.take();
-                *existing = Value::Array(vec![first, Value::String(v)]);
-            }
-        }
+        decode::push_field(&mut map, n.to_string(), v);
     }
     Value::Object(map).to_string()
 }
