@@ -165,16 +165,18 @@ fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
     false
 }
 
-/// Adds one field; a repeated key turns the value into an array.
-pub(crate) fn push_field(map: &mut Map<String, Value>, key: String, value: String) {
+/// Adds one field; a repeated key turns the value into an array. Values added
+/// here are never arrays themselves (strings, or XML elements), so an array
+/// found under the key always means "repeated".
+pub(crate) fn push_field(map: &mut Map<String, Value>, key: String, value: Value) {
     match map.get_mut(&key) {
         None => {
-            map.insert(key, Value::String(value));
+            map.insert(key, value);
         }
-        Some(Value::Array(list)) => list.push(Value::String(value)),
+        Some(Value::Array(list)) => list.push(value),
         Some(existing) => {
             let first = existing.take();
-            *existing = Value::Array(vec![first, Value::String(value)]);
+            *existing = Value::Array(vec![first, value]);
         }
     }
 }
@@ -189,7 +191,7 @@ pub fn form(bytes: &[u8], skip: Option<&str>) -> Value {
         if skip == Some(k.as_str()) {
             continue;
         }
-        push_field(&mut map, k, v);
+        push_field(&mut map, k, Value::String(v));
     }
     Value::Object(map)
 }
@@ -215,7 +217,7 @@ pub async fn multipart(body: bytes::Bytes, boundary: &str) -> Result<Value, Deco
         if is_file {
             continue;
         }
-        push_field(&mut map, name, String::from_utf8_lossy(&data).into_owned());
+        push_field(&mut map, name, Value::String(String::from_utf8_lossy(&data).into_owned()));
     }
     Ok(Value::Object(map))
 }
@@ -314,16 +316,7 @@ fn element_value(mut fields: Map<String, Value>, text: String) -> Value {
 fn attach(stack: &mut [(String, Map<String, Value>, String)], root: &mut Option<(String, Value)>, name: String, value: Value) {
     match stack.last_mut() {
         None => *root = Some((name, value)),
-        Some((_, children, _)) => match children.get_mut(&name) {
-            None => {
-                children.insert(name, value);
-            }
-            Some(Value::Array(list)) => list.push(value),
-            Some(existing) => {
-                let first = existing.take();
-                *existing = Value::Array(vec![first, value]);
-            }
-        },
+        Some((_, children, _)) => push_field(children, name, value),
     }
 }
 

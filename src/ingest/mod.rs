@@ -429,7 +429,7 @@ pub fn stored_headers(headers: &HeaderMap, secret_headers: &[String]) -> String 
         } else {
             String::from_utf8_lossy(value.as_bytes()).into_owned()
         };
-        decode::push_field(&mut map, n.to_string(), v);
+        decode::push_field(&mut map, n.to_string(), Value::String(v));
     }
     Value::Object(map).to_string()
 }
