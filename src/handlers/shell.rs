@@ -6,7 +6,9 @@
 //! killed, so a script's children do not outlive the attempt. Leftover
 //! background processes of a script that exited are killed too.
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,6 +20,39 @@ use crate::config::{HandlerKind, ShellSpec, StdinMode};
 use crate::store::{rfc3339, Outcome};
 
 pub struct Shell;
+
+/// Where payload files go: `$TMPDIR` when the user set one; otherwise
+/// `/dev/shm` (memory: no disk journal per attempt, and lead data never
+/// reaches a disk) when it is a writable directory; otherwise the system
+/// temp directory. Chosen once, by creating a probe file.
+fn payload_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if std::env::var_os("TMPDIR").is_some_and(|v| !v.is_empty()) {
+            return std::env::temp_dir();
+        }
+        let shm = Path::new("/dev/shm");
+        if tempfile::Builder::new().prefix("hooktrail-probe-").tempfile_in(shm).is_ok() {
+            return shm.to_path_buf();
+        }
+        std::env::temp_dir()
+    })
+}
+
+/// The attempt's `HOOKTRAIL_PAYLOAD_FILE`, removed when dropped.
+fn payload_file(json: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
+    use std::io::Write as _;
+    let builder = || {
+        let mut b = tempfile::Builder::new();
+        b.prefix("hooktrail-payload-").suffix(".json");
+        b
+    };
+    // The chosen directory can go away (tmpfs unmounted); the system temp
+    // directory is the fallback for this attempt.
+    let mut f = builder().tempfile_in(payload_dir()).or_else(|_| builder().tempfile())?;
+    f.write_all(json)?;
+    Ok(f)
+}
 
 fn kill_group(pgid: i32) {
     if pgid > 0 {
@@ -52,15 +87,9 @@ impl Handler for Shell {
 async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
     let d = job.delivery;
     let payload_json = d.payload.to_string();
-    let payload_file = match tempfile::Builder::new().prefix("hooktrail-payload-").suffix(".json").tempfile() {
-        Ok(mut f) => {
-            use std::io::Write as _;
-            if let Err(e) = f.write_all(payload_json.as_bytes()) {
-                return AttemptResult::retry(format!("cannot write the payload file: {e}"));
-            }
-            f
-        }
-        Err(e) => return AttemptResult::retry(format!("cannot create the payload file: {e}")),
+    let payload_file = match payload_file(payload_json.as_bytes()) {
+        Ok(f) => f,
+        Err(e) => return AttemptResult::retry(format!("cannot write the payload file: {e}")),
     };
     let stdin_bytes: Option<Vec<u8>> = match spec.stdin {
         StdinMode::Json => Some(payload_json.into_bytes()),
