@@ -685,6 +685,61 @@ echo "finished during the grace period""#,
 }
 
 #[test]
+fn deliveries_claimed_ahead_wait_for_a_slot_and_are_released_unstarted_on_shutdown() {
+    let w = Work::new();
+    let config = [
+        fast("shutdown_grace = \"10s\"").as_str(),
+        &open_source("leads"),
+        &w.shell(
+            "slow",
+            r#"echo "$HOOKTRAIL_EVENT_ID" >> "$W/started"
+while [ ! -e "$W/go" ]; do sleep 0.05; done
+echo "done $HOOKTRAIL_EVENT_ID""#,
+            "concurrency = 1",
+        ),
+        &route("leads", "slow"),
+    ]
+    .concat();
+    let env = TestEnv::new(&config);
+    let mut d = env.start();
+    let ids: Vec<String> = (0..2).map(|n| d.post_json("/hooks/leads", &format!(r#"{{"n":{n}}}"#)).id()).collect();
+    // One runs; the other is claimed ahead (held with a lease, up to
+    // `concurrency` of them) and waits for the handler's only slot.
+    wait_for("one attempt to start and one more delivery to be held", SETTLE, || {
+        ids.iter().all(|id| delivery(&env.show(id), "slow")["status"] == "running")
+    });
+    let started = w.read_string("started");
+    assert_eq!(started.lines().count(), 1, "concurrency = 1: one attempt at a time; started: {started}");
+    let first = started.trim().to_string();
+
+    d.sigterm();
+    std::fs::write(w.path("go"), "").unwrap();
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit status after SIGTERM: {status}; log:\n{}", d.log());
+    assert_eq!(w.read_string("started").lines().count(), 1, "no held delivery starts once shutdown began");
+    for id in &ids {
+        let ev = env.show(id);
+        let del = delivery(&ev, "slow");
+        if *id == first {
+            assert_eq!(del["status"], "succeeded", "the running attempt finished within the grace period: {ev:#}");
+        } else {
+            assert_eq!(del["status"], "pending", "a held delivery goes back to pending: {ev:#}");
+            assert_eq!(attempts(del).len(), 0, "it never started, so the paper trail has no attempt: {ev:#}");
+        }
+    }
+
+    let _d = env.start();
+    for id in &ids {
+        let ev = wait_settled(&env, id);
+        assert_eq!(ev["status"], "done", "{ev:#}");
+        let del = delivery(&ev, "slow");
+        let tries = attempts(del);
+        assert_eq!(tries.len(), 1, "one attempt each, none lost to the release: {ev:#}");
+        assert_eq!(tries[0]["number"], 1, "releasing gave the attempt number back: {ev:#}");
+    }
+}
+
+#[test]
 fn stats_prune_and_export_reflect_deliveries() {
     let w = Work::new();
     let config = [

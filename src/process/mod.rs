@@ -11,6 +11,7 @@
 
 pub mod retry;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,28 @@ struct HandlerRt {
     cfg: Arc<HandlerConfig>,
     run: Arc<dyn Handler>,
     permits: Arc<Semaphore>,
+    /// Deliveries this process holds for the handler: running, or claimed and
+    /// waiting for a slot. Up to `concurrency` wait, so a slot that frees up
+    /// starts its next delivery at once instead of after a claim round trip.
+    held: Arc<AtomicUsize>,
     lease: Duration,
+}
+
+impl HandlerRt {
+    /// Deliveries to claim now: enough to fill every slot and queue one more
+    /// round behind them.
+    fn room(&self) -> usize {
+        (2 * self.cfg.concurrency).saturating_sub(self.held.load(Ordering::Relaxed)).min(CLAIM_BATCH)
+    }
+}
+
+/// Gives a held delivery's place back when its task ends, however it ends.
+struct Held(Arc<AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct State {
@@ -83,7 +105,7 @@ impl Processor {
             freed.as_mut().enable();
             self.metrics.processor_round();
             let poll = self.state.load().config.processor.poll_interval;
-            let more = match self.dispatch_round(&global, &tasks, &hard_stop).await {
+            let more = match self.dispatch_round(&global, &tasks, &shutdown, &hard_stop).await {
                 Ok(more) => more,
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming deliveries failed; will try again");
@@ -122,65 +144,92 @@ impl Processor {
         self: &Arc<Self>,
         global: &Arc<Semaphore>,
         tasks: &TaskTracker,
+        shutdown: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> Result<bool, crate::store::StoreError> {
         let state = self.state.load_full();
         let mut more = false;
         for h in &state.handlers {
-            let room = h.permits.available_permits().min(global.available_permits()).min(CLAIM_BATCH);
+            let room = h.room();
             if room == 0 {
                 continue;
             }
             let claimed = self.store.claim(&self.owner, &h.cfg.name, room, h.lease).await?;
             more |= claimed.len() == room && room == CLAIM_BATCH;
             for c in claimed {
-                // Only this loop takes permits, and it checked there was room.
-                let (Ok(hp), Ok(gp)) = (h.permits.clone().try_acquire_owned(), global.clone().try_acquire_owned()) else {
-                    self.store.release(&self.owner, vec![c.delivery_id]).await?;
-                    continue;
-                };
+                h.held.fetch_add(1, Ordering::Relaxed);
+                let held = Held(h.held.clone());
                 let me = self.clone();
                 let h = h.clone();
-                let stop = hard_stop.clone();
+                let global = global.clone();
+                let stops = (shutdown.clone(), hard_stop.clone());
                 let hidden = state.config.secret_vars.clone();
-                tasks.spawn(async move { me.execute(&h, c, &stop, &hidden, (hp, gp)).await });
+                tasks.spawn(async move {
+                    me.execute(&h, c, &global, &stops, &hidden).await;
+                    drop(held);
+                    me.slot_freed.notify_one();
+                });
             }
         }
         Ok(more)
     }
 
-    /// Runs one attempt holding `permits`, which are given back as soon as
-    /// the handler returns: recording the result is bookkeeping, and the slot
-    /// can already run the next delivery while it commits.
-    async fn execute(
-        &self,
-        h: &HandlerRt,
-        c: Claimed,
-        stop: &CancellationToken,
-        hidden_env: &[String],
-        permits: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
-    ) {
-        let started = Utc::now();
-        let t0 = Instant::now();
-        let run = h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env });
-        tokio::pin!(run);
-        // Keep the lease while the attempt runs, however long a handler's
-        // timeout or a CRM fan-out makes it: another processor may take the
-        // delivery over only when this one stopped renewing (it died).
+    /// Renews the lease of a delivery this process holds every lease/3 until
+    /// `fut` is done: another processor may take the delivery over only when
+    /// this one stopped renewing (it died).
+    async fn keeping_lease<F: std::future::Future>(&self, h: &HandlerRt, c: &Claimed, fut: F) -> F::Output {
+        tokio::pin!(fut);
         let renew_every = h.lease / 3;
-        let result: AttemptResult = loop {
+        loop {
             tokio::select! {
-                r = &mut run => break r,
+                r = &mut fut => return r,
                 _ = tokio::time::sleep(renew_every) => match self.store.renew(&self.owner, c.delivery_id, h.lease).await {
                     Ok(true) => {}
                     Ok(false) => tracing::warn!(event_id = %c.event_id, handler = %c.handler, "lease lost; another processor took this delivery over"),
                     Err(e) => tracing::warn!(event_id = %c.event_id, error = %e, "could not renew the lease"),
                 },
             }
+        }
+    }
+
+    /// Waits for a slot (the handler's and the global limit), runs one
+    /// attempt and records it. The slot is given back as soon as the handler
+    /// returns: recording the result is bookkeeping, and the slot can already
+    /// run the next delivery while it commits. A delivery still waiting for a
+    /// slot when shutdown begins is released, not run.
+    async fn execute(
+        &self,
+        h: &HandlerRt,
+        c: Claimed,
+        global: &Arc<Semaphore>,
+        (shutdown, stop): &(CancellationToken, CancellationToken),
+        hidden_env: &[String],
+    ) {
+        let slot = async {
+            let hp = h.permits.clone().acquire_owned().await.ok()?;
+            let gp = global.clone().acquire_owned().await.ok()?;
+            Some((hp, gp))
         };
+        let permits = self
+            .keeping_lease(h, &c, async {
+                tokio::select! {
+                    p = slot => p,
+                    _ = shutdown.cancelled() => None,
+                }
+            })
+            .await;
+        let Some(permits) = permits else {
+            if let Err(e) = self.store.release(&self.owner, vec![c.delivery_id]).await {
+                tracing::warn!(event_id = %c.event_id, error = %e, "could not release a delivery that had not started; it runs when its lease expires");
+            }
+            return;
+        };
+        let started = Utc::now();
+        let t0 = Instant::now();
+        let result: AttemptResult =
+            self.keeping_lease(h, &c, h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env })).await;
         let took = t0.elapsed();
         drop(permits);
-        self.slot_freed.notify_one();
         let (next, give_up) = if result.interrupted {
             // Kept in the paper trail like any attempt; the delivery is due
             // again at once, so the next start runs it first.
@@ -243,15 +292,18 @@ fn build_state(config: Arc<Config>, client: &reqwest::Client, old: Option<&State
         .map(|cfg| {
             // Keep the running permits when the limit did not change, so a
             // reload never lets a handler exceed its concurrency.
-            let permits = old
-                .and_then(|o| o.handlers.iter().find(|h| h.cfg.name == cfg.name && h.cfg.concurrency == cfg.concurrency))
+            let same = old.and_then(|o| o.handlers.iter().find(|h| h.cfg.name == cfg.name));
+            let permits = same
+                .filter(|h| h.cfg.concurrency == cfg.concurrency)
                 .map(|h| h.permits.clone())
                 .unwrap_or_else(|| Arc::new(Semaphore::new(cfg.concurrency)));
+            // Deliveries claimed before the reload are still held.
+            let held = same.map(|h| h.held.clone()).unwrap_or_default();
             // Renewed while an attempt runs (see `execute`), so it need not
             // cover a whole attempt; it bounds how long a crashed processor's
             // work waits before running again.
             let lease = config.processor.lease;
-            Arc::new(HandlerRt { cfg: cfg.clone(), run: handlers::build(cfg, client), permits, lease })
+            Arc::new(HandlerRt { cfg: cfg.clone(), run: handlers::build(cfg, client), permits, held, lease })
         })
         .collect();
     State { config, handlers }
