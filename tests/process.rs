@@ -693,7 +693,7 @@ fn deliveries_claimed_ahead_wait_for_a_slot_and_are_released_unstarted_on_shutdo
         &w.shell(
             "slow",
             r#"echo "$HOOKTRAIL_EVENT_ID" >> "$W/started"
-while [ ! -e "$W/go" ]; do sleep 0.05; done
+i=0; while [ ! -e "$W/go" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
 echo "done $HOOKTRAIL_EVENT_ID""#,
             "concurrency = 1",
         ),
