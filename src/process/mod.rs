@@ -42,9 +42,16 @@ struct HandlerRt {
 
 impl HandlerRt {
     /// Deliveries to claim now: enough to fill every slot and queue one more
-    /// round behind them.
+    /// round behind them. Nothing until at least `concurrency` places are
+    /// free, so claims come in batches rather than one per finished delivery
+    /// (each claim is a write transaction).
     fn room(&self) -> usize {
-        (2 * self.cfg.concurrency).saturating_sub(self.held.load(Ordering::Relaxed)).min(CLAIM_BATCH)
+        let held = self.held.load(Ordering::Relaxed);
+        let conc = self.cfg.concurrency;
+        if held > conc {
+            return 0;
+        }
+        (2 * conc - held).min(CLAIM_BATCH)
     }
 }
 
