@@ -628,13 +628,14 @@ fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
 }
 
 fn event_status_of(conn: &Connection, seq: i64) -> Result<EventStatus, StoreError> {
-    let mut stmt = conn.prepare_cached("SELECT status, count(*) FROM deliveries WHERE event_seq = ?1 GROUP BY status")?;
-    let mut counts: HashMap<String, i64> = HashMap::new();
-    for row in stmt.query_map([seq], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-        let (s, n) = row?;
-        counts.insert(s, n);
+    let mut stmt = conn.prepare_cached("SELECT DISTINCT status FROM deliveries WHERE event_seq = ?1")?;
+    let mut rows = stmt.query([seq])?;
+    let mut seen: Vec<DeliveryStatus> = Vec::with_capacity(4);
+    while let Some(r) = rows.next()? {
+        let st = r.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+        seen.push(st.parse().map_err(StoreError::Corrupt)?);
     }
-    let has = |s: &str| counts.get(s).copied().unwrap_or(0) > 0;
+    let has = |s: &str| seen.iter().any(|d| d.as_str() == s);
     let finished = has("succeeded") || has("failed");
     Ok(if has("running") {
         EventStatus::Processing
@@ -1167,7 +1168,10 @@ fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Dur
         }
         conn.prepare_cached("UPDATE deliveries SET status = 'running', attempts = attempts + 1, lease_owner = ?2, next_at = ?3, updated_at = ?4 WHERE id = ?1")?
             .execute(params![id, owner, lease_until, now])?;
-        refresh_event_status(conn, seq)?;
+        // A running delivery makes its event `processing` whatever its other
+        // deliveries are doing (see `event_status_of`): no need to count them.
+        conn.prepare_cached("UPDATE events SET status = ?1 WHERE seq = ?2 AND status != ?1")?
+            .execute(params![EventStatus::Processing.as_str(), seq])?;
         let c = conn
             .prepare_cached(
                 "SELECT e.id, e.source, e.received_at, e.content_type, e.query, e.headers, e.body, e.payload_kind, e.payload, d.queued_at
