@@ -364,6 +364,39 @@ cp "$HOOKTRAIL_PAYLOAD_FILE" "$W/$HOOKTRAIL_HANDLER/payload""#;
 }
 
 #[test]
+fn large_stdin_reaches_a_reader_whole_a_non_reader_does_not_hang_and_output_keeps_its_order() {
+    let w = Work::new();
+    let config = [
+        fast("").as_str(),
+        &open_source("bulk"),
+        // Reads all of stdin, well past what a pipe holds (64 KiB).
+        &w.shell("reader", r#"cat > "$W/stdin.json""#, "stdin = \"raw\""),
+        // Never reads stdin and exits at once: the rest of the payload must
+        // not block anything.
+        &w.shell("ignorer", "exit 0", "stdin = \"raw\""),
+        // stdout and stderr, interleaved.
+        &w.shell("talker", "echo out-1; echo err-1 >&2; echo out-2; echo err-2 >&2", "stdin = \"none\""),
+        &route("bulk", "reader"),
+        &route("bulk", "ignorer"),
+        &route("bulk", "talker"),
+    ]
+    .concat();
+    let env = TestEnv::new(&config);
+    let d = env.start();
+    let big = format!(r#"{{"notes":"{}"}}"#, "0123456789abcdef".repeat(20_000));
+    assert!(big.len() > 300_000);
+    let id = d.post_json("/hooks/bulk", &big).id();
+    let ev = wait_settled(&env, &id);
+    for h in ["reader", "ignorer", "talker"] {
+        assert_eq!(delivery(&ev, h)["status"], "succeeded", "{h}: {ev:#}");
+    }
+    assert_eq!(w.read("stdin.json"), big.as_bytes(), "the whole body reached the reader's stdin");
+    let talk = attempts(delivery(&ev, "talker"))[0]["output"].as_str().unwrap_or_default().to_string();
+    assert_eq!(talk, "out-1\nerr-1\nout-2\nerr-2\n", "stdout and stderr are kept in the order written");
+    drop(d);
+}
+
+#[test]
 fn replay_reruns_failed_deliveries_keeping_history_and_bulk_replay_selects_by_source() {
     let w = Work::new();
     let config = [

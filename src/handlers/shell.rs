@@ -6,6 +6,7 @@
 //! killed, so a script's children do not outlive the attempt. Leftover
 //! background processes of a script that exited are killed too.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -37,6 +38,45 @@ fn payload_dir() -> &'static Path {
         }
         std::env::temp_dir()
     })
+}
+
+/// A pipe, both ends close-on-exec (the child gets its end through dup2).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds` on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The child's stdin: a pipe already holding `bytes`. A payload fits in the
+/// pipe's buffer (64 KiB) almost always, so it is written here, at once, and
+/// no task or event registration is needed; what does not fit is returned
+/// (write end, bytes, offset) for a background writer.
+#[allow(clippy::type_complexity)]
+fn stdin_pipe(bytes: Vec<u8>) -> std::io::Result<(OwnedFd, Option<(OwnedFd, Vec<u8>, usize)>)> {
+    let (read, write) = pipe()?;
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut off = 0;
+    while off < bytes.len() {
+        // SAFETY: writes from a live slice to a descriptor we own.
+        let n = unsafe { libc::write(write.as_raw_fd(), bytes[off..].as_ptr().cast(), bytes.len() - off) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return Ok((read, Some((write, bytes, off)))),
+                _ => return Err(e),
+            }
+        }
+        off += n as usize;
+    }
+    Ok((read, None))
 }
 
 /// The attempt's `HOOKTRAIL_PAYLOAD_FILE`, removed when dropped.
@@ -98,13 +138,31 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
         StdinMode::None => None,
     };
 
+    // stdout and stderr share one pipe: the attempt keeps them as one text
+    // anyway, and this way in the order the script wrote them.
+    let (out_read, out_write) = match pipe() {
+        Ok(p) => p,
+        Err(e) => return AttemptResult::retry(format!("cannot create the output pipe: {e}")),
+    };
+    let out_write2 = match out_write.try_clone() {
+        Ok(fd) => fd,
+        Err(e) => return AttemptResult::retry(format!("cannot create the output pipe: {e}")),
+    };
     let mut cmd = Command::new(&spec.command[0]);
-    cmd.args(&spec.command[1..])
-        .process_group(0)
-        .stdin(if stdin_bytes.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    cmd.args(&spec.command[1..]).process_group(0).stdout(Stdio::from(out_write)).stderr(Stdio::from(out_write2)).kill_on_drop(true);
+    let mut feed = None;
+    match stdin_bytes {
+        None => {
+            cmd.stdin(Stdio::null());
+        }
+        Some(bytes) => match stdin_pipe(bytes) {
+            Ok((read, rest)) => {
+                cmd.stdin(Stdio::from(read));
+                feed = rest;
+            }
+            Err(e) => return AttemptResult::retry(format!("cannot create the stdin pipe: {e}")),
+        },
+    }
     for var in job.hidden_env {
         cmd.env_remove(var);
     }
@@ -125,60 +183,66 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
         cmd.current_dir(dir);
     }
 
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    // The command holds our copies of the child's pipe ends: close them, so
+    // the output pipe ends when the child's group is done with it and a
+    // child that never reads its stdin cannot leave a writer blocked.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return AttemptResult::retry(format!("cannot start `{}`: {e}", spec.command[0])),
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-
-    if let (Some(bytes), Some(mut stdin)) = (stdin_bytes, child.stdin.take()) {
-        // A handler that does not read its stdin must not block us: write in
-        // the background and ignore a closed pipe.
-        tokio::spawn(async move {
-            let _ = stdin.write_all(&bytes).await;
-        });
+    if let Some((write, bytes, from)) = feed {
+        // More than the pipe holds: the rest goes in the background, and a
+        // handler that stops reading (or exits) just ends the write.
+        if let Ok(mut w) = tokio::net::unix::pipe::Sender::from_owned_fd(write) {
+            tokio::spawn(async move {
+                let _ = w.write_all(&bytes[from..]).await;
+            });
+        }
     }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    for stream in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        child.stderr.take().map(|s| Box::new(s) as _),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut stream = stream;
-            let mut buf = vec![0u8; 8192];
-            while let Ok(n) = stream.read(&mut buf).await {
-                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
 
     let timeout = job.config.timeout;
     let mut out = OutputBuf::default();
-    let status = tokio::select! {
-        s = child.wait() => Ok(s),
-        _ = tokio::time::sleep(timeout) => Err(false),
-        _ = job.cancel.cancelled() => Err(true),
-    };
-    // Whatever happened, nothing of this attempt may keep running.
-    kill_group(pgid);
-    if status.is_err() {
-        let _ = child.wait().await;
-    }
-    // Pipes close once every process of the group is gone; a process that
-    // escaped the group (setsid) could hold them, so bound the drain.
-    let drain = async {
-        while let Some(chunk) = rx.recv().await {
-            out.push(&chunk);
+    let (status, drained) = {
+        let reading = async {
+            let Ok(mut r) = tokio::net::unix::pipe::Receiver::from_owned_fd(out_read) else { return };
+            let mut buf = vec![0u8; 8192];
+            while let Ok(n) = r.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                out.push(&buf[..n]);
+            }
+        };
+        tokio::pin!(reading);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut drained = false;
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break Ok(s),
+                _ = &mut reading, if !drained => drained = true,
+                _ = &mut deadline => break Err(false),
+                _ = job.cancel.cancelled() => break Err(true),
+            }
+        };
+        // Whatever happened, nothing of this attempt may keep running.
+        kill_group(pgid);
+        if status.is_err() {
+            let _ = child.wait().await;
         }
+        // The pipe ends once every process of the group is gone; a process
+        // that escaped the group (setsid) could hold it, so bound the drain.
+        if !drained {
+            drained = tokio::time::timeout(Duration::from_secs(2), &mut reading).await.is_ok();
+        }
+        (status, drained)
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    if !drained {
+        out.push_line("\n[output pipe still open 2 s after the handler ended; stopped reading]");
+    }
     let output = out.finish();
     drop(payload_file);
 
