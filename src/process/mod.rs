@@ -34,7 +34,7 @@ struct HandlerRt {
     run: Arc<dyn Handler>,
     permits: Arc<Semaphore>,
     /// Deliveries this process holds for the handler: running, or claimed and
-    /// waiting for a slot. Up to `concurrency` wait, so a slot that frees up
+    /// waiting for a slot (not those whose attempt is being recorded). Up to `concurrency` wait, so a slot that frees up
     /// starts its next delivery at once instead of after a claim round trip.
     held: Arc<AtomicUsize>,
     lease: Duration,
@@ -171,11 +171,7 @@ impl Processor {
                 let global = global.clone();
                 let stops = (shutdown.clone(), hard_stop.clone());
                 let hidden = state.config.secret_vars.clone();
-                tasks.spawn(async move {
-                    me.execute(&h, c, &global, &stops, &hidden).await;
-                    drop(held);
-                    me.slot_freed.notify_one();
-                });
+                tasks.spawn(async move { me.execute(&h, c, held, &global, &stops, &hidden).await });
             }
         }
         Ok(more)
@@ -208,6 +204,7 @@ impl Processor {
         &self,
         h: &HandlerRt,
         c: Claimed,
+        held: Held,
         global: &Arc<Semaphore>,
         (shutdown, stop): &(CancellationToken, CancellationToken),
         hidden_env: &[String],
@@ -229,6 +226,8 @@ impl Processor {
             if let Err(e) = self.store.release(&self.owner, vec![c.delivery_id]).await {
                 tracing::warn!(event_id = %c.event_id, error = %e, "could not release a delivery that had not started; it runs when its lease expires");
             }
+            drop(held);
+            self.slot_freed.notify_one();
             return;
         };
         let started = Utc::now();
@@ -236,7 +235,11 @@ impl Processor {
         let result: AttemptResult =
             self.keeping_lease(h, &c, h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env })).await;
         let took = t0.elapsed();
+        // The slot and the place in the handler's queue are free now; the
+        // dispatch loop may claim more while this attempt is recorded.
         drop(permits);
+        drop(held);
+        self.slot_freed.notify_one();
         let (next, give_up) = if result.interrupted {
             // Kept in the paper trail like any attempt; the delivery is due
             // again at once, so the next start runs it first.

@@ -43,6 +43,12 @@ pub enum Role {
 /// Most operations taken into one transaction. Bounded so one commit's
 /// latency stays small even under a flood.
 const MAX_BATCH: usize = 1024;
+
+/// How long attempt records alone wait for more to share a commit, and how
+/// many end that wait early. At most this much later in the paper trail; an
+/// attempt whose record is lost to a crash meanwhile runs again (at-least-once).
+const LAZY_WAIT: Duration = Duration::from_millis(5);
+const LAZY_BATCH: usize = 64;
 /// Operations that may wait for the writer; beyond this, ingest answers 503.
 const QUEUE_DEPTH: usize = 16 * 1024;
 /// How long a dedup row outlives its window before cleanup may remove it.
@@ -169,12 +175,17 @@ impl WriterState {
 trait WriteOp: Send {
     fn apply(&mut self, conn: &Connection, st: &mut WriterState) -> Result<(), StoreError>;
     fn finish(self: Box<Self>, result: Result<(), StoreError>);
+    /// Whether something waits on this write to go on: a request's answer, a
+    /// claim that starts work. The others (attempt records) may wait up to
+    /// [`LAZY_WAIT`] to share a commit.
+    fn urgent(&self) -> bool;
 }
 
 struct Op<T, F> {
     f: F,
     out: Option<T>,
     reply: oneshot::Sender<Result<T, StoreError>>,
+    urgent: bool,
 }
 
 impl<T, F> WriteOp for Op<T, F>
@@ -185,6 +196,9 @@ where
     fn apply(&mut self, conn: &Connection, st: &mut WriterState) -> Result<(), StoreError> {
         self.out = Some((self.f)(conn, st)?);
         Ok(())
+    }
+    fn urgent(&self) -> bool {
+        self.urgent
     }
     fn finish(self: Box<Self>, result: Result<(), StoreError>) {
         let Op { out, reply, .. } = *self;
@@ -344,8 +358,25 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnMut(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
     {
+        self.write_op(f, true).await
+    }
+
+    /// [`Self::write`] for a write nobody waits on to go on (see [`WriteOp::urgent`]).
+    async fn write_lazy<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.write_op(f, false).await
+    }
+
+    async fn write_op<T, F>(&self, f: F, urgent: bool) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
+    {
         let (reply, rx) = oneshot::channel();
-        let op: Box<dyn WriteOp> = Box::new(Op { f, out: None, reply });
+        let op: Box<dyn WriteOp> = Box::new(Op { f, out: None, reply, urgent });
         {
             let guard = self.tx.lock().expect("writer sender lock poisoned");
             let Some(tx) = guard.as_ref() else { return Err(StoreError::ShuttingDown) };
@@ -426,11 +457,29 @@ fn writer_loop(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => disconnected = true,
         }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+        take_waiting(&rx, &mut batch);
+        // Only attempt records waiting: give more of them a moment to share
+        // the commit (and its fsync). Anything urgent ends the wait.
+        if !batch.is_empty() && !batch.iter().any(|op| op.urgent()) {
+            let until = Instant::now() + LAZY_WAIT;
+            while batch.len() < LAZY_BATCH {
+                let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { break };
+                match rx.recv_timeout(left) {
+                    Ok(op) => {
+                        let urgent = op.urgent();
+                        batch.push(op);
+                        if urgent {
+                            break;
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
             }
+            take_waiting(&rx, &mut batch);
         }
         let counts = std::mem::take(&mut *shared.rejections.lock().expect("rejection counter lock poisoned"));
         if !batch.is_empty() || !counts.is_empty() {
@@ -459,6 +508,16 @@ fn writer_loop(
     }
     // Leave the WAL folded into the main file on a clean stop.
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+}
+
+/// Adds the operations already waiting to `batch`, up to [`MAX_BATCH`].
+fn take_waiting(rx: &Receiver<Box<dyn WriteOp>>, batch: &mut Vec<Box<dyn WriteOp>>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
 }
 
 /// Operations with their outcome, to be answered once the batch is over.
@@ -1013,7 +1072,7 @@ impl Store for SqliteStore {
     }
 
     async fn finish(&self, f: Finished) -> Result<(), StoreError> {
-        self.write(move |conn, st| finish(conn, st, &f)).await
+        self.write_lazy(move |conn, st| finish(conn, st, &f)).await
     }
 
     async fn renew(&self, owner: &str, delivery_id: i64, lease: Duration) -> Result<bool, StoreError> {
