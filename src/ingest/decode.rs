@@ -67,7 +67,21 @@ pub fn json(body: &[u8]) -> Result<Value, DecodeError> {
 
 /// Checks a body is valid JSON exactly as [`json`] does (same errors), without
 /// building the value.
+///
+/// The common body takes a fast path: one byte scan (depth, and the two
+/// things serde_json rejects only while decoding: `\u` escapes, which may be
+/// lone surrogates, and numbers that may overflow an f64), a whole-body UTF-8
+/// check, and serde_json skipping the document. Anything else, and every
+/// failure, goes through the full decode, so errors are those of [`json`].
 pub fn json_validate(body: &[u8]) -> Result<(), DecodeError> {
+    let scan = scan_json(body);
+    if !scan.risky && scan.depth <= MAX_JSON_DEPTH && std::str::from_utf8(body).is_ok() {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        de.disable_recursion_limit();
+        if <serde::de::IgnoredAny as serde::Deserialize>::deserialize(&mut de).and_then(|_| de.end()).is_ok() {
+            return Ok(());
+        }
+    }
     parse_json::<Validate>(body).map(|_| ())
 }
 
@@ -78,7 +92,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, DecodeEr
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(DecodeError::Empty("JSON"));
     }
-    if json_depth_exceeds(body, MAX_JSON_DEPTH) {
+    if scan_json(body).depth > MAX_JSON_DEPTH {
         return Err(DecodeError::JsonTooDeep);
     }
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -133,16 +147,27 @@ impl<'de> serde::de::Visitor<'de> for Validate {
     }
 }
 
-/// Whether brackets outside strings nest deeper than `max`. A linear scan that
-/// cannot overflow the stack whatever the input.
-fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
-    let mut depth = 0usize;
+/// What one linear pass over a would-be JSON document finds (it cannot
+/// overflow the stack whatever the input).
+struct JsonScan {
+    /// Deepest nesting of brackets outside strings.
+    depth: usize,
+    /// A `\u` escape, a number with an exponent or a run of 300+ digits: what
+    /// serde_json accepts when skipping but may reject when decoding.
+    risky: bool,
+}
+
+fn scan_json(body: &[u8]) -> JsonScan {
+    let (mut depth, mut deepest, mut digits) = (0usize, 0usize, 0usize);
     let mut in_string = false;
     let mut escaped = false;
+    let mut risky = false;
+    let mut prev = 0u8;
     for &b in body {
         if in_string {
             if escaped {
                 escaped = false;
+                risky |= b == b'u';
             } else if b == b'\\' {
                 escaped = true;
             } else if b == b'"' {
@@ -150,19 +175,25 @@ fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
             }
             continue;
         }
+        if b.is_ascii_digit() {
+            digits += 1;
+            risky |= digits >= 300;
+        } else {
+            digits = 0;
+        }
         match b {
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
-                if depth > max {
-                    return true;
-                }
+                deepest = deepest.max(depth);
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b'e' | b'E' => risky |= prev.is_ascii_digit() || prev == b'.',
             _ => {}
         }
+        prev = b;
     }
-    false
+    JsonScan { depth: deepest, risky }
 }
 
 /// Adds one field; a repeated key turns the value into an array. Values added
@@ -354,6 +385,42 @@ mod tests {
         }
         let deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
         assert_eq!(json_validate(deep.as_bytes()), Err(DecodeError::JsonTooDeep));
+        // What skipping accepts but decoding rejects, and near misses of it.
+        let long = "9".repeat(400);
+        let cases = [
+            "1e400".to_string(),
+            "[-1E400]".to_string(),
+            "1E-400".to_string(),
+            "{\"a\":1.5e308}".to_string(),
+            "1.0e+".to_string(),
+            long.clone(),
+            format!("[{long}.5]"),
+            format!("\"{long}\""),
+            "\"\\ud800\"".to_string(),
+            "\"\\ud83d\\ude00\"".to_string(),
+            "\"\\u0041\"".to_string(),
+            "{\"e\": true, \"E\": false, \"x\": \"1e400\"}".to_string(),
+            "[01]".to_string(),
+            "{\"a\" 1}".to_string(),
+            "\"tab\there\"".to_string(),
+            "\"bad \\q escape\"".to_string(),
+        ];
+        for body in &cases {
+            assert_eq!(json(body.as_bytes()).err(), json_validate(body.as_bytes()).err(), "{body}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The fast path never accepts what decoding rejects, and errors match.
+        #[test]
+        fn validation_agrees_with_parsing_on_any_input(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            proptest::prop_assert_eq!(json(&body).err(), json_validate(&body).err());
+        }
+
+        #[test]
+        fn validation_agrees_with_parsing_on_json_like_input(body in "[\\[\\]{}\":,0-9eE.+\\- a-z\\\\]{0,48}") {
+            proptest::prop_assert_eq!(json(body.as_bytes()).err(), json_validate(body.as_bytes()).err());
+        }
     }
 
     #[test]

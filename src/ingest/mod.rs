@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use ipnet::IpNet;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -421,17 +421,46 @@ fn is_sensitive_name(name: &str) -> bool {
 
 /// Headers as a JSON object (repeated headers become arrays), secrets redacted.
 pub fn stored_headers(headers: &HeaderMap, secret_headers: &[String]) -> String {
-    let mut map = Map::new();
-    for (name, value) in headers {
-        let n = name.as_str();
-        let v = if is_sensitive_name(n) || secret_headers.iter().any(|s| s == n) {
-            REDACTED.to_string()
-        } else {
-            String::from_utf8_lossy(value.as_bytes()).into_owned()
+    // Written straight out (this runs for every request): a JSON object with
+    // the names sorted, a repeated header as an array of its values in order.
+    let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+    names.sort_unstable();
+    let mut out = Vec::with_capacity(64 * names.len() + 2);
+    out.push(b'{');
+    for (i, n) in names.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_str(&mut out, n);
+        out.push(b':');
+        let secret = is_sensitive_name(n) || secret_headers.iter().any(|s| s == n);
+        let value = |out: &mut Vec<u8>, v: &HeaderValue| {
+            if secret {
+                write_json_str(out, REDACTED)
+            } else {
+                write_json_str(out, &String::from_utf8_lossy(v.as_bytes()))
+            }
         };
-        decode::push_field(&mut map, n.to_string(), Value::String(v));
+        let all = headers.get_all(*n);
+        if all.iter().nth(1).is_none() {
+            all.iter().for_each(|v| value(&mut out, v));
+        } else {
+            out.push(b'[');
+            for (j, v) in all.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                value(&mut out, v);
+            }
+            out.push(b']');
+        }
     }
-    Value::Object(map).to_string()
+    out.push(b'}');
+    String::from_utf8(out).expect("JSON written from UTF-8 strings")
+}
+
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("writing a string to a Vec cannot fail");
 }
 
 /// The query string as received, except the values of credential parameters.
@@ -520,9 +549,29 @@ mod tests {
         h.insert("x-webhook-token", "s3cret".parse().unwrap());
         h.insert("authorization", "Bearer x".parse().unwrap());
         h.insert("x-custom", "keep".parse().unwrap());
+        h.append("x-tag", "a".parse().unwrap());
+        h.append("x-tag", "b\"c".parse().unwrap());
+        h.append("x-tag", "d".parse().unwrap());
+        h.insert("x-custom-secret", "hide".parse().unwrap());
+        h.append("cookie", "c1".parse().unwrap());
+        h.append("cookie", "c2".parse().unwrap());
         let s = stored_headers(&h, &["x-custom-secret".into()]);
-        assert!(!s.contains("s3cret") && !s.contains("Bearer"), "{s}");
-        assert!(s.contains("keep"));
+        assert!(!s.contains("s3cret") && !s.contains("Bearer") && !s.contains("hide"), "{s}");
+        let v: Value = serde_json::from_str(&s).expect("stored headers are JSON");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "authorization": "[redacted]",
+                "cookie": ["[redacted]", "[redacted]"],
+                "x-custom": "keep",
+                "x-custom-secret": "[redacted]",
+                "x-tag": ["a", "b\"c", "d"],
+                "x-webhook-token": "[redacted]",
+            })
+        );
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "names sorted: {s}");
+        assert_eq!(stored_headers(&HeaderMap::new(), &[]), "{}");
         assert_eq!(redact_query("a=1&t=zz&api_key=k", Some("t")), "a=1&t=[redacted]&api_key=[redacted]");
     }
 
