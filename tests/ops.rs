@@ -347,6 +347,45 @@ fn admin_endpoints_need_the_token_when_one_is_set() {
 }
 
 #[test]
+fn guessing_the_admin_token_is_slowed_down_per_address() {
+    let env = TestEnv::new(CONFIG);
+    let d = env.daemon().env("HOOKTRAIL_ADMIN_TOKEN", ADMIN_TOKEN).start();
+    let admin = Admin::of(&env, Some(ADMIN_TOKEN));
+    let anon = admin.anon();
+    let form = "application/x-www-form-urlencoded";
+    // Ten wrong tokens, by header and by the login form, are each just refused.
+    for n in 0..10 {
+        let r = if n % 2 == 0 {
+            anon.send("GET", "/api/stats", &[("authorization", &format!("Bearer guess-{n}"))], "")
+        } else {
+            anon.send("POST", "/login", &[("content-type", form)], &format!("token=guess-{n}&next=%2F"))
+        };
+        assert_eq!(r.status, 401, "wrong token {n}: {}", r.text());
+    }
+    // Then this address's tokens are refused unchecked, even the right one,
+    // so the block cannot be used to tell a right guess from a wrong one.
+    let r = anon.send("GET", "/api/stats", &[("authorization", "Bearer guess-10")], "");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.error().contains("too many wrong admin tokens"), "{}", r.text());
+    let wait: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).expect("a Retry-After in seconds");
+    assert!((1..=6).contains(&wait), "Retry-After {wait}");
+    assert_eq!(admin.get("/api/stats").status, 429, "the right token is not even checked while blocked");
+    let r = anon.send("POST", "/login", &[("content-type", form)], &format!("token={ADMIN_TOKEN}&next=%2F"));
+    assert_eq!(r.status, 429, "the login form is blocked too: {}", r.text());
+    assert!(r.text().contains("too many wrong admin tokens"), "the page says why");
+    assert!(r.header("set-cookie").is_none(), "no session while blocked");
+    // Nothing else is disturbed: probes, and webhooks on the public listener.
+    assert_eq!(anon.get("/healthz").status, 200);
+    let id = d.post_json("/hooks/forms", r#"{"email":"a@example.com"}"#).id();
+    assert!(id.starts_with("evt_"));
+    // The log is written in the background: wait for the line, then check it all.
+    wait_for("the block to be logged", Duration::from_secs(10), || d.log().contains("too many wrong tokens"));
+    assert!(!d.log().contains(ADMIN_TOKEN) && !d.log().contains("guess-"), "tokens never reach the log");
+    // After the wait the right token works again.
+    wait_for("the block to lift", Duration::from_secs(wait + 5), || admin.get("/api/stats").status == 200);
+}
+
+#[test]
 fn admin_without_a_token_is_loopback_only() {
     let env = TestEnv::new(CONFIG);
     let d = env.start();

@@ -44,6 +44,59 @@ const MAX_FORM_BYTES: usize = 8 * 1024;
 const COOKIE: &str = "hooktrail_admin";
 /// How long a page login lasts.
 pub(super) const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Wrong admin tokens one client address may send in a burst…
+const FAIL_BURST: u32 = 10;
+/// …after which it gets one more try per this period; until then every
+/// credential it sends is answered 429 without being checked.
+const FAIL_PERIOD: Duration = Duration::from_secs(6);
+
+/// Slows down guessing the admin token: counts wrong tokens (login form or
+/// `Authorization: Bearer`) per client address and, once an address used up
+/// its burst, refuses its credentials unchecked until it may try again. A
+/// right guess during the block gets the same 429 as a wrong one, so the block
+/// cannot be used to test tokens faster.
+pub(super) struct FailGate {
+    wrong: governor::DefaultKeyedRateLimiter<IpAddr>,
+    blocked: std::sync::Mutex<std::collections::HashMap<IpAddr, std::time::Instant>>,
+}
+
+impl FailGate {
+    pub(super) fn new() -> Self {
+        let quota = governor::Quota::with_period(FAIL_PERIOD)
+            .expect("FAIL_PERIOD is not zero")
+            // The try that finds the bucket empty is the FAIL_BURST-th wrong one.
+            .allow_burst(std::num::NonZeroU32::new(FAIL_BURST - 1).expect("FAIL_BURST is at least 2"));
+        FailGate { wrong: governor::RateLimiter::keyed(quota), blocked: Default::default() }
+    }
+
+    /// `Err(wait)` while `ip` may not try a credential.
+    fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+        let blocked = self.blocked.lock().expect("admin fail gate lock poisoned");
+        match blocked.get(&ip).map(|until| until.saturating_duration_since(std::time::Instant::now())) {
+            Some(wait) if !wait.is_zero() => Err(wait),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a wrong credential from `ip`.
+    fn failed(&self, ip: IpAddr) {
+        use governor::clock::Clock as _;
+        if let Err(not_until) = self.wrong.check_key(&ip) {
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            let now = std::time::Instant::now();
+            let mut blocked = self.blocked.lock().expect("admin fail gate lock poisoned");
+            blocked.retain(|_, until| *until > now);
+            blocked.insert(ip, now + wait);
+            tracing::warn!(client = %ip, wait_s = wait.as_secs_f64().ceil() as u64, "admin: too many wrong tokens from this address; refusing its credentials for a while");
+        }
+    }
+
+    /// Forgets idle per-address counts so memory stays bounded.
+    pub(super) fn trim(&self) {
+        self.wrong.retain_recent();
+        self.wrong.shrink_to_fit();
+    }
+}
 
 /// Accepts admin connections until `shutdown`, then lets open requests finish
 /// for a few seconds.
@@ -55,6 +108,17 @@ pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: CancellationT
         max_header_bytes: 64 * 1024,
         drain: Duration::from_secs(5),
     };
+    let trim = (ops.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let (ops, shutdown) = trim;
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => ops.fail_gate().trim(),
+            }
+        }
+    });
     crate::http_server::serve(listener, limits, shutdown, move |req, peer| {
         let ops = ops.clone();
         async move { handle(&ops, req, peer).await }
@@ -125,7 +189,7 @@ async fn handle(ops: &Ops, req: Request<Incoming>, peer: SocketAddr) -> Resp {
     let r = route(&parts.method, &path);
     tracing::debug!(method = %parts.method, path = %path, %peer, "admin request");
     let cfg = ops.config();
-    if let Err(denied) = authorize(&cfg, &parts, &r) {
+    if let Err(denied) = authorize(&cfg, &parts, &r, ops.fail_gate(), peer.ip()) {
         return *denied;
     }
     let form = if parts.method == Method::POST {
@@ -149,7 +213,7 @@ async fn handle(ops: &Ops, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         Route::PageEvent(id) => page::event(ops, id, &query, logged_in).await,
         Route::PageReplay(id) => page::replay(ops, id, &form).await,
         Route::LoginForm => login_form(&cfg, &query),
-        Route::Login => login(&cfg, &form),
+        Route::Login => login(&cfg, &form, ops.fail_gate(), peer.ip()),
         Route::Logout => logout(),
         Route::NotFound if path.starts_with("/api/") => json_error(StatusCode::NOT_FOUND, &format!("no admin endpoint `{path}`")),
         Route::NotFound => page::not_found(&format!("Nothing at {path}.")),
@@ -162,7 +226,7 @@ async fn handle(ops: &Ops, req: Request<Incoming>, peer: SocketAddr) -> Resp {
 }
 
 /// Applies the access rules of the module doc; `Err` is the answer to send.
-fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>) -> Result<(), Box<Resp>> {
+fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>, gate: &FailGate, ip: IpAddr) -> Result<(), Box<Resp>> {
     if matches!(r, Route::Healthz | Route::Readyz) {
         return Ok(());
     }
@@ -179,8 +243,17 @@ fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>) -> Result<(), Box<Resp>
         }
         return Ok(());
     };
-    if r.is_open() || bearer_ok(parts, token.expose()) || cookie_ok(parts, token.expose()) {
+    if r.is_open() || cookie_ok(parts, token.expose()) {
         return Ok(());
+    }
+    if has_bearer(parts) {
+        if let Err(wait) = gate.check(ip) {
+            return Err(Box::new(too_many_tries(wait, true)));
+        }
+        if bearer_ok(parts, token.expose()) {
+            return Ok(());
+        }
+        gate.failed(ip);
     }
     if r.is_machine() {
         let mut resp = json_error(StatusCode::UNAUTHORIZED, "missing or wrong admin token: send Authorization: Bearer <token>");
@@ -194,6 +267,21 @@ fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>) -> Result<(), Box<Resp>
     };
     let next = if parts.method == Method::GET { here } else { "/".into() };
     Err(Box::new(page::login(StatusCode::UNAUTHORIZED, &next, None)))
+}
+
+fn has_bearer(parts: &Parts) -> bool {
+    parts.headers.get_all(hyper::header::AUTHORIZATION).iter().any(|v| v.len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer "))
+}
+
+/// 429 for an address that sent too many wrong tokens: JSON for programs, the
+/// login page for people.
+fn too_many_tries(wait: Duration, machine: bool) -> Resp {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let msg = format!("too many wrong admin tokens from this address; try again in {secs} s");
+    let mut resp =
+        if machine { json_error(StatusCode::TOO_MANY_REQUESTS, &msg) } else { page::login(StatusCode::TOO_MANY_REQUESTS, "/", Some(&msg)) };
+    resp.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
 }
 
 fn bearer_ok(parts: &Parts, token: &[u8]) -> bool {
@@ -282,12 +370,16 @@ fn login_form(cfg: &Config, query: &str) -> Resp {
     page::login(StatusCode::OK, &safe_next(&next), None)
 }
 
-fn login(cfg: &Config, form: &str) -> Resp {
+fn login(cfg: &Config, form: &str, gate: &FailGate, ip: IpAddr) -> Resp {
     let Some(token) = &cfg.admin.token else { return redirect("/") };
     let next = safe_next(&form_value(form, "next").unwrap_or_default());
+    if let Err(wait) = gate.check(ip) {
+        return too_many_tries(wait, false);
+    }
     let given = form_value(form, "token").unwrap_or_default();
     if !crypto::secret_eq(given.as_bytes(), token.expose()) {
-        tracing::warn!("admin page: login with a wrong token");
+        tracing::warn!(client = %ip, "admin page: login with a wrong token");
+        gate.failed(ip);
         return page::login(StatusCode::UNAUTHORIZED, &next, Some("That is not the admin token."));
     }
     let expires = chrono::Utc::now().timestamp() + SESSION_TTL.as_secs() as i64;

@@ -48,6 +48,7 @@ pub struct Ops {
     /// Set once the public listener is bound (readiness).
     listener_bound: AtomicBool,
     chart: Mutex<Option<(Instant, Arc<Vec<HourCounts>>)>>,
+    fail_gate: admin::FailGate,
 }
 
 /// The outcome of one readiness check.
@@ -96,7 +97,12 @@ impl Ops {
             roles,
             listener_bound: AtomicBool::new(false),
             chart: Mutex::new(None),
+            fail_gate: admin::FailGate::new(),
         })
+    }
+
+    fn fail_gate(&self) -> &admin::FailGate {
+        &self.fail_gate
     }
 
     /// Takes a reloaded config: the admin token, retention and the handler
