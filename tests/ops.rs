@@ -215,6 +215,89 @@ fn systemd_gets_ready_watchdog_reloading_and_stopping_on_notify_socket() {
     assert!(status.expect("checked above").success(), "hooktrail did not exit 0 after SIGTERM");
 }
 
+/// Sets the soft `RLIMIT_FSIZE` of a running process (`None` lifts it).
+fn limit_file_size(pid: u32, bytes: Option<u64>) {
+    let v = bytes.map_or(libc::RLIM_INFINITY, |b| b as libc::rlim_t);
+    let lim = libc::rlimit { rlim_cur: v, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: prlimit(2) on our own child with a valid rlimit and no old-value pointer.
+    let rc = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit failed: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn readiness_fails_while_storage_cannot_commit_and_recovers_with_it() {
+    let env = TestEnv::new(CONFIG);
+    // SIGXFSZ ignored, no limit yet.
+    let d = env.daemon().max_file_size(u64::MAX).start();
+    let admin = Admin::of(&env, None);
+    let r = admin.get("/readyz");
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Every write now fails with EFBIG, as on a full disk.
+    d.set_max_file_size(Some(1));
+    let r = admin.get("/readyz");
+    assert_eq!(r.status, 503, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["ready"], false);
+    assert!(body["storage"].as_str().is_some_and(|s| s != "ok" && !s.is_empty()), "the storage check names its failure: {body}");
+    assert_eq!(body["listener"], "ok", "only storage is failing: {body}");
+    assert_eq!(admin.get("/healthz").status, 200, "liveness is not readiness: the process is up");
+
+    d.set_max_file_size(None);
+    let r = admin.get("/readyz");
+    assert_eq!(r.status, 200, "ready again once storage commits: {}", r.text());
+}
+
+#[test]
+fn systemd_watchdog_pings_are_withheld_while_storage_cannot_commit() {
+    let env = TestEnv::new(CONFIG);
+    let sock_path = env.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("binding the notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("setting a timeout");
+    let mut cmd = Command::new("/bin/sh");
+    // SIGXFSZ ignored (inherited across exec), so a write past the limit fails
+    // with EFBIG instead of killing the daemon.
+    cmd.arg("-c").arg("trap '' XFSZ; WATCHDOG_PID=$$ exec \"$@\"").arg("sh").arg(BIN).arg("--config").arg(env.config_path()).arg("serve");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("HOOKTRAIL") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    // The log goes through a pipe: the file size limit below would stop a log file too.
+    cmd.env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut d = Wrapped { child: cmd.spawn().expect("spawning hooktrail through sh") };
+    let log = Arc::new(Mutex::new(String::new()));
+    let stderr = d.child.stderr.take().expect("piped stderr");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut all = sink.lock().unwrap();
+            all.push_str(&line);
+            all.push('\n');
+        }
+    });
+    let read_log = || log.lock().unwrap().clone();
+    recv_until(&sock, "READY=1", START_TIMEOUT);
+    recv_until(&sock, "WATCHDOG=1", Duration::from_secs(10));
+
+    limit_file_size(d.child.id(), Some(1));
+    wait_for("the daemon to withhold a watchdog ping", Duration::from_secs(20), || {
+        read_log().lines().any(|l| l.contains("withholding the systemd watchdog ping") && l.contains("storage"))
+    });
+
+    // Storage back: earned pings resume, so systemd never needed to restart it.
+    limit_file_size(d.child.id(), None);
+    let mut buf = [0u8; 4096];
+    while sock.recv(&mut buf).is_ok() {} // drop what was queued before the fix
+    recv_until(&sock, "WATCHDOG=1", Duration::from_secs(20));
+}
+
 #[test]
 fn sighup_adds_a_source_while_requests_keep_flowing_and_a_broken_config_is_refused() {
     let env = TestEnv::new(CONFIG);
