@@ -147,6 +147,27 @@ impl Drop for Wrapped {
     }
 }
 
+/// `hooktrail serve` started through `sh -c "PRELUDE WATCHDOG_PID=$$ exec …"`
+/// (so `WATCHDOG_PID` names the daemon's own pid), with a 1 s watchdog and
+/// `NOTIFY_SOCKET` at `sock`, and none of the caller's HOOKTRAIL variables.
+fn wrapped_command(env: &TestEnv, sock: &Path, prelude: &str) -> Command {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(format!("{prelude}WATCHDOG_PID=$$ exec \"$@\""))
+        .arg("sh")
+        .arg(BIN)
+        .arg("--config")
+        .arg(env.config_path())
+        .arg("serve");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("HOOKTRAIL") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("NOTIFY_SOCKET", sock).env("WATCHDOG_USEC", "1000000").env("RUST_LOG", "info").stdin(Stdio::null());
+    cmd
+}
+
 /// Reads notify datagrams until one holds the line `want`; returns all lines seen.
 fn recv_until(sock: &UnixDatagram, want: &str, timeout: Duration) -> Vec<String> {
     let deadline = Instant::now() + timeout;
@@ -176,19 +197,8 @@ fn systemd_gets_ready_watchdog_reloading_and_stopping_on_notify_socket() {
     let sock = UnixDatagram::bind(&sock_path).expect("binding the notify socket");
     sock.set_read_timeout(Some(Duration::from_millis(200))).expect("setting a timeout");
     let log = std::fs::File::create(env.dir().join("wrapped.log")).expect("creating the log");
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c").arg("WATCHDOG_PID=$$ exec \"$@\"").arg("sh").arg(BIN).arg("--config").arg(env.config_path()).arg("serve");
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("HOOKTRAIL") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "1000000")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("cloning the log"))
-        .stderr(log);
+    let mut cmd = wrapped_command(&env, &sock_path, "");
+    cmd.stdout(log.try_clone().expect("cloning the log")).stderr(log);
     let mut d = Wrapped { child: cmd.spawn().expect("spawning hooktrail through sh") };
 
     recv_until(&sock, "READY=1", START_TIMEOUT);
@@ -254,22 +264,11 @@ fn systemd_watchdog_pings_are_withheld_while_storage_cannot_commit() {
     let sock_path = env.dir().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).expect("binding the notify socket");
     sock.set_read_timeout(Some(Duration::from_millis(200))).expect("setting a timeout");
-    let mut cmd = Command::new("/bin/sh");
     // SIGXFSZ ignored (inherited across exec), so a write past the limit fails
-    // with EFBIG instead of killing the daemon.
-    cmd.arg("-c").arg("trap '' XFSZ; WATCHDOG_PID=$$ exec \"$@\"").arg("sh").arg(BIN).arg("--config").arg(env.config_path()).arg("serve");
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("HOOKTRAIL") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    // The log goes through a pipe: the file size limit below would stop a log file too.
-    cmd.env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "1000000")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    // with EFBIG instead of killing the daemon. The log goes through a pipe:
+    // the file size limit below would stop a log file too.
+    let mut cmd = wrapped_command(&env, &sock_path, "trap '' XFSZ; ");
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut d = Wrapped { child: cmd.spawn().expect("spawning hooktrail through sh") };
     let log = Arc::new(Mutex::new(String::new()));
     let stderr = d.child.stderr.take().expect("piped stderr");

@@ -426,12 +426,8 @@ pub fn stored_headers(headers: &HeaderMap, secret_headers: &[String]) -> String 
     let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
     names.sort_unstable();
     let mut out = Vec::with_capacity(64 * names.len() + 2);
-    out.push(b'{');
-    for (i, n) in names.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_json_str(&mut out, n);
+    json_seq(&mut out, b'{', b'}', names.iter(), |out, n| {
+        write_json_str(out, n);
         out.push(b':');
         let secret = is_sensitive_name(n) || secret_headers.iter().any(|s| s == n);
         let value = |out: &mut Vec<u8>, v: &HeaderValue| {
@@ -443,20 +439,24 @@ pub fn stored_headers(headers: &HeaderMap, secret_headers: &[String]) -> String 
         };
         let all = headers.get_all(*n);
         if all.iter().nth(1).is_none() {
-            all.iter().for_each(|v| value(&mut out, v));
+            all.iter().for_each(|v| value(out, v));
         } else {
-            out.push(b'[');
-            for (j, v) in all.iter().enumerate() {
-                if j > 0 {
-                    out.push(b',');
-                }
-                value(&mut out, v);
-            }
-            out.push(b']');
+            json_seq(out, b'[', b']', all.iter(), value);
         }
-    }
-    out.push(b'}');
+    });
     String::from_utf8(out).expect("JSON written from UTF-8 strings")
+}
+
+/// Writes `open`, the items separated by commas, `close`.
+fn json_seq<T>(out: &mut Vec<u8>, open: u8, close: u8, items: impl Iterator<Item = T>, mut each: impl FnMut(&mut Vec<u8>, T)) {
+    out.push(open);
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        each(out, item);
+    }
+    out.push(close);
 }
 
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
