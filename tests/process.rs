@@ -623,6 +623,47 @@ impl Drop for ProcessRole {
 }
 
 #[test]
+fn kill9_with_deliveries_held_for_a_slot_records_no_phantom_attempt_for_them() {
+    let w = Work::new();
+    let config = [
+        fast("lease = \"2s\"").as_str(),
+        &open_source("leads"),
+        &w.shell(
+            "import",
+            r#"if [ -e "$W/restarted" ]; then echo "ran $HOOKTRAIL_EVENT_ID"; exit 0; fi
+echo $$ > "$W/blocked.tmp" && mv "$W/blocked.tmp" "$W/blocked.pid"
+exec sleep 600"#,
+            "concurrency = 1\ntimeout = \"2s\"",
+        ),
+        &route("leads", "import"),
+    ]
+    .concat();
+    let env = TestEnv::new(&config);
+    let d = env.start();
+    let running = d.post_json("/hooks/leads", r#"{"n":1}"#).id();
+    wait_for("the first attempt to start", SETTLE, || w.path("blocked.pid").exists());
+    let held = d.post_json("/hooks/leads", r#"{"n":2}"#).id();
+    wait_for("the second delivery to be claimed ahead", SETTLE, || delivery(&env.show(&held), "import")["status"] == "running");
+    // Its attempt cannot begin: concurrency = 1 and the first one blocks.
+    d.kill9();
+    kill_leftover(read_pid(&w.path("blocked.pid")).expect("handler pid"));
+    std::fs::write(w.path("restarted"), "").unwrap();
+
+    let _d = env.start();
+    let ev = wait_settled(&env, &running);
+    let a = attempts(delivery(&ev, "import")).clone();
+    assert_eq!(a.len(), 2, "the attempt that was running is in the history as interrupted: {ev:#}");
+    assert!(a[0]["error"].as_str().is_some_and(|e| e.contains("lease expired")), "{ev:#}");
+    assert_eq!(a[1]["number"], 2);
+
+    let ev = wait_settled(&env, &held);
+    let a = attempts(delivery(&ev, "import")).clone();
+    assert_eq!(a.len(), 1, "the held delivery never ran before the crash, so it has no interrupted attempt: {ev:#}");
+    assert_eq!(a[0]["number"], 1, "and its first run is attempt 1: {ev:#}");
+    assert_eq!(a[0]["outcome"], "success");
+}
+
+#[test]
 fn ingest_and_process_roles_share_one_database() {
     let w = Work::new();
     let config = [

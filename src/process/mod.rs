@@ -232,8 +232,15 @@ impl Processor {
         };
         let started = Utc::now();
         let t0 = Instant::now();
-        let result: AttemptResult =
-            self.keeping_lease(h, &c, h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env })).await;
+        let attempt = async {
+            let begun = async {
+                if let Err(e) = self.store.started(&self.owner, c.delivery_id).await {
+                    tracing::warn!(event_id = %c.event_id, error = %e, "could not mark the attempt as begun");
+                }
+            };
+            tokio::join!(h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env }), begun).0
+        };
+        let result: AttemptResult = self.keeping_lease(h, &c, attempt).await;
         let took = t0.elapsed();
         // The slot and the place in the handler's queue are free now; the
         // dispatch loop may claim more while this attempt is recorded.

@@ -324,7 +324,14 @@ pub trait Store: Send + Sync + 'static {
     async fn hourly(&self, since: DateTime<Utc>) -> Result<Vec<HourCounts>, StoreError>;
 
     /// Claims up to `limit` due deliveries of `handler` for `owner`, leased for `lease`.
+    /// A claimed delivery is *held* until [`Store::started`]: if its lease
+    /// expires while held (the processor died before running it), the next
+    /// claim neither records an interrupted attempt nor spends one.
     async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError>;
+    /// Marks a claimed delivery's attempt as begun. Recorded lazily (with the
+    /// next commit, within a few milliseconds): it only shapes the history
+    /// after a crash.
+    async fn started(&self, owner: &str, delivery_id: i64) -> Result<(), StoreError>;
     /// Records an attempt and moves its delivery (and event) on.
     async fn finish(&self, f: Finished) -> Result<(), StoreError>;
     /// Extends `owner`'s lease on a running delivery; false if it is no longer ours.

@@ -139,6 +139,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_unfinished ON events(status, seq) WHERE status != 'done';
     DROP INDEX deliveries_handler;
     "#,
+    // 3: a claimed delivery is held (claimed ahead, waiting for a handler
+    // slot) until its attempt begins; see `claim`.
+    r#"
+    ALTER TABLE deliveries ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The smallest event id that can have been received at or after `t`: ids are
@@ -1075,6 +1080,16 @@ impl Store for SqliteStore {
         self.write_lazy(move |conn, st| finish(conn, st, &f)).await
     }
 
+    async fn started(&self, owner: &str, delivery_id: i64) -> Result<(), StoreError> {
+        let owner = owner.to_string();
+        self.write_lazy(move |conn, _| {
+            conn.prepare_cached("UPDATE deliveries SET held = 0 WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' AND held = 1")?
+                .execute(params![delivery_id, owner])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn renew(&self, owner: &str, delivery_id: i64, lease: Duration) -> Result<bool, StoreError> {
         let owner = owner.to_string();
         self.write(move |conn, _| {
@@ -1095,7 +1110,7 @@ impl Store for SqliteStore {
                 let seq: Option<i64> = conn
                     .prepare_cached(
                         "UPDATE deliveries SET status = CASE WHEN attempts - 1 > budget_from THEN 'retrying' ELSE 'pending' END,
-                         attempts = attempts - 1, next_at = ?3, lease_owner = NULL, updated_at = ?3
+                         attempts = attempts - 1, next_at = ?3, lease_owner = NULL, held = 0, updated_at = ?3
                          WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' RETURNING event_seq",
                     )?
                     .query_row(params![id, owner, now_us()], |r| r.get(0))
@@ -1207,17 +1222,21 @@ impl Drop for SqliteStore {
 fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
     let now = now_us();
     let lease_until = now + lease.as_micros() as i64;
-    let due: Vec<(i64, i64, String, i64, i64)> = conn
+    let due: Vec<(i64, i64, String, i64, i64, bool)> = conn
         .prepare_cached(
-            "SELECT id, event_seq, status, attempts, budget_from FROM deliveries
+            "SELECT id, event_seq, status, attempts, budget_from, held FROM deliveries
              WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running') AND next_at <= ?2
              ORDER BY next_at LIMIT ?3",
         )?
-        .query_map(params![handler, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .query_map(params![handler, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(due.len());
-    for (id, seq, status, attempts, budget_from) in due {
-        if status == "running" {
+    for (id, seq, status, attempts, budget_from, held) in due {
+        // A lease that expired on a delivery still held for a slot: its
+        // previous holder died before running it, so that attempt never
+        // happened; it gets the same number again.
+        let never_ran = status == "running" && held;
+        if status == "running" && !held {
             // The previous holder died mid-attempt: leave that in the paper trail.
             conn.prepare_cached(
                 "INSERT OR IGNORE INTO attempts(delivery_id, number, started_at, duration_ms, outcome, error, output)
@@ -1225,8 +1244,11 @@ fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Dur
             )?
             .execute(params![id, attempts, now])?;
         }
-        conn.prepare_cached("UPDATE deliveries SET status = 'running', attempts = attempts + 1, lease_owner = ?2, next_at = ?3, updated_at = ?4 WHERE id = ?1")?
-            .execute(params![id, owner, lease_until, now])?;
+        let attempts = if never_ran { attempts - 1 } else { attempts };
+        conn.prepare_cached(
+            "UPDATE deliveries SET status = 'running', attempts = ?5, held = 1, lease_owner = ?2, next_at = ?3, updated_at = ?4 WHERE id = ?1",
+        )?
+        .execute(params![id, owner, lease_until, now, attempts + 1])?;
         // A running delivery makes its event `processing` whatever its other
         // deliveries are doing (see `event_status_of`): no need to count them.
         conn.prepare_cached("UPDATE events SET status = ?1 WHERE seq = ?2 AND status != ?1")?
@@ -1300,7 +1322,7 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), S
     // lost and another processor took over, its own result will count.
     let seq: Option<i64> = conn
         .prepare_cached(
-            "UPDATE deliveries SET status = ?1, next_at = ?2, lease_owner = NULL, updated_at = ?3
+            "UPDATE deliveries SET status = ?1, next_at = ?2, lease_owner = NULL, held = 0, updated_at = ?3
              WHERE id = ?4 AND status = 'running' AND attempts = ?5 RETURNING event_seq",
         )?
         .query_row(params![status.as_str(), next_at, now, f.delivery_id, f.attempt], |r| r.get(0))
