@@ -233,12 +233,25 @@ impl Processor {
         let started = Utc::now();
         let t0 = Instant::now();
         let attempt = async {
-            let begun = async {
-                if let Err(e) = self.store.started(&self.owner, c.delivery_id).await {
-                    tracing::warn!(event_id = %c.event_id, error = %e, "could not mark the attempt as begun");
+            // The mark is queued on its first poll and committed lazily; the
+            // attempt never waits for it (a finished attempt drops it, and the
+            // write still happens, before the attempt's own record).
+            let begun = self.store.started(&self.owner, c.delivery_id);
+            let run = h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env });
+            tokio::pin!(begun, run);
+            let mut marked = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut begun, if !marked => {
+                        marked = true;
+                        if let Err(e) = r {
+                            tracing::warn!(event_id = %c.event_id, error = %e, "could not mark the attempt as begun");
+                        }
+                    }
+                    r = &mut run => break r,
                 }
-            };
-            tokio::join!(h.run.run(Job { delivery: &c, config: &h.cfg, cancel: stop, hidden_env }), begun).0
+            }
         };
         let result: AttemptResult = self.keeping_lease(h, &c, attempt).await;
         let took = t0.elapsed();
