@@ -56,7 +56,7 @@ const FAIL_PERIOD: Duration = Duration::from_secs(6);
 /// right guess during the block gets the same 429 as a wrong one, so the block
 /// cannot be used to test tokens faster.
 pub(super) struct FailGate {
-    wrong: governor::DefaultKeyedRateLimiter<IpAddr>,
+    wrong: governor::DefaultKeyedRateLimiter<IpAddr, governor::middleware::StateInformationMiddleware>,
     blocked: std::sync::Mutex<std::collections::HashMap<IpAddr, std::time::Instant>>,
 }
 
@@ -64,31 +64,38 @@ impl FailGate {
     pub(super) fn new() -> Self {
         let quota = governor::Quota::with_period(FAIL_PERIOD)
             .expect("FAIL_PERIOD is not zero")
-            // The try that finds the bucket empty is the FAIL_BURST-th wrong one.
-            .allow_burst(std::num::NonZeroU32::new(FAIL_BURST - 1).expect("FAIL_BURST is at least 2"));
-        FailGate { wrong: governor::RateLimiter::keyed(quota), blocked: Default::default() }
+            .allow_burst(std::num::NonZeroU32::new(FAIL_BURST).expect("FAIL_BURST is not zero"));
+        FailGate {
+            wrong: governor::RateLimiter::keyed(quota).with_middleware::<governor::middleware::StateInformationMiddleware>(),
+            blocked: Default::default(),
+        }
     }
 
     /// `Err(wait)` while `ip` may not try a credential.
     fn check(&self, ip: IpAddr) -> Result<(), Duration> {
         let blocked = self.blocked.lock().expect("admin fail gate lock poisoned");
-        match blocked.get(&ip).map(|until| until.saturating_duration_since(std::time::Instant::now())) {
+        match blocked.get(&gate_key(ip)).map(|until| until.saturating_duration_since(std::time::Instant::now())) {
             Some(wait) if !wait.is_zero() => Err(wait),
             _ => Ok(()),
         }
     }
 
-    /// Records a wrong credential from `ip`.
+    /// Records a wrong credential from `ip`. The one that empties the
+    /// address's bucket blocks it until the bucket holds a try again, so after
+    /// the burst exactly one try per [`FAIL_PERIOD`] is ever checked.
     fn failed(&self, ip: IpAddr) {
         use governor::clock::Clock as _;
-        if let Err(not_until) = self.wrong.check_key(&ip) {
-            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-            let now = std::time::Instant::now();
-            let mut blocked = self.blocked.lock().expect("admin fail gate lock poisoned");
-            blocked.retain(|_, until| *until > now);
-            blocked.insert(ip, now + wait);
-            tracing::warn!(client = %ip, wait_s = wait.as_secs_f64().ceil() as u64, "admin: too many wrong tokens from this address; refusing its credentials for a while");
-        }
+        let key = gate_key(ip);
+        let wait = match self.wrong.check_key(&key) {
+            Ok(state) if state.remaining_burst_capacity() > 0 => return,
+            Ok(_) => FAIL_PERIOD,
+            Err(not_until) => not_until.wait_time_from(governor::clock::DefaultClock::default().now()).max(FAIL_PERIOD),
+        };
+        let now = std::time::Instant::now();
+        let mut blocked = self.blocked.lock().expect("admin fail gate lock poisoned");
+        blocked.retain(|_, until| *until > now);
+        blocked.insert(key, now + wait);
+        tracing::warn!(client = %ip, wait_s = wait.as_secs(), "admin: too many wrong tokens from this address; refusing its credentials for a while");
     }
 
     /// Forgets idle per-address counts so memory stays bounded.
@@ -269,6 +276,19 @@ fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>, gate: &FailGate, ip: Ip
     Err(Box::new(page::login(StatusCode::UNAUTHORIZED, &next, None)))
 }
 
+/// The address a FailGate counts under: IPv6 by its /64, the block one
+/// machine or customer usually gets, so fresh addresses from it do not mean
+/// fresh tries.
+fn gate_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
 fn has_bearer(parts: &Parts) -> bool {
     parts.headers.get_all(hyper::header::AUTHORIZATION).iter().any(|v| v.len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer "))
 }
@@ -284,11 +304,18 @@ fn too_many_tries(wait: Duration, machine: bool) -> Resp {
     resp
 }
 
+/// Exactly one `Authorization: Bearer` header with the token: a request
+/// listing several is refused (and counted as one wrong try), so it cannot
+/// test many guesses at once.
 fn bearer_ok(parts: &Parts, token: &[u8]) -> bool {
-    parts.headers.get_all(hyper::header::AUTHORIZATION).iter().any(|v| {
-        let v = v.as_bytes();
-        v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") && crypto::secret_eq(v[7..].trim_ascii(), token)
-    })
+    let mut all = parts.headers.get_all(hyper::header::AUTHORIZATION).iter();
+    match (all.next(), all.next()) {
+        (Some(v), None) => {
+            let v = v.as_bytes();
+            v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") && crypto::secret_eq(v[7..].trim_ascii(), token)
+        }
+        _ => false,
+    }
 }
 
 fn cookie_ok(parts: &Parts, token: &[u8]) -> bool {
@@ -507,6 +534,24 @@ mod tests {
         for bad in ["rebind.evil.example:9090", "10.0.0.1:9090", "localhost.evil.example"] {
             assert!(!host_is_loopback(&parts(Method::GET, &[("host", bad)])), "{bad}");
         }
+    }
+
+    #[test]
+    fn fail_gate_counts_ipv6_by_its_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(gate_key(a), gate_key(b));
+        assert_ne!(gate_key(a), gate_key(other));
+        assert_eq!(gate_key("::ffff:10.1.2.3".parse().unwrap()), "10.1.2.3".parse::<IpAddr>().unwrap());
+        assert_eq!(gate_key("10.1.2.3".parse().unwrap()), "10.1.2.3".parse::<IpAddr>().unwrap());
+        let gate = FailGate::new();
+        for _ in 0..FAIL_BURST {
+            assert!(gate.check(a).is_ok());
+            gate.failed(a);
+        }
+        assert!(gate.check(b).is_err(), "the whole /64 is blocked");
+        assert!(gate.check(other).is_ok(), "another /64 is not");
     }
 
     #[test]
