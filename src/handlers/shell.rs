@@ -196,10 +196,18 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
     if let Some((write, bytes, from)) = feed {
         // More than the pipe holds: the rest goes in the background, and a
         // handler that stops reading (or exits) just ends the write.
-        if let Ok(mut w) = tokio::net::unix::pipe::Sender::from_owned_fd(write) {
-            tokio::spawn(async move {
-                let _ = w.write_all(&bytes[from..]).await;
-            });
+        match tokio::net::unix::pipe::Sender::from_owned_fd(write) {
+            Ok(mut w) => {
+                tokio::spawn(async move {
+                    let _ = w.write_all(&bytes[from..]).await;
+                });
+            }
+            Err(e) => {
+                // The handler would read a cut payload: stop it and retry.
+                kill_group(pgid);
+                let _ = child.wait().await;
+                return AttemptResult::retry(format!("cannot write the rest of the payload to stdin: {e}"));
+            }
         }
     }
 

@@ -33,25 +33,63 @@ struct HandlerRt {
     cfg: Arc<HandlerConfig>,
     run: Arc<dyn Handler>,
     permits: Arc<Semaphore>,
-    /// Deliveries this process holds for the handler: running, or claimed and
-    /// waiting for a slot (not those whose attempt is being recorded). Up to `concurrency` wait, so a slot that frees up
-    /// starts its next delivery at once instead of after a claim round trip.
+    /// Deliveries this process holds for the handler: claimed and waiting for
+    /// a slot, or running (not those whose attempt is being recorded).
     held: Arc<AtomicUsize>,
+    /// Of those, the ones running (holding both the handler's and the global
+    /// slot). The others wait; up to `concurrency` of them, so a slot that
+    /// frees up starts its next delivery at once instead of after a claim
+    /// round trip, whatever the global limit lets run.
+    running: Arc<AtomicUsize>,
     lease: Duration,
 }
 
 impl HandlerRt {
-    /// Deliveries to claim now: enough to fill every slot and queue one more
-    /// round behind them. Nothing until at least `concurrency` places are
-    /// free, so claims come in batches rather than one per finished delivery
-    /// (each claim is a write transaction).
+    /// Deliveries to claim now: enough for `concurrency` to wait. Nothing
+    /// while more than half of those are still waiting, so claims come in
+    /// batches rather than one per finished delivery (each claim is a write
+    /// transaction).
     fn room(&self) -> usize {
-        let held = self.held.load(Ordering::Relaxed);
+        let waiting = self.held.load(Ordering::Relaxed).saturating_sub(self.running.load(Ordering::Relaxed));
         let conc = self.cfg.concurrency;
-        if held > conc {
+        if waiting > conc / 2 {
             return 0;
         }
-        (2 * conc - held).min(CLAIM_BATCH)
+        (conc - waiting).min(CLAIM_BATCH)
+    }
+}
+
+/// Counts one running delivery while alive.
+struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn new(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Running(n.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What this task knows of its lease on one delivery.
+struct Lease {
+    /// Until when the lease surely holds: measured from an instant taken
+    /// before the claim or renewal that set it, so never later than the
+    /// store's own expiry.
+    until: Instant,
+    /// A renewal found the delivery taken over (or released).
+    lost: bool,
+}
+
+impl Lease {
+    /// Whether an attempt may begin: the lease is ours, with at least a third
+    /// of it left (the attempt renews it every third).
+    fn usable(&self, length: Duration) -> bool {
+        !self.lost && Instant::now() + length / 3 < self.until
     }
 }
 
@@ -161,6 +199,7 @@ impl Processor {
             if room == 0 {
                 continue;
             }
+            let claimed_at = Instant::now();
             let claimed = self.store.claim(&self.owner, &h.cfg.name, room, h.lease).await?;
             more |= claimed.len() == room && room == CLAIM_BATCH;
             for c in claimed {
@@ -171,7 +210,8 @@ impl Processor {
                 let global = global.clone();
                 let stops = (shutdown.clone(), hard_stop.clone());
                 let hidden = state.config.secret_vars.clone();
-                tasks.spawn(async move { me.execute(&h, c, held, &global, &stops, &hidden).await });
+                let lease = Lease { until: claimed_at + h.lease, lost: false };
+                tasks.spawn(async move { me.execute(&h, c, (lease, held), &global, &stops, &hidden).await });
             }
         }
         Ok(more)
@@ -180,17 +220,23 @@ impl Processor {
     /// Renews the lease of a delivery this process holds every lease/3 until
     /// `fut` is done: another processor may take the delivery over only when
     /// this one stopped renewing (it died).
-    async fn keeping_lease<F: std::future::Future>(&self, h: &HandlerRt, c: &Claimed, fut: F) -> F::Output {
+    async fn keeping_lease<F: std::future::Future>(&self, h: &HandlerRt, c: &Claimed, lease: &mut Lease, fut: F) -> F::Output {
         tokio::pin!(fut);
         let renew_every = h.lease / 3;
         loop {
             tokio::select! {
                 r = &mut fut => return r,
-                _ = tokio::time::sleep(renew_every) => match self.store.renew(&self.owner, c.delivery_id, h.lease).await {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!(event_id = %c.event_id, handler = %c.handler, "lease lost; another processor took this delivery over"),
-                    Err(e) => tracing::warn!(event_id = %c.event_id, error = %e, "could not renew the lease"),
-                },
+                _ = tokio::time::sleep(renew_every) => {
+                    let asked = Instant::now();
+                    match self.store.renew(&self.owner, c.delivery_id, h.lease).await {
+                        Ok(true) => lease.until = asked + h.lease,
+                        Ok(false) => {
+                            lease.lost = true;
+                            tracing::warn!(event_id = %c.event_id, handler = %c.handler, "lease lost; another processor took this delivery over");
+                        }
+                        Err(e) => tracing::warn!(event_id = %c.event_id, error = %e, "could not renew the lease"),
+                    }
+                }
             }
         }
     }
@@ -204,7 +250,7 @@ impl Processor {
         &self,
         h: &HandlerRt,
         c: Claimed,
-        held: Held,
+        (mut lease, held): (Lease, Held),
         global: &Arc<Semaphore>,
         (shutdown, stop): &(CancellationToken, CancellationToken),
         hidden_env: &[String],
@@ -215,10 +261,11 @@ impl Processor {
             Some((hp, gp))
         };
         let permits = self
-            .keeping_lease(h, &c, async {
+            .keeping_lease(h, &c, &mut lease, async {
                 tokio::select! {
-                    p = slot => p,
+                    biased;
                     _ = shutdown.cancelled() => None,
+                    p = slot => p,
                 }
             })
             .await;
@@ -230,6 +277,17 @@ impl Processor {
             self.slot_freed.notify_one();
             return;
         };
+        if !lease.usable(h.lease) {
+            // Renewals failed (or found it taken) while it waited: it may be
+            // someone else's by now, so it is neither run nor released here;
+            // whoever holds it, or the next claim after the lease, runs it.
+            tracing::warn!(event_id = %c.event_id, handler = %c.handler, "not starting a delivery whose lease may have run out while it waited for a slot");
+            drop(permits);
+            drop(held);
+            self.slot_freed.notify_one();
+            return;
+        }
+        let running = Running::new(&h.running);
         let started = Utc::now();
         let t0 = Instant::now();
         let attempt = async {
@@ -253,10 +311,11 @@ impl Processor {
                 }
             }
         };
-        let result: AttemptResult = self.keeping_lease(h, &c, attempt).await;
+        let result: AttemptResult = self.keeping_lease(h, &c, &mut lease, attempt).await;
         let took = t0.elapsed();
         // The slot and the place in the handler's queue are free now; the
         // dispatch loop may claim more while this attempt is recorded.
+        drop(running);
         drop(permits);
         drop(held);
         self.slot_freed.notify_one();
@@ -327,13 +386,14 @@ fn build_state(config: Arc<Config>, client: &reqwest::Client, old: Option<&State
                 .filter(|h| h.cfg.concurrency == cfg.concurrency)
                 .map(|h| h.permits.clone())
                 .unwrap_or_else(|| Arc::new(Semaphore::new(cfg.concurrency)));
-            // Deliveries claimed before the reload are still held.
+            // Deliveries claimed before the reload are still held (and running).
             let held = same.map(|h| h.held.clone()).unwrap_or_default();
+            let running = same.map(|h| h.running.clone()).unwrap_or_default();
             // Renewed while an attempt runs (see `execute`), so it need not
             // cover a whole attempt; it bounds how long a crashed processor's
             // work waits before running again.
             let lease = config.processor.lease;
-            Arc::new(HandlerRt { cfg: cfg.clone(), run: handlers::build(cfg, client), permits, held, lease })
+            Arc::new(HandlerRt { cfg: cfg.clone(), run: handlers::build(cfg, client), permits, held, running, lease })
         })
         .collect();
     State { config, handlers }
