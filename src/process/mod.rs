@@ -45,17 +45,21 @@ struct HandlerRt {
 }
 
 impl HandlerRt {
-    /// Deliveries to claim now: enough for `concurrency` to wait. Nothing
-    /// while more than half of those are still waiting, so claims come in
-    /// batches rather than one per finished delivery (each claim is a write
-    /// transaction).
-    fn room(&self) -> usize {
-        let waiting = self.held.load(Ordering::Relaxed).saturating_sub(self.running.load(Ordering::Relaxed));
+    /// Deliveries to claim now: up to twice `concurrency` held in all, so as
+    /// many again wait behind the running ones. Nothing until at least
+    /// `concurrency` places are free, so claims come in batches rather than
+    /// one per finished delivery (each claim is a write transaction). While
+    /// the global limit is what holds them back, no more than it could start
+    /// plus `concurrency` are claimed (so one process does not hoard work
+    /// that another `--role process` could run).
+    fn room(&self, global_free: usize) -> usize {
+        let held = self.held.load(Ordering::Relaxed);
+        let waiting = held.saturating_sub(self.running.load(Ordering::Relaxed));
         let conc = self.cfg.concurrency;
-        if waiting > conc / 2 {
+        if held > conc {
             return 0;
         }
-        (conc - waiting).min(CLAIM_BATCH)
+        (2 * conc - held).min((conc + global_free).saturating_sub(waiting)).min(CLAIM_BATCH)
     }
 }
 
@@ -195,7 +199,7 @@ impl Processor {
         let state = self.state.load_full();
         let mut more = false;
         for h in &state.handlers {
-            let room = h.room();
+            let room = h.room(global.available_permits());
             if room == 0 {
                 continue;
             }
