@@ -75,6 +75,22 @@ impl Work {
     }
 }
 
+/// Source `leads` routed to a shell handler `import` (timeout 2 s, lease 2 s)
+/// that, unless `done` holds, runs `first`, writes its pid to `blocked.pid`
+/// and blocks; once `done` holds it prints `then` and succeeds.
+fn blocking_import(w: &Work, done: &str, then: &str, first: &str, extra: &str) -> String {
+    let script = format!(
+        "if {done}; then echo \"{then}\"; exit 0; fi\n{first}\necho $$ > \"$W/blocked.tmp\" && mv \"$W/blocked.tmp\" \"$W/blocked.pid\"\nexec sleep 600"
+    );
+    [
+        fast("lease = \"2s\"").as_str(),
+        &open_source("leads"),
+        &w.shell("import", &script, &format!("timeout = \"2s\"\n{extra}")),
+        &route("leads", "import"),
+    ]
+    .concat()
+}
+
 /// Polls `events show` until `done(event)` holds; returns that event JSON.
 fn wait_event(env: &TestEnv, id: &str, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
     let mut last = Value::Null;
@@ -548,20 +564,7 @@ match = [{ pointer = "/form_id", equals = "F1" }, { pointer = "/country", equals
 #[test]
 fn kill9_while_a_handler_runs_then_restart_runs_the_delivery_again() {
     let w = Work::new();
-    let config = [
-        fast("lease = \"2s\"").as_str(),
-        &open_source("leads"),
-        &w.shell(
-            "import",
-            r#"if [ -e "$W/first-run" ]; then echo "second run completes"; exit 0; fi
-touch "$W/first-run"
-echo $$ > "$W/blocked.tmp" && mv "$W/blocked.tmp" "$W/blocked.pid"
-exec sleep 600"#,
-            "timeout = \"2s\"",
-        ),
-        &route("leads", "import"),
-    ]
-    .concat();
+    let config = blocking_import(&w, r#"[ -e "$W/first-run" ]"#, "second run completes", "touch \"$W/first-run\"", "");
     let env = TestEnv::new(&config);
     let d = env.start();
     let id = d.post_json("/hooks/leads", r#"{"email":"a@b.c"}"#).id();
@@ -625,19 +628,7 @@ impl Drop for ProcessRole {
 #[test]
 fn kill9_with_deliveries_held_for_a_slot_records_no_phantom_attempt_for_them() {
     let w = Work::new();
-    let config = [
-        fast("lease = \"2s\"").as_str(),
-        &open_source("leads"),
-        &w.shell(
-            "import",
-            r#"if [ -e "$W/restarted" ]; then echo "ran $HOOKTRAIL_EVENT_ID"; exit 0; fi
-echo $$ > "$W/blocked.tmp" && mv "$W/blocked.tmp" "$W/blocked.pid"
-exec sleep 600"#,
-            "concurrency = 1\ntimeout = \"2s\"",
-        ),
-        &route("leads", "import"),
-    ]
-    .concat();
+    let config = blocking_import(&w, r#"[ -e "$W/restarted" ]"#, "ran $HOOKTRAIL_EVENT_ID", "", "concurrency = 1");
     let env = TestEnv::new(&config);
     let d = env.start();
     let running = d.post_json("/hooks/leads", r#"{"n":1}"#).id();
