@@ -40,6 +40,25 @@ fn payload_dir() -> &'static Path {
     })
 }
 
+/// Becomes readable when process `pid` has ended, without reaping it. `None`
+/// where pidfds are unavailable (Linux before 5.3); the caller then reaps
+/// first and kills the group after, as before.
+fn exit_watch(pid: i32) -> Option<tokio::io::unix::AsyncFd<OwnedFd>> {
+    if pid <= 0 {
+        return None;
+    }
+    // SAFETY: pidfd_open(2) takes a pid and flags, returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    // SAFETY: an OwnedFd keeps its descriptor open and unchanged until the
+    // AsyncFd that owns it is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+}
+
 /// A pipe, both ends close-on-exec (the child gets its end through dup2).
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
@@ -228,19 +247,28 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         let mut drained = false;
-        let status = loop {
+        let watch = exit_watch(pgid);
+        let ended = loop {
             tokio::select! {
-                s = child.wait() => break Ok(s),
+                _ = async { watch.as_ref().expect("guarded").readable().await.map(|mut g| g.retain_ready()) }, if watch.is_some() => break Ok(None),
+                s = child.wait(), if watch.is_none() => break Ok(Some(s)),
                 _ = &mut reading, if !drained => drained = true,
                 _ = &mut deadline => break Err(false),
                 _ = job.cancel.cancelled() => break Err(true),
             }
         };
-        // Whatever happened, nothing of this attempt may keep running.
+        // Whatever happened, nothing of this attempt may keep running. The
+        // group is killed before the leader is reaped (when pidfds allow):
+        // until then its id cannot belong to anyone else.
         kill_group(pgid);
-        if status.is_err() {
-            let _ = child.wait().await;
-        }
+        let status = match ended {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Ok(child.wait().await),
+            Err(why) => {
+                let _ = child.wait().await;
+                Err(why)
+            }
+        };
         // The pipe ends once every process of the group is gone; a process
         // that escaped the group (setsid) could hold it, so bound the drain.
         if !drained {
