@@ -63,17 +63,18 @@ impl HandlerRt {
     }
 }
 
-/// Counts one running delivery while alive.
-struct Running(Arc<AtomicUsize>);
+/// Counts one in `n` (a held or a running delivery) for as long as it lives,
+/// however its task ends.
+struct Counted(Arc<AtomicUsize>);
 
-impl Running {
+impl Counted {
     fn new(n: &Arc<AtomicUsize>) -> Self {
         n.fetch_add(1, Ordering::Relaxed);
-        Running(n.clone())
+        Counted(n.clone())
     }
 }
 
-impl Drop for Running {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -94,15 +95,6 @@ impl Lease {
     /// of it left (the attempt renews it every third).
     fn usable(&self, length: Duration) -> bool {
         !self.lost && Instant::now() + length / 3 < self.until
-    }
-}
-
-/// Gives a held delivery's place back when its task ends, however it ends.
-struct Held(Arc<AtomicUsize>);
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -207,8 +199,7 @@ impl Processor {
             let claimed = self.store.claim(&self.owner, &h.cfg.name, room, h.lease).await?;
             more |= claimed.len() == room && room == CLAIM_BATCH;
             for c in claimed {
-                h.held.fetch_add(1, Ordering::Relaxed);
-                let held = Held(h.held.clone());
+                let held = Counted::new(&h.held);
                 let me = self.clone();
                 let h = h.clone();
                 let global = global.clone();
@@ -254,7 +245,7 @@ impl Processor {
         &self,
         h: &HandlerRt,
         c: Claimed,
-        (mut lease, held): (Lease, Held),
+        (mut lease, held): (Lease, Counted),
         global: &Arc<Semaphore>,
         (shutdown, stop): &(CancellationToken, CancellationToken),
         hidden_env: &[String],
@@ -291,7 +282,7 @@ impl Processor {
             self.slot_freed.notify_one();
             return;
         }
-        let running = Running::new(&h.running);
+        let running = Counted::new(&h.running);
         let started = Utc::now();
         let t0 = Instant::now();
         let attempt = async {

@@ -699,19 +699,19 @@ fn event_status_of(conn: &Connection, seq: i64) -> Result<EventStatus, StoreErro
         let st = r.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
         seen.push(st.parse().map_err(StoreError::Corrupt)?);
     }
-    let has = |s: &str| seen.iter().any(|d| d.as_str() == s);
-    let finished = has("succeeded") || has("failed");
-    Ok(if has("running") {
+    let has = |s: DeliveryStatus| seen.contains(&s);
+    let finished = has(DeliveryStatus::Succeeded) || has(DeliveryStatus::Failed);
+    Ok(if has(DeliveryStatus::Running) {
         EventStatus::Processing
-    } else if has("retrying") {
+    } else if has(DeliveryStatus::Retrying) {
         EventStatus::Retrying
-    } else if has("pending") {
+    } else if has(DeliveryStatus::Pending) {
         if finished {
             EventStatus::Processing
         } else {
             EventStatus::Pending
         }
-    } else if has("failed") {
+    } else if has(DeliveryStatus::Failed) {
         EventStatus::Failed
     } else {
         EventStatus::Done
