@@ -431,67 +431,41 @@ fn assert_ll_token_hidden(ev: &Value) {
     assert!(!ev.to_string().contains(&urlencode_all(LL_TOKEN)), "the token is stored nowhere: {ev:#}");
 }
 
-#[test]
-fn leadliaison_form_example_answers_the_response_template_and_reaches_the_crm() {
+/// Posts `examples/leadliaison/FILE` as `send.sh` does to `/hooks/SOURCE`
+/// and checks the answer, the stored event (the token redacted everywhere,
+/// the payload `payload`) and the one HubSpot upsert made by `handler`.
+fn leadliaison_post_reaches_the_crm(file: &str, source: &str, content_type: &str, handler: &str, payload: Value) {
     let crm = FakePeer::start(|req, _| hubspot_ok(req));
     let env = leadliaison_env(&crm);
     let d = leadliaison_daemon(&env);
-    let body = example("leadliaison", "form.txt");
-    let resp = d
-        .request("POST", &format!("/hooks/leadliaison?{}", ll_token_q()))
-        .header("Content-Type", "application/x-www-form-urlencoded")
-        .body(body.clone())
-        .send();
+    let body = example("leadliaison", file);
+    let resp =
+        d.request("POST", &format!("/hooks/{source}?{}", ll_token_q())).header("Content-Type", content_type).body(body.clone()).send();
     let id = ll_answer_id(&resp);
 
-    let (ev, output) = settled_with_one_success(&env, &id, "crm");
-    assert_stored_as_sent(&ev, "leadliaison", "POST", "application/x-www-form-urlencoded", &body);
-    assert_eq!(ev["payload"], daniel_flat(), "form fields at the top, `+` decoded as a space");
+    let (ev, output) = settled_with_one_success(&env, &id, handler);
+    assert_stored_as_sent(&ev, source, "POST", content_type, &body);
+    assert_eq!(ev["payload"], payload, "{file}");
     assert_eq!(ev["query"], "token=[redacted]");
     assert_ll_token_hidden(&ev);
     assert_daniel_upserted(&crm, &output);
+}
+
+#[test]
+fn leadliaison_form_example_answers_the_response_template_and_reaches_the_crm() {
+    // Form fields at the top, `+` decoded as a space.
+    leadliaison_post_reaches_the_crm("form.txt", "leadliaison", "application/x-www-form-urlencoded", "crm", daniel_flat());
 }
 
 #[test]
 fn leadliaison_json_example_answers_the_response_template_and_reaches_the_crm() {
-    let crm = FakePeer::start(|req, _| hubspot_ok(req));
-    let env = leadliaison_env(&crm);
-    let d = leadliaison_daemon(&env);
-    let body = example("leadliaison", "lead.json");
-    let resp = d
-        .request("POST", &format!("/hooks/leadliaison?{}", ll_token_q()))
-        .header("Content-Type", "application/json")
-        .body(body.clone())
-        .send();
-    let id = ll_answer_id(&resp);
-
-    let (ev, output) = settled_with_one_success(&env, &id, "crm");
-    assert_stored_as_sent(&ev, "leadliaison", "POST", "application/json", &body);
-    assert_eq!(ev["payload"], daniel_flat());
-    assert_eq!(ev["query"], "token=[redacted]");
-    assert_ll_token_hidden(&ev);
-    assert_daniel_upserted(&crm, &output);
+    leadliaison_post_reaches_the_crm("lead.json", "leadliaison", "application/json", "crm", daniel_flat());
 }
 
 #[test]
 fn leadliaison_xml_example_answers_from_under_its_root_and_reaches_the_crm() {
-    let crm = FakePeer::start(|req, _| hubspot_ok(req));
-    let env = leadliaison_env(&crm);
-    let d = leadliaison_daemon(&env);
-    let body = example("leadliaison", "lead.xml");
-    let resp = d
-        .request("POST", &format!("/hooks/leadliaison-xml?{}", ll_token_q()))
-        .header("Content-Type", "application/xml")
-        .body(body.clone())
-        .send();
-    let id = ll_answer_id(&resp);
-
-    let (ev, output) = settled_with_one_success(&env, &id, "crm_xml");
-    assert_stored_as_sent(&ev, "leadliaison-xml", "POST", "application/xml", &body);
-    assert_eq!(ev["payload"], json!({"lead": daniel_flat()}), "the root element is the top key");
-    assert_eq!(ev["query"], "token=[redacted]");
-    assert_ll_token_hidden(&ev);
-    assert_daniel_upserted(&crm, &output);
+    // The root element is the top key; the handler's `records = "/lead"` reaches under it.
+    leadliaison_post_reaches_the_crm("lead.xml", "leadliaison-xml", "application/xml", "crm_xml", json!({"lead": daniel_flat()}));
 }
 
 #[test]
