@@ -1195,11 +1195,16 @@ fn source_config(ck: &mut Checker, name: &str, r: RawSource) -> Option<SourceCon
             ck.error(join(&p, "response.status"), format!("{status} is not a 2xx status; the response replaces the success answer"));
             return None;
         }
-        Some(ResponseSpec {
+        let spec = ResponseSpec {
             status,
             body: x.body.clone().unwrap_or_else(|| "{\"id\":\"{{id}}\",\"status\":\"accepted\"}".to_string()),
             content_type: x.content_type.clone().unwrap_or_else(|| "application/json".to_string()),
-        })
+        };
+        if let Err(e) = crate::template::check_json_template(&spec.body, &spec.content_type) {
+            ck.error(join(&p, "response.body"), e);
+            return None;
+        }
+        Some(spec)
     });
     if ck.problems.len() > before {
         return None;

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod fail_gate;
 pub mod handlers;
 pub mod http_server;
 pub mod ingest;

@@ -130,3 +130,25 @@ fn env_override_of_max_body_bytes_takes_effect_in_the_daemon() {
     assert!(r.error().contains("server.max_body_bytes (32 bytes)"), "{}", r.error());
     assert_eq!(env.events().len(), 1);
 }
+
+#[test]
+fn a_json_response_template_that_is_not_json_is_refused_with_its_key_path() {
+    let env = TestEnv::new(
+        r#"
+[sources.tpl]
+auth = { type = "none" }
+response = { body = '{"n":{{/n}}' }
+[sources.fine]
+auth = { type = "none" }
+response = { body = '{"n":{{/n}},"s":"{{/s}}"}' }
+[sources.text]
+auth = { type = "none" }
+response = { body = 'ok {{/n}}', content_type = "text/plain" }
+"#,
+    );
+    let out = check(&env, &[]);
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(all.contains("sources.tpl.response.body") && all.contains("is not a JSON document"), "{all}");
+    assert!(!all.contains("sources.fine") && !all.contains("sources.text"), "valid templates pass: {all}");
+}

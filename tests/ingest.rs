@@ -777,3 +777,22 @@ response = { body = '<ok id="{{id}}">{{/name}}</ok>', content_type = "applicatio
     let text = r.text();
     assert!(text.ends_with(">A&amp;B &lt;x&gt;</ok>"), "values are XML-escaped: {text}");
 }
+
+#[test]
+fn unquoted_json_placeholders_are_inserted_as_values_so_a_payload_cannot_add_keys() {
+    let env = TestEnv::new(
+        r#"
+[sources.tpl]
+auth = { type = "none" }
+response = { body = '{"n":{{/n}},"k":{{/k}},"gone":{{/nope}},"id":{{id}}}' }
+"#,
+    );
+    let d = env.start();
+    // The attack from the report: a string value that would close `n` and add a key.
+    let r = d.post_json("/hooks/tpl", r#"{"n":"1,\"a\":2","k":7}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body: serde_json::Value = serde_json::from_str(&r.text()).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.text()));
+    let id = body["id"].as_str().expect("the id is a JSON string").to_string();
+    assert_eq!(body, json!({"n": "1,\"a\":2", "k": 7, "gone": null, "id": id}), "no key was added by the payload");
+    assert_eq!(env.show(&id)["source"], "tpl");
+}

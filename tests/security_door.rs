@@ -182,3 +182,63 @@ fn min_free_bytes_zero_disables_the_disk_check() {
     let d = env.daemon().env("HOOKTRAIL__STORAGE__MIN_FREE_BYTES", "0").start();
     post_from(&d, "/hooks/a", None).id();
 }
+
+/// Posts `{}` with the given token, from the address in `X-Forwarded-For`.
+fn post_token(d: &Daemon, token: &str, xff: &str) -> Resp {
+    d.request("POST", "/hooks/lim")
+        .header("content-type", "application/json")
+        .header("x-webhook-token", token)
+        .header("x-forwarded-for", xff)
+        .body("{}")
+        .send()
+}
+
+#[test]
+fn unauthenticated_requests_do_not_use_up_the_sources_rate_limit() {
+    let env = TestEnv::with_server(
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+        "[sources.lim]\nauth = { type = \"header_token\", header = \"X-Webhook-Token\", secret_env = \"LIM_TOKEN\" }\nrate_limit = { per_second = 1, burst = 3 }\n",
+    );
+    let d = env.daemon().env("LIM_TOKEN", "right-token").start();
+    // An attacker without the token, from several addresses, more times than the burst.
+    for i in 0..6 {
+        let r = post_token(&d, "wrong", &format!("203.0.113.{}", i % 2 + 1));
+        assert_status(&r, 401, "invalid token in x-webhook-token header");
+    }
+    // The real sender still has its whole burst.
+    for _ in 0..3 {
+        post_token(&d, "right-token", "192.0.2.10").id();
+    }
+    let r = post_token(&d, "right-token", "192.0.2.10");
+    assert_status(&r, 429, "rate limit of source `lim` exceeded");
+    wait_rejected(&env, "lim", 7);
+    assert_eq!(env.events().len(), 3, "only the authenticated posts were stored");
+}
+
+#[test]
+fn an_address_that_keeps_failing_authentication_is_refused_unchecked_and_others_are_not() {
+    let env = TestEnv::with_server(
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+        "[sources.lim]\nauth = { type = \"header_token\", header = \"X-Webhook-Token\", secret_env = \"LIM_TOKEN\" }\n",
+    );
+    let d = env.daemon().env("LIM_TOKEN", "right-token").start();
+    let mut failures = 0;
+    let blocked = loop {
+        let r = post_token(&d, "wrong", "203.0.113.9");
+        if r.status != 401 {
+            break r;
+        }
+        failures += 1;
+        assert!(failures <= 20, "more than 20 wrong tokens from one address were all checked");
+    };
+    assert_eq!(failures, 20, "the burst of failed authentications is 20");
+    assert_status(&blocked, 429, "too many failed authentications from address 203.0.113.9");
+    assert!(retry_after(&blocked) >= 1);
+    // While blocked, even the right token is refused unchecked: a block is no oracle.
+    assert_status(&post_token(&d, "right-token", "203.0.113.9"), 429, "too many failed authentications");
+    // The real sender at another address is not affected.
+    post_token(&d, "right-token", "192.0.2.10").id();
+    wait_rejected(&env, "lim", 22);
+    assert_eq!(env.events().len(), 1);
+    assert!(env.log().contains("too many failed authentications"), "the block is logged");
+}

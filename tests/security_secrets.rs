@@ -153,3 +153,29 @@ fn a_secret_env_that_is_not_set_is_named_without_a_value() {
     assert_eq!(out.code, 1);
     assert!(out.stdout.contains("sources.a.auth.secret_env") && out.stdout.contains("`STRIPE_WHSEC_UNSET` is not set"), "{out:?}");
 }
+
+#[test]
+fn semicolon_separated_query_secrets_and_signature_headers_are_stored_redacted() {
+    let env = TestEnv::new("[sources.open]\nauth = { type = \"none\" }\n");
+    let d = env.start();
+    let sig = "sig-9a8b7c6d-header";
+    let qs = "qs-1f2e3d4c-query";
+    let r = d
+        .request("POST", &format!("/hooks/open?x=1;token={qs}&y=2"))
+        .header("content-type", "application/json")
+        .header("x-signature", sig)
+        .header("x-hub-signature-256", &format!("sha256={sig}"))
+        .header("x-plain", "kept")
+        .body("{}")
+        .send();
+    let id = r.id();
+    let shown = env.show(&id);
+    assert_eq!(shown["query"], "x=1;token=[redacted]&y=2", "the value behind `;` is redacted, the rest kept");
+    assert_eq!(shown["headers"]["x-signature"], "[redacted]");
+    assert_eq!(shown["headers"]["x-hub-signature-256"], "[redacted]");
+    assert_eq!(shown["headers"]["x-plain"], "kept");
+    let exported = env.cli(&["export"]).stdout;
+    for s in [sig, qs] {
+        assert!(!shown.to_string().contains(s) && !exported.contains(s), "{s} was stored: {shown}");
+    }
+}

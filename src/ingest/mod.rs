@@ -12,6 +12,7 @@ pub mod disk;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,10 +29,11 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, DedupKey, ResponseSpec, SourceConfig};
+use crate::config::{AuthSpec, Config, DedupKey, ResponseSpec, SourceConfig};
+use crate::fail_gate::FailGate;
 use crate::ops::metrics::Metrics;
 use crate::store::{NewEvent, Payload, RejectReason, Store, StoreError};
-use crate::template::{render, value_text, Escape};
+use crate::template::{render_values, Escape};
 use decode::BodyKind;
 
 /// A refused request: status, counted reason, message for the JSON body.
@@ -90,8 +92,15 @@ fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 /// One source with its runtime state (rate limiters).
 pub struct SourceRt {
     pub cfg: Arc<SourceConfig>,
+    /// The source's `rate_limit`: charged only by requests that authenticated,
+    /// so nobody without the secret can use up the real sender's share.
     limiter: Option<DefaultDirectRateLimiter>,
     ip_limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Failed authentications per address (sources with auth only): an
+    /// address that keeps failing is refused before its credentials are
+    /// checked again, which bounds what a guesser can spend (an HMAC over a
+    /// 1 MiB body each) without touching any other address's requests.
+    auth_failures: Option<FailGate>,
     /// Routes of this source: (handler, conditions).
     routes: Vec<crate::config::RouteConfig>,
     /// Lower-case header names whose values are redacted before storing.
@@ -100,6 +109,34 @@ pub struct SourceRt {
     /// time (dedup pointer, route conditions, response template). When not,
     /// JSON is validated without building it: a third less CPU per request.
     needs_view: bool,
+}
+
+/// Failed authentications an address may make in a burst, and how often one
+/// more is checked after that: a sender misconfigured for a while keeps
+/// getting its 401s (one per 3 s once past the burst), a guesser gets one
+/// check per 3 s.
+const AUTH_FAILURE_BURST: NonZeroU32 = match NonZeroU32::new(20) {
+    Some(n) => n,
+    None => unreachable!(),
+};
+const AUTH_FAILURE_PERIOD: Duration = Duration::from_secs(3);
+
+impl SourceRt {
+    /// The 401 for a failed authentication, counted against the address.
+    fn auth_failed(&self, remote: IpAddr, e: auth::AuthError) -> Reject {
+        if let Some(wait) = self.auth_failures.as_ref().and_then(|g| g.failed(remote)) {
+            tracing::warn!(source = %self.cfg.name, client = %remote, wait_s = wait.as_secs(), "too many failed authentications from this address; refusing it for a while");
+        }
+        Reject::new(StatusCode::UNAUTHORIZED, RejectReason::Unauthorized, e.to_string())
+    }
+
+    /// Charges the source's `rate_limit`; called once the request authenticated.
+    fn charge_rate_limit(&self) -> Result<(), Reject> {
+        match self.limiter.as_ref().map(|l| l.check()) {
+            Some(Err(not_until)) => Err(rate_limited(not_until, format!("rate limit of source `{}` exceeded", self.cfg.name))),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A 429 whose `Retry-After` is when the limiter next has a token.
@@ -124,6 +161,7 @@ impl Routing {
                     cfg: s.clone(),
                     limiter: s.rate_limit.as_ref().map(|r| governor::RateLimiter::direct(r.quota())),
                     ip_limiter: s.per_ip_rate_limit.as_ref().map(|r| governor::RateLimiter::keyed(r.quota())),
+                    auth_failures: (!matches!(s.auth, AuthSpec::None)).then(|| FailGate::new(AUTH_FAILURE_BURST, AUTH_FAILURE_PERIOD)),
                     routes: config.routes.iter().filter(|r| r.source == s.name).cloned().collect(),
                     secret_headers: s.auth.secret_headers(),
                     needs_view: matches!(s.dedup.as_ref().map(|d| &d.key), Some(DedupKey::Pointer(_)))
@@ -163,6 +201,9 @@ impl Ingest {
             if let Some(l) = &s.ip_limiter {
                 l.retain_recent();
                 l.shrink_to_fit();
+            }
+            if let Some(g) = &s.auth_failures {
+                g.trim();
             }
         }
     }
@@ -216,8 +257,11 @@ impl Ingest {
         if let Some(Err(not_until)) = src.ip_limiter.as_ref().map(|l| l.check_key(&remote)) {
             return Err(rate_limited(not_until, format!("rate limit for address {remote} exceeded")));
         }
-        if let Some(Err(not_until)) = src.limiter.as_ref().map(|l| l.check()) {
-            return Err(rate_limited(not_until, format!("rate limit of source `{}` exceeded", cfg.name)));
+        if let Some(Err(wait)) = src.auth_failures.as_ref().map(|g| g.check(remote)) {
+            let msg = format!("too many failed authentications from address {remote} for source `{}`; retry later", cfg.name);
+            return Err(
+                Reject::new(StatusCode::TOO_MANY_REQUESTS, RejectReason::RateLimited, msg).retry_after(wait.as_secs_f64().ceil() as u64)
+            );
         }
         let backlog = self.store.backlog();
         if backlog > server.max_backlog {
@@ -240,8 +284,10 @@ impl Ingest {
             .retry_after(60));
         }
         let query = req.uri().query().unwrap_or("").to_string();
-        auth::check_head(&cfg.auth, req.headers(), &query)
-            .map_err(|e| Reject::new(StatusCode::UNAUTHORIZED, RejectReason::Unauthorized, e.to_string()))?;
+        auth::check_head(&cfg.auth, req.headers(), &query).map_err(|e| src.auth_failed(remote, e))?;
+        if !auth::needs_body(&cfg.auth) {
+            src.charge_rate_limit()?;
+        }
 
         let content_type = req.headers().get(CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let kind = match (&method, &content_type) {
@@ -281,8 +327,10 @@ impl Ingest {
             Ok(Ok(c)) => c.to_bytes(),
         };
 
-        auth::check_body(&cfg.auth, &parts.headers, &body, received_at.timestamp())
-            .map_err(|e| Reject::new(StatusCode::UNAUTHORIZED, RejectReason::Unauthorized, e.to_string()))?;
+        auth::check_body(&cfg.auth, &parts.headers, &body, received_at.timestamp()).map_err(|e| src.auth_failed(remote, e))?;
+        if auth::needs_body(&cfg.auth) {
+            src.charge_rate_limit()?;
+        }
 
         let secret_param = cfg.auth.secret_param();
         let malformed = |m: String| Reject::new(StatusCode::BAD_REQUEST, RejectReason::Malformed, m);
@@ -416,7 +464,9 @@ const REDACTED: &str = "[redacted]";
 fn is_sensitive_name(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     matches!(n.as_str(), "authorization" | "proxy-authorization" | "cookie" | "set-cookie" | "key")
-        || ["token", "secret", "password", "passwd", "api-key", "api_key", "apikey", "auth", "session"].iter().any(|p| n.contains(p))
+        || ["token", "secret", "password", "passwd", "api-key", "api_key", "apikey", "auth", "session", "signature", "hmac"]
+            .iter()
+            .any(|p| n.contains(p))
 }
 
 /// Headers as a JSON object (repeated headers become arrays), secrets redacted.
@@ -464,13 +514,19 @@ fn write_json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// The query string as received, except the values of credential parameters.
+/// Pairs are split at `&` and also at `;`, the separator older HTML and some
+/// senders use: a value hidden behind a `;` is redacted too.
 pub fn redact_query(query: &str, secret_param: Option<&str>) -> String {
     if query.is_empty() {
         return String::new();
     }
     query
-        .split('&')
-        .map(|pair| {
+        .split_inclusive(['&', ';'])
+        .map(|piece| {
+            let (pair, sep) = match piece.strip_suffix(['&', ';']) {
+                Some(p) => (p, &piece[p.len()..]),
+                None => (piece, ""),
+            };
             let (raw_name, _) = pair.split_once('=').unwrap_or((pair, ""));
             let name = serde_urlencoded::from_str::<Vec<(String, String)>>(&format!("{raw_name}="))
                 .ok()
@@ -478,24 +534,23 @@ pub fn redact_query(query: &str, secret_param: Option<&str>) -> String {
                 .map(|(k, _)| k)
                 .unwrap_or_default();
             if Some(name.as_str()) == secret_param || is_sensitive_name(&name) {
-                format!("{raw_name}={REDACTED}")
+                format!("{raw_name}={REDACTED}{sep}")
             } else {
-                pair.to_string()
+                piece.to_string()
             }
         })
-        .collect::<Vec<_>>()
-        .join("&")
+        .collect()
 }
 
 /// Renders a source's `response` template: `{{id}}` and `{{/json/pointer}}`,
 /// escaped for the response's content type so a payload value cannot break it.
 pub fn templated_response(spec: &ResponseSpec, id: &str, payload: &Value) -> Response<Full<Bytes>> {
     let escape = Escape::for_content_type(&spec.content_type);
-    let body = render(&spec.body, |key| {
+    let body = render_values(&spec.body, escape, |key| {
         if key == "id" {
-            Some(id.to_string())
+            Some(Value::String(id.to_string()))
         } else if key.starts_with('/') {
-            Some(escape.apply(&value_text(payload.pointer(key))))
+            Some(payload.pointer(key).cloned().unwrap_or(Value::Null))
         } else {
             None
         }
@@ -573,6 +628,13 @@ mod tests {
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "names sorted: {s}");
         assert_eq!(stored_headers(&HeaderMap::new(), &[]), "{}");
         assert_eq!(redact_query("a=1&t=zz&api_key=k", Some("t")), "a=1&t=[redacted]&api_key=[redacted]");
+        assert_eq!(redact_query("x=1;token=S&y=2;", None), "x=1;token=[redacted]&y=2;");
+        assert_eq!(redact_query("sig=1&b", Some("sig")), "sig=[redacted]&b");
+        let mut h = HeaderMap::new();
+        h.insert("x-signature", "abc".parse().unwrap());
+        h.insert("x-hub-signature-256", "sha256=abc".parse().unwrap());
+        h.insert("x-shopify-hmac-sha256", "abc".parse().unwrap());
+        assert!(!stored_headers(&h, &[]).contains("abc"), "signature headers are redacted: {}", stored_headers(&h, &[]));
     }
 
     #[test]
