@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::crypto::{HmacAlgorithm, Secret};
+
 /// A duration written as `"500ms"`, `"30s"`, `"12h"`, `"30d"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
@@ -27,25 +29,6 @@ impl<'de> Deserialize<'de> for Dur {
         humantime::parse_duration(s.trim())
             .map(Dur)
             .map_err(|e| serde::de::Error::custom(format!("invalid duration `{s}` ({e}); write e.g. \"500ms\", \"30s\", \"12h\"")))
-    }
-}
-
-/// A secret value. `Debug` never shows it, so it cannot leak through logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<[u8]>);
-
-impl Secret {
-    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
-        Secret(Arc::from(bytes.into().into_boxed_slice()))
-    }
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(****)")
     }
 }
 
@@ -103,15 +86,6 @@ pub struct Config {
     /// Environment variables the config reads secrets from; kept out of
     /// handler processes' environments.
     pub secret_vars: Vec<String>,
-}
-
-impl Config {
-    pub fn source_by_path(&self, path: &str) -> Option<&Arc<SourceConfig>> {
-        self.sources.iter().find(|s| s.path == path)
-    }
-    pub fn source(&self, name: &str) -> Option<&Arc<SourceConfig>> {
-        self.sources.iter().find(|s| s.name == name)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -233,13 +207,6 @@ pub struct ResponseSpec {
     pub status: u16,
     pub body: String,
     pub content_type: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HmacAlgorithm {
-    Sha1,
-    Sha256,
-    Sha512,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,16 +333,6 @@ pub enum HandlerKind {
     Shell(ShellSpec),
     Http(HttpSpec),
     Crm(CrmSpec),
-}
-
-impl HandlerKind {
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            HandlerKind::Shell(_) => "shell",
-            HandlerKind::Http(_) => "http",
-            HandlerKind::Crm(_) => "crm_upsert",
-        }
-    }
 }
 
 #[derive(Debug)]

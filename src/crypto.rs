@@ -9,7 +9,35 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256, Sha512};
 use subtle::ConstantTimeEq;
 
-use crate::config::{HmacAlgorithm, Secret};
+use std::fmt;
+use std::sync::Arc;
+
+/// A secret value. `Debug` never shows it, so it cannot leak through logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<[u8]>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Secret(Arc::from(bytes.into().into_boxed_slice()))
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+/// The hash behind an HMAC signature scheme (a sender's `algorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HmacAlgorithm {
+    Sha1,
+    Sha256,
+    Sha512,
+}
 
 /// Constant-time equality that leaks neither content nor length: both sides
 /// are hashed first, then the digests compared with `subtle`.

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use hooktrail::config::{AuthSpec, HmacAlgorithm, HmacSpec, Preset, Secret, SigEncoding, SignedContent};
+use hooktrail::config::{AuthSpec, HmacSpec, Preset, SigEncoding, SignedContent};
+use hooktrail::crypto::{HmacAlgorithm, Secret};
 use hooktrail::ingest::auth;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::HeaderMap;

@@ -8,7 +8,8 @@
 use std::net::IpAddr;
 
 use arbitrary::Arbitrary;
-use hooktrail::config::{parse_cidr, AuthSpec, Secret};
+use hooktrail::config::{parse_cidr, AuthSpec};
+use hooktrail::crypto::Secret;
 use hooktrail::ingest::{auth, client_addr, decode};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::HeaderMap;

@@ -6,7 +6,8 @@ use base64::Engine as _;
 use governor::DefaultDirectRateLimiter;
 
 use super::{envelope, send, AttemptResult, Handler, Job};
-use crate::config::{BodyMode, HandlerKind, HttpSpec, RateLimit, Secret};
+use crate::config::{BodyMode, HandlerKind, HttpSpec, RateLimit};
+use crate::crypto::Secret;
 use crate::crypto::{hmac_sha256, standard_webhooks_key};
 
 pub struct Forward {

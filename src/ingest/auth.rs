@@ -10,8 +10,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hyper::HeaderMap;
 
-use crate::config::{AuthSpec, HmacAlgorithm, HmacSpec, Preset, Secret, SigEncoding, SignedContent};
+use crate::config::{AuthSpec, HmacSpec, Preset, SigEncoding, SignedContent};
 use crate::crypto::{self, standard_webhooks_key};
+use crate::crypto::{HmacAlgorithm, Secret};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
