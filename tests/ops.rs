@@ -909,9 +909,7 @@ fn idle_connections_to_the_admin_listener_do_not_starve_health_probes() {
     let r = admin.get("/healthz");
     assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
     let closed = IDLE - (BUDGET - 1);
-    wait_for("the oldest idle connections to be closed", Duration::from_secs(10), || {
-        idle[..closed].iter().all(|s| !still_open(s))
-    });
+    wait_for("the oldest idle connections to be closed", Duration::from_secs(10), || idle[..closed].iter().all(|s| !still_open(s)));
     let open = idle[closed..].iter().filter(|s| still_open(s)).count();
     assert_eq!(open, BUDGET - 1, "the newest idle connections are kept; only the oldest were closed for room");
 
