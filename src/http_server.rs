@@ -444,9 +444,12 @@ impl hyper::rt::Write for Socket {
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         ready!(self.poll_replacement(cx))?;
-        let slices: Vec<&[u8]> = bufs.iter().map(|b| &**b).collect();
-        if let Some(n) = self.replace(&slices) {
-            return Poll::Ready(Ok(n));
+        // Answers to requests (the hot path) are written while busy: no copy for them.
+        if self.state.is_idle() {
+            let slices: Vec<&[u8]> = bufs.iter().map(|b| &**b).collect();
+            if let Some(n) = self.replace(&slices) {
+                return Poll::Ready(Ok(n));
+            }
         }
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
