@@ -845,3 +845,77 @@ fn browser_filters_opens_an_event_and_replays_it() {
     assert_eq!(ev["deliveries"][0]["attempts"][1]["outcome"], "success");
     assert_eq!(attempts(&admin.event(&other), "ok"), 1, "only the opened event was replayed");
 }
+
+/// Issue 11 item 11: logout ends the session on the server, so a copy of the
+/// cookie (taken before logout) stops working at once.
+#[test]
+fn logout_revokes_the_session_so_a_copied_cookie_stops_working() {
+    let env = TestEnv::new(CONFIG);
+    let _d = env.daemon().env("HOOKTRAIL_ADMIN_TOKEN", ADMIN_TOKEN).start();
+    let anon = Admin::of(&env, None);
+    let form = "application/x-www-form-urlencoded";
+    let login = || {
+        let r = anon.send("POST", "/login", &[("content-type", form)], &format!("token={ADMIN_TOKEN}&next=%2F"));
+        assert_eq!(r.status, 303, "{}", r.text());
+        r.header("set-cookie").expect("login sets a cookie").split(';').next().unwrap().to_string()
+    };
+    let cookie = login();
+    let copied = cookie.clone();
+    assert_eq!(anon.send("GET", "/api/events", &[("cookie", &cookie)], "").status, 200, "the session works");
+    let other = login();
+
+    let r = anon.send("POST", "/logout", &[("cookie", &cookie), ("origin", &anon.base)], "");
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(r.header("location").as_deref(), Some("/login"));
+    assert!(r.header("set-cookie").is_some_and(|c| c.contains("Max-Age=0")), "the browser is told to forget it");
+
+    let r = anon.send("GET", "/api/events", &[("cookie", &copied)], "");
+    assert_eq!(r.status, 401, "a copied cookie still works after logout: {}", r.text());
+    assert!(r.error().contains("admin token"), "{}", r.text());
+    let page = anon.send("GET", "/", &[("cookie", &copied)], "");
+    assert_eq!(page.status, 401);
+    assert!(page.text().contains("name=\"token\""), "the page asks to log in again");
+    assert_eq!(anon.send("GET", "/api/events", &[("cookie", &other)], "").status, 200, "another session is untouched");
+    assert_eq!(anon.send("GET", "/api/events", &[("cookie", &login())], "").status, 200, "logging in again works");
+    assert!(env.events().is_empty());
+    assert!(!env.log().contains("panicked"));
+}
+
+/// Whether the daemon still holds this connection open (it sent nothing, so
+/// a read would block), rather than having closed it.
+fn still_open(s: &std::net::TcpStream) -> bool {
+    use std::io::Read as _;
+    s.set_nonblocking(true).expect("non-blocking");
+    let mut byte = [0u8; 1];
+    matches!((&*s).read(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock)
+}
+
+/// Issue 11 item 12: idle connections cannot starve health probes. The admin
+/// listener keeps 64 connections; each newcomer past that closes the oldest
+/// idle one. So with 200 idle connections opened first, the probe is answered
+/// while the newest 63 are still open (the probe holds the 64th slot) and
+/// exactly the 137 oldest were closed to make room, not by any timeout.
+#[test]
+fn idle_connections_to_the_admin_listener_do_not_starve_health_probes() {
+    const BUDGET: usize = 64;
+    const IDLE: usize = 200;
+    let env = TestEnv::new(CONFIG);
+    let d = env.start();
+    let admin = Admin::of(&env, None);
+    let addr = admin.base.trim_start_matches("http://").to_string();
+    let idle: Vec<std::net::TcpStream> =
+        (0..IDLE).map(|_| std::net::TcpStream::connect(&addr).expect("connecting to the admin listener")).collect();
+
+    let r = admin.get("/healthz");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
+    let closed = IDLE - (BUDGET - 1);
+    wait_for("the oldest idle connections to be closed", Duration::from_secs(10), || idle[..closed].iter().all(|s| !still_open(s)));
+    let open = idle[closed..].iter().filter(|s| still_open(s)).count();
+    assert_eq!(open, BUDGET - 1, "the newest idle connections are kept; only the oldest were closed for room");
+
+    // Everything else still works: readiness, and webhooks on the public listener.
+    assert_eq!(admin.get("/readyz").status, 200);
+    d.post_json("/hooks/forms", "{}").id();
+    assert!(env.log().contains("closed the oldest idle one"), "making room is logged");
+    assert!(!env.log().contains("panicked"));
+}

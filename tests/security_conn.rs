@@ -272,7 +272,7 @@ fn oversized_request_head_is_refused_with_431_and_normal_heads_pass() {
     let big = "h".repeat(16 * 1024);
     let r = d.request("POST", "/hooks/a").header("content-type", "application/json").header("x-big", &big).body("{}").try_send();
     match r {
-        Ok(r) => assert_eq!(r.status, 431, "a 16 KiB header got {} {}", r.status, r.text()),
+        Ok(r) => assert_status(&r, 431, "request head exceeds server.max_header_bytes (8192 bytes)"),
         Err(e) => assert!(e.is_request() || e.is_connect() || e.is_body(), "unexpected error {e}"),
     }
     // Many headers adding up past the limit are refused the same way.
@@ -281,7 +281,7 @@ fn oversized_request_head_is_refused_with_431_and_normal_heads_pass() {
         req.push_str(&format!("X-H{i}: {}\r\n", "v".repeat(40)));
     }
     req.push_str("\r\n{}");
-    assert_eq!(d.raw(req.as_bytes()).status, 431);
+    assert_status(&d.raw(req.as_bytes()), 431, "request head exceeds server.max_header_bytes (8192 bytes)");
     // A request with a few KiB of headers is fine.
     d.request("POST", "/hooks/a").header("content-type", "application/json").header("x-medium", &"m".repeat(4000)).body("{}").send().id();
     assert_eq!(env.events().len(), 1);
@@ -315,4 +315,166 @@ fn connections_beyond_max_connections_wait_until_one_closes() {
     let r = read_response(&mut third).expect("the waiting connection is served once a slot frees");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(env.events().len(), 3);
+}
+
+/// The daemon's log holds no panic.
+fn assert_no_panic(env: &TestEnv) {
+    let log = env.log();
+    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+}
+
+/// `hooktrail_requests_rejected_total{source="",reason=REASON}` from the admin
+/// listener: refusals made before any source was known.
+fn unrouted_rejections(env: &TestEnv, reason: &str) -> u64 {
+    let ready: serde_json::Value = serde_json::from_slice(&std::fs::read(env.ready_file()).unwrap()).unwrap();
+    let url = format!("http://{}/metrics", ready["admin"].as_str().expect("an admin address"));
+    let text = reqwest::blocking::Client::builder().no_proxy().build().unwrap().get(url).send().unwrap().text().unwrap();
+    let series = format!("hooktrail_requests_rejected_total{{source=\"\",reason=\"{reason}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// A request whose head (request line to the blank line included) is exactly
+/// `len` bytes, with the body `{}`.
+fn head_of_len(len: usize) -> Vec<u8> {
+    let start = "POST /hooks/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\nX-Pad: ";
+    let end = "\r\n\r\n";
+    let pad = len - start.len() - end.len();
+    format!("{start}{}{end}{{}}", "p".repeat(pad)).into_bytes()
+}
+
+/// Issue 11 item 8: `request_timeout` is the whole request, so a client
+/// trickling its head is cut off at `request_timeout` even when
+/// `header_read_timeout` is far longer.
+#[test]
+fn headers_trickled_past_request_timeout_are_cut_off_before_header_read_timeout() {
+    let env = TestEnv::with_server("request_timeout = \"1s\"\nheader_read_timeout = \"60s\"", SOURCE);
+    let d = env.start();
+    // Trickling for up to 20 s: the old head timeout (60 s) would not have cut it.
+    let (mut s, cut) = trickle_headers(d.connect(), Duration::from_secs(20));
+    assert!(cut, "a head trickled for 20 s was not cut off with request_timeout = 1s");
+    match how_it_ended(&mut s) {
+        CutOff::Closed | CutOff::Answered(408) => {}
+        CutOff::Answered(other) => panic!("a client trickling its head got {other}, expected 408 or a closed connection"),
+    }
+    d.post_json("/hooks/a", "{}").id();
+    assert_eq!(env.events().len(), 1, "nothing of the trickled request was stored");
+    assert_no_panic(&env);
+}
+
+/// Issue 11 item 13: `max_header_bytes` is exact: a head of exactly the limit
+/// passes, one byte more is 431 with JSON naming the limit, and a 100 KB
+/// header under the 64 KiB default is refused too.
+#[test]
+fn request_head_of_max_header_bytes_passes_and_one_byte_more_is_431() {
+    let env = TestEnv::new(SOURCE);
+    let d = env.start();
+    assert_status(&d.raw(&head_of_len(100 * 1024)), 431, "request head exceeds server.max_header_bytes (65536 bytes)");
+    assert_status(&d.raw(&head_of_len(64 * 1024 + 1)), 431, "request head exceeds server.max_header_bytes (65536 bytes)");
+    d.raw(&head_of_len(64 * 1024)).id();
+    assert_eq!(env.events().len(), 1);
+    assert_eq!(unrouted_rejections(&env, "too_large"), 2, "the 431s are counted");
+    assert_no_panic(&env);
+    drop(d);
+
+    let env = TestEnv::with_server("max_header_bytes = 8192", SOURCE);
+    let d = env.start();
+    d.raw(&head_of_len(8192)).id();
+    let r = d.raw(&head_of_len(8193));
+    assert_status(&r, 431, "request head exceeds server.max_header_bytes (8192 bytes)");
+    assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(env.events().len(), 1);
+    assert_no_panic(&env);
+}
+
+/// Issue 11 item 14: the answers hyper writes itself (400 for a head it
+/// cannot parse, 414, 431) are JSON naming the problem, counted as rejections
+/// (source unknown), also after a served request on the same connection.
+#[test]
+fn refusals_hyper_makes_itself_are_json_naming_the_problem_and_counted() {
+    let env = TestEnv::with_server("max_header_bytes = 131072", SOURCE);
+    let d = env.start();
+    let malformed = [
+        &b"POST /hooks/a HTTP/1.1\r\nHost: x\r\nthis line has no colon\r\n\r\n"[..],
+        b"POST /hooks/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        b"POST /hooks/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        b"GET /hooks/a?x=1 HTTP/9.9\r\nHost: x\r\n\r\n",
+    ];
+    for req in malformed {
+        let r = d.raw(req);
+        assert_status(&r, 400, "request head is malformed");
+        assert_eq!(r.header("content-type").as_deref(), Some("application/json"), "{}", String::from_utf8_lossy(req));
+    }
+    let long_target = format!("GET /hooks/a?q={} HTTP/1.1\r\nHost: x\r\n\r\n", "q".repeat(70_000));
+    assert_status(&d.raw(long_target.as_bytes()), 414, "request target is longer than 65534 bytes");
+    let mut many = String::from("POST /hooks/a HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_status(&d.raw(many.as_bytes()), 431, "has more than 100 header fields");
+
+    // Keep-alive: a served request, then a malformed head on the same connection.
+    let mut s = d.connect();
+    s.write_all(b"POST /hooks/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+    read_response(&mut s).unwrap().id();
+    s.write_all(b"POST /hooks/a HTTP/1.1\r\nHost: x\r\nbroken header\r\n\r\n").unwrap();
+    assert_status(&read_response(&mut s).unwrap(), 400, "request head is malformed");
+
+    assert_eq!(env.events().len(), 1, "only the well-formed request was stored");
+    assert_eq!(unrouted_rejections(&env, "malformed"), 5);
+    assert_eq!(unrouted_rejections(&env, "too_large"), 2);
+    let log = env.log();
+    assert!(log.contains("request rejected") && log.contains("status=414"), "refusals are logged:\n{log}");
+    assert_no_panic(&env);
+}
+
+/// Issue 11 item 14: a HEAD cannot carry a body (RFC 9110), so its 405 says
+/// it is JSON and how long the JSON would be; the refusal is counted for the
+/// source like any other.
+#[test]
+fn head_request_gets_405_labelled_as_json_with_the_length_of_the_error() {
+    let env = TestEnv::new(SOURCE);
+    let d = env.start();
+    let head = d.request("HEAD", "/hooks/a").send();
+    assert_eq!(head.status, 405);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(head.header("allow").as_deref(), Some("GET, POST, PUT"));
+    let delete = d.request("DELETE", "/hooks/a").send();
+    assert_status(&delete, 405, "is not accepted; use POST, PUT or GET");
+    let expected = delete.text().replace("DELETE", "HEAD");
+    assert_eq!(head.header("content-length"), Some(expected.len().to_string()), "the length of {expected}");
+    wait_for("both 405s to be counted", Duration::from_secs(10), || env.stat("a", "rejected") == 2);
+    assert!(env.events().is_empty());
+}
+
+/// Issue 11 item 17: a compressed body would be stored as compressed bytes
+/// under a JSON or form type, so content codings and transfer codings other
+/// than chunked are refused with 415; nothing is stored.
+#[test]
+fn compressed_bodies_are_refused_with_415_and_nothing_is_stored() {
+    let env = TestEnv::new(SOURCE);
+    let d = env.start();
+    let te = b"POST /hooks/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n";
+    assert_status(&d.raw(te), 415, "transfer coding `gzip` is not supported");
+    let ce = d.request("POST", "/hooks/a").header("content-type", "application/json").header("content-encoding", "gzip").body("{}").send();
+    assert_status(&ce, 415, "content coding `gzip` is not supported; send the body uncompressed");
+    let identity =
+        d.request("POST", "/hooks/a").header("content-type", "application/json").header("content-encoding", "identity").body("{}");
+    identity.send().id();
+    wait_for("both 415s to be counted", Duration::from_secs(10), || env.stat("a", "rejected") == 2);
+    assert_eq!(env.events().len(), 1);
+    assert_no_panic(&env);
+}
+
+/// Issue 11 item 17 (decided, README "Receiving"): an HTTP/1.1 request without
+/// `Host` is accepted. hooktrail serves one site per listener and routes by
+/// path only, so a missing `Host` changes nothing; refusing it (as RFC 9112
+/// asks of general servers) would only lose a lead from an odd sender.
+#[test]
+fn http11_request_without_host_is_accepted() {
+    let env = TestEnv::new(SOURCE);
+    let d = env.start();
+    let id = d.raw(b"POST /hooks/a HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}").id();
+    assert_eq!(env.show(&id)["body"], "{}");
 }

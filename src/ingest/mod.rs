@@ -289,6 +289,9 @@ impl Ingest {
             src.charge_rate_limit()?;
         }
 
+        if let Some(message) = unsupported_coding(req.headers()) {
+            return Err(Reject::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, RejectReason::ContentType, message));
+        }
         let content_type = req.headers().get(CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let kind = match (&method, &content_type) {
             (&Method::GET, _) => None,
@@ -419,6 +422,18 @@ impl Ingest {
 
 fn json_payload(v: Value) -> (Payload, Value) {
     (Payload::Json(v.to_string()), v)
+}
+
+/// A compressed body (`Content-Encoding: gzip`, or a transfer coding besides
+/// `chunked`, which hyper leaves in place) would be stored as compressed bytes
+/// under a JSON or form content type; it is refused instead (README "Receiving").
+fn unsupported_coding(headers: &HeaderMap) -> Option<String> {
+    let codings = |name| headers.get_all(name).iter().flat_map(|v| v.as_bytes().split(|b| *b == b',')).map(<[u8]>::trim_ascii);
+    if let Some(c) = codings(hyper::header::CONTENT_ENCODING).find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity")) {
+        return Some(format!("content coding `{}` is not supported; send the body uncompressed", String::from_utf8_lossy(c)));
+    }
+    let c = codings(hyper::header::TRANSFER_ENCODING).find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked"))?;
+    Some(format!("transfer coding `{}` is not supported; send the body uncompressed (chunked is fine)", String::from_utf8_lossy(c)))
 }
 
 fn too_large(max: u64) -> Reject {
@@ -568,12 +583,22 @@ pub fn templated_response(spec: &ResponseSpec, id: &str, payload: &Value) -> Res
 pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
     let server = ingest.routing.load().config.server.clone();
     let disk_task = tokio::spawn(ingest.disk.clone().refresh_loop(shutdown.clone()));
+    let metrics = ingest.metrics.clone();
     let limits = crate::http_server::Limits {
         name: "webhook",
         max_connections: server.max_connections,
-        header_read_timeout: server.header_read_timeout,
+        when_full: crate::http_server::WhenFull::Wait,
+        // `request_timeout` bounds the whole request, so the head too
+        // (README "Configuration"): whichever of the two is shorter.
+        header_read_timeout: server.header_read_timeout.min(server.request_timeout),
         max_header_bytes: server.max_header_bytes,
+        header_limit_name: "server.max_header_bytes",
         drain: server.request_timeout + Duration::from_secs(1),
+        // A head hyper refused never reached routing: its source is unknown.
+        on_refusal: Some(Arc::new(move |status| {
+            let reason = if status == StatusCode::BAD_REQUEST { RejectReason::Malformed } else { RejectReason::TooLarge };
+            metrics.rejected("", reason.as_str());
+        })),
     };
     crate::http_server::serve(listener, limits, shutdown, move |req, peer| {
         let ing = ingest.clone();

@@ -6,14 +6,19 @@
 //! - When `admin.token_env` names a set variable, everything else needs
 //!   `Authorization: Bearer <token>` or the session cookie the `/login` form
 //!   sets (a browser cannot add a header to a plain link or form). The cookie
-//!   holds an expiry and an HMAC keyed by the token, never the token itself; it
-//!   is `HttpOnly` and `SameSite=Strict`, and all comparisons are constant-time.
+//!   holds a random session id, never the token; sessions live in this
+//!   process's memory ([`Sessions`]), so logout ends one for good and a
+//!   restart ends them all. It is `HttpOnly` and `SameSite=Strict`, and
+//!   credentials are compared in constant time.
 //! - Without a token the listener is loopback-only (config refuses anything
 //!   else), and answers only requests whose `Host` is a loopback name or
 //!   address, so a web page cannot reach it through DNS rebinding.
 //! - Requests that change something (POST) must not come from another site
 //!   (`Origin` / `Sec-Fetch-Site`), so a page on the internet cannot make a
 //!   local browser press "replay".
+//! - The listener has its own small connection budget and short timeouts, and
+//!   when full it closes its oldest idle connection for a new one, so idle or
+//!   slow clients cannot keep health probes out.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -36,14 +41,25 @@ use crate::crypto;
 pub(super) type Resp = Response<Full<Bytes>>;
 
 /// Concurrent admin connections; ops tooling needs few, and a cap keeps a
-/// misbehaving scraper from starving the daemon.
-const MAX_CONNECTIONS: usize = 128;
+/// misbehaving scraper from starving the daemon. When all are open, the
+/// oldest idle one is closed for a newcomer, so probes always get in.
+const MAX_CONNECTIONS: usize = 64;
+/// A request head must arrive within this (probes and tools send it at once).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head the admin listener reads.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Largest request body the admin listener reads (login and replay forms).
 const MAX_FORM_BYTES: usize = 8 * 1024;
+/// A form body must arrive within this, so a slow one cannot hold a
+/// connection (which then counts as busy and is never closed for room).
+const FORM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Name of the page's session cookie.
 const COOKIE: &str = "hooktrail_admin";
 /// How long a page login lasts.
 pub(super) const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Live sessions kept at most; past it the one closest to expiry is dropped.
+/// Only someone with the token can create one, so this only bounds a runaway script.
+const MAX_SESSIONS: usize = 10_000;
 /// Wrong admin tokens one client address may send in a burst…
 const FAIL_BURST: u32 = 10;
 /// …after which it gets one more try per this period; until then every
@@ -105,15 +121,82 @@ impl FailGate {
     }
 }
 
+/// The page's logins. A session is a random id held in this process's memory
+/// (never derived from the token), so logout revokes it for good: a copied
+/// cookie stops working at once. A restart ends every session, and so does a
+/// change of the admin token (each session remembers the token's digest).
+///
+/// The map is keyed by the SHA-256 of the cookie value, so looking one up
+/// leaks nothing usable about live ids through timing.
+pub(super) struct Sessions {
+    live: std::sync::Mutex<std::collections::HashMap<[u8; 32], Session>>,
+}
+
+struct Session {
+    expires: std::time::Instant,
+    /// SHA-256 of the admin token it was created under.
+    token: [u8; 32],
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}
+
+impl Sessions {
+    pub(super) fn new() -> Self {
+        Sessions { live: Default::default() }
+    }
+
+    /// Starts a session under `token`; returns the cookie value.
+    fn create(&self, token: &[u8]) -> String {
+        use rand::RngCore as _;
+        let mut id = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let value = hex::encode(id);
+        let now = std::time::Instant::now();
+        let mut live = self.live.lock().expect("admin sessions lock poisoned");
+        live.retain(|_, s| s.expires > now);
+        if live.len() >= MAX_SESSIONS {
+            if let Some(first) = live.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| *k) {
+                live.remove(&first);
+            }
+        }
+        live.insert(sha256(value.as_bytes()), Session { expires: now + SESSION_TTL, token: sha256(token) });
+        value
+    }
+
+    /// Whether `value` is a live session created under `token`.
+    fn valid(&self, token: &[u8], value: &str) -> bool {
+        let live = self.live.lock().expect("admin sessions lock poisoned");
+        live.get(&sha256(value.as_bytes()))
+            .is_some_and(|s| s.expires > std::time::Instant::now() && crypto::secret_eq(&s.token, &sha256(token)))
+    }
+
+    /// Ends the session `value`, if it is one.
+    fn revoke(&self, value: &str) {
+        self.live.lock().expect("admin sessions lock poisoned").remove(&sha256(value.as_bytes()));
+    }
+
+    /// Forgets expired sessions.
+    pub(super) fn trim(&self) {
+        let now = std::time::Instant::now();
+        self.live.lock().expect("admin sessions lock poisoned").retain(|_, s| s.expires > now);
+    }
+}
+
 /// Accepts admin connections until `shutdown`, then lets open requests finish
 /// for a few seconds.
 pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: CancellationToken) {
     let limits = crate::http_server::Limits {
         name: "admin",
         max_connections: MAX_CONNECTIONS,
-        header_read_timeout: Duration::from_secs(10),
-        max_header_bytes: 64 * 1024,
+        when_full: crate::http_server::WhenFull::CloseOldestIdle,
+        header_read_timeout: HEADER_TIMEOUT,
+        max_header_bytes: MAX_HEADER_BYTES,
+        header_limit_name: "the admin listener's limit",
         drain: Duration::from_secs(5),
+        on_refusal: None,
     };
     let trim = (ops.clone(), shutdown.clone());
     tokio::spawn(async move {
@@ -122,7 +205,10 @@ pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: CancellationT
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = every.tick() => ops.fail_gate().trim(),
+                _ = every.tick() => {
+                    ops.fail_gate().trim();
+                    ops.sessions().trim();
+                }
             }
         }
     });
@@ -196,7 +282,7 @@ async fn handle(ops: &Ops, req: Request<Incoming>, peer: SocketAddr) -> Resp {
     let r = route(&parts.method, &path);
     tracing::debug!(method = %parts.method, path = %path, %peer, "admin request");
     let cfg = ops.config();
-    if let Err(denied) = authorize(&cfg, &parts, &r, ops.fail_gate(), peer.ip()) {
+    if let Err(denied) = authorize(&cfg, &parts, &r, ops, peer.ip()) {
         return *denied;
     }
     let form = if parts.method == Method::POST {
@@ -220,8 +306,8 @@ async fn handle(ops: &Ops, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         Route::PageEvent(id) => page::event(ops, id, &query, logged_in).await,
         Route::PageReplay(id) => page::replay(ops, id, &form).await,
         Route::LoginForm => login_form(&cfg, &query),
-        Route::Login => login(&cfg, &form, ops.fail_gate(), peer.ip()),
-        Route::Logout => logout(),
+        Route::Login => login(&cfg, &form, ops, peer.ip()),
+        Route::Logout => logout(&parts, ops.sessions()),
         Route::NotFound if path.starts_with("/api/") => json_error(StatusCode::NOT_FOUND, &format!("no admin endpoint `{path}`")),
         Route::NotFound => page::not_found(&format!("Nothing at {path}.")),
         Route::WrongMethod(allow) => {
@@ -233,7 +319,8 @@ async fn handle(ops: &Ops, req: Request<Incoming>, peer: SocketAddr) -> Resp {
 }
 
 /// Applies the access rules of the module doc; `Err` is the answer to send.
-fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>, gate: &FailGate, ip: IpAddr) -> Result<(), Box<Resp>> {
+fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>, ops: &Ops, ip: IpAddr) -> Result<(), Box<Resp>> {
+    let gate = ops.fail_gate();
     if matches!(r, Route::Healthz | Route::Readyz) {
         return Ok(());
     }
@@ -250,7 +337,7 @@ fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>, gate: &FailGate, ip: Ip
         }
         return Ok(());
     };
-    if r.is_open() || cookie_ok(parts, token.expose()) {
+    if r.is_open() || session_cookies(parts).any(|v| ops.sessions().valid(token.expose(), v)) {
         return Ok(());
     }
     if has_bearer(parts) {
@@ -318,8 +405,8 @@ fn bearer_ok(parts: &Parts, token: &[u8]) -> bool {
     }
 }
 
-fn cookie_ok(parts: &Parts, token: &[u8]) -> bool {
-    let now = chrono::Utc::now().timestamp();
+/// The values of every session cookie the request carries.
+fn session_cookies(parts: &Parts) -> impl Iterator<Item = &str> {
     parts
         .headers
         .get_all(hyper::header::COOKIE)
@@ -327,24 +414,6 @@ fn cookie_ok(parts: &Parts, token: &[u8]) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
-        .any(|v| session_valid(token, v, now))
-}
-
-/// The cookie value for a session ending at `expires` (unix seconds): the
-/// expiry and an HMAC over it keyed by the admin token. Changing the token
-/// ends every session.
-pub(super) fn session_value(token: &[u8], expires: i64) -> String {
-    let e = expires.to_string();
-    let mac = crypto::hmac_sha256(token, &[b"hooktrail admin session\0", e.as_bytes()]);
-    format!("{e}.{}", hex::encode(mac))
-}
-
-fn session_valid(token: &[u8], value: &str, now: i64) -> bool {
-    let Some(expires) = value.split_once('.').and_then(|(e, _)| e.parse::<i64>().ok()) else {
-        return false;
-    };
-    let live = expires > now && expires <= now + SESSION_TTL.as_secs() as i64 + 60;
-    live && crypto::secret_eq(value.as_bytes(), session_value(token, expires).as_bytes())
 }
 
 /// Whether a state-changing request comes from this site (or from a program,
@@ -381,11 +450,16 @@ fn host_is_loopback(parts: &Parts) -> bool {
 }
 
 async fn read_form(body: Incoming) -> Result<String, Box<Resp>> {
-    match Limited::new(body, MAX_FORM_BYTES).collect().await {
-        Ok(b) => Ok(String::from_utf8_lossy(&b.to_bytes()).into_owned()),
-        Err(_) => {
+    match tokio::time::timeout(FORM_TIMEOUT, Limited::new(body, MAX_FORM_BYTES).collect()).await {
+        Ok(Ok(b)) => Ok(String::from_utf8_lossy(&b.to_bytes()).into_owned()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(Box::new(json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("admin request bodies are at most {MAX_FORM_BYTES} bytes"))))
         }
+        Ok(Err(e)) => Err(Box::new(json_error(StatusCode::BAD_REQUEST, &format!("could not read the request body: {e}")))),
+        Err(_) => Err(Box::new(json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("request body not received within {}", humantime::format_duration(FORM_TIMEOUT)),
+        ))),
     }
 }
 
@@ -397,8 +471,9 @@ fn login_form(cfg: &Config, query: &str) -> Resp {
     page::login(StatusCode::OK, &safe_next(&next), None)
 }
 
-fn login(cfg: &Config, form: &str, gate: &FailGate, ip: IpAddr) -> Resp {
+fn login(cfg: &Config, form: &str, ops: &Ops, ip: IpAddr) -> Resp {
     let Some(token) = &cfg.admin.token else { return redirect("/") };
+    let gate = ops.fail_gate();
     let next = safe_next(&form_value(form, "next").unwrap_or_default());
     if let Err(wait) = gate.check(ip) {
         return too_many_tries(wait, false);
@@ -409,18 +484,19 @@ fn login(cfg: &Config, form: &str, gate: &FailGate, ip: IpAddr) -> Resp {
         gate.failed(ip);
         return page::login(StatusCode::UNAUTHORIZED, &next, Some("That is not the admin token."));
     }
-    let expires = chrono::Utc::now().timestamp() + SESSION_TTL.as_secs() as i64;
-    let cookie = format!(
-        "{COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict",
-        session_value(token.expose(), expires),
-        SESSION_TTL.as_secs()
-    );
+    let cookie =
+        format!("{COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict", ops.sessions().create(token.expose()), SESSION_TTL.as_secs());
     let mut resp = redirect(&next);
-    resp.headers_mut().insert(SET_COOKIE, HeaderValue::from_str(&cookie).expect("cookie is ASCII: digits, hex and fixed text"));
+    resp.headers_mut().insert(SET_COOKIE, HeaderValue::from_str(&cookie).expect("cookie is ASCII: hex and fixed text"));
     resp
 }
 
-fn logout() -> Resp {
+/// Ends the sessions the request carries (server-side: a copy of the cookie
+/// stops working too) and tells the browser to forget the cookie.
+fn logout(parts: &Parts, sessions: &Sessions) -> Resp {
+    for value in session_cookies(parts) {
+        sessions.revoke(value);
+    }
     let mut resp = redirect("/login");
     resp.headers_mut().insert(SET_COOKIE, HeaderValue::from_static("hooktrail_admin=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"));
     resp
@@ -506,15 +582,21 @@ mod tests {
     }
 
     #[test]
-    fn sessions_are_bound_to_the_token_and_expire() {
-        let now = 1_700_000_000;
-        let v = session_value(b"tok", now + 100);
-        assert!(session_valid(b"tok", &v, now));
-        assert!(!session_valid(b"other", &v, now));
-        assert!(!session_valid(b"tok", &v, now + 101));
-        assert!(!session_valid(b"tok", &v.replace('.', "x"), now));
-        let forged = format!("{}.{}", now + 100_000_000, v.split_once('.').unwrap().1);
-        assert!(!session_valid(b"tok", &forged, now));
+    fn sessions_are_random_bound_to_the_token_and_revocable() {
+        let sessions = Sessions::new();
+        let v = sessions.create(b"tok");
+        assert_eq!(v.len(), 64);
+        assert!(!v.contains("tok"));
+        assert_ne!(v, sessions.create(b"tok"), "each login gets its own id");
+        assert!(sessions.valid(b"tok", &v));
+        assert!(!sessions.valid(b"other", &v), "a new token ends old sessions");
+        assert!(!sessions.valid(b"tok", &v[1..]));
+        assert!(!sessions.valid(b"tok", "1.deadbeef"));
+        sessions.revoke(&v);
+        assert!(!sessions.valid(b"tok", &v), "revoked for good");
+        sessions.live.lock().unwrap().values_mut().for_each(|s| s.expires = std::time::Instant::now());
+        sessions.trim();
+        assert!(sessions.live.lock().unwrap().is_empty(), "expired sessions are forgotten");
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub struct Ops {
     listener_bound: AtomicBool,
     chart: Mutex<Option<(Instant, Arc<Vec<HourCounts>>)>>,
     fail_gate: admin::FailGate,
+    sessions: admin::Sessions,
 }
 
 /// The outcome of one readiness check.
@@ -98,11 +99,16 @@ impl Ops {
             listener_bound: AtomicBool::new(false),
             chart: Mutex::new(None),
             fail_gate: admin::FailGate::new(),
+            sessions: admin::Sessions::new(),
         })
     }
 
     fn fail_gate(&self) -> &admin::FailGate {
         &self.fail_gate
+    }
+
+    fn sessions(&self) -> &admin::Sessions {
+        &self.sessions
     }
 
     /// Takes a reloaded config: the admin token, retention and the handler
