@@ -103,8 +103,14 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_counts_by_its_64_and_mapped_ipv4_as_ipv4() {
+    fn fail_gate_counts_ipv6_by_its_64_and_mapped_ipv4_as_ipv4() {
         assert_eq!(gate_key("2001:db8:1:2:aaaa::1".parse().unwrap()), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
         assert_eq!(gate_key("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7".parse::<IpAddr>().unwrap());
+        let gate = FailGate::new(NonZeroU32::new(2).unwrap(), Duration::from_secs(60));
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        gate.failed(a);
+        gate.failed(a);
+        assert!(gate.check("2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap()).is_err(), "the whole /64 is blocked");
+        assert!(gate.check("2001:db8:1:3::1".parse().unwrap()).is_ok(), "another /64 is not");
     }
 }

@@ -21,6 +21,7 @@
 //!   slow clients cannot keep health probes out.
 
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::{api, page, Ops};
 use crate::config::Config;
 use crate::crypto;
+use crate::fail_gate::FailGate;
 
 pub(super) type Resp = Response<Full<Bytes>>;
 
@@ -61,63 +63,25 @@ pub(super) const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Only someone with the token can create one, so this only bounds a runaway script.
 const MAX_SESSIONS: usize = 10_000;
 /// Wrong admin tokens one client address may send in a burst…
-const FAIL_BURST: u32 = 10;
+const FAIL_BURST: NonZeroU32 = match NonZeroU32::new(10) {
+    Some(n) => n,
+    None => unreachable!(),
+};
 /// …after which it gets one more try per this period; until then every
 /// credential it sends is answered 429 without being checked.
 const FAIL_PERIOD: Duration = Duration::from_secs(6);
 
-/// Slows down guessing the admin token: counts wrong tokens (login form or
-/// `Authorization: Bearer`) per client address and, once an address used up
-/// its burst, refuses its credentials unchecked until it may try again. A
-/// right guess during the block gets the same 429 as a wrong one, so the block
-/// cannot be used to test tokens faster.
-pub(super) struct FailGate {
-    wrong: governor::DefaultKeyedRateLimiter<IpAddr, governor::middleware::StateInformationMiddleware>,
-    blocked: std::sync::Mutex<std::collections::HashMap<IpAddr, std::time::Instant>>,
+/// Slows down guessing the admin token: wrong tokens (login form or
+/// `Authorization: Bearer`) are counted per client address by a [`FailGate`];
+/// see there for why a blocked address gets 429 whatever it sends.
+pub(super) fn admin_fail_gate() -> FailGate {
+    FailGate::new(FAIL_BURST, FAIL_PERIOD)
 }
 
-impl FailGate {
-    pub(super) fn new() -> Self {
-        let quota = governor::Quota::with_period(FAIL_PERIOD)
-            .expect("FAIL_PERIOD is not zero")
-            .allow_burst(std::num::NonZeroU32::new(FAIL_BURST).expect("FAIL_BURST is not zero"));
-        FailGate {
-            wrong: governor::RateLimiter::keyed(quota).with_middleware::<governor::middleware::StateInformationMiddleware>(),
-            blocked: Default::default(),
-        }
-    }
-
-    /// `Err(wait)` while `ip` may not try a credential.
-    fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let blocked = self.blocked.lock().expect("admin fail gate lock poisoned");
-        match blocked.get(&gate_key(ip)).map(|until| until.saturating_duration_since(std::time::Instant::now())) {
-            Some(wait) if !wait.is_zero() => Err(wait),
-            _ => Ok(()),
-        }
-    }
-
-    /// Records a wrong credential from `ip`. The one that empties the
-    /// address's bucket blocks it until the bucket holds a try again, so after
-    /// the burst exactly one try per [`FAIL_PERIOD`] is ever checked.
-    fn failed(&self, ip: IpAddr) {
-        use governor::clock::Clock as _;
-        let key = gate_key(ip);
-        let wait = match self.wrong.check_key(&key) {
-            Ok(state) if state.remaining_burst_capacity() > 0 => return,
-            Ok(_) => FAIL_PERIOD,
-            Err(not_until) => not_until.wait_time_from(governor::clock::DefaultClock::default().now()).max(FAIL_PERIOD),
-        };
-        let now = std::time::Instant::now();
-        let mut blocked = self.blocked.lock().expect("admin fail gate lock poisoned");
-        blocked.retain(|_, until| *until > now);
-        blocked.insert(key, now + wait);
+/// Counts a wrong admin credential from `ip`, logging when it blocks the address.
+fn wrong_token(gate: &FailGate, ip: IpAddr) {
+    if let Some(wait) = gate.failed(ip) {
         tracing::warn!(client = %ip, wait_s = wait.as_secs(), "admin: too many wrong tokens from this address; refusing its credentials for a while");
-    }
-
-    /// Forgets idle per-address counts so memory stays bounded.
-    pub(super) fn trim(&self) {
-        self.wrong.retain_recent();
-        self.wrong.shrink_to_fit();
     }
 }
 
@@ -347,7 +311,7 @@ fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>, ops: &Ops, ip: IpAddr) 
         if bearer_ok(parts, token.expose()) {
             return Ok(());
         }
-        gate.failed(ip);
+        wrong_token(gate, ip);
     }
     if r.is_machine() {
         let mut resp = json_error(StatusCode::UNAUTHORIZED, "missing or wrong admin token: send Authorization: Bearer <token>");
@@ -361,19 +325,6 @@ fn authorize(cfg: &Config, parts: &Parts, r: &Route<'_>, ops: &Ops, ip: IpAddr) 
     };
     let next = if parts.method == Method::GET { here } else { "/".into() };
     Err(Box::new(page::login(StatusCode::UNAUTHORIZED, &next, None)))
-}
-
-/// The address a FailGate counts under: IPv6 by its /64, the block one
-/// machine or customer usually gets, so fresh addresses from it do not mean
-/// fresh tries.
-fn gate_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-        },
-        v4 => v4,
-    }
 }
 
 fn has_bearer(parts: &Parts) -> bool {
@@ -481,7 +432,7 @@ fn login(cfg: &Config, form: &str, ops: &Ops, ip: IpAddr) -> Resp {
     let given = form_value(form, "token").unwrap_or_default();
     if !crypto::secret_eq(given.as_bytes(), token.expose()) {
         tracing::warn!(client = %ip, "admin page: login with a wrong token");
-        gate.failed(ip);
+        wrong_token(gate, ip);
         return page::login(StatusCode::UNAUTHORIZED, &next, Some("That is not the admin token."));
     }
     let cookie =
@@ -616,24 +567,6 @@ mod tests {
         for bad in ["rebind.evil.example:9090", "10.0.0.1:9090", "localhost.evil.example"] {
             assert!(!host_is_loopback(&parts(Method::GET, &[("host", bad)])), "{bad}");
         }
-    }
-
-    #[test]
-    fn fail_gate_counts_ipv6_by_its_64_and_mapped_ipv4_as_ipv4() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
-        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(gate_key(a), gate_key(b));
-        assert_ne!(gate_key(a), gate_key(other));
-        assert_eq!(gate_key("::ffff:10.1.2.3".parse().unwrap()), "10.1.2.3".parse::<IpAddr>().unwrap());
-        assert_eq!(gate_key("10.1.2.3".parse().unwrap()), "10.1.2.3".parse::<IpAddr>().unwrap());
-        let gate = FailGate::new();
-        for _ in 0..FAIL_BURST {
-            assert!(gate.check(a).is_ok());
-            gate.failed(a);
-        }
-        assert!(gate.check(b).is_err(), "the whole /64 is blocked");
-        assert!(gate.check(other).is_ok(), "another /64 is not");
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub struct Ops {
     /// Set once the public listener is bound (readiness).
     listener_bound: AtomicBool,
     chart: Mutex<Option<(Instant, Arc<Vec<HourCounts>>)>>,
-    fail_gate: admin::FailGate,
+    fail_gate: crate::fail_gate::FailGate,
     sessions: admin::Sessions,
 }
 
@@ -98,12 +98,12 @@ impl Ops {
             roles,
             listener_bound: AtomicBool::new(false),
             chart: Mutex::new(None),
-            fail_gate: admin::FailGate::new(),
+            fail_gate: admin::admin_fail_gate(),
             sessions: admin::Sessions::new(),
         })
     }
 
-    fn fail_gate(&self) -> &admin::FailGate {
+    fn fail_gate(&self) -> &crate::fail_gate::FailGate {
         &self.fail_gate
     }
 
