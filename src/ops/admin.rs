@@ -25,22 +25,20 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, SET_COOKIE, WWW_AUTHENTICATE};
 use hyper::http::request::Parts;
-use hyper::{Method, Request, Response, StatusCode};
-use serde::Serialize;
+use hyper::{Method, Request, StatusCode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::respond::{form_value, json_error, redirect, text, Resp};
+use super::session::{Sessions, SESSION_TTL};
 use super::{api, page, Ops};
 use crate::config::Config;
 use crate::crypto;
 use crate::fail_gate::FailGate;
-
-pub(super) type Resp = Response<Full<Bytes>>;
 
 /// Concurrent admin connections; ops tooling needs few, and a cap keeps a
 /// misbehaving scraper from starving the daemon. When all are open, the
@@ -57,11 +55,6 @@ const MAX_FORM_BYTES: usize = 8 * 1024;
 const FORM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Name of the page's session cookie.
 const COOKIE: &str = "hooktrail_admin";
-/// How long a page login lasts.
-pub(super) const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Live sessions kept at most; past it the one closest to expiry is dropped.
-/// Only someone with the token can create one, so this only bounds a runaway script.
-const MAX_SESSIONS: usize = 10_000;
 /// Wrong admin tokens one client address may send in a burst…
 const FAIL_BURST: NonZeroU32 = match NonZeroU32::new(10) {
     Some(n) => n,
@@ -82,70 +75,6 @@ pub(super) fn admin_fail_gate() -> FailGate {
 fn wrong_token(gate: &FailGate, ip: IpAddr) {
     if let Some(wait) = gate.failed(ip) {
         tracing::warn!(client = %ip, wait_s = wait.as_secs(), "admin: too many wrong tokens from this address; refusing its credentials for a while");
-    }
-}
-
-/// The page's logins. A session is a random id held in this process's memory
-/// (never derived from the token), so logout revokes it for good: a copied
-/// cookie stops working at once. A restart ends every session, and so does a
-/// change of the admin token (each session remembers the token's digest).
-///
-/// The map is keyed by the SHA-256 of the cookie value, so looking one up
-/// leaks nothing usable about live ids through timing.
-pub(super) struct Sessions {
-    live: std::sync::Mutex<std::collections::HashMap<[u8; 32], Session>>,
-}
-
-struct Session {
-    expires: std::time::Instant,
-    /// SHA-256 of the admin token it was created under.
-    token: [u8; 32],
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(bytes).into()
-}
-
-impl Sessions {
-    pub(super) fn new() -> Self {
-        Sessions { live: Default::default() }
-    }
-
-    /// Starts a session under `token`; returns the cookie value.
-    fn create(&self, token: &[u8]) -> String {
-        use rand::RngCore as _;
-        let mut id = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut id);
-        let value = hex::encode(id);
-        let now = std::time::Instant::now();
-        let mut live = self.live.lock().expect("admin sessions lock poisoned");
-        live.retain(|_, s| s.expires > now);
-        if live.len() >= MAX_SESSIONS {
-            if let Some(first) = live.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| *k) {
-                live.remove(&first);
-            }
-        }
-        live.insert(sha256(value.as_bytes()), Session { expires: now + SESSION_TTL, token: sha256(token) });
-        value
-    }
-
-    /// Whether `value` is a live session created under `token`.
-    fn valid(&self, token: &[u8], value: &str) -> bool {
-        let live = self.live.lock().expect("admin sessions lock poisoned");
-        live.get(&sha256(value.as_bytes()))
-            .is_some_and(|s| s.expires > std::time::Instant::now() && crypto::secret_eq(&s.token, &sha256(token)))
-    }
-
-    /// Ends the session `value`, if it is one.
-    fn revoke(&self, value: &str) {
-        self.live.lock().expect("admin sessions lock poisoned").remove(&sha256(value.as_bytes()));
-    }
-
-    /// Forgets expired sessions.
-    pub(super) fn trim(&self) {
-        let now = std::time::Instant::now();
-        self.live.lock().expect("admin sessions lock poisoned").retain(|_, s| s.expires > now);
     }
 }
 
@@ -463,52 +392,6 @@ fn safe_next(next: &str) -> String {
     }
 }
 
-/// The last value of `key` in a urlencoded string.
-pub(super) fn form_value(form: &str, key: &str) -> Option<String> {
-    serde_urlencoded::from_str::<Vec<(String, String)>>(form).ok()?.into_iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
-}
-
-/// Headers every admin answer carries: nothing here may be cached or framed.
-fn harden(resp: &mut Resp) {
-    let h = resp.headers_mut();
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
-    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-}
-
-pub(super) fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
-    let mut resp = Response::new(Full::new(body.into()));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    harden(&mut resp);
-    resp
-}
-
-pub(super) fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
-    respond(status, "text/plain; charset=utf-8", body)
-}
-
-pub(super) fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp {
-    match serde_json::to_vec(value) {
-        Ok(body) => respond(status, "application/json", body),
-        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot serialize the answer: {e}")),
-    }
-}
-
-pub(super) fn json_error(status: StatusCode, message: &str) -> Resp {
-    respond(status, "application/json", serde_json::json!({ "error": message }).to_string())
-}
-
-/// 303 See Other: after a form POST the browser GETs `location`.
-pub(super) fn redirect(location: &str) -> Resp {
-    let mut resp = respond(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "");
-    if let Ok(v) = HeaderValue::from_str(location) {
-        resp.headers_mut().insert(LOCATION, v);
-    }
-    resp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,24 +413,6 @@ mod tests {
         assert_eq!(route(&Method::GET, "/"), Route::PageList);
         assert_eq!(route(&Method::GET, "/events/"), Route::NotFound);
         assert_eq!(route(&Method::DELETE, "/metrics"), Route::WrongMethod("GET, HEAD"));
-    }
-
-    #[test]
-    fn sessions_are_random_bound_to_the_token_and_revocable() {
-        let sessions = Sessions::new();
-        let v = sessions.create(b"tok");
-        assert_eq!(v.len(), 64);
-        assert!(!v.contains("tok"));
-        assert_ne!(v, sessions.create(b"tok"), "each login gets its own id");
-        assert!(sessions.valid(b"tok", &v));
-        assert!(!sessions.valid(b"other", &v), "a new token ends old sessions");
-        assert!(!sessions.valid(b"tok", &v[1..]));
-        assert!(!sessions.valid(b"tok", "1.deadbeef"));
-        sessions.revoke(&v);
-        assert!(!sessions.valid(b"tok", &v), "revoked for good");
-        sessions.live.lock().unwrap().values_mut().for_each(|s| s.expires = std::time::Instant::now());
-        sessions.trim();
-        assert!(sessions.live.lock().unwrap().is_empty(), "expired sessions are forgotten");
     }
 
     #[test]

@@ -10,8 +10,8 @@ use chrono::Utc;
 use hyper::StatusCode;
 use serde_json::json;
 
-use super::admin::{json, json_error, text, Resp};
 use super::metrics::{label, Gauge};
+use super::respond::{json, json_error, text, Resp};
 use super::Ops;
 use crate::store::{self, DeliveryStatus, Detail, EventFilter, EventId, EventStatus, StoreError};
 

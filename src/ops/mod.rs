@@ -12,7 +12,9 @@ pub mod admin;
 mod api;
 pub mod metrics;
 mod page;
+mod respond;
 pub mod retention;
+mod session;
 pub mod watchdog;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,7 +51,7 @@ pub struct Ops {
     listener_bound: AtomicBool,
     chart: Mutex<Option<(Instant, Arc<Vec<HourCounts>>)>>,
     fail_gate: crate::fail_gate::FailGate,
-    sessions: admin::Sessions,
+    sessions: session::Sessions,
 }
 
 /// The outcome of one readiness check.
@@ -99,7 +101,7 @@ impl Ops {
             listener_bound: AtomicBool::new(false),
             chart: Mutex::new(None),
             fail_gate: admin::admin_fail_gate(),
-            sessions: admin::Sessions::new(),
+            sessions: session::Sessions::new(),
         })
     }
 
@@ -107,7 +109,7 @@ impl Ops {
         &self.fail_gate
     }
 
-    fn sessions(&self) -> &admin::Sessions {
+    fn sessions(&self) -> &session::Sessions {
         &self.sessions
     }
 

@@ -15,8 +15,8 @@ use chrono::{DateTime, Timelike, Utc};
 use hyper::header::HeaderValue;
 use hyper::StatusCode;
 
-use super::admin::{form_value, redirect, respond, Resp};
 use super::api::{self, Params};
+use super::respond::{form_value, redirect, respond, Resp};
 use super::Ops;
 use crate::store::{DeliveryRecord, EventId, EventRecord, EventStatus, HourCounts};
 
