@@ -151,6 +151,22 @@ fn moving_the_database_file_while_running_gets_503_and_a_restart_is_refused_unti
     drop(d);
 }
 
+#[test]
+fn a_commit_that_lands_in_a_file_deleted_meanwhile_is_not_acknowledged() {
+    let env = TestEnv::new(CONFIG);
+    // Every commit waits 2 s before COMMIT: the file is deleted while this
+    // request's transaction is open, and its COMMIT lands in the deleted file.
+    let d = env.daemon().env("HOOKTRAIL_TEST_COMMIT_DELAY_MS", "2000").start();
+    let r = std::thread::scope(|s| {
+        let post = s.spawn(|| d.post_json("/hooks/forms", r#"{"n":"in flight"}"#));
+        std::fs::remove_file(env.db_path()).expect("deleting the database file");
+        post.join().expect("the request thread")
+    });
+    assert_eq!(r.status, 503, "a commit into a file no longer at its path is not durable there: {}", r.text());
+    assert!(r.error().contains("deleted or replaced"), "{}", r.text());
+    assert!(!env.log().contains("panicked"), "{}", env.log());
+}
+
 /// The `/proc/PID/fd/N` through which `pid` still holds `path` after its deletion.
 fn deleted_fd(pid: u32, path: &Path) -> Option<PathBuf> {
     let dir = std::fs::canonicalize(path.parent()?).ok()?;

@@ -376,17 +376,6 @@ impl Shared {
         }
         e
     }
-
-    /// Drops a connection, unless the file is lost: closing the last
-    /// connection would checkpoint into the lost file and delete the `-wal`
-    /// and `-shm` files at the path, the very evidence a restart needs to
-    /// refuse to start empty (and, after a rename, the log the moved file
-    /// needs). The process exits soon after; the kernel closes the file.
-    fn retire(&self, conn: Connection) {
-        if self.lost() {
-            std::mem::forget(conn);
-        }
-    }
 }
 
 pub struct SqliteStore {
@@ -618,10 +607,8 @@ impl SqliteStore {
             }
             let out = f(&conn).map_err(|e| shared.note(e));
             let mut pool = readers.lock().expect("reader pool lock poisoned");
-            if pool.len() < 8 && !shared.lost() {
+            if pool.len() < 8 {
                 pool.push(conn);
-            } else {
-                shared.retire(conn);
             }
             out
         })
@@ -776,7 +763,6 @@ fn check_loop(conn: Connection, shared: Arc<Shared>) {
             Err(e) => tracing::warn!(error = %e, "integrity check could not run"),
         }
     }
-    shared.retire(conn);
 }
 
 impl From<&StoreError> for StoreError {
@@ -861,7 +847,11 @@ fn writer_loop(
         }
     }
     if shared.lost() {
-        shared.retire(conn);
+        // A checkpoint now would fold the log into the lost file and empty
+        // the `-wal` at the path: the log a moved file needs when it is put
+        // back, and the sign that makes a restart refuse to start empty.
+        // (Closing the connection leaves it: SQLite does not checkpoint on
+        // close once its file has moved.)
         return;
     }
     // Leave the WAL folded into the main file on a clean stop.
@@ -1065,7 +1055,7 @@ fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
             *dirty = false;
         }
         if shared.closing.load(Ordering::Relaxed) {
-            break;
+            return;
         }
         if shared.fault.get().is_some() {
             // A lost or damaged file is left exactly as it is.
@@ -1083,7 +1073,6 @@ fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    shared.retire(conn);
 }
 
 fn event_status_of(conn: &Connection, seq: i64) -> Result<EventStatus, StoreError> {
@@ -1710,19 +1699,6 @@ impl Store for SqliteStore {
             }
         })
         .await;
-        self.retire_readers();
-    }
-}
-
-impl SqliteStore {
-    /// Empties the read pool; see [`Shared::retire`] for why a lost file's
-    /// connections are never closed.
-    fn retire_readers(&self) {
-        if let Ok(mut pool) = self.readers.lock() {
-            for conn in pool.drain(..) {
-                self.shared.retire(conn);
-            }
-        }
     }
 }
 
@@ -1733,7 +1709,6 @@ impl Drop for SqliteStore {
             tx.take();
         }
         self.shared.wal_dirty.1.notify_all();
-        self.retire_readers();
     }
 }
 
