@@ -267,3 +267,15 @@ fn a_commit_stuck_past_commit_timeout_answers_503_and_metrics_still_answer() {
     assert!(env.events().is_empty(), "{:?}", env.events());
     assert!(!env.log().contains("panicked"), "{}", env.log());
 }
+
+#[test]
+fn storage_commit_timeout_must_be_a_positive_duration() {
+    for (value, problem) in [("\"0s\"", "storage.commit_timeout: must be more than 0"), ("\"soon\"", "invalid duration `soon`")] {
+        let env = TestEnv::raw(&format!(
+            "[storage]\npath = \"db.sqlite\"\ncommit_timeout = {value}\n[sources.a]\nauth = {{ type = \"none\" }}\n"
+        ));
+        let out = env.cli(&["check-config"]);
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(out.stdout.contains(problem), "{out:?}");
+    }
+}

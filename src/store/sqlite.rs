@@ -449,15 +449,12 @@ impl SqliteStore {
         }
         refuse_orphan_wal(path)?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut writer = open_conn(path, flags)?;
+        let mut writer = open_conn(path, flags).map_err(|e| damaged_at_open(path, e))?;
         let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| damaged_at_open(path, e))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(open_err(format!("cannot use WAL journal (got {mode})")));
         }
-        migrate(&mut writer).map_err(|e| match e {
-            StoreError::Db(e) => damaged_at_open(path, e),
-            e => e,
-        })?;
+        migrate(&mut writer).map_err(|e| damaged_at_open(path, e))?;
         if role == Role::Daemon {
             // Checkpoints are the checkpointer thread's job; see the module doc.
             // After a WAL restart the file is cut back to this size.
@@ -650,9 +647,10 @@ fn is_damage_code(e: &rusqlite::Error) -> bool {
 
 /// A damaged file found while opening: the daemon cannot start on it; say
 /// where the way out is documented.
-fn damaged_at_open(path: &Path, e: rusqlite::Error) -> StoreError {
-    if !is_damage_code(&e) {
-        return e.into();
+fn damaged_at_open(path: &Path, e: impl Into<StoreError>) -> StoreError {
+    let e = e.into();
+    if !is_damage(&e) {
+        return e;
     }
     StoreError::Open {
         path: path.display().to_string(),
