@@ -112,6 +112,9 @@ pub struct StorageConfig {
     /// Free bytes on the database's volume below which ingest answers 503
     /// instead of accepting events it may not be able to commit; 0 disables.
     pub min_free_bytes: u64,
+    /// How long an insert waits for its commit before answering 503
+    /// (README "Storage faults"); the commit may still land later.
+    pub commit_timeout: Duration,
 }
 
 /// Default `storage.min_free_bytes`: room for SQLite's WAL and a few checkpoints.
@@ -455,6 +458,7 @@ struct RawStorage {
     url: Option<String>,
     retention: Option<Dur>,
     min_free_bytes: Option<u64>,
+    commit_timeout: Option<Dur>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1042,11 +1046,16 @@ fn storage_config(ck: &mut Checker, r: RawStorage) -> Option<StorageConfig> {
         ck.error("storage.url", "only used with backend = \"postgres\"");
     }
     let path = r.path.unwrap_or_else(|| PathBuf::from("./data/hooktrail.db"));
+    let commit_timeout = r.commit_timeout.map_or(Duration::from_secs(10), |d| d.0);
+    if commit_timeout.is_zero() {
+        ck.error("storage.commit_timeout", "must be more than 0 (e.g. \"10s\")");
+    }
     Some(StorageConfig {
         backend,
         path,
         retention: r.retention.map(|d| d.0),
         min_free_bytes: r.min_free_bytes.unwrap_or(DEFAULT_MIN_FREE_BYTES),
+        commit_timeout,
     })
 }
 

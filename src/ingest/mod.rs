@@ -67,13 +67,19 @@ impl Reject {
 
 impl From<StoreError> for Reject {
     fn from(e: StoreError) -> Self {
-        let msg = match &e {
-            StoreError::Overloaded => "overloaded: the write queue is full, retry shortly".to_string(),
-            StoreError::ShuttingDown => "shutting down, retry shortly".to_string(),
-            _ => "storage unavailable, retry shortly".to_string(),
+        // The sender learns what kind of fault it is, never the file path.
+        let (msg, retry) = match &e {
+            StoreError::Overloaded => ("overloaded: the write queue is full, retry shortly".to_string(), 5),
+            StoreError::ShuttingDown => ("shutting down, retry shortly".to_string(), 5),
+            StoreError::Lost(_) => {
+                ("storage unavailable: the database file was deleted or replaced while hooktrail runs; retry later".to_string(), 60)
+            }
+            StoreError::Damaged { .. } => ("storage unavailable: the database is damaged; retry later".to_string(), 60),
+            StoreError::CommitTimeout(t) => (format!("storage unavailable: the commit did not finish within {t}; retry shortly"), 5),
+            _ => ("storage unavailable, retry shortly".to_string(), 5),
         };
         tracing::warn!(error = %e, "store refused an event");
-        Reject::new(StatusCode::SERVICE_UNAVAILABLE, RejectReason::Unavailable, msg).retry_after(5)
+        Reject::new(StatusCode::SERVICE_UNAVAILABLE, RejectReason::Unavailable, msg).retry_after(retry)
     }
 }
 

@@ -127,22 +127,27 @@ pub(super) async fn readyz(ops: &Ops) -> Resp {
 
 pub(super) async fn metrics(ops: &Ops) -> Resp {
     let cfg = ops.config();
-    let queue = match ops.store.queue_depth().await {
-        Ok(q) => q,
-        Err(e) => return store_error(&e),
+    // Never waits on storage for long (see `Ops::queue_depth`); stale figures
+    // say how stale they are, and none are made up before the first read.
+    let (queue_age, queue) = match ops.queue_depth().await {
+        Some((age, q)) => (age.as_secs_f64(), Some(q)),
+        None => (-1.0, None),
     };
     // Every configured handler gets every unfinished state, zeros included, so
     // an alert on "pending > N" sees a series from the start.
     let waiting = [DeliveryStatus::Pending, DeliveryStatus::Retrying, DeliveryStatus::Running];
     let mut depth: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-    let mut oldest: BTreeMap<String, f64> = cfg.handlers.keys().map(|h| (h.clone(), 0.0)).collect();
-    for h in cfg.handlers.keys() {
-        for s in waiting {
-            depth.insert((h.clone(), s.as_str()), 0);
+    let mut oldest: BTreeMap<String, f64> = BTreeMap::new();
+    if queue.is_some() {
+        oldest = cfg.handlers.keys().map(|h| (h.clone(), 0.0)).collect();
+        for h in cfg.handlers.keys() {
+            for s in waiting {
+                depth.insert((h.clone(), s.as_str()), 0);
+            }
         }
     }
     let now = Utc::now();
-    for q in &queue {
+    for q in queue.iter().flat_map(|q| q.iter()) {
         *depth.entry((q.handler.clone(), q.status.as_str())).or_default() += q.count;
         if q.status == DeliveryStatus::Running {
             continue;
@@ -163,6 +168,11 @@ pub(super) async fn metrics(ops: &Ops) -> Resp {
             name: "hooktrail_oldest_pending_seconds",
             help: "Age of the longest-waiting pending or retrying delivery, by handler (0 when none waits).",
             values: oldest.into_iter().map(|(h, age)| (label("handler", &h), age)).collect(),
+        },
+        Gauge {
+            name: "hooktrail_queue_depth_age_seconds",
+            help: "Age of the two gauges above: near 0 when read for this scrape; more when storage did not answer within 1s and the last figures are served; -1 before any.",
+            values: vec![(String::new(), queue_age)],
         },
         Gauge {
             name: "hooktrail_backlog_deliveries",

@@ -25,13 +25,26 @@ use arc_swap::ArcSwap;
 use chrono::Utc;
 
 use crate::config::Config;
-use crate::store::{HourCounts, Store, StoreError};
+use crate::store::{HourCounts, QueueDepth, Store, StoreError};
 use metrics::Metrics;
 
 /// How long a readiness ping may wait for the writer before storage counts as down.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the page's hourly chart is reused before the store is asked again.
 const CHART_TTL: Duration = Duration::from_secs(30);
+/// How long `/metrics` waits for fresh queue figures before serving the last ones.
+const QUEUE_WAIT: Duration = Duration::from_secs(1);
+
+/// The last queue-depth figures. One background read at a time refreshes
+/// them, so `/metrics` never waits on storage longer than [`QUEUE_WAIT`]:
+/// on a frozen filesystem a read can hang for as long as the freeze lasts,
+/// and a scrape that hangs with it hides the very outage it should show.
+#[derive(Default)]
+struct QueueCache {
+    latest: Mutex<Option<(Instant, Arc<Vec<QueueDepth>>)>>,
+    refreshing: AtomicBool,
+    refreshed: tokio::sync::Notify,
+}
 
 /// Which parts of the daemon this process runs (`serve --role`); readiness
 /// only checks the parts that are supposed to be here.
@@ -50,6 +63,7 @@ pub struct Ops {
     /// Set once the public listener is bound (readiness).
     listener_bound: AtomicBool,
     chart: Mutex<Option<(Instant, Arc<Vec<HourCounts>>)>>,
+    queue: Arc<QueueCache>,
     fail_gate: crate::fail_gate::FailGate,
     sessions: session::Sessions,
 }
@@ -100,6 +114,7 @@ impl Ops {
             roles,
             listener_bound: AtomicBool::new(false),
             chart: Mutex::new(None),
+            queue: Arc::default(),
             fail_gate: admin::admin_fail_gate(),
             sessions: session::Sessions::new(),
         })
@@ -181,6 +196,33 @@ impl Ops {
         let rows = Arc::new(self.store.hourly(since).await?);
         *self.chart.lock().expect("chart cache lock poisoned") = Some((Instant::now(), rows.clone()));
         Ok(rows)
+    }
+
+    /// Queue figures for `/metrics` and how old they are: fresh when the
+    /// store answers within [`QUEUE_WAIT`], else the last ones read (`None`
+    /// before any). Never waits longer, and never starts a second read while
+    /// one is still out.
+    async fn queue_depth(&self) -> Option<(Duration, Arc<Vec<QueueDepth>>)> {
+        let cache = self.queue.clone();
+        let refreshed = cache.refreshed.notified();
+        tokio::pin!(refreshed);
+        refreshed.as_mut().enable();
+        if !cache.refreshing.swap(true, Ordering::AcqRel) {
+            let store = self.store.clone();
+            let c = cache.clone();
+            // Not tracked for shutdown: a read, it has nothing to lose.
+            tokio::spawn(async move {
+                match store.queue_depth().await {
+                    Ok(q) => *c.latest.lock().expect("queue cache lock poisoned") = Some((Instant::now(), Arc::new(q))),
+                    Err(e) => tracing::warn!(error = %e, "reading the queue depth for metrics failed; serving the last figures"),
+                }
+                c.refreshing.store(false, Ordering::Release);
+                c.refreshed.notify_waiters();
+            });
+        }
+        let _ = tokio::time::timeout(QUEUE_WAIT, refreshed).await;
+        let latest = cache.latest.lock().expect("queue cache lock poisoned");
+        latest.as_ref().map(|(at, q)| (at.elapsed(), q.clone()))
     }
 
     /// Forgets the cached chart (after a replay the counts move).

@@ -39,9 +39,12 @@ pub async fn run(ops: Arc<Ops>, shutdown: CancellationToken) {
 
 /// Whether the writer and processor are alive. A full write queue counts as
 /// alive: the writer is busy committing, and a restart would only slow it.
+/// So does a lost or damaged database: a restart cannot mend it, and after a
+/// deletion this process holds the only copy of the file (README "Storage faults").
 async fn alive(ops: &Ops) -> Result<(), String> {
     let storage = match tokio::time::timeout(super::PING_TIMEOUT, ops.store.ping()).await {
         Ok(Ok(())) | Ok(Err(StoreError::Overloaded)) => Check::Ok,
+        Ok(Err(e)) if e.needs_operator() => Check::Ok,
         Ok(Err(e)) => Check::Failed(format!("storage: {e}")),
         Err(_) => Check::Failed("storage: the writer did not commit a ping in time".into()),
     };

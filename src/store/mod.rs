@@ -145,6 +145,29 @@ pub enum StoreError {
     Corrupt(String),
     #[error("cannot open database `{path}`: {message}")]
     Open { path: String, message: String },
+    /// The configured path no longer names the file this process has open
+    /// (deleted, moved or replaced): nothing written since would be found
+    /// there after a restart. Sticky until restart (README "Storage faults").
+    #[error("database file `{0}` was deleted or replaced while open; restart hooktrail after restoring it")]
+    Lost(String),
+    /// SQLite reported the file damaged (a failed integrity check, or
+    /// `SQLITE_CORRUPT`/`SQLITE_NOTADB` on use). Sticky until restart.
+    #[error(
+        "database `{path}` is damaged ({detail}); new events are refused until it is repaired (README \"Recovering a damaged database\")"
+    )]
+    Damaged { path: String, detail: String },
+    /// The commit did not finish within `storage.commit_timeout`; it may
+    /// still finish later (the caller was told 503, and retries).
+    #[error("storage did not commit within storage.commit_timeout ({0}); the write may still land later")]
+    CommitTimeout(String),
+}
+
+impl StoreError {
+    /// A fault a retry cannot cure and a restart alone does not either: an
+    /// operator must restore or repair the database (README "Storage faults").
+    pub fn needs_operator(&self) -> bool {
+        matches!(self, StoreError::Lost(_) | StoreError::Damaged { .. })
+    }
 }
 
 /// One attempt of one delivery.
@@ -372,6 +395,6 @@ pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
 /// Opens the configured backend.
 pub fn open(cfg: &crate::config::StorageConfig, role: sqlite::Role) -> Result<Arc<dyn Store>, StoreError> {
     match cfg.backend {
-        crate::config::Backend::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(&cfg.path, role)?)),
+        crate::config::Backend::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(&cfg.path, role)?.with_commit_timeout(cfg.commit_timeout))),
     }
 }
