@@ -879,6 +879,10 @@ match = [{ pointer = "/kind", equals = "later" }]
     let out = env.cli(&["prune", "--older-than", "1h"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(env.events().len(), 3);
+    let out = env.cli(&["prune", "--older-than", "0s", "--dry-run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("would prune 2 finished event(s)") && out.stdout.contains("nothing deleted"), "{out:?}");
+    assert_eq!(env.events().len(), 3, "--dry-run deletes nothing");
     let out = env.cli(&["prune", "--older-than", "0s"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("pruned 2 "), "{out:?}");
@@ -943,4 +947,118 @@ fn example_handlers_follow_the_exit_code_contract() {
         let fields: Vec<&str> = lines[0].split('\t').collect();
         assert_eq!(fields, [good.as_str(), "dgolden@mid-corp.com", "Daniel", ev["received_at"].as_str().unwrap()], "{kind}");
     }
+}
+
+#[test]
+fn a_hostile_retry_after_leaves_the_delivery_retrying_at_max_age_without_a_panic() {
+    // Issue 11 item 4: `Retry-After: 99999999999999` overflowed the date
+    // arithmetic; the attempt's task panicked and the delivery sat `running`.
+    let peer = FakePeer::start(|_, _| PeerReply::new(503, "come back in three million years").header("retry-after", "99999999999999"));
+    let config = [
+        fast("").as_str(),
+        &open_source("leads"),
+        &format!("[handlers.fwd]\ntype = \"http\"\nurl = {}\nmax_age = \"1h\"\n", toml_str(&peer.url("/in"))),
+        &route("leads", "fwd"),
+    ]
+    .concat();
+    let env = TestEnv::new(&config);
+    let d = env.start();
+    let before = chrono::Utc::now();
+    let id = d.post_json("/hooks/leads", r#"{"email":"a@b.c"}"#).id();
+
+    let ev = wait_event(&env, &id, "the delivery to wait for its retry", SETTLE, |ev| delivery(ev, "fwd")["status"] == "retrying");
+    let del = delivery(&ev, "fwd");
+    let a = attempts(del);
+    assert_eq!(a.len(), 1, "{del:#}");
+    assert_eq!((&a[0]["outcome"], &a[0]["http_status"]), (&json!("retry"), &json!(503)), "{del:#}");
+    // The wait asked for is cut to max_age: the last try comes when it runs out.
+    let next = chrono::DateTime::parse_from_rfc3339(del["next_attempt_at"].as_str().expect("a next attempt time")).expect("RFC 3339");
+    let after = chrono::Utc::now();
+    let hour = chrono::Duration::hours(1);
+    assert!(next >= before + hour && next <= after + hour, "next attempt {next} is not max_age (1h) after the delivery was queued");
+    assert_eq!(peer.requests().len(), 1, "no second request before then");
+    let log = env.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("attempt finished"), "the attempt was recorded: {log}");
+}
+
+#[test]
+fn bulk_replay_must_name_what_it_replays_and_an_unknown_id_is_named() {
+    // `events replay --source forms` re-queued every delivery, succeeded ones
+    // included: a CRM handler re-sent every contact.
+    let w = Work::new();
+    let config = [
+        fast("").as_str(),
+        &open_source("forms"),
+        &w.shell("crm", r#"echo "$HOOKTRAIL_EVENT_ID" >> "$W/sent"; echo sent"#, ""),
+        &w.shell("notify", r#"if [ -e "$W/fixed" ]; then echo notified; exit 0; fi; exit 3"#, "permanent_exit_codes = [3]"),
+        &route("forms", "crm"),
+        &route("forms", "notify"),
+    ]
+    .concat();
+    let env = TestEnv::new(&config);
+    let d = env.start();
+    let ids = [d.post_json("/hooks/forms", r#"{"n":1}"#).id(), d.post_json("/hooks/forms", r#"{"n":2}"#).id()];
+    for id in &ids {
+        assert_eq!(wait_settled(&env, id)["status"], "failed");
+    }
+    let statuses = |id: &str| -> Vec<(String, String, usize)> {
+        let ev = env.show(id);
+        ["crm", "notify"]
+            .iter()
+            .map(|h| {
+                let d = delivery(&ev, h);
+                (h.to_string(), d["status"].as_str().unwrap_or_default().to_string(), attempts(d).len())
+            })
+            .collect()
+    };
+    let settled = vec![("crm".to_string(), "succeeded".to_string(), 1), ("notify".to_string(), "failed".to_string(), 1)];
+    let unchanged = |what: &str| {
+        for id in &ids {
+            assert_eq!(statuses(id), settled, "{what} changed {id}");
+        }
+        assert_eq!(w.read_string("sent").lines().count(), 2, "{what} re-sent a contact");
+    };
+
+    // A selection without --status failed or --all is refused, and changes nothing.
+    for args in [&["events", "replay", "--source", "forms"][..], &["events", "replay"], &["events", "replay", "--status", "done"]] {
+        let out = env.cli(args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("--status failed") && out.stderr.contains("--all"), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+        unchanged(&format!("{args:?}"));
+    }
+
+    // An unknown id is named; the known one beside it is not re-queued either.
+    let missing = "evt_01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    let out = env.cli(&["events", "replay", &ids[0], missing]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(&format!("no event {missing}")) && out.stderr.contains("nothing re-queued"), "{out:?}");
+    assert!(!out.stdout.contains("re-queued"), "{out:?}");
+    unchanged("replaying an unknown id");
+
+    // --dry-run shows what --status failed / --all would take and changes nothing.
+    let out = env.cli(&["events", "replay", "--status", "failed", "--source", "forms", "--dry-run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    for id in &ids {
+        assert!(out.stdout.contains(&format!("would re-queue {id} notify (failed, 1 attempt(s))")), "{out:?}");
+    }
+    assert!(!out.stdout.contains(" crm "), "succeeded deliveries are not part of --status failed: {out:?}");
+    assert!(out.stdout.contains("would re-queue 2 deliveries of 2 event(s); nothing changed"), "{out:?}");
+    let out = env.cli(&["events", "replay", "--all", "--source", "forms", "--dry-run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains(&format!("would re-queue {} crm (succeeded, 1 attempt(s))", ids[1])), "{out:?}");
+    assert!(out.stdout.contains("would re-queue 4 deliveries of 2 event(s); nothing changed"), "{out:?}");
+    unchanged("--dry-run");
+
+    // --status failed re-runs the failed deliveries only: no contact is sent twice.
+    std::fs::write(w.path("fixed"), "").unwrap();
+    let out = env.cli(&["events", "replay", "--status", "failed", "--source", "forms"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("re-queued 2 deliveries of 2 event(s)"), "{out:?}");
+    for id in &ids {
+        assert_eq!(wait_settled(&env, id)["status"], "done");
+        assert_eq!(statuses(id), [("crm".to_string(), "succeeded".to_string(), 1), ("notify".to_string(), "succeeded".to_string(), 2)]);
+    }
+    assert_eq!(w.read_string("sent").lines().count(), 2, "the CRM handler ran once per event");
 }
