@@ -1062,3 +1062,95 @@ fn bulk_replay_must_name_what_it_replays_and_an_unknown_id_is_named() {
     }
     assert_eq!(w.read_string("sent").lines().count(), 2, "the CRM handler ran once per event");
 }
+
+/// SIGKILLs the listed processes when dropped, so a failing test leaves no sleeper behind.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            kill_leftover(*pid);
+        }
+    }
+}
+
+/// Source `leads` routed to shell handler `import` (lease 2 s): until
+/// `$W/restarted` exists it writes its payload file's path, starts a child
+/// in its group, records both pids and blocks; then it succeeds.
+fn orphan_maker(w: &Work) -> String {
+    let script = r#"if [ -e "$W/restarted" ]; then echo "second run"; exit 0; fi
+echo "$HOOKTRAIL_PAYLOAD_FILE" > "$W/payload-path"
+sleep 600 &
+echo $! > "$W/child.pid"
+echo $$ > "$W/leader.tmp" && mv "$W/leader.tmp" "$W/leader.pid"
+wait"#;
+    [fast("lease = \"2s\"").as_str(), &open_source("leads"), &w.shell("import", script, "timeout = \"60s\""), &route("leads", "import")]
+        .concat()
+}
+
+#[test]
+fn after_kill9_the_next_start_kills_the_handler_process_group_the_dead_daemon_left() {
+    // Issue 11 item 9: after kill -9 a handler kept running with no timeout,
+    // beside its own re-run.
+    let w = Work::new();
+    let env = TestEnv::new(&orphan_maker(&w));
+    let d = env.start();
+    let id = d.post_json("/hooks/leads", r#"{"email":"a@b.c"}"#).id();
+    wait_for("the handler to start", SETTLE, || w.path("leader.pid").exists());
+    let (leader, child) = (read_pid(&w.path("leader.pid")).unwrap(), read_pid(&w.path("child.pid")).unwrap());
+    let _cleanup = KillOnDrop(vec![leader, child]);
+    // The handler carries the daemon's mark (`<pid>.<start>`), and the
+    // daemon is noted beside the database.
+    let mark = environ(&std::fs::read(format!("/proc/{leader}/environ")).unwrap()).get("HOOKTRAIL_DAEMON").cloned();
+    let dead = mark.unwrap_or_else(|| panic!("the handler has no HOOKTRAIL_DAEMON"));
+    assert!(dead.starts_with(&format!("{}.", d.pid())), "{dead}");
+    let noted = PathBuf::from(format!("{}.handlers", env.db_path().display())).join(&dead);
+    assert!(noted.exists(), "{}", noted.display());
+    d.kill9();
+    assert!(!process_gone(leader) && !process_gone(child), "the handler outlives a SIGKILLed daemon");
+
+    std::fs::write(w.path("restarted"), "").unwrap();
+    let _d = env.start();
+    wait_for("the dead daemon's handler group to be killed", SETTLE, || process_gone(leader) && process_gone(child));
+    assert!(!noted.exists(), "the dead daemon's note is gone");
+    let log = env.log();
+    assert!(log.contains("killed a handler's process group left running by a daemon that died"), "{log}");
+    assert!(log.contains(&format!("pgid={leader}")) && log.contains(&format!("daemon={dead}")), "the log names the group: {log}");
+    // And the delivery still runs again once the dead daemon's lease expires.
+    let ev = wait_event(&env, &id, "the re-run", SETTLE, |ev| ev["status"] == "done");
+    assert!(attempts(delivery(&ev, "import")).last().unwrap()["output"].as_str().is_some_and(|o| o.contains("second run")), "{ev:#}");
+}
+
+#[test]
+fn after_kill9_the_next_start_removes_the_payload_files_the_dead_daemon_left() {
+    // Issue 11 item 10: `hooktrail-payload-*.json` (lead data) stayed in
+    // $TMPDIR or /dev/shm after kill -9. TMPDIR is the test's own directory,
+    // so no other process's files are touched.
+    let w = Work::new();
+    let tmp = w.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let env = TestEnv::new(&orphan_maker(&w));
+    let d = env.daemon().env("TMPDIR", tmp.to_str().unwrap()).start();
+    d.post_json("/hooks/leads", r#"{"email":"dgolden@mid-corp.com"}"#).id();
+    wait_for("the handler to start", SETTLE, || w.path("leader.pid").exists());
+    let _cleanup = KillOnDrop(vec![read_pid(&w.path("leader.pid")).unwrap(), read_pid(&w.path("child.pid")).unwrap()]);
+    let payload = PathBuf::from(w.read_string("payload-path").trim());
+    assert_eq!(payload.parent(), Some(tmp.as_path()), "the payload file is in $TMPDIR");
+    d.kill9();
+    assert!(std::fs::read_to_string(&payload).unwrap().contains("dgolden@mid-corp.com"), "the dead daemon left its payload file");
+    // Files that may be in use stay: one named by a live process (this
+    // test), and one named by a version that put no owner in the name.
+    let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let my_start = me.rsplit_once(')').unwrap().1.split_whitespace().nth(19).unwrap().to_string();
+    let in_use = tmp.join(format!("hooktrail-payload-{}.{my_start}-Ab12Cd.json", std::process::id()));
+    let older_version = tmp.join("hooktrail-payload-Ab12Cd.json");
+    for f in [&in_use, &older_version] {
+        std::fs::write(f, "{}").unwrap();
+    }
+
+    std::fs::write(w.path("restarted"), "").unwrap();
+    let _d = env.daemon().env("TMPDIR", tmp.to_str().unwrap()).start();
+    wait_for("the dead daemon's payload file to be removed", SETTLE, || !payload.exists());
+    assert!(in_use.exists() && older_version.exists(), "files that may be in use are left alone");
+    assert!(env.log().contains("removed payload files left by a daemon that died"), "{}", env.log());
+}
