@@ -293,11 +293,9 @@ async fn events(store: &dyn Store, cmd: EventsCommand) -> Result<i32> {
             Ok(0)
         }
         EventsCommand::Replay { ids, filters, all, dry_run } => {
-            let (plan, only_failed) = if ids.is_empty() {
-                let f = filters.to_filter()?;
-                let only_failed = !all;
-                let found = store.find_ids(f).await?;
-                (replay_plan(store, &found, filters.handler.as_deref(), only_failed, dry_run).await?, only_failed)
+            // (events, only to this handler, only failed deliveries)
+            let (events, handler, only_failed) = if ids.is_empty() {
+                (store.find_ids(filters.to_filter()?).await?, filters.handler.clone(), !all)
             } else {
                 let parsed = ids.iter().map(|s| s.parse::<EventId>()).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
                 let mut missing = Vec::new();
@@ -311,22 +309,19 @@ async fn events(store: &dyn Store, cmd: EventsCommand) -> Result<i32> {
                     eprintln!("error: no event {}; nothing re-queued", missing.join(", no event "));
                     return Ok(1);
                 }
-                (replay_plan(store, &parsed, None, false, dry_run).await?, false)
+                (parsed, None, false)
             };
+            let plural = |n: usize| if n == 1 { "y" } else { "ies" };
             if dry_run {
-                for (id, d) in &plan.deliveries {
+                let would = requeue_preview(store, &events, handler.as_deref(), only_failed).await?;
+                for (id, d) in &would {
                     println!("would re-queue {id} {} ({}, {} attempt(s))", d.handler, d.status, d.attempt_count);
                 }
-                let n = plan.deliveries.len();
-                println!(
-                    "would re-queue {n} deliver{} of {} event(s); nothing changed",
-                    if n == 1 { "y" } else { "ies" },
-                    plan.events.len()
-                );
+                println!("would re-queue {} deliver{} of {} event(s); nothing changed", would.len(), plural(would.len()), events.len());
                 return Ok(0);
             }
-            let n = store.replay(plan.events.clone(), filters.handler.clone(), only_failed).await?;
-            println!("re-queued {n} deliver{} of {} event(s)", if n == 1 { "y" } else { "ies" }, plan.events.len());
+            let n = store.replay(events.clone(), handler, only_failed).await?;
+            println!("re-queued {n} deliver{} of {} event(s)", plural(n as usize), events.len());
             Ok(0)
         }
     }
@@ -357,26 +352,19 @@ impl EventsCommand {
     }
 }
 
-/// The events a replay names and, when asked to show them, the deliveries it
-/// would re-queue.
-struct ReplayPlan {
-    events: Vec<EventId>,
-    deliveries: Vec<(EventId, DeliveryRecord)>,
-}
-
-async fn replay_plan(store: &dyn Store, ids: &[EventId], handler: Option<&str>, only_failed: bool, detail: bool) -> Result<ReplayPlan> {
-    let mut deliveries = Vec::new();
-    if detail {
-        for id in ids {
-            let Some(ev) = store.get_event(*id).await? else { continue };
-            for d in ev.deliveries.into_iter().flatten() {
-                if replay_takes(&d, handler, only_failed) {
-                    deliveries.push((*id, d));
-                }
-            }
-        }
+/// The deliveries [`Store::replay`] would re-queue, for `--dry-run`.
+async fn requeue_preview(
+    store: &dyn Store,
+    ids: &[EventId],
+    handler: Option<&str>,
+    only_failed: bool,
+) -> Result<Vec<(EventId, DeliveryRecord)>> {
+    let mut would = Vec::new();
+    for id in ids {
+        let Some(ev) = store.get_event(*id).await? else { continue };
+        would.extend(ev.deliveries.into_iter().flatten().filter(|d| replay_takes(d, handler, only_failed)).map(|d| (*id, d)));
     }
-    Ok(ReplayPlan { events: ids.to_vec(), deliveries })
+    Ok(would)
 }
 
 /// Whether [`Store::replay`] re-queues this delivery: never one running right
