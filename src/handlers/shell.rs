@@ -207,14 +207,16 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
         .env("HOOKTRAIL_ATTEMPT", d.attempt.to_string())
         .env("HOOKTRAIL_RECEIVED_AT", rfc3339(d.received_at))
         .env("HOOKTRAIL_CONTENT_TYPE", &d.content_type)
-        .env("HOOKTRAIL_PAYLOAD_FILE", payload_file.path())
-        .env(DAEMON_VAR, leftovers::daemon_id());
+        .env("HOOKTRAIL_PAYLOAD_FILE", payload_file.path());
     for (var, pointer) in &spec.env {
         match env_value(&d.payload, pointer) {
             Some(v) => cmd.env(var, v),
             None => cmd.env_remove(var),
         };
     }
+    // Last, so no mapping can drop it: how a later start finds this
+    // attempt's processes if the daemon is killed.
+    cmd.env(DAEMON_VAR, leftovers::daemon_id());
     if let Some(dir) = &spec.workdir {
         cmd.current_dir(dir);
     }
