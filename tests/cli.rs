@@ -297,5 +297,5 @@ fn durations_reaching_back_past_any_date_are_refused_with_a_message_not_a_panic(
     let env = TestEnv::new(&format!("{CONFIG}\n[processor]\nlease = \"{absurd}\"\n"));
     let out = env.cli(&["check-config"]);
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stdout.contains(&format!("error: processor.lease: duration `{absurd}` is longer than 100 years")), "{out:?}");
+    assert!(out.stdout.contains(&format!("error: processor.lease: duration `{absurd}` is longer than 1000 years")), "{out:?}");
 }
