@@ -1,6 +1,7 @@
 //! The inspection CLI on the daemon's database while `serve` runs (SPEC §2, §5):
 //! `events list` filters, `events show` human and JSON, `stats --json`, and
-//! clear errors for an unknown id or a missing database.
+//! clear errors for an unknown id, a missing database, or a duration reaching
+//! back past any date (CLI and admin API).
 
 mod common;
 

@@ -8,7 +8,10 @@
 //! (single and bulk), routes with and without `match`, a `kill -9` mid-handler
 //! followed by a restart, `--role ingest` + `--role process` on one database,
 //! graceful stop with grace period and release, `stats`/`prune`/`export`, and
-//! the copyable handlers in `examples/handlers/`.
+//! the copyable handlers in `examples/handlers/`. Issue 11: a hostile
+//! `Retry-After`, bulk replay that must name what it replays, and what a
+//! `kill -9` leaves (handler process groups, payload files) cleared at the
+//! next start.
 //! The HTTP forward handler is in `tests/process_http.rs`.
 
 mod common;
