@@ -5,12 +5,16 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config;
-use crate::store::{self, sqlite::Role, Detail, EventFilter, EventId, EventRecord, EventStatus, StatsRow, Store};
+use crate::store::{
+    self, sqlite::Role, DeliveryRecord, DeliveryStatus, Detail, EventFilter, EventId, EventRecord, EventStatus, StatsRow, Store,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,20 +47,23 @@ pub enum Command {
         #[arg(long)]
         source: Option<String>,
         /// A duration (`2h`) or an RFC 3339 time
-        #[arg(long)]
-        since: Option<String>,
+        #[arg(long, value_parser = store::parse_since)]
+        since: Option<DateTime<Utc>>,
         #[arg(long)]
         json: bool,
     },
     /// Delete finished events (done/failed) older than DURATION
     Prune {
-        #[arg(long, value_name = "DURATION")]
-        older_than: String,
+        #[arg(long, value_name = "DURATION", value_parser = parse_age)]
+        older_than: Duration,
+        /// Count what would be deleted; delete nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// JSON Lines of events with their deliveries and attempts, oldest first
     Export {
-        #[arg(long)]
-        since: Option<String>,
+        #[arg(long, value_parser = store::parse_since)]
+        since: Option<DateTime<Utc>>,
         #[arg(long)]
         source: Option<String>,
     },
@@ -83,8 +90,8 @@ pub struct Filters {
     #[arg(long)]
     pub handler: Option<String>,
     /// A duration (`2h`) or an RFC 3339 time
-    #[arg(long)]
-    pub since: Option<String>,
+    #[arg(long, value_parser = store::parse_since)]
+    pub since: Option<DateTime<Utc>>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,12 +114,32 @@ pub enum EventsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Re-queue deliveries (attempt count continues; history kept)
+    /// Re-queue deliveries (attempt count continues; history kept).
+    /// By id, or in bulk with --status failed or --all (and optional filters)
     Replay {
         ids: Vec<String>,
         #[command(flatten)]
         filters: Filters,
+        /// Bulk: every delivery of the matching events, succeeded ones included
+        #[arg(long, conflicts_with = "status")]
+        all: bool,
+        /// Print what would be re-queued; change nothing
+        #[arg(long)]
+        dry_run: bool,
     },
+}
+
+/// `--older-than`: a duration that still leaves a date when taken from now.
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("expected a duration like 30d ({e})"))?;
+    store::checked_before(Utc::now(), d).ok_or_else(|| format!("`{s}` reaches back further than a date can; nothing is that old"))?;
+    Ok(d)
+}
+
+/// A usage error found after parsing: said on stderr, exit code 2 like clap's own.
+fn usage(message: &str) -> Result<i32> {
+    eprintln!("error: {message}");
+    Ok(2)
 }
 
 impl Filters {
@@ -121,7 +148,7 @@ impl Filters {
             source: self.source.clone(),
             status: self.status.as_deref().map(str::parse::<EventStatus>).transpose().map_err(anyhow::Error::msg).context("--status")?,
             handler: self.handler.clone(),
-            since: self.since.as_deref().map(store::parse_since).transpose().map_err(anyhow::Error::msg).context("--since")?,
+            since: self.since,
             ..Default::default()
         })
     }
@@ -149,6 +176,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::CheckConfig => Ok(check_config(&path)),
         Command::Events(cmd) => {
+            if let Some(problem) = cmd.usage_problem() {
+                return usage(problem);
+            }
             let store = open_store(&path)?;
             let code = events(store.as_ref(), cmd).await;
             store.close().await;
@@ -156,17 +186,20 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Stats { source, since, json } => {
             let store = open_store(&path)?;
-            let since = since.as_deref().map(store::parse_since).transpose().map_err(anyhow::Error::msg).context("--since")?;
             let rows = store.stats(source, since).await?;
             store.close().await;
             print_stats(&rows, json)?;
             Ok(0)
         }
-        Command::Prune { older_than } => {
-            let d = humantime::parse_duration(&older_than)
-                .with_context(|| format!("--older-than `{older_than}`: expected a duration like 30d"))?;
+        Command::Prune { older_than, dry_run } => {
             let store = open_store(&path)?;
-            let before = chrono::Utc::now() - chrono::Duration::from_std(d).context("--older-than is too long")?;
+            let before = store::checked_before(Utc::now(), older_than).context("--older-than reaches back further than a date can")?;
+            if dry_run {
+                let n = count_prunable(store.as_ref(), before).await?;
+                store.close().await;
+                println!("would prune {n} finished event(s) received before {}; nothing deleted", store::rfc3339(before));
+                return Ok(0);
+            }
             let n = store.prune(before, 500).await?;
             store.close().await;
             println!("pruned {n} finished event(s) received before {}", store::rfc3339(before));
@@ -174,13 +207,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Export { since, source } => {
             let store = open_store(&path)?;
-            let mut filter = EventFilter {
-                source,
-                since: since.as_deref().map(store::parse_since).transpose().map_err(anyhow::Error::msg).context("--since")?,
-                ascending: true,
-                limit: Some(500),
-                ..Default::default()
-            };
+            let mut filter = EventFilter { source, since, ascending: true, limit: Some(500), ..Default::default() };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             // Page by id so memory stays flat however large the log is.
             loop {
@@ -265,29 +292,105 @@ async fn events(store: &dyn Store, cmd: EventsCommand) -> Result<i32> {
             }
             Ok(0)
         }
-        EventsCommand::Replay { ids, filters } => {
-            let bulk = filters.status.is_some() || filters.source.is_some() || filters.handler.is_some() || filters.since.is_some();
-            if ids.is_empty() && !bulk {
-                bail!("name event ids, or select with --status failed [--source S] [--handler H] [--since T]");
-            }
-            if !ids.is_empty() && bulk {
-                bail!("give event ids or filters, not both");
-            }
-            let (ids, only_failed) = if ids.is_empty() {
-                let f = filters.to_filter()?;
-                if f.status.is_some_and(|s| s != EventStatus::Failed) {
-                    bail!("bulk replay takes --status failed (replay other events by id)");
-                }
-                let only_failed = f.status == Some(EventStatus::Failed);
-                (store.find_ids(f).await?, only_failed)
+        EventsCommand::Replay { ids, filters, all, dry_run } => {
+            // (events, only to this handler, only failed deliveries)
+            let (events, handler, only_failed) = if ids.is_empty() {
+                (store.find_ids(filters.to_filter()?).await?, filters.handler.clone(), !all)
             } else {
-                (ids.iter().map(|s| s.parse::<EventId>()).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?, false)
+                let parsed = ids.iter().map(|s| s.parse::<EventId>()).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+                let mut missing = Vec::new();
+                for id in &parsed {
+                    if store.get_event(*id).await?.is_none() {
+                        missing.push(id.to_string());
+                    }
+                }
+                if !missing.is_empty() {
+                    // All or nothing: a typo in one id re-queues none of them.
+                    eprintln!("error: no event {}; nothing re-queued", missing.join(", no event "));
+                    return Ok(1);
+                }
+                (parsed, None, false)
             };
-            let n = store.replay(ids.clone(), filters.handler.clone(), only_failed).await?;
-            println!("re-queued {n} deliver{} of {} event(s)", if n == 1 { "y" } else { "ies" }, ids.len());
+            let plural = |n: usize| if n == 1 { "y" } else { "ies" };
+            if dry_run {
+                let would = requeue_preview(store, &events, handler.as_deref(), only_failed).await?;
+                for (id, d) in &would {
+                    println!("would re-queue {id} {} ({}, {} attempt(s))", d.handler, d.status, d.attempt_count);
+                }
+                println!("would re-queue {} deliver{} of {} event(s); nothing changed", would.len(), plural(would.len()), events.len());
+                return Ok(0);
+            }
+            let n = store.replay(events.clone(), handler, only_failed).await?;
+            println!("re-queued {n} deliver{} of {} event(s)", plural(n as usize), events.len());
             Ok(0)
         }
     }
+}
+
+impl EventsCommand {
+    /// What is wrong with how the command was asked, beyond what clap checks.
+    fn usage_problem(&self) -> Option<&'static str> {
+        let EventsCommand::Replay { ids, filters, all, .. } = self else { return None };
+        let filtered = filters.status.is_some() || filters.source.is_some() || filters.handler.is_some() || filters.since.is_some();
+        if !ids.is_empty() {
+            return (filtered || *all).then_some("give event ids, or a bulk selection (--status failed or --all, with filters), not both");
+        }
+        // Bulk replay names what it re-queues: replaying every delivery of
+        // every matching event would re-send what already succeeded (with a
+        // CRM handler, every contact again).
+        match filters.status.as_deref() {
+            None if *all => None,
+            None if !filtered => Some(
+                "name event ids, or re-queue in bulk with --status failed (the failed deliveries) or --all (every delivery, succeeded ones included)",
+            ),
+            None => Some(
+                "bulk replay must say what it re-queues: --status failed (the failed deliveries) or --all (every delivery, succeeded ones included)",
+            ),
+            Some("failed") => None,
+            Some(_) => Some("bulk replay takes --status failed or --all (replay other events by id)"),
+        }
+    }
+}
+
+/// The deliveries [`Store::replay`] would re-queue, for `--dry-run`.
+async fn requeue_preview(
+    store: &dyn Store,
+    ids: &[EventId],
+    handler: Option<&str>,
+    only_failed: bool,
+) -> Result<Vec<(EventId, DeliveryRecord)>> {
+    let mut would = Vec::new();
+    for id in ids {
+        let Some(ev) = store.get_event(*id).await? else { continue };
+        would.extend(ev.deliveries.into_iter().flatten().filter(|d| replay_takes(d, handler, only_failed)).map(|d| (*id, d)));
+    }
+    Ok(would)
+}
+
+/// Whether [`Store::replay`] re-queues this delivery: never one running right
+/// now, only those to `handler` when given, only failed ones when asked.
+fn replay_takes(d: &DeliveryRecord, handler: Option<&str>, only_failed: bool) -> bool {
+    d.status != DeliveryStatus::Running && handler.map_or(true, |h| d.handler == h) && (!only_failed || d.status == DeliveryStatus::Failed)
+}
+
+/// The events `prune` would delete: finished and with an id below the first
+/// one `before` can have (an id is made after its event was received, so
+/// that alone places the receive time before `before`, as prune requires).
+async fn count_prunable(store: &dyn Store, before: DateTime<Utc>) -> Result<u64> {
+    let floor = EventId(ulid::Ulid::from_parts(u64::try_from(before.timestamp_millis()).unwrap_or(0), 0));
+    let mut n = 0u64;
+    for status in [EventStatus::Done, EventStatus::Failed] {
+        let mut filter = EventFilter { status: Some(status), before: Some(floor), limit: Some(500), ..Default::default() };
+        loop {
+            let page = store.list_events(filter.clone(), Detail::Summary).await?;
+            n += page.len() as u64;
+            match page.last() {
+                Some(last) if page.len() == 500 => filter.before = Some(last.id),
+                _ => break,
+            }
+        }
+    }
+    Ok(n)
 }
 
 fn print_list(list: &[EventRecord]) {

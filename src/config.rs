@@ -23,12 +23,20 @@ use crate::crypto::{HmacAlgorithm, Secret};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
+/// The longest duration a key takes: 1000 years (of 365.25 days, as
+/// humantime counts them). Each is added to the clock somewhere (a lease, a
+/// dedup window, max_age), and the sum must still be a date.
+pub const MAX_DURATION: Duration = Duration::from_secs(1000 * 31_557_600);
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration `{s}` ({e}); write e.g. \"500ms\", \"30s\", \"12h\"")))
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration `{s}` ({e}); write e.g. \"500ms\", \"30s\", \"12h\"")))?;
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!("duration `{s}` is longer than 1000 years")));
+        }
+        Ok(Dur(d))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The inspection CLI on the daemon's database while `serve` runs (SPEC §2, §5):
 //! `events list` filters, `events show` human and JSON, `stats --json`, and
-//! clear errors for an unknown id or a missing database.
+//! clear errors for an unknown id, a missing database, or a duration reaching
+//! back past any date (CLI and admin API).
 
 mod common;
 
@@ -256,4 +257,46 @@ fn config_flag_works_after_the_subcommand_and_hooktrail_config_is_read() {
     assert_eq!(out.code, 0, "{out:?}");
     let rows: Value = serde_json::from_str(&out.stdout).unwrap();
     assert!(rows.as_array().unwrap().iter().any(|r| r["source"] == "netresults"), "{rows}");
+}
+
+#[test]
+fn durations_reaching_back_past_any_date_are_refused_with_a_message_not_a_panic() {
+    // Issue 11 item 4: these overflowed `now - duration`; the CLI exited 101
+    // and the admin API dropped the connection.
+    let p = populated();
+    let absurd = "99999999999h";
+    for args in [
+        vec!["prune", "--older-than", absurd],
+        vec!["prune", "--older-than", absurd, "--dry-run"],
+        vec!["events", "list", "--since", absurd],
+        vec!["events", "replay", "--status", "failed", "--since", absurd],
+        vec!["stats", "--since", absurd],
+        vec!["export", "--since", absurd],
+    ] {
+        let out = p.env.cli(&args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(out.stderr.contains(&format!("`{absurd}` reaches back further than a date can")), "{args:?}: {out:?}");
+        assert!(!out.stderr.contains("panicked"), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+    }
+    assert_eq!(p.list(&[]).len(), 4, "nothing was pruned");
+
+    let ready: Value = serde_json::from_slice(&std::fs::read(p.env.ready_file()).unwrap()).unwrap();
+    let admin = ready["admin"].as_str().expect("the admin address");
+    let http = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap();
+    for path in [format!("/api/events?since={absurd}"), format!("/api/stats?since={absurd}")] {
+        let r = http.get(format!("http://{admin}{path}")).send().unwrap_or_else(|e| panic!("{path}: the connection failed: {e}"));
+        assert_eq!(r.status().as_u16(), 400, "{path}");
+        let body: Value = r.json().expect("a JSON error");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.starts_with("since: ") && error.contains("reaches back further than a date can"), "{path}: {body}");
+    }
+    assert!(!p.d.log().contains("panicked"), "{}", p.d.log());
+    assert_eq!(p.list(&["--since", "1h"]).len(), 4, "an ordinary --since still works");
+
+    // A config duration that long is refused at load, naming its key.
+    let env = TestEnv::new(&format!("{CONFIG}\n[processor]\nlease = \"{absurd}\"\n"));
+    let out = env.cli(&["check-config"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stdout.contains(&format!("error: processor.lease: duration `{absurd}` is longer than 1000 years")), "{out:?}");
 }

@@ -399,3 +399,45 @@ batch_size = 2"#,
     retry.sort();
     assert_eq!(retry, want, "the retry sent every record again, the one never sent included");
 }
+
+#[test]
+fn ids_that_are_dot_segments_are_skipped_and_every_other_id_stays_one_path_segment() {
+    // Issue 11 item 3: `{id}` = `..` made `/api/contacts/..` reach `/api/` with the bearer token.
+    const TOKEN: &str = "crm-token-7d41c0ffee";
+    let crm = FakePeer::start(|_, _| PeerReply::json(200, &json!({"ok": true})));
+    let env = env_with(&format!(
+        "provider = \"http\"\nurl_template = {}\ntoken_env = \"CRM_TOKEN\"\nrecords = \"/people/*\"\nfields = {{ email = \"/email\", name = \"/name\" }}",
+        toml_str(&crm.url("/api/contacts/{id}"))
+    ));
+    let d = env.daemon().env("CRM_TOKEN", TOKEN).start();
+    let body = json!({"people": [
+        {"email": "..", "name": "up one"},
+        {"email": "a/b", "name": "slash"},
+        {"email": ".", "name": "here"},
+        {"email": "", "name": "empty"},
+        {"email": "%2e%2e", "name": "encoded dots stay text"},
+    ]});
+    let id = post(&d, &body.to_string());
+
+    let ev = wait_settled(&env, &id);
+    let del = delivery(&ev, "crm");
+    assert_eq!(del["status"], "succeeded", "every record that was sent succeeded: {ev:#}");
+    let got = crm.requests();
+    let mut paths: Vec<(&str, &str)> = got.iter().map(|r| (r.method.as_str(), r.path.as_str())).collect();
+    paths.sort();
+    assert_eq!(paths, [("PUT", "/api/contacts/%252e%252e"), ("PUT", "/api/contacts/a%2Fb")], "nothing reached another path: {got:#?}");
+
+    let output = attempts(del)[0]["output"].as_str().unwrap_or_default();
+    assert!(output.starts_with("http: 5 record(s) selected, 2 to send, 2 request(s) sent, 3 skipped"), "{output}");
+    for line in [
+        "skipped /people/0: `email` is `..`, which a URL reads as a step along the path, not as an id",
+        "skipped /people/2: `email` is `.`, which a URL reads as a step along the path, not as an id",
+        "skipped /people/3: `email` is empty",
+    ] {
+        assert!(output.lines().any(|l| l == line), "missing {line:?} in:\n{output}");
+    }
+    // The output names the URL each record went to (and never the token).
+    let called = format!("success record `email` = a/b to PUT {}: HTTP 200", crm.url("/api/contacts/a%2Fb"));
+    assert!(output.lines().any(|l| l == called), "missing {called:?} in:\n{output}");
+    assert!(!output.contains(TOKEN) && !env.log().contains(TOKEN), "the token leaked: {output}");
+}

@@ -8,7 +8,10 @@
 //! (single and bulk), routes with and without `match`, a `kill -9` mid-handler
 //! followed by a restart, `--role ingest` + `--role process` on one database,
 //! graceful stop with grace period and release, `stats`/`prune`/`export`, and
-//! the copyable handlers in `examples/handlers/`.
+//! the copyable handlers in `examples/handlers/`. Issue 11: a hostile
+//! `Retry-After`, bulk replay that must name what it replays, and what a
+//! `kill -9` leaves (handler process groups, payload files) cleared at the
+//! next start.
 //! The HTTP forward handler is in `tests/process_http.rs`.
 
 mod common;
@@ -879,6 +882,10 @@ match = [{ pointer = "/kind", equals = "later" }]
     let out = env.cli(&["prune", "--older-than", "1h"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(env.events().len(), 3);
+    let out = env.cli(&["prune", "--older-than", "0s", "--dry-run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("would prune 2 finished event(s)") && out.stdout.contains("nothing deleted"), "{out:?}");
+    assert_eq!(env.events().len(), 3, "--dry-run deletes nothing");
     let out = env.cli(&["prune", "--older-than", "0s"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("pruned 2 "), "{out:?}");
@@ -943,4 +950,210 @@ fn example_handlers_follow_the_exit_code_contract() {
         let fields: Vec<&str> = lines[0].split('\t').collect();
         assert_eq!(fields, [good.as_str(), "dgolden@mid-corp.com", "Daniel", ev["received_at"].as_str().unwrap()], "{kind}");
     }
+}
+
+#[test]
+fn a_hostile_retry_after_leaves_the_delivery_retrying_at_max_age_without_a_panic() {
+    // Issue 11 item 4: `Retry-After: 99999999999999` overflowed the date
+    // arithmetic; the attempt's task panicked and the delivery sat `running`.
+    let peer = FakePeer::start(|_, _| PeerReply::new(503, "come back in three million years").header("retry-after", "99999999999999"));
+    let config = [
+        fast("").as_str(),
+        &open_source("leads"),
+        &format!("[handlers.fwd]\ntype = \"http\"\nurl = {}\nmax_age = \"1h\"\n", toml_str(&peer.url("/in"))),
+        &route("leads", "fwd"),
+    ]
+    .concat();
+    let env = TestEnv::new(&config);
+    let d = env.start();
+    let before = chrono::Utc::now();
+    let id = d.post_json("/hooks/leads", r#"{"email":"a@b.c"}"#).id();
+
+    let ev = wait_event(&env, &id, "the delivery to wait for its retry", SETTLE, |ev| delivery(ev, "fwd")["status"] == "retrying");
+    let del = delivery(&ev, "fwd");
+    let a = attempts(del);
+    assert_eq!(a.len(), 1, "{del:#}");
+    assert_eq!((&a[0]["outcome"], &a[0]["http_status"]), (&json!("retry"), &json!(503)), "{del:#}");
+    // The wait asked for is cut to max_age: the last try comes when it runs out.
+    let next = chrono::DateTime::parse_from_rfc3339(del["next_attempt_at"].as_str().expect("a next attempt time")).expect("RFC 3339");
+    let after = chrono::Utc::now();
+    let hour = chrono::Duration::hours(1);
+    assert!(next >= before + hour && next <= after + hour, "next attempt {next} is not max_age (1h) after the delivery was queued");
+    assert_eq!(peer.requests().len(), 1, "no second request before then");
+    let log = env.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("attempt finished"), "the attempt was recorded: {log}");
+}
+
+#[test]
+fn bulk_replay_must_name_what_it_replays_and_an_unknown_id_is_named() {
+    // `events replay --source forms` re-queued every delivery, succeeded ones
+    // included: a CRM handler re-sent every contact.
+    let w = Work::new();
+    let config = [
+        fast("").as_str(),
+        &open_source("forms"),
+        &w.shell("crm", r#"echo "$HOOKTRAIL_EVENT_ID" >> "$W/sent"; echo sent"#, ""),
+        &w.shell("notify", r#"if [ -e "$W/fixed" ]; then echo notified; exit 0; fi; exit 3"#, "permanent_exit_codes = [3]"),
+        &route("forms", "crm"),
+        &route("forms", "notify"),
+    ]
+    .concat();
+    let env = TestEnv::new(&config);
+    let d = env.start();
+    let ids = [d.post_json("/hooks/forms", r#"{"n":1}"#).id(), d.post_json("/hooks/forms", r#"{"n":2}"#).id()];
+    for id in &ids {
+        assert_eq!(wait_settled(&env, id)["status"], "failed");
+    }
+    let statuses = |id: &str| -> Vec<(String, String, usize)> {
+        let ev = env.show(id);
+        ["crm", "notify"]
+            .iter()
+            .map(|h| {
+                let d = delivery(&ev, h);
+                (h.to_string(), d["status"].as_str().unwrap_or_default().to_string(), attempts(d).len())
+            })
+            .collect()
+    };
+    let settled = vec![("crm".to_string(), "succeeded".to_string(), 1), ("notify".to_string(), "failed".to_string(), 1)];
+    let unchanged = |what: &str| {
+        for id in &ids {
+            assert_eq!(statuses(id), settled, "{what} changed {id}");
+        }
+        assert_eq!(w.read_string("sent").lines().count(), 2, "{what} re-sent a contact");
+    };
+
+    // A selection without --status failed or --all is refused, and changes nothing.
+    for args in [&["events", "replay", "--source", "forms"][..], &["events", "replay"], &["events", "replay", "--status", "done"]] {
+        let out = env.cli(args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("--status failed") && out.stderr.contains("--all"), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+        unchanged(&format!("{args:?}"));
+    }
+
+    // An unknown id is named; the known one beside it is not re-queued either.
+    let missing = "evt_01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    let out = env.cli(&["events", "replay", &ids[0], missing]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(&format!("no event {missing}")) && out.stderr.contains("nothing re-queued"), "{out:?}");
+    assert!(!out.stdout.contains("re-queued"), "{out:?}");
+    unchanged("replaying an unknown id");
+
+    // --dry-run shows what --status failed / --all would take and changes nothing.
+    let out = env.cli(&["events", "replay", "--status", "failed", "--source", "forms", "--dry-run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    for id in &ids {
+        assert!(out.stdout.contains(&format!("would re-queue {id} notify (failed, 1 attempt(s))")), "{out:?}");
+    }
+    assert!(!out.stdout.contains(" crm "), "succeeded deliveries are not part of --status failed: {out:?}");
+    assert!(out.stdout.contains("would re-queue 2 deliveries of 2 event(s); nothing changed"), "{out:?}");
+    let out = env.cli(&["events", "replay", "--all", "--source", "forms", "--dry-run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains(&format!("would re-queue {} crm (succeeded, 1 attempt(s))", ids[1])), "{out:?}");
+    assert!(out.stdout.contains("would re-queue 4 deliveries of 2 event(s); nothing changed"), "{out:?}");
+    unchanged("--dry-run");
+
+    // --status failed re-runs the failed deliveries only: no contact is sent twice.
+    std::fs::write(w.path("fixed"), "").unwrap();
+    let out = env.cli(&["events", "replay", "--status", "failed", "--source", "forms"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("re-queued 2 deliveries of 2 event(s)"), "{out:?}");
+    for id in &ids {
+        assert_eq!(wait_settled(&env, id)["status"], "done");
+        assert_eq!(statuses(id), [("crm".to_string(), "succeeded".to_string(), 1), ("notify".to_string(), "succeeded".to_string(), 2)]);
+    }
+    assert_eq!(w.read_string("sent").lines().count(), 2, "the CRM handler ran once per event");
+}
+
+/// SIGKILLs the listed processes when dropped, so a failing test leaves no sleeper behind.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            kill_leftover(*pid);
+        }
+    }
+}
+
+/// Source `leads` routed to shell handler `import` (lease 2 s): until
+/// `$W/restarted` exists it writes its payload file's path, starts a child
+/// in its group, records both pids and blocks; then it succeeds.
+fn orphan_maker(w: &Work) -> String {
+    let script = r#"if [ -e "$W/restarted" ]; then echo "second run"; exit 0; fi
+echo "$HOOKTRAIL_PAYLOAD_FILE" > "$W/payload-path"
+sleep 600 &
+echo $! > "$W/child.pid"
+echo $$ > "$W/leader.tmp" && mv "$W/leader.tmp" "$W/leader.pid"
+wait"#;
+    [fast("lease = \"2s\"").as_str(), &open_source("leads"), &w.shell("import", script, "timeout = \"60s\""), &route("leads", "import")]
+        .concat()
+}
+
+#[test]
+fn after_kill9_the_next_start_kills_the_handler_process_group_the_dead_daemon_left() {
+    // Issue 11 item 9: after kill -9 a handler kept running with no timeout,
+    // beside its own re-run.
+    let w = Work::new();
+    let env = TestEnv::new(&orphan_maker(&w));
+    let d = env.start();
+    let id = d.post_json("/hooks/leads", r#"{"email":"a@b.c"}"#).id();
+    wait_for("the handler to start", SETTLE, || w.path("leader.pid").exists());
+    let (leader, child) = (read_pid(&w.path("leader.pid")).unwrap(), read_pid(&w.path("child.pid")).unwrap());
+    let _cleanup = KillOnDrop(vec![leader, child]);
+    // The handler carries the daemon's mark (`<pid>.<start>`), and the
+    // daemon is noted beside the database.
+    let mark = environ(&std::fs::read(format!("/proc/{leader}/environ")).unwrap()).get("HOOKTRAIL_DAEMON").cloned();
+    let dead = mark.unwrap_or_else(|| panic!("the handler has no HOOKTRAIL_DAEMON"));
+    assert!(dead.starts_with(&format!("{}.", d.pid())), "{dead}");
+    let noted = PathBuf::from(format!("{}.handlers", env.db_path().display())).join(&dead);
+    assert!(noted.exists(), "{}", noted.display());
+    d.kill9();
+    assert!(!process_gone(leader) && !process_gone(child), "the handler outlives a SIGKILLed daemon");
+
+    std::fs::write(w.path("restarted"), "").unwrap();
+    let _d = env.start();
+    wait_for("the dead daemon's handler group to be killed", SETTLE, || process_gone(leader) && process_gone(child));
+    assert!(!noted.exists(), "the dead daemon's note is gone");
+    let log = env.log();
+    assert!(log.contains("killed a handler's process group left running by a daemon that died"), "{log}");
+    assert!(log.contains(&format!("pgid={leader}")) && log.contains(&format!("daemon={dead}")), "the log names the group: {log}");
+    // And the delivery still runs again once the dead daemon's lease expires.
+    let ev = wait_event(&env, &id, "the re-run", SETTLE, |ev| ev["status"] == "done");
+    assert!(attempts(delivery(&ev, "import")).last().unwrap()["output"].as_str().is_some_and(|o| o.contains("second run")), "{ev:#}");
+}
+
+#[test]
+fn after_kill9_the_next_start_removes_the_payload_files_the_dead_daemon_left() {
+    // Issue 11 item 10: `hooktrail-payload-*.json` (lead data) stayed in
+    // $TMPDIR or /dev/shm after kill -9. TMPDIR is the test's own directory,
+    // so no other process's files are touched.
+    let w = Work::new();
+    let tmp = w.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let env = TestEnv::new(&orphan_maker(&w));
+    let d = env.daemon().env("TMPDIR", tmp.to_str().unwrap()).start();
+    d.post_json("/hooks/leads", r#"{"email":"dgolden@mid-corp.com"}"#).id();
+    wait_for("the handler to start", SETTLE, || w.path("leader.pid").exists());
+    let _cleanup = KillOnDrop(vec![read_pid(&w.path("leader.pid")).unwrap(), read_pid(&w.path("child.pid")).unwrap()]);
+    let payload = PathBuf::from(w.read_string("payload-path").trim());
+    assert_eq!(payload.parent(), Some(tmp.as_path()), "the payload file is in $TMPDIR");
+    d.kill9();
+    assert!(std::fs::read_to_string(&payload).unwrap().contains("dgolden@mid-corp.com"), "the dead daemon left its payload file");
+    // Files that may be in use stay: one named by a live process (this
+    // test), and one named by a version that put no owner in the name.
+    let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let my_start = me.rsplit_once(')').unwrap().1.split_whitespace().nth(19).unwrap().to_string();
+    let in_use = tmp.join(format!("hooktrail-payload-{}.{my_start}-Ab12Cd.json", std::process::id()));
+    let older_version = tmp.join("hooktrail-payload-Ab12Cd.json");
+    for f in [&in_use, &older_version] {
+        std::fs::write(f, "{}").unwrap();
+    }
+
+    std::fs::write(w.path("restarted"), "").unwrap();
+    let _d = env.daemon().env("TMPDIR", tmp.to_str().unwrap()).start();
+    wait_for("the dead daemon's payload file to be removed", SETTLE, || !payload.exists());
+    assert!(in_use.exists() && older_version.exists(), "files that may be in use are left alone");
+    assert!(env.log().contains("removed payload files left by a daemon that died"), "{}", env.log());
 }

@@ -59,7 +59,7 @@ pub struct Upsert {
 /// Where and how records go, precomputed from the config.
 enum Endpoint {
     /// HubSpot: one `POST` per chunk to the batch upsert URL.
-    Batch { url: String },
+    Batch { url: reqwest::Url },
     /// One request per record; a chunk is that many requests in flight at once.
     PerRecord(Target),
 }
@@ -82,7 +82,10 @@ impl Upsert {
     pub fn new(client: reqwest::Client, spec: &CrmSpec) -> Self {
         let headers = fixed_headers(spec);
         let endpoint = match spec.provider {
-            CrmProvider::Hubspot => Endpoint::Batch { url: format!("{}/crm/v3/objects/contacts/batch/upsert", spec.base_url) },
+            CrmProvider::Hubspot => Endpoint::Batch {
+                url: reqwest::Url::parse(&format!("{}/crm/v3/objects/contacts/batch/upsert", spec.base_url))
+                    .expect("validated at load: base_url is a URL, and a path after it keeps it one"),
+            },
             CrmProvider::Salesforce => Endpoint::PerRecord(Target::Salesforce {
                 prefix: format!(
                     "{}/services/data/{SALESFORCE_API}/sobjects/Contact/{}/",
@@ -136,12 +139,12 @@ impl Upsert {
 
     /// One HubSpot batch upsert for a whole chunk. A `207 Multi-Status` answer
     /// with `errors` means some records were rejected: the chunk fails.
-    async fn hubspot_batch(&self, url: &str, chunk: &[Record], what: String, job: &Job<'_>) -> Exchange {
+    async fn hubspot_batch(&self, url: &reqwest::Url, chunk: &[Record], what: String, job: &Job<'_>) -> Exchange {
         let inputs: Vec<Value> = chunk
             .iter()
             .map(|r| json!({ "idProperty": self.id_property, "id": r.id, "properties": hubspot_properties(&r.properties) }))
             .collect();
-        let req = self.client.post(url).json(&json!({ "inputs": inputs }));
+        let req = self.client.post(url.clone()).json(&json!({ "inputs": inputs }));
         let mut result = self.send_limited(req, job).await;
         let rejected = hubspot_errors(&result.output);
         if result.outcome == Outcome::Success && !rejected.is_empty() {
@@ -153,11 +156,13 @@ impl Upsert {
 
     /// One Salesforce or HTTP request for one record.
     async fn record_request(&self, target: &Target, r: &Record, job: &Job<'_>) -> Exchange {
-        let what = format!("record `{}` = {}", self.id_property, r.id);
-        let req = match self.record_builder(target, r, job) {
-            Ok(req) => req,
+        let mut what = format!("record `{}` = {}", self.id_property, r.id);
+        let url = match record_url(target, &r.id) {
+            Ok(url) => url,
             Err(e) => return Exchange { what, result: AttemptResult::failure(e.to_string()), rejected: Vec::new() },
         };
+        let _ = write!(what, " to {} {}", target.method(), shown_url(&url));
+        let req = self.record_builder(target, url, r, job);
         let mut result = self.send_limited(req, job).await;
         let rejected = match target {
             Target::Salesforce { .. } => salesforce_errors(&result.output),
@@ -170,33 +175,59 @@ impl Upsert {
         Exchange { what, result, rejected }
     }
 
-    fn record_builder(&self, target: &Target, r: &Record, job: &Job<'_>) -> Result<RequestBuilder, CrmError> {
+    fn record_builder(&self, target: &Target, url: reqwest::Url, r: &Record, job: &Job<'_>) -> RequestBuilder {
         match target {
-            Target::Salesforce { prefix } => {
+            Target::Salesforce { .. } => {
                 // The external id travels in the URL, as Salesforce's upsert
                 // expects, and not again in the body.
                 let mut body = r.properties.clone();
                 body.remove(&self.id_property);
-                Ok(self.client.patch(format!("{prefix}{}", encode_component(&r.id))).json(&body))
+                self.client.patch(url).json(&body)
             }
-            Target::Http { method, url_template, body } => {
-                let url = url_template.replace("{id}", &encode_component(&r.id));
-                let url = reqwest::Url::parse(&url).map_err(|e| CrmError::BadUrl { url: url.clone(), reason: e.to_string() })?;
+            Target::Http { method, body, .. } => {
                 let req = self
                     .client
                     .request(method.clone(), url)
                     .header("x-hooktrail-event-id", job.delivery.event_id.to_string())
                     .header("x-hooktrail-attempt", job.delivery.attempt.to_string());
-                Ok(match body {
+                match body {
                     HttpBody::Record => req.json(&r.properties),
                     HttpBody::Template { text, content_type, escape } => {
                         let event_id = job.delivery.event_id.to_string();
                         req.header(CONTENT_TYPE, content_type).body(render_body(text, *escape, r, &event_id))
                     }
-                })
+                }
             }
         }
     }
+}
+
+impl Target {
+    fn method(&self) -> &str {
+        match self {
+            Target::Salesforce { .. } => "PATCH",
+            Target::Http { method, .. } => method.as_str(),
+        }
+    }
+}
+
+/// The URL one record goes to: its id percent-encoded as one path segment.
+/// Ids that a URL would read as a path step (`.`, `..`) never get here
+/// ([`record_id`] skips them), so the record cannot land on another path.
+fn record_url(target: &Target, id: &str) -> Result<reqwest::Url, CrmError> {
+    let url = match target {
+        Target::Salesforce { prefix } => format!("{prefix}{}", encode_component(id)),
+        Target::Http { url_template, .. } => url_template.replace("{id}", &encode_component(id)),
+    };
+    reqwest::Url::parse(&url).map_err(|e| CrmError::BadUrl(e.to_string()))
+}
+
+/// A URL as the attempt output shows it: scheme, host, port and path, without
+/// the user and password and with the query left out (`?…`), where a
+/// configured URL could carry a key.
+fn shown_url(url: &reqwest::Url) -> String {
+    let query = if url.query().is_some() { "?…" } else { "" };
+    format!("{}{}{query}", url.origin().ascii_serialization(), url.path())
 }
 
 #[async_trait]
@@ -213,7 +244,14 @@ impl Handler for Upsert {
         for (i, chunk) in chunks.iter().enumerate() {
             let exchanges = match &self.endpoint {
                 Endpoint::Batch { url } => {
-                    let what = format!("request {}/{} ({} record(s): {})", i + 1, chunks.len(), chunk.len(), id_span(chunk));
+                    let what = format!(
+                        "request {}/{} to POST {} ({} record(s): {})",
+                        i + 1,
+                        chunks.len(),
+                        shown_url(url),
+                        chunk.len(),
+                        id_span(chunk)
+                    );
                     vec![self.hubspot_batch(url, chunk, what, &job).await]
                 }
                 Endpoint::PerRecord(target) => {
@@ -236,8 +274,9 @@ impl Handler for Upsert {
 /// Why a request could not even be built.
 #[derive(Debug, thiserror::Error)]
 pub enum CrmError {
-    #[error("url_template gives `{url}`, which is not a URL ({reason})")]
-    BadUrl { url: String, reason: String },
+    /// The URL is not shown: it may carry a user and password.
+    #[error("url_template with this id is not a URL ({0})")]
+    BadUrl(String),
 }
 
 fn fixed_headers(spec: &CrmSpec) -> HeaderMap {
@@ -349,6 +388,8 @@ pub enum Skip {
     ListId(String),
     #[error("`{0}` is an object, not a string or number")]
     ObjectId(String),
+    #[error("`{0}` is `{1}`, which a URL reads as a step along the path, not as an id")]
+    DotId(String, String),
 }
 
 /// What an event yields: the records to send and the ones set aside.
@@ -402,6 +443,11 @@ fn record_id(properties: &Map<String, Value>, id_property: &str) -> Result<Strin
     };
     if id.is_empty() {
         return Err(Skip::EmptyId(id_property.to_string()));
+    }
+    // `/contacts/..` would upsert into `/` with the token: refused for every
+    // provider, so no id means something else to one of them.
+    if id == "." || id == ".." {
+        return Err(Skip::DotId(id_property.to_string(), id));
     }
     Ok(id)
 }
@@ -773,9 +819,12 @@ mod tests {
             {"email": ["b@x.io"], "name": "form field"},
             {"email": null},
             {"email": {"work": "c@x.io"}},
+            {"email": ".."},
+            {"email": " . "},
+            {"email": "..."},
         ]});
         let s = select_records(&payload, &RecordPath::parse("/people/*"), &fields(&[("email", "/email"), ("name", "/name")]), "email");
-        assert_eq!(s.records.len(), 1);
+        assert_eq!(s.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a@x.io", "..."]);
         assert_eq!(
             s.skipped,
             vec![
@@ -784,6 +833,8 @@ mod tests {
                 ("/people/3".to_string(), Skip::ListId("email".into())),
                 ("/people/4".to_string(), Skip::MissingId("email".into())),
                 ("/people/5".to_string(), Skip::ObjectId("email".into())),
+                ("/people/6".to_string(), Skip::DotId("email".into(), "..".into())),
+                ("/people/7".to_string(), Skip::DotId("email".into(), ".".into())),
             ]
         );
     }
@@ -812,6 +863,19 @@ mod tests {
         assert_eq!(encode_component("dgolden@mid-corp.com"), "dgolden%40mid-corp.com");
         assert_eq!(encode_component("a/b c?d#é"), "a%2Fb%20c%3Fd%23%C3%A9");
         assert_eq!(encode_component("A-z_0.9~"), "A-z_0.9~");
+    }
+
+    #[test]
+    fn a_record_url_keeps_its_id_in_one_segment_and_is_shown_without_secrets() {
+        let http = |t: &str| Target::Http { method: Method::PUT, url_template: t.into(), body: HttpBody::Record };
+        let t = http("https://crm.example.com/api/contacts/{id}");
+        for (id, path) in [("a/b", "/api/contacts/a%2Fb"), ("x?y#z", "/api/contacts/x%3Fy%23z"), ("%2e%2e", "/api/contacts/%252e%252e")] {
+            assert_eq!(record_url(&t, id).unwrap().path(), path, "id {id}");
+        }
+        let sf = Target::Salesforce { prefix: "https://x.my.salesforce.com/services/data/v60.0/sobjects/Contact/Email/".into() };
+        assert_eq!(record_url(&sf, "a/b").unwrap().path(), "/services/data/v60.0/sobjects/Contact/Email/a%2Fb");
+        let secret = record_url(&http("https://user:pw@crm.example.com:8443/c/{id}?api_key=k"), "a@b").unwrap();
+        assert_eq!(shown_url(&secret), "https://crm.example.com:8443/c/a%40b?…");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod crm;
 pub mod http;
+pub mod leftovers;
 pub mod shell;
 
 use std::sync::Arc;

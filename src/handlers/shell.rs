@@ -4,7 +4,9 @@
 //!
 //! On timeout (or shutdown past the grace period) the whole process group is
 //! killed, so a script's children do not outlive the attempt. Leftover
-//! background processes of a script that exited are killed too.
+//! background processes of a script that exited are killed too. What a
+//! daemon killed mid-attempt leaves (processes, payload files) carries its
+//! mark, and the next start clears it (`handlers::leftovers`).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -16,6 +18,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+use super::leftovers::{self, DAEMON_VAR};
 use super::{envelope, AttemptResult, Handler, Job, OutputBuf};
 use crate::config::{HandlerKind, ShellSpec, StdinMode};
 use crate::store::{rfc3339, Outcome};
@@ -38,6 +41,17 @@ fn payload_dir() -> &'static Path {
         }
         std::env::temp_dir()
     })
+}
+
+/// Where payload files may be: the chosen directory and the fallback.
+pub fn payload_dirs() -> Vec<&'static Path> {
+    static FALLBACK: OnceLock<PathBuf> = OnceLock::new();
+    let fallback = FALLBACK.get_or_init(std::env::temp_dir).as_path();
+    let mut dirs = vec![payload_dir()];
+    if fallback != payload_dir() {
+        dirs.push(fallback);
+    }
+    dirs
 }
 
 /// Becomes readable when process `pid` has ended, without reaping it. `None`
@@ -103,7 +117,9 @@ fn payload_file(json: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
     use std::io::Write as _;
     let builder = || {
         let mut b = tempfile::Builder::new();
-        b.prefix("hooktrail-payload-").suffix(".json");
+        // Named after this daemon, so a later start can tell a file whose
+        // daemon died (and remove it) from one in use.
+        b.prefix(leftovers::payload_prefix()).suffix(".json");
         b
     };
     // The chosen directory can go away (tmpfs unmounted); the system temp
@@ -198,6 +214,9 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
             None => cmd.env_remove(var),
         };
     }
+    // Last, so no mapping can drop it: how a later start finds this
+    // attempt's processes if the daemon is killed.
+    cmd.env(DAEMON_VAR, leftovers::daemon_id());
     if let Some(dir) = &spec.workdir {
         cmd.current_dir(dir);
     }

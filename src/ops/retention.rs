@@ -33,8 +33,8 @@ pub async fn run(ops: Arc<Ops>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(wait) => {}
         }
         let Some(retention) = retention else { continue };
-        let Ok(age) = chrono::Duration::from_std(retention) else { continue };
-        let before = chrono::Utc::now() - age;
+        // A retention reaching back before any date prunes nothing.
+        let Some(before) = crate::store::checked_before(chrono::Utc::now(), retention) else { continue };
         let pass = ops.store.prune(before, BATCH);
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -8,6 +8,11 @@
 //! stored, retries coming due and leases that expired because their holder
 //! died. A crash mid-attempt therefore means the attempt runs again after the
 //! lease expires (at-least-once). Idle, it sleeps: no busy loop.
+//!
+//! A crash also leaves the handler processes that were running, and their
+//! payload files: a processor starting on the same database kills and removes
+//! those first (`handlers::leftovers`), so no handler runs on beside its own
+//! re-run, free of the timeout that bounded it.
 
 pub mod retry;
 
@@ -115,6 +120,8 @@ pub struct Processor {
 
 impl Processor {
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+        // Before any attempt runs: what daemons that died left behind goes.
+        handlers::leftovers::clear(&config.storage.path, &handlers::shell::payload_dirs());
         let client = handlers::http_client();
         let owner = format!("{}-{}", std::process::id(), ulid::Ulid::new());
         let state = ArcSwap::from_pointee(build_state(config, &client, None));

@@ -1,7 +1,7 @@
 //! Retry policy, shared by every handler kind: what happens to a delivery
 //! after an attempt. Exponential backoff from `initial_backoff`, capped at
-//! `max_backoff`, with jitter; a peer's `Retry-After` is honoured; past
-//! `max_attempts` or `max_age` the delivery fails.
+//! `max_backoff`, with jitter; a peer's `Retry-After` is honoured up to
+//! `max_age`; past `max_attempts` or `max_age` the delivery fails.
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use rand::Rng;
 
 use crate::config::RetryPolicy;
 use crate::handlers::AttemptResult;
-use crate::store::{Next, Outcome};
+use crate::store::{checked_after, Next, Outcome};
 
 /// The delay before retry number `attempt + 1`, before jitter.
 pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
@@ -47,16 +47,23 @@ pub fn decide(
                     Some(format!("giving up after {attempt_in_budget} attempt(s) (max_attempts = {})", policy.max_attempts)),
                 );
             }
+            // Saturating: a delay or max_age past what a date can hold means "never".
+            let deadline = checked_after(queued_at, policy.max_age).unwrap_or(DateTime::<Utc>::MAX_UTC);
             let delay = r.retry_after.unwrap_or_else(|| jitter(backoff(policy, attempt_in_budget)));
-            let at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-            let deadline = queued_at + chrono::Duration::from_std(policy.max_age).unwrap_or(chrono::Duration::MAX);
-            if at > deadline {
-                return (
-                    Next::Failed,
-                    Some(format!("giving up: the next attempt would come after max_age ({})", humantime::format_duration(policy.max_age))),
-                );
+            let at = checked_after(now, delay).unwrap_or(DateTime::<Utc>::MAX_UTC);
+            if at <= deadline {
+                return (Next::RetryAt(at), None);
             }
-            (Next::RetryAt(at), None)
+            // A peer may ask for any wait (`Retry-After: 99999999999999`):
+            // honoured up to max_age, so the delivery gets its last try when
+            // max_age runs out instead of failing now or waiting for ever.
+            if r.retry_after.is_some() && now < deadline {
+                return (Next::RetryAt(deadline), None);
+            }
+            (
+                Next::Failed,
+                Some(format!("giving up: the next attempt would come after max_age ({})", humantime::format_duration(policy.max_age))),
+            )
         }
     }
 }
@@ -110,5 +117,27 @@ mod tests {
         let now = Utc::now();
         let r = AttemptResult { retry_after: Some(Duration::from_secs(3)), ..AttemptResult::retry("429") };
         assert_eq!(decide(&p, &r, 1, now, now).0, Next::RetryAt(now + chrono::Duration::seconds(3)));
+    }
+
+    #[test]
+    fn a_retry_after_beyond_max_age_or_any_date_moves_the_last_try_to_max_age() {
+        let p = policy();
+        let now = Utc::now();
+        let deadline = now + chrono::Duration::seconds(3600);
+        for secs in [7200, 99_999_999_999_999, u64::MAX] {
+            let r = AttemptResult { retry_after: Some(Duration::from_secs(secs)), ..AttemptResult::retry("503") };
+            assert_eq!(decide(&p, &r, 1, now, now), (Next::RetryAt(deadline), None), "Retry-After: {secs}");
+            // Once max_age has run out, that last try ends the delivery.
+            assert_eq!(decide(&p, &r, 2, now, deadline).0, Next::Failed, "Retry-After: {secs}");
+        }
+    }
+
+    #[test]
+    fn a_max_age_past_any_date_never_overflows() {
+        let p = RetryPolicy { max_age: Duration::from_secs(u64::MAX), ..policy() };
+        let now = Utc::now();
+        let r = AttemptResult { retry_after: Some(Duration::from_secs(u64::MAX)), ..AttemptResult::retry("503") };
+        assert_eq!(decide(&p, &r, 1, now, now).0, Next::RetryAt(DateTime::<Utc>::MAX_UTC));
+        assert!(matches!(decide(&p, &AttemptResult::retry("x"), 1, now, now).0, Next::RetryAt(_)));
     }
 }

@@ -381,11 +381,24 @@ pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// `2h` (ago) or an RFC 3339 time.
+/// `t + d`, or `None` past the last time chrono can represent. Durations from
+/// outside (a peer's `Retry-After`, a `--since`, a config key) can be absurd;
+/// plain `+` on a `DateTime` panics on them.
+pub fn checked_after(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
+    chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d))
+}
+
+/// `t - d`, or `None` before the first time chrono can represent.
+pub fn checked_before(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
+    chrono::Duration::from_std(d).ok().and_then(|d| t.checked_sub_signed(d))
+}
+
+/// `2h` (ago) or an RFC 3339 time. A duration reaching back further than a
+/// time can (`99999999999h`) is an error, not a panic.
 pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(d) = humantime::parse_duration(s) {
-        let d = chrono::Duration::from_std(d).map_err(|_| format!("`{s}` is too long ago"))?;
-        return Ok(Utc::now() - d);
+        return checked_before(Utc::now(), d)
+            .ok_or_else(|| format!("`{s}` reaches back further than a date can (give a shorter duration or an RFC 3339 time)"));
     }
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
