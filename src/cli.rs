@@ -9,12 +9,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config;
-use crate::store::{
-    self, sqlite::Role, DeliveryRecord, DeliveryStatus, Detail, EventFilter, EventId, EventRecord, EventStatus, StatsRow, Store,
-};
+use crate::store::{self, DeliveryRecord, DeliveryStatus, Detail, EventFilter, EventId, EventRecord, EventStatus, Role, StatsRow, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,7 +33,7 @@ pub enum Command {
     /// Run the daemon
     Serve {
         #[arg(long, value_enum, default_value = "all")]
-        role: ServeRole,
+        role: Role,
     },
     /// Validate the config; print every problem with its key path; exit 1 if any
     CheckConfig,
@@ -67,16 +65,6 @@ pub enum Command {
         #[arg(long)]
         source: Option<String>,
     },
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServeRole {
-    /// Listener and processor
-    All,
-    /// Only receive and store
-    Ingest,
-    /// Only process stored events
-    Process,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -257,12 +245,9 @@ fn check_config(path: &std::path::Path) -> i32 {
     }
 }
 
-fn open_store(path: &std::path::Path) -> Result<Box<dyn Store>> {
+fn open_store(path: &std::path::Path) -> Result<std::sync::Arc<dyn Store>> {
     let storage = config::load_storage(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if !storage.path.exists() {
-        bail!("no database at `{}` (storage.path); start `hooktrail serve` first", storage.path.display());
-    }
-    Ok(Box::new(store::sqlite::SqliteStore::open(&storage.path, Role::Client)?))
+    Ok(store::open(&storage, Role::Client)?)
 }
 
 async fn events(store: &dyn Store, cmd: EventsCommand) -> Result<i32> {

@@ -15,34 +15,28 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::ServeRole;
 use crate::config;
 use crate::ingest::{self, Ingest};
 use crate::ops::metrics::Metrics;
-use crate::ops::{self, Ops, Roles};
+use crate::ops::{self, Ops};
 use crate::process::Processor;
-use crate::store::{self, sqlite::Role};
+use crate::store::{self, Role};
 
-pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
+pub async fn run(path: &Path, role: Role) -> Result<()> {
     let loaded = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
     }
     let cfg = loaded.config;
-    let store = store::open(&cfg.storage, Role::Daemon).context("opening storage")?;
+    let store = store::open(&cfg.storage, role).context("opening storage")?;
     let metrics = Arc::new(Metrics::default());
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let ops = Ops::new(
-        cfg.clone(),
-        store.clone(),
-        metrics.clone(),
-        Roles { ingest: role != ServeRole::Process, process: role != ServeRole::Ingest },
-    );
+    let ops = Ops::new(cfg.clone(), store.clone(), metrics.clone(), role);
 
     let mut ready = serde_json::Map::new();
-    let ingest = if role != ServeRole::Process {
+    let ingest = if role.ingests() {
         let listener =
             TcpListener::bind(cfg.server.listen).await.with_context(|| format!("binding server.listen {}", cfg.server.listen))?;
         let addr = listener.local_addr()?;
@@ -67,7 +61,7 @@ pub async fn run(path: &Path, role: ServeRole) -> Result<()> {
         None
     };
 
-    let processor = if role != ServeRole::Ingest {
+    let processor = if role.processes() {
         let p = Processor::new(cfg.clone(), store.clone(), metrics.clone());
         tasks.spawn(p.clone().run(shutdown.clone()));
         Some(p)

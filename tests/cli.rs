@@ -228,7 +228,7 @@ fn inspection_commands_without_a_database_say_so() {
     for args in [vec!["events", "list"], vec!["events", "show", "evt_01ARZ3NDEKTSV4RRFFQ69G5FAV"], vec!["stats", "--json"]] {
         let out = env.cli(&args);
         assert_eq!(out.code, 1, "{args:?}: {out:?}");
-        assert!(out.stderr.contains("no database at"), "{args:?}: {out:?}");
+        assert!(out.stderr.contains("there is no database file here"), "{args:?}: {out:?}");
         assert!(out.stderr.contains(env.db_path().to_str().unwrap()), "{args:?} names the path: {out:?}");
     }
     assert!(!env.db_path().exists(), "an inspection command must not create the database");

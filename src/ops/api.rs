@@ -180,7 +180,7 @@ pub(super) async fn metrics(ops: &Ops) -> Resp {
             values: vec![(String::new(), ops.store.backlog() as f64)],
         },
     ];
-    if ops.roles.process {
+    if ops.role.processes() {
         let idle = ops.metrics.since_processor_round().map_or(-1.0, |d| d.as_secs_f64());
         gauges.push(Gauge {
             name: "hooktrail_processor_last_round_seconds",

@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use chrono::Utc;
 
 use crate::config::Config;
-use crate::store::{HourCounts, QueueDepth, Store, StoreError};
+use crate::store::{HourCounts, QueueDepth, Role, Store, StoreError};
 use metrics::Metrics;
 
 /// How long a readiness ping may wait for the writer before storage counts as down.
@@ -46,20 +46,13 @@ struct QueueCache {
     refreshed: tokio::sync::Notify,
 }
 
-/// Which parts of the daemon this process runs (`serve --role`); readiness
-/// only checks the parts that are supposed to be here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Roles {
-    pub ingest: bool,
-    pub process: bool,
-}
-
 /// State shared by the admin listener and the ops background tasks.
 pub struct Ops {
     config: ArcSwap<Config>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-    roles: Roles,
+    /// Which parts of the daemon this process runs; readiness checks only those.
+    role: Role,
     /// Set once the public listener is bound (readiness).
     listener_bound: AtomicBool,
     chart: Mutex<Option<(Instant, Arc<Vec<HourCounts>>)>>,
@@ -106,12 +99,12 @@ impl Readiness {
 }
 
 impl Ops {
-    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>, roles: Roles) -> Arc<Self> {
+    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>, role: Role) -> Arc<Self> {
         Arc::new(Ops {
             config: ArcSwap::new(config),
             store,
             metrics,
-            roles,
+            role,
             listener_bound: AtomicBool::new(false),
             chart: Mutex::new(None),
             queue: Arc::default(),
@@ -161,7 +154,7 @@ impl Ops {
     /// every `processor.poll_interval`, so silence well past that means it is
     /// stuck (for instance on a store that no longer answers).
     fn processor_check(&self) -> Check {
-        if !self.roles.process {
+        if !self.role.processes() {
             return Check::NotRun;
         }
         let poll = self.config().processor.poll_interval;
@@ -174,7 +167,7 @@ impl Ops {
     }
 
     fn listener_check(&self) -> Check {
-        if !self.roles.ingest {
+        if !self.role.ingests() {
             Check::NotRun
         } else if self.listener_bound.load(Ordering::Relaxed) {
             Check::Ok

@@ -405,8 +405,40 @@ pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|_| format!("`{s}` is neither a duration like `2h` nor an RFC 3339 time like `2026-11-23T10:42:00Z`"))
 }
 
+/// What a process opening the store will do with it: which parts of the
+/// daemon it runs (`serve --role`), or a short-lived CLI command. Backends
+/// use it to decide what background work is theirs (checkpoints, integrity
+/// checks, maintenance); readiness checks only the parts a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Listener and processor
+    All,
+    /// Only receive and store
+    Ingest,
+    /// Only process stored events
+    Process,
+    /// A CLI command reading or changing the store (`events`, `stats`, …)
+    #[value(skip)]
+    Client,
+}
+
+impl Role {
+    /// A long-running `serve` process (background upkeep is its job).
+    pub fn is_daemon(self) -> bool {
+        !matches!(self, Role::Client)
+    }
+    /// Runs the public listener.
+    pub fn ingests(self) -> bool {
+        matches!(self, Role::All | Role::Ingest)
+    }
+    /// Runs the processor.
+    pub fn processes(self) -> bool {
+        matches!(self, Role::All | Role::Process)
+    }
+}
+
 /// Opens the configured backend.
-pub fn open(cfg: &crate::config::StorageConfig, role: sqlite::Role) -> Result<Arc<dyn Store>, StoreError> {
+pub fn open(cfg: &crate::config::StorageConfig, role: Role) -> Result<Arc<dyn Store>, StoreError> {
     match cfg.backend {
         crate::config::Backend::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(&cfg.path, role)?.with_commit_timeout(cfg.commit_timeout))),
     }

@@ -40,15 +40,6 @@ use tokio::sync::{oneshot, Notify};
 
 use super::*;
 
-/// What the opener will do with the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The daemon: checkpointer thread, periodic maintenance.
-    Daemon,
-    /// A CLI command: short-lived, leaves checkpoints to SQLite's defaults.
-    Client,
-}
-
 /// Most operations taken into one transaction. Bounded so one commit's
 /// latency stays small even under a flood.
 const MAX_BATCH: usize = 1024;
@@ -326,7 +317,7 @@ impl Shared {
             return;
         }
         let error = self.fault_error().expect("just set").to_string();
-        let then = if self.role == Role::Daemon { "; refusing every write from now on" } else { "" };
+        let then = if self.role.is_daemon() { "; refusing every write from now on" } else { "" };
         match self.fault.get() {
             Some(Fault::Lost) => tracing::error!(recover = %self.lost_hint(), "{error}{then}"),
             _ => tracing::error!("{error}{then}"),
@@ -448,6 +439,11 @@ impl SqliteStore {
             std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create directory: {e}")))?;
         }
         refuse_orphan_wal(path)?;
+        // A command never creates the database: an operator with a wrong
+        // `storage.path` should learn that, not read an empty new file.
+        if !role.is_daemon() && !path.exists() {
+            return Err(open_err("there is no database file here (storage.path); start `hooktrail serve` first".into()));
+        }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut writer = open_conn(path, flags).map_err(|e| damaged_at_open(path, e))?;
         let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| damaged_at_open(path, e))?;
@@ -455,7 +451,7 @@ impl SqliteStore {
             return Err(open_err(format!("cannot use WAL journal (got {mode})")));
         }
         migrate(&mut writer).map_err(|e| damaged_at_open(path, e))?;
-        if role == Role::Daemon {
+        if role.is_daemon() {
             // Checkpoints are the checkpointer thread's job; see the module doc.
             // After a WAL restart the file is cut back to this size.
             writer.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -8000; PRAGMA journal_size_limit = 67108864;")?;
@@ -477,7 +473,7 @@ impl SqliteStore {
             hooks: TestHooks::from_env(),
             role,
         });
-        if role == Role::Daemon {
+        if role.is_daemon() {
             start_check(&writer, &shared);
         }
         // A damaged deliveries table must not keep `export` from reading what is readable.
@@ -513,7 +509,7 @@ impl SqliteStore {
                 .spawn(move || writer_loop(writer, rx, sh, role, responder))
                 .map_err(spawn_err)?,
         );
-        if role == Role::Daemon {
+        if role.is_daemon() {
             let ck = open_conn(path, flags)?;
             let sh = shared.clone();
             threads.push(
@@ -829,7 +825,7 @@ fn writer_loop(
         // checkpoint itself between two batches: only the frames committed
         // during that pass remain to copy, so the stall is short, and the next
         // commit restarts the WAL from its beginning.
-        if role == Role::Daemon
+        if role.is_daemon()
             && shared.pass_done.swap(false, Ordering::Relaxed)
             && shared.wal_frames.load(Ordering::Relaxed) > WAL_FINISH_FRAMES
         {
@@ -839,7 +835,7 @@ fn writer_loop(
                 Err(e) => tracing::warn!(error = %e, "writer checkpoint failed"),
             }
         }
-        if role == Role::Daemon && last_maintenance.elapsed() >= MAINTENANCE_EVERY {
+        if role.is_daemon() && last_maintenance.elapsed() >= MAINTENANCE_EVERY {
             last_maintenance = Instant::now();
             maintenance(&conn, &shared);
         }
@@ -1881,7 +1877,7 @@ mod tests {
     async fn listings_over_a_damaged_table_read_around_the_damage_in_both_orders_and_mark_the_store_damaged() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("db.sqlite");
-        let store = SqliteStore::open(&path, Role::Client).expect("opening");
+        let store = SqliteStore::open(&path, Role::All).expect("creating");
         let mut stored = Vec::new();
         for n in 0..300 {
             let source = if n % 3 == 0 { "a" } else { "b" };
