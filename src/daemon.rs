@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config;
 use crate::ingest::{self, Ingest};
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::ops::{self, Ops};
 use crate::process::Processor;
 use crate::store::{self, Role};

@@ -10,9 +10,9 @@ use chrono::Utc;
 use hyper::StatusCode;
 use serde_json::json;
 
-use super::metrics::{label, Gauge};
 use super::respond::{json, json_error, text, Resp};
 use super::Ops;
+use crate::metrics::{label, Gauge};
 use crate::store::{self, DeliveryStatus, Detail, EventFilter, EventId, EventStatus, StoreError};
 
 /// Events per page when the request names no limit.

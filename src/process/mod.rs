@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, HandlerConfig};
 use crate::handlers::{self, AttemptResult, Handler, Job};
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::store::{Claimed, Finished, Next, Store};
 
 /// Most deliveries claimed in one store round trip per handler.
@@ -332,7 +332,7 @@ impl Processor {
             (Some(e), Some(g)) => Some(format!("{e}; {g}")),
             (e, g) => e.or(g),
         };
-        self.metrics.delivery(&c.handler, result.outcome.as_str(), took);
+        self.metrics.delivery(&c.handler, result.outcome, took);
         tracing::info!(
             event_id = %c.event_id,
             source = %c.source,
