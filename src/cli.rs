@@ -14,6 +14,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config;
 use crate::store::{self, DeliveryRecord, DeliveryStatus, Detail, EventFilter, EventId, EventRecord, EventStatus, Role, StatsRow, Store};
 
+/// Events read, exported or pruned per store call by the CLI: large enough
+/// that a call's overhead is small, small enough that memory stays flat and
+/// a prune's write transactions stay short beside a running daemon.
+const CLI_BATCH: usize = 500;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "hooktrail",
@@ -188,14 +193,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 println!("would prune {n} finished event(s) received before {}; nothing deleted", store::rfc3339(before));
                 return Ok(0);
             }
-            let n = store.prune(before, 500).await?;
+            let n = store.prune(before, CLI_BATCH).await?;
             store.close().await;
             println!("pruned {n} finished event(s) received before {}", store::rfc3339(before));
             Ok(0)
         }
         Command::Export { since, source } => {
             let store = open_store(&path)?;
-            let mut filter = EventFilter { source, since, ascending: true, limit: Some(500), ..Default::default() };
+            let mut filter = EventFilter { source, since, ascending: true, limit: Some(CLI_BATCH), ..Default::default() };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             // Page by id so memory stays flat however large the log is.
             loop {
@@ -205,7 +210,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     out.write_all(b"\n")?;
                 }
                 match page.last() {
-                    Some(last) if page.len() == 500 => filter.after = Some(last.id),
+                    Some(last) if page.len() == CLI_BATCH => filter.after = Some(last.id),
                     _ => break,
                 }
             }
@@ -365,12 +370,12 @@ async fn count_prunable(store: &dyn Store, before: DateTime<Utc>) -> Result<u64>
     let floor = EventId(ulid::Ulid::from_parts(u64::try_from(before.timestamp_millis()).unwrap_or(0), 0));
     let mut n = 0u64;
     for status in [EventStatus::Done, EventStatus::Failed] {
-        let mut filter = EventFilter { status: Some(status), before: Some(floor), limit: Some(500), ..Default::default() };
+        let mut filter = EventFilter { status: Some(status), before: Some(floor), limit: Some(CLI_BATCH), ..Default::default() };
         loop {
             let page = store.list_events(filter.clone(), Detail::Summary).await?;
             n += page.len() as u64;
             match page.last() {
-                Some(last) if page.len() == 500 => filter.before = Some(last.id),
+                Some(last) if page.len() == CLI_BATCH => filter.before = Some(last.id),
                 _ => break,
             }
         }
