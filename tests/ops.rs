@@ -1,4 +1,4 @@
-//! Operations through the real binary (SPEC §7, issue 7): systemd
+//! Operations through the real binary (README, "Running in production"; issue 7): systemd
 //! notifications on a test `NOTIFY_SOCKET`, SIGHUP reload under traffic, the
 //! admin listener's endpoints with and without the token, metrics that move,
 //! `/api/events` filters and paging, HTML escaping on the event-log page,

@@ -1,4 +1,4 @@
-//! The CRM upsert handler (SPEC §6): turns one event into contact records and
+//! The CRM upsert handler (README, "CRM upsert handler"): turns one event into contact records and
 //! creates-or-updates each in HubSpot, Salesforce or any HTTP API, keyed by
 //! `id_property`.
 //!
@@ -36,7 +36,7 @@ use crate::config::{CrmProvider, CrmSpec};
 use crate::store::Outcome;
 use crate::template::{render, value_text, Escape};
 
-/// Salesforce REST API version of the sObject upsert URL (SPEC §6).
+/// Salesforce REST API version of the sObject upsert URL (README, "CRM upsert handler").
 const SALESFORCE_API: &str = "v60.0";
 
 /// How much of one CRM answer the attempt output keeps; the whole output is

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{HandlerConfig, HandlerKind};
 use crate::store::{rfc3339, Claimed, Outcome};
 
-/// Stored output is capped at this many bytes (SPEC §5).
+/// Stored output is capped at this many bytes (README, "Shell handler").
 pub const OUTPUT_CAP: usize = 64 * 1024;
 
 /// What one attempt concluded.
@@ -139,7 +139,7 @@ impl OutputBuf {
     }
 }
 
-/// SPEC §6: 2xx success; 408, 429, 5xx retry; anything else fails for good
+/// README, "HTTP forward handler": 2xx success; 408, 429, 5xx retry; anything else fails for good
 /// (including 3xx: redirects are not followed).
 pub fn classify_status(status: u16) -> Outcome {
     match status {

@@ -1,6 +1,6 @@
 //! The machine-facing admin endpoints: readiness, Prometheus metrics and the
 //! JSON API (`/api/events`, `/api/events/{id}`, `/api/events/{id}/replay`,
-//! `/api/stats`). Field names are SPEC §5's, the same as the CLI's `--json`.
+//! `/api/stats`). Field names are the CLI's `--json` ones (README, "Command line").
 //! Query parameters mirror the CLI flags, and [`Params`]/[`event_filter`] are
 //! shared with the page so both read filters the same way.
 
