@@ -25,6 +25,7 @@ const CLI_BATCH: usize = 500;
     version,
     about = "Receive webhooks, store each one durably before answering, then process them with a paper trail"
 )]
+/// The command line: a global `--config` and one subcommand (README, "Command line").
 pub struct Cli {
     /// Config file (else $HOOKTRAIL_CONFIG, ./config/hooktrail.toml, /etc/hooktrail/hooktrail.toml)
     #[arg(long, global = true, value_name = "PATH")]
@@ -33,6 +34,7 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What to do. The inspection commands need only the `[storage]` section.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon
@@ -72,6 +74,7 @@ pub enum Command {
     },
 }
 
+/// The event filters shared by `events list`, bulk `events replay` and `export`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct Filters {
     #[arg(long)]
@@ -87,6 +90,7 @@ pub struct Filters {
     pub since: Option<DateTime<Utc>>,
 }
 
+/// `hooktrail events …`: look at stored events, re-queue or skip their deliveries.
 #[derive(Subcommand, Debug)]
 pub enum EventsCommand {
     /// Newest first
@@ -136,6 +140,7 @@ fn usage(message: &str) -> Result<i32> {
 }
 
 impl Filters {
+    /// The store's filter for these flags; a bad status or time is an error naming the flag.
     pub fn to_filter(&self) -> Result<EventFilter> {
         Ok(EventFilter {
             source: self.source.clone(),
@@ -160,6 +165,8 @@ pub fn parse_matches(list: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// Runs one parsed command; returns the process exit code (0 ok, 1 something
+/// asked for was not there or failed, 2 usage).
 pub async fn run(cli: Cli) -> Result<i32> {
     let path = config::resolve_path(cli.config.as_deref());
     match cli.command {

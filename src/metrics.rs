@@ -44,6 +44,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Counts one observation in its bucket.
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
         let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
@@ -75,6 +76,8 @@ pub struct Gauge {
     pub values: Vec<(String, f64)>,
 }
 
+/// Every in-process counter and histogram of the daemon; `/metrics` renders
+/// them with the gauges read from the store.
 #[derive(Default)]
 pub struct Metrics {
     received: Mutex<BTreeMap<Labels, u64>>,
@@ -126,6 +129,7 @@ impl Metrics {
         let h = self.delivery_duration.lock().expect("metrics lock poisoned").entry(handler.to_string()).or_default().clone();
         h.observe(took);
     }
+    /// How long one event waited for its durable commit.
     pub fn commit_latency(&self, d: Duration) {
         self.commit.observe(d);
     }

@@ -83,6 +83,7 @@ impl From<StoreError> for Reject {
     }
 }
 
+/// A refusal as every sender gets it: the status and `{"error": message}`.
 pub fn error_response(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "error": message }).to_string();
     json_response(status, body)
@@ -158,6 +159,7 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// Indexes the sources by path with fresh limiters (a reload starts them anew).
     pub fn new(config: Arc<Config>) -> Self {
         let by_path = config
             .sources
@@ -191,6 +193,7 @@ pub struct Ingest {
 }
 
 impl Ingest {
+    /// The listener's shared state for `config`, writing to `store`.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
         let disk = Arc::new(disk::DiskGuard::new(&config.storage.path));
         Arc::new(Ingest { routing: ArcSwap::from_pointee(Routing::new(config)), store, metrics, disk })

@@ -28,16 +28,19 @@ const EVENT_PARAMS: &[&str] = &["source", "status", "handler", "since", "match",
 pub(super) struct Params(pub Vec<(String, String)>);
 
 impl Params {
+    /// Parses a query string; a parameter that is not urlencoded is an error.
     pub fn parse(query: &str) -> Result<Self, String> {
         serde_urlencoded::from_str::<Vec<(String, String)>>(query)
             .map(|v| Params(v.into_iter().filter(|(_, val)| !val.is_empty()).collect()))
             .map_err(|e| format!("malformed query string: {e}"))
     }
 
+    /// The last value given for `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
+    /// Every value given for `key` (e.g. several `match`), in order.
     pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
     }

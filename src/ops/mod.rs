@@ -92,12 +92,14 @@ pub struct Readiness {
 }
 
 impl Readiness {
+    /// Ready when every part this process runs passed.
     pub fn ready(&self) -> bool {
         self.storage.passed() && self.listener.passed() && self.processor.passed()
     }
 }
 
 impl Ops {
+    /// The admin side's shared state for a process running `role`.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>, role: Role) -> Arc<Self> {
         Arc::new(Ops {
             config: ArcSwap::new(config),

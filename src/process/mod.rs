@@ -113,6 +113,9 @@ struct State {
     handlers: Vec<Arc<HandlerRt>>,
 }
 
+/// Claims due deliveries with a lease and runs them with their handlers,
+/// per handler up to its `concurrency` and in all up to
+/// `processor.max_concurrency`; records every attempt and the next state.
 pub struct Processor {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
@@ -124,6 +127,7 @@ pub struct Processor {
 }
 
 impl Processor {
+    /// Builds the processor; first clears what handlers of a daemon that died left behind.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
         // Before any attempt runs: what daemons that died left behind goes.
         handlers::leftovers::clear(&config.storage.path, &handlers::shell::payload_dirs());
