@@ -34,8 +34,8 @@ pub use handlers::{
 pub use routes::{Condition, ConditionTest, RouteConfig};
 pub use server::{AdminConfig, ServerConfig};
 pub use sources::{AuthSpec, DedupKey, DedupSpec, HmacSpec, Preset, ResponseSpec, SigEncoding, SignedContent, SourceConfig};
-pub use storage::{Backend, PostgresConfig, SqliteConfig, StorageConfig, DEFAULT_MIN_FREE_BYTES};
-pub use values::{parse_cidr, Dur, RateLimit, MAX_DURATION};
+pub use storage::{Backend, PostgresConfig, SqliteConfig, StorageConfig};
+pub use values::RateLimit;
 
 use check::Checker;
 
@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(c.retry.max_attempts, 10);
         let db = c.storage.sqlite().expect("sqlite is the default backend");
         assert_eq!(db.path, Path::new("./data/hooktrail.db"));
-        assert_eq!(db.min_free_bytes, DEFAULT_MIN_FREE_BYTES);
+        assert_eq!(db.min_free_bytes, storage::DEFAULT_MIN_FREE_BYTES);
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub enum Backend {
     Postgres(PostgresConfig),
 }
 
+/// `backend = "sqlite"`: the database is a file on this host, so its
+/// volume's free space is ours to watch.
 #[derive(Debug, Clone)]
 pub struct SqliteConfig {
     pub path: PathBuf,
@@ -43,6 +45,8 @@ pub struct SqliteConfig {
     pub min_free_bytes: u64,
 }
 
+/// `backend = "postgres"`: a database server that several nodes share
+/// (README "Configuration").
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
     /// The environment variable the URL was read from, for messages.
