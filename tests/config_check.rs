@@ -240,3 +240,39 @@ fn postgres_storage_needs_its_url_env_set_and_never_shows_the_url() {
         assert!(!format!("{out:?}").contains("s3cret-pw"), "{args:?}: the password is never shown: {out:?}");
     }
 }
+
+/// `auth` is tagged by `type` the same way: a key of another auth type (a
+/// `param` on header_token, a `header` on a preset), a secret on `none`, or
+/// a key of no type at all is refused with its key path, and the path of a
+/// key inside a list item reads like every other path.
+#[test]
+fn an_auth_key_of_another_type_is_refused_with_its_key_path() {
+    let env = TestEnv::new(
+        r#"
+[sources.a]
+auth = { type = "none", secret_env = "HT_TEST_A" }
+[sources.b]
+auth = { type = "header_token", header = "X-T", param = "token", secrets = [{ secret_env = "HT_TEST_A", nope = 1 }] }
+[sources.c]
+auth = { type = "github", secret_env = "HT_TEST_A", header = "X-Hub-Signature-256", colour = "blue" }
+[handlers.f]
+type = "http"
+url = "http://127.0.0.1:9/"
+sign = { scheme = "standard_webhooks", secret_env = "HT_TEST_W", colour = "red" }
+"#,
+    );
+    let out = check(&env, &[("HT_TEST_A", "s"), ("HT_TEST_W", "whsec_c2VjcmV0")]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let expected = [
+        "error: sources.a.auth.secret_env: not a key of none auth (keys: type)",
+        "error: sources.b.auth.param: not a key of header_token auth (keys: type, header, secret_env, secret_file, secret, secrets)",
+        "error: sources.b.auth.secrets[0].nope: unknown key",
+        "error: sources.c.auth.colour: not a key of github auth (keys: type, tolerance, secret_env,",
+        "error: sources.c.auth.header: not a key of github auth (keys: type, tolerance, secret_env,",
+        "error: handlers.f.sign.colour: unknown key",
+    ];
+    for line in expected {
+        assert!(out.stdout.lines().any(|l| l.starts_with(line)), "missing {line:?} in:\n{}", out.stdout);
+    }
+    assert_eq!(out.stdout.lines().filter(|l| l.starts_with("error: ")).count(), expected.len(), "{}", out.stdout);
+}

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::values::{parse_cidr, RateLimit, RawRate, RawSecretRef};
+use super::values::{parse_cidr, RateLimit, RawRate, RawSecretRef, RawSecrets};
 use crate::crypto::Secret;
 
 /// One problem found while loading, with the key path it concerns.
@@ -228,8 +228,9 @@ impl Checker {
     }
 
     /// The single form or the `secrets = [...]` rotation list; at least one required.
-    pub fn secrets(&mut self, path: &str, single: &RawSecretRef, list: &Option<Vec<RawSecretRef>>) -> Vec<Secret> {
-        match list {
+    pub fn secrets(&mut self, path: &str, r: &RawSecrets) -> Vec<Secret> {
+        let single = r.single();
+        match &r.secrets {
             Some(list) => {
                 if single.is_given() {
                     self.error(path, "give either secrets = [...] or one secret_env/secret_file/secret, not both");
@@ -249,7 +250,7 @@ impl Checker {
                     })
                     .collect()
             }
-            None if single.is_given() => self.secret(path, single).into_iter().collect(),
+            None if single.is_given() => self.secret(path, &single).into_iter().collect(),
             None => {
                 self.error(join(path, "secret_env"), "a secret is required (secret_env, secret_file, secret or secrets = [...])");
                 Vec::new()

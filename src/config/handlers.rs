@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::check::{join, keys_of, Checker};
-use super::values::{Dur, RateLimit, RawRate, RawSecretRef};
+use super::values::{Dur, RateLimit, RawRate, RawSecretRef, RawSecrets};
 use crate::crypto::Secret;
 
 /// When a delivery is tried again and when it is given up (README "Retries").
@@ -246,9 +246,21 @@ struct RawCrm {
 #[serde(default)]
 struct RawSign {
     scheme: Option<String>,
-    #[serde(flatten)]
-    secret: RawSecretRef,
+    secret_env: Option<String>,
+    secret_file: Option<PathBuf>,
+    secret: Option<String>,
     secrets: Option<Vec<RawSecretRef>>,
+}
+
+impl RawSign {
+    fn secrets(&self) -> RawSecrets {
+        RawSecrets {
+            secret_env: self.secret_env.clone(),
+            secret_file: self.secret_file.clone(),
+            secret: self.secret.clone(),
+            secrets: self.secrets.clone(),
+        }
+    }
 }
 
 pub(super) fn retry_policy(ck: &mut Checker, path: &str, r: &RawRetry, base: &RetryPolicy) -> Option<RetryPolicy> {
@@ -465,7 +477,7 @@ fn http_spec(ck: &mut Checker, p: &str, r: &RawHttp) -> Option<HttpSpec> {
                 Some("standard_webhooks") => {}
                 other => ck.error(join(&sp, "scheme"), format!("{:?} is not supported; use \"standard_webhooks\"", other.unwrap_or(""))),
             }
-            let secrets = ck.secrets(&sp, &s.secret, &s.secrets);
+            let secrets = ck.secrets(&sp, &s.secrets());
             for s in &secrets {
                 if crate::crypto::standard_webhooks_key(s).is_none() {
                     ck.error(&sp, "signing secret must be `whsec_<base64>`");

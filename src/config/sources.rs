@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::check::{join, Checker};
-use super::values::{Dur, RateLimit, RawRate, RawSecretRef};
+use super::check::{join, keys_of, Checker};
+use super::values::{Dur, RateLimit, RawRate, RawSecrets};
 use crate::crypto::{HmacAlgorithm, Secret};
 
 /// One sender: everything ingest needs to accept, refuse and answer its requests.
@@ -159,23 +160,46 @@ const DEFAULT_RESPONSE_STATUS: u16 = 200;
 const DEFAULT_RESPONSE_BODY: &str = "{\"id\":\"{{id}}\",\"status\":\"accepted\"}";
 const DEFAULT_RESPONSE_CONTENT_TYPE: &str = "application/json";
 
+/// `auth` of `type = "none"`: no keys but the type.
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct RawAuth {
-    #[serde(rename = "type")]
-    kind: Option<String>,
+struct RawNoAuth {}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawHeaderToken {
     header: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawQueryToken {
     param: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawBasic {
     username: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawHmac {
+    header: Option<String>,
     algorithm: Option<String>,
     encoding: Option<String>,
     prefix: Option<String>,
     timestamp_header: Option<String>,
     signed_content: Option<String>,
     tolerance: Option<Dur>,
-    #[serde(flatten)]
-    secret: RawSecretRef,
-    secrets: Option<Vec<RawSecretRef>>,
+}
+
+/// `auth` of a preset type (standard_webhooks, github, …).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawPreset {
+    tolerance: Option<Dur>,
 }
 
 #[derive(Deserialize, Default)]
@@ -197,7 +221,8 @@ struct RawResponse {
 #[serde(default)]
 struct RawSource {
     path: Option<String>,
-    auth: Option<RawAuth>,
+    /// Tagged by `type`: checked by [`auth_spec`].
+    auth: Option<Value>,
     allow_ips: Vec<String>,
     rate_limit: Option<RawRate>,
     per_ip_rate_limit: Option<RawRate>,
@@ -243,7 +268,7 @@ fn source_config(ck: &mut Checker, name: &str, r: RawSource) -> Option<SourceCon
     if !path.starts_with('/') || path.contains('?') || path.contains('#') {
         ck.error(join(&p, "path"), format!("`{path}` must start with `/` and hold no `?` or `#`"));
     }
-    let auth = match &r.auth {
+    let auth = match r.auth {
         None => {
             ck.error(join(&p, "auth"), "is required; write auth = { type = \"none\" } to accept unauthenticated requests");
             None
@@ -312,15 +337,19 @@ fn source_config(ck: &mut Checker, name: &str, r: RawSource) -> Option<SourceCon
     })
 }
 
-fn auth_spec(ck: &mut Checker, p: &str, a: &RawAuth) -> Option<AuthSpec> {
-    let Some(kind) = a.kind.as_deref() else {
+/// `auth` is tagged by `type`: each type takes its own keys, and every type
+/// but `none` the secret keys (`secret_env`, `secret_file`, `secret`,
+/// `secrets`); a key of another type is reported.
+fn auth_spec(ck: &mut Checker, p: &str, value: Value) -> Option<AuthSpec> {
+    let t = ck.split_tagged::<RawSecrets>(p, value, "type")?;
+    let Some(kind) = t.kind.as_deref() else {
         ck.error(
             join(p, "type"),
             "is required: none, header_token, query_token, basic, hmac, standard_webhooks, github, stripe, shopify or slack",
         );
         return None;
     };
-    let tolerance = a.tolerance.map_or(DEFAULT_TOLERANCE, |d| d.0);
+    let what = format!("{kind} auth");
     let require = |ck: &mut Checker, key: &str, v: &Option<String>| -> Option<String> {
         match v {
             Some(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
@@ -331,23 +360,32 @@ fn auth_spec(ck: &mut Checker, p: &str, a: &RawAuth) -> Option<AuthSpec> {
         }
     };
     let spec = match kind {
-        "none" => AuthSpec::None,
+        "none" => {
+            let mut all = t.own;
+            all.extend(t.shared);
+            ck.kind_section::<RawNoAuth>(p, all, &what, "type", &[])?;
+            AuthSpec::None
+        }
         "header_token" => {
-            let header = require(ck, "header", &a.header).map(|h| h.to_ascii_lowercase());
-            let secrets = ck.secrets(p, &a.secret, &a.secrets);
+            let r: RawHeaderToken = own_keys(ck, p, t.own, &what)?;
+            let header = require(ck, "header", &r.header).map(|h| h.to_ascii_lowercase());
+            let secrets = secrets(ck, p, t.shared);
             AuthSpec::HeaderToken { header: header?, secrets }
         }
         "query_token" => {
-            let param = require(ck, "param", &a.param);
-            let secrets = ck.secrets(p, &a.secret, &a.secrets);
+            let r: RawQueryToken = own_keys(ck, p, t.own, &what)?;
+            let param = require(ck, "param", &r.param);
+            let secrets = secrets(ck, p, t.shared);
             AuthSpec::QueryToken { param: param?, secrets }
         }
         "basic" => {
-            let username = require(ck, "username", &a.username);
-            let secrets = ck.secrets(p, &a.secret, &a.secrets);
+            let r: RawBasic = own_keys(ck, p, t.own, &what)?;
+            let username = require(ck, "username", &r.username);
+            let secrets = secrets(ck, p, t.shared);
             AuthSpec::Basic { username: username?, secrets }
         }
         "hmac" => {
+            let a: RawHmac = own_keys(ck, p, t.own, &what)?;
             let header = require(ck, "header", &a.header).map(|h| h.to_ascii_lowercase());
             let algorithm = match a.algorithm.as_deref().unwrap_or("sha256") {
                 "sha1" => Some(HmacAlgorithm::Sha1),
@@ -378,7 +416,7 @@ fn auth_spec(ck: &mut Checker, p: &str, a: &RawAuth) -> Option<AuthSpec> {
             if signed_content == Some(SignedContent::TimestampDotBody) && timestamp_header.is_none() {
                 ck.error(join(p, "timestamp_header"), "is required when signed_content = \"timestamp.body\"");
             }
-            let secrets = ck.secrets(p, &a.secret, &a.secrets);
+            let secrets = secrets(ck, p, t.shared);
             AuthSpec::Hmac(HmacSpec {
                 header: header?,
                 algorithm: algorithm?,
@@ -386,7 +424,7 @@ fn auth_spec(ck: &mut Checker, p: &str, a: &RawAuth) -> Option<AuthSpec> {
                 prefix: a.prefix.clone().unwrap_or_default(),
                 timestamp_header,
                 signed_content: signed_content?,
-                tolerance,
+                tolerance: a.tolerance.map_or(DEFAULT_TOLERANCE, |d| d.0),
                 secrets,
             })
         }
@@ -398,7 +436,8 @@ fn auth_spec(ck: &mut Checker, p: &str, a: &RawAuth) -> Option<AuthSpec> {
                 "shopify" => Preset::Shopify,
                 _ => Preset::Slack,
             };
-            let secrets = ck.secrets(p, &a.secret, &a.secrets);
+            let r: RawPreset = own_keys(ck, p, t.own, &what)?;
+            let secrets = secrets(ck, p, t.shared);
             if preset == Preset::StandardWebhooks {
                 for (i, s) in secrets.iter().enumerate() {
                     if crate::crypto::standard_webhooks_key(s).is_none() {
@@ -406,7 +445,7 @@ fn auth_spec(ck: &mut Checker, p: &str, a: &RawAuth) -> Option<AuthSpec> {
                     }
                 }
             }
-            AuthSpec::Preset { preset, tolerance, secrets }
+            AuthSpec::Preset { preset, tolerance: r.tolerance.map_or(DEFAULT_TOLERANCE, |d| d.0), secrets }
         }
         other => {
             ck.error(join(p, "type"), format!("unknown auth type `{other}`"));
@@ -414,4 +453,15 @@ fn auth_spec(ck: &mut Checker, p: &str, a: &RawAuth) -> Option<AuthSpec> {
         }
     };
     Some(spec)
+}
+
+/// The keys of one auth type besides the secret keys; a key of another type is reported.
+fn own_keys<T: DeserializeOwned + Default>(ck: &mut Checker, p: &str, own: Map<String, Value>, what: &str) -> Option<T> {
+    ck.kind_section(p, own, what, "type", keys_of::<RawSecrets>())
+}
+
+/// The secret keys of an auth table: at least one secret.
+fn secrets(ck: &mut Checker, p: &str, shared: Map<String, Value>) -> Vec<Secret> {
+    let raw = ck.section::<RawSecrets>(p, Some(Value::Object(shared))).unwrap_or_default();
+    ck.secrets(p, &raw)
 }

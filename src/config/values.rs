@@ -69,6 +69,25 @@ impl RawSecretRef {
     }
 }
 
+/// One secret, or a rotation list of them (`secrets = [...]`), as every
+/// table that verifies or signs with a secret writes it. Not flattened into
+/// those tables: a flattened struct hides the table's unknown keys.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub(super) struct RawSecrets {
+    pub secret_env: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    pub secret: Option<String>,
+    pub secrets: Option<Vec<RawSecretRef>>,
+}
+
+impl RawSecrets {
+    /// The single form (`secret_env`, `secret_file` or `secret`).
+    pub fn single(&self) -> RawSecretRef {
+        RawSecretRef { secret_env: self.secret_env.clone(), secret_file: self.secret_file.clone(), secret: self.secret.clone() }
+    }
+}
+
 /// `10.0.0.0/8`, or a bare address meaning just that host.
 pub fn parse_cidr(s: &str) -> Option<IpNet> {
     let s = s.trim();
