@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod decode;
 pub mod disk;
+pub mod routing;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -188,14 +189,15 @@ pub struct Ingest {
     routing: ArcSwap<Routing>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-    /// Free space of the storage volume, sampled in the background (issue 5).
-    disk: Arc<disk::DiskGuard>,
+    /// Free space of the storage volume, sampled in the background (issue 5);
+    /// `None` for a database server, whose disk is not this host's to watch.
+    disk: Option<Arc<disk::DiskGuard>>,
 }
 
 impl Ingest {
     /// The listener's shared state for `config`, writing to `store`.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
-        let disk = Arc::new(disk::DiskGuard::new(&config.storage.path));
+        let disk = config.storage.sqlite().map(|db| Arc::new(disk::DiskGuard::new(&db.path)));
         Arc::new(Ingest { routing: ArcSwap::from_pointee(Routing::new(config)), store, metrics, disk })
     }
 
@@ -283,8 +285,8 @@ impl Ingest {
         }
         // A nearly full disk: refuse here, before reading the body, rather than
         // fail the COMMIT (or leave SQLite unable to grow its WAL) later.
-        let min_free = routing.config.storage.min_free_bytes;
-        if let Some(free) = self.disk.below(min_free) {
+        let min_free = routing.config.storage.sqlite().map_or(0, |db| db.min_free_bytes);
+        if let Some(free) = self.disk.as_ref().and_then(|d| d.below(min_free)) {
             return Err(Reject::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 RejectReason::Unavailable,
@@ -394,7 +396,7 @@ impl Ingest {
         });
         let mut handlers: Vec<String> = Vec::new();
         for r in &src.routes {
-            if !handlers.contains(&r.handler) && r.conditions.iter().all(|c| c.holds(&view)) {
+            if !handlers.contains(&r.handler) && r.conditions.iter().all(|c| routing::holds(c, &view)) {
                 handlers.push(r.handler.clone());
             }
         }
@@ -591,7 +593,7 @@ pub fn templated_response(spec: &ResponseSpec, id: &str, payload: &Value) -> Res
 /// (at most `request_timeout`) before returning.
 pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
     let server = ingest.routing.load().config.server.clone();
-    let disk_task = tokio::spawn(ingest.disk.clone().refresh_loop(shutdown.clone()));
+    let disk_task = ingest.disk.clone().map(|d| tokio::spawn(d.refresh_loop(shutdown.clone())));
     let metrics = ingest.metrics.clone();
     let limits = crate::http_server::Limits {
         name: "webhook",
@@ -614,7 +616,9 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
         async move { ing.handle(req, peer).await }
     })
     .await;
-    let _ = disk_task.await;
+    if let Some(task) = disk_task {
+        let _ = task.await;
+    }
 }
 
 #[cfg(test)]

@@ -161,6 +161,9 @@ pub enum StoreError {
     /// still finish later (the caller was told 503, and retries).
     #[error("storage did not commit within storage.commit_timeout ({0}); the write may still land later")]
     CommitTimeout(String),
+    /// The config names a backend this build cannot open yet.
+    #[error("storage: backend = \"{0}\" is not built yet; use backend = \"sqlite\"")]
+    NotBuilt(&'static str),
 }
 
 impl StoreError {
@@ -440,7 +443,10 @@ impl Role {
 
 /// Opens the configured backend.
 pub fn open(cfg: &crate::config::StorageConfig, role: Role) -> Result<Arc<dyn Store>, StoreError> {
-    match cfg.backend {
-        crate::config::Backend::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(&cfg.path, role)?.with_commit_timeout(cfg.commit_timeout))),
+    match &cfg.backend {
+        crate::config::Backend::Sqlite(db) => {
+            Ok(Arc::new(sqlite::SqliteStore::open(&db.path, role)?.with_commit_timeout(cfg.commit_timeout)))
+        }
+        crate::config::Backend::Postgres(_) => Err(StoreError::NotBuilt("postgres")),
     }
 }
