@@ -117,6 +117,13 @@ pub enum EventsCommand {
     },
 }
 
+/// Events read per query by `export` and `prune --dry-run`: memory stays
+/// flat however large the log is.
+const PAGE: usize = 500;
+/// Events `prune` deletes per transaction, so a large prune never holds the
+/// writer (and the daemon's ingest) for long.
+const PRUNE_BATCH: usize = 500;
+
 /// `--older-than`: a duration that still leaves a date when taken from now.
 fn parse_age(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("expected a duration like 30d ({e})"))?;
@@ -188,14 +195,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 println!("would prune {n} finished event(s) received before {}; nothing deleted", store::rfc3339(before));
                 return Ok(0);
             }
-            let n = store.prune(before, 500).await?;
+            let n = store.prune(before, PRUNE_BATCH).await?;
             store.close().await;
             println!("pruned {n} finished event(s) received before {}", store::rfc3339(before));
             Ok(0)
         }
         Command::Export { since, source } => {
             let store = open_store(&path)?;
-            let mut filter = EventFilter { source, since, ascending: true, limit: Some(500), ..Default::default() };
+            let mut filter = EventFilter { source, since, ascending: true, limit: Some(PAGE), ..Default::default() };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             // Page by id so memory stays flat however large the log is.
             loop {
@@ -205,7 +212,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     out.write_all(b"\n")?;
                 }
                 match page.last() {
-                    Some(last) if page.len() == 500 => filter.after = Some(last.id),
+                    Some(last) if page.len() == PAGE => filter.after = Some(last.id),
                     _ => break,
                 }
             }
@@ -344,12 +351,12 @@ async fn count_prunable(store: &dyn Store, before: DateTime<Utc>) -> Result<u64>
     let floor = EventId(ulid::Ulid::from_parts(u64::try_from(before.timestamp_millis()).unwrap_or(0), 0));
     let mut n = 0u64;
     for &status in EventStatus::ALL.iter().filter(|s| rules::prunable(**s)) {
-        let mut filter = EventFilter { status: Some(status), before: Some(floor), limit: Some(500), ..Default::default() };
+        let mut filter = EventFilter { status: Some(status), before: Some(floor), limit: Some(PAGE), ..Default::default() };
         loop {
             let page = store.list_events(filter.clone(), Detail::Summary).await?;
             n += page.len() as u64;
             match page.last() {
-                Some(last) if page.len() == 500 => filter.before = Some(last.id),
+                Some(last) if page.len() == PAGE => filter.before = Some(last.id),
                 _ => break,
             }
         }

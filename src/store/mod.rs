@@ -52,7 +52,9 @@ macro_rules! string_enum {
         #[serde(rename_all = "snake_case")]
         pub enum $name { $($variant),+ }
         impl $name {
+            /// Every value, in declaration order.
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// The name as stored and shown (`snake_case`).
             pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text),+ } }
         }
         impl fmt::Display for $name {
@@ -156,7 +158,12 @@ pub enum StoreError {
     /// refused before a body is read rather than failing the commit later.
     /// Answered by [`Store::admission`].
     #[error("storage nearly full: {free} bytes free on the database volume, below storage.min_free_bytes ({min_free})")]
-    NearlyFull { free: u64, min_free: u64 },
+    NearlyFull {
+        /// Bytes free where the database lives.
+        free: u64,
+        /// `storage.min_free_bytes`.
+        min_free: u64,
+    },
     /// Stored data this version cannot read back (an unknown status, a
     /// timestamp out of range, headers that are not JSON, a schema newer
     /// than this binary): a bug or a foreign write, never guessed around.
@@ -171,7 +178,12 @@ pub enum StoreError {
     Backend(String),
     /// The database could not be opened (at start, or for a command).
     #[error("cannot open database `{path}`: {message}")]
-    Open { path: String, message: String },
+    Open {
+        /// Where the database is (for SQLite, `storage.path`).
+        path: String,
+        /// What went wrong, and what to do about it when known.
+        message: String,
+    },
     /// The configured location no longer names the database this process
     /// has open (a file deleted, moved or replaced): nothing written since
     /// would be found there after a restart. Sticky until restart (README
@@ -183,7 +195,12 @@ pub enum StoreError {
     #[error(
         "database `{path}` is damaged ({detail}); new events are refused until it is repaired (README \"Recovering a damaged database\")"
     )]
-    Damaged { path: String, detail: String },
+    Damaged {
+        /// Where the database is (for SQLite, `storage.path`).
+        path: String,
+        /// What the database said about the damage.
+        detail: String,
+    },
     /// The commit did not finish within `storage.commit_timeout`; it may
     /// still finish later (the caller was told 503, and retries).
     #[error("storage did not commit within storage.commit_timeout ({0}); the write may still land later")]
@@ -205,10 +222,12 @@ pub mod time_text {
     use chrono::{DateTime, Utc};
     use serde::{Deserialize as _, Deserializer, Serializer};
 
+    /// Writes `t` as [`super::rfc3339`] text.
     pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&super::rfc3339(*t))
     }
 
+    /// Reads any RFC 3339 time, in UTC.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
         let text = std::borrow::Cow::<str>::deserialize(d)?;
         DateTime::parse_from_rfc3339(&text).map(|t| t.with_timezone(&Utc)).map_err(serde::de::Error::custom)
@@ -219,6 +238,7 @@ pub mod time_text {
         use chrono::{DateTime, Utc};
         use serde::{Deserialize as _, Deserializer, Serializer};
 
+        /// Writes a time as [`super::serialize`] does, or `null`.
         pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
             match t {
                 Some(t) => super::serialize(t, s),
@@ -226,6 +246,7 @@ pub mod time_text {
             }
         }
 
+        /// Reads a time as [`super::deserialize`] does, or `null`.
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
             let text = Option::<std::borrow::Cow<str>>::deserialize(d)?;
             text.map(|t| DateTime::parse_from_rfc3339(&t).map(|t| t.with_timezone(&Utc)).map_err(serde::de::Error::custom)).transpose()
@@ -406,8 +427,11 @@ pub struct Claimed {
 /// [`rules::after_attempt`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
+    /// Done; never runs again unless replayed.
     Succeeded,
+    /// Runs again at that time.
     RetryAt(DateTime<Utc>),
+    /// Given up (a permanent failure, or the budget spent); never runs again unless replayed.
     Failed,
     /// The attempt was cut short by shutdown: pending again, due at once.
     Released,
@@ -446,8 +470,12 @@ pub trait Store: Send + Sync + 'static {
     /// Resolves when new work may be due (an insert with deliveries, a replay).
     fn work_signal(&self) -> Arc<tokio::sync::Notify>;
 
+    /// Events matching `filter`, newest first unless `ascending`, loaded to `detail`.
     async fn list_events(&self, filter: EventFilter, detail: Detail) -> Result<Vec<EventRecord>, StoreError>;
+    /// One event with its deliveries and every attempt; `None` if no such id is stored.
     async fn get_event(&self, id: EventId) -> Result<Option<EventRecord>, StoreError>;
+    /// The rows of `hooktrail stats`: per source, and per (source, handler),
+    /// counting events received since `since`, columns as [`rules`] places them.
     async fn stats(&self, source: Option<String>, since: Option<DateTime<Utc>>) -> Result<Vec<StatsRow>, StoreError>;
     /// Unfinished deliveries (pending, running, retrying) per handler and status (metrics).
     async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError>;

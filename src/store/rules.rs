@@ -175,12 +175,19 @@ pub fn replay_takes(status: DeliveryStatus, only_failed: bool) -> bool {
 /// event or delivery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatsColumn {
+    /// Requests answered with the first event's id (dedup), not stored.
     Duplicates,
+    /// Requests refused, not stored.
     Rejected,
+    /// Waiting for a first attempt.
     Pending,
+    /// Running (a delivery), or partly through (an event).
     Processing,
+    /// Succeeded (a delivery), or done (an event).
     Succeeded,
+    /// Waiting for a retry.
     Retrying,
+    /// Given up.
     Failed,
 }
 

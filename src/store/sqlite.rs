@@ -1562,7 +1562,7 @@ fn filter_sql(f: &EventFilter) -> (String, Vec<rusqlite::types::Value>) {
         args.push(V::Text(ptr.clone()));
         args.push(V::Text(val.clone()));
         sql.push_str(&format!(
-            " AND json_pointer_is(CASE e.payload_kind WHEN 1 THEN e.body WHEN 2 THEN e.payload END, ?{}, ?{})",
+            " AND json_pointer_is(CASE e.payload_kind WHEN {PAYLOAD_IS_BODY} THEN e.body WHEN {PAYLOAD_JSON} THEN e.payload END, ?{}, ?{})",
             args.len() - 1,
             args.len()
         ));
