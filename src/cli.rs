@@ -14,12 +14,18 @@ use clap::{Args, Parser, Subcommand};
 use crate::config;
 use crate::store::{self, rfc3339, rules, Detail, EventFilter, EventId, EventRecord, EventStatus, Role, StatsRow, Store};
 
+/// Events read, exported or pruned per store call by the CLI: large enough
+/// that a call's overhead is small, small enough that memory stays flat and
+/// a prune's write transactions stay short beside a running daemon.
+const CLI_BATCH: usize = 500;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "hooktrail",
     version,
     about = "Receive webhooks, store each one durably before answering, then process them with a paper trail"
 )]
+/// The command line: a global `--config` and one subcommand (README, "Command line").
 pub struct Cli {
     /// Config file (else $HOOKTRAIL_CONFIG, ./config/hooktrail.toml, /etc/hooktrail/hooktrail.toml)
     #[arg(long, global = true, value_name = "PATH")]
@@ -28,6 +34,7 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What to do. The inspection commands need only the `[storage]` section.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon
@@ -67,6 +74,7 @@ pub enum Command {
     },
 }
 
+/// The event filters shared by `events list`, bulk `events replay` and `export`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct Filters {
     #[arg(long)]
@@ -82,6 +90,7 @@ pub struct Filters {
     pub since: Option<DateTime<Utc>>,
 }
 
+/// `hooktrail events …`: look at stored events, re-queue or skip their deliveries.
 #[derive(Subcommand, Debug)]
 pub enum EventsCommand {
     /// Newest first
@@ -117,13 +126,6 @@ pub enum EventsCommand {
     },
 }
 
-/// Events read per query by `export` and `prune --dry-run`: memory stays
-/// flat however large the log is.
-const PAGE: usize = 500;
-/// Events `prune` deletes per transaction, so a large prune never holds the
-/// writer (and the daemon's ingest) for long.
-const PRUNE_BATCH: usize = 500;
-
 /// `--older-than`: a duration that still leaves a date when taken from now.
 fn parse_age(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("expected a duration like 30d ({e})"))?;
@@ -138,6 +140,7 @@ fn usage(message: &str) -> Result<i32> {
 }
 
 impl Filters {
+    /// The store's filter for these flags; a bad status or time is an error naming the flag.
     pub fn to_filter(&self) -> Result<EventFilter> {
         Ok(EventFilter {
             source: self.source.clone(),
@@ -162,6 +165,8 @@ pub fn parse_matches(list: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// Runs one parsed command; returns the process exit code (0 ok, 1 something
+/// asked for was not there or failed, 2 usage).
 pub async fn run(cli: Cli) -> Result<i32> {
     let path = config::resolve_path(cli.config.as_deref());
     match cli.command {
@@ -195,14 +200,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 println!("would prune {n} finished event(s) received before {}; nothing deleted", store::rfc3339(before));
                 return Ok(0);
             }
-            let n = store.prune(before, PRUNE_BATCH).await?;
+            let n = store.prune(before, CLI_BATCH).await?;
             store.close().await;
             println!("pruned {n} finished event(s) received before {}", store::rfc3339(before));
             Ok(0)
         }
         Command::Export { since, source } => {
             let store = open_store(&path)?;
-            let mut filter = EventFilter { source, since, ascending: true, limit: Some(PAGE), ..Default::default() };
+            let mut filter = EventFilter { source, since, ascending: true, limit: Some(CLI_BATCH), ..Default::default() };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             // Page by id so memory stays flat however large the log is.
             loop {
@@ -212,7 +217,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     out.write_all(b"\n")?;
                 }
                 match page.last() {
-                    Some(last) if page.len() == PAGE => filter.after = Some(last.id),
+                    Some(last) if page.len() == CLI_BATCH => filter.after = Some(last.id),
                     _ => break,
                 }
             }
@@ -351,12 +356,12 @@ async fn count_prunable(store: &dyn Store, before: DateTime<Utc>) -> Result<u64>
     let floor = EventId(ulid::Ulid::from_parts(u64::try_from(before.timestamp_millis()).unwrap_or(0), 0));
     let mut n = 0u64;
     for &status in EventStatus::ALL.iter().filter(|s| rules::prunable(**s)) {
-        let mut filter = EventFilter { status: Some(status), before: Some(floor), limit: Some(PAGE), ..Default::default() };
+        let mut filter = EventFilter { status: Some(status), before: Some(floor), limit: Some(CLI_BATCH), ..Default::default() };
         loop {
             let page = store.list_events(filter.clone(), Detail::Summary).await?;
             n += page.len() as u64;
             match page.last() {
-                Some(last) if page.len() == PAGE => filter.before = Some(last.id),
+                Some(last) if page.len() == CLI_BATCH => filter.before = Some(last.id),
                 _ => break,
             }
         }

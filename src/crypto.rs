@@ -17,9 +17,11 @@ use std::sync::Arc;
 pub struct Secret(Arc<[u8]>);
 
 impl Secret {
+    /// Wraps secret bytes; from here on only [`Secret::expose`] shows them.
     pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
         Secret(Arc::from(bytes.into().into_boxed_slice()))
     }
+    /// The bytes, for the one place that must use them (a comparison, a MAC key).
     pub fn expose(&self) -> &[u8] {
         &self.0
     }

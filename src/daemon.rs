@@ -17,11 +17,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::config;
 use crate::ingest::{self, Ingest};
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::ops::{self, Ops};
 use crate::process::Processor;
 use crate::store::{self, Role};
 
+/// `hooktrail serve`: opens the store, starts the parts `role` asks for, and
+/// runs until SIGTERM/SIGINT (reloading on SIGHUP); returns once every task
+/// has stopped and the store is closed, so nothing acknowledged is in flight.
 pub async fn run(path: &Path, role: Role) -> Result<()> {
     let loaded = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     for w in &loaded.warnings {

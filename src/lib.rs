@@ -21,6 +21,7 @@ pub mod fail_gate;
 pub mod handlers;
 pub mod http_server;
 pub mod ingest;
+pub mod metrics;
 pub mod ops;
 pub mod process;
 pub mod store;

@@ -128,6 +128,7 @@ impl Escape {
         }
     }
 
+    /// `s` escaped for this context.
     pub fn apply(self, s: &str) -> String {
         match self {
             Escape::Json => {

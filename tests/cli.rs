@@ -1,4 +1,4 @@
-//! The inspection CLI on the daemon's database while `serve` runs (SPEC §2, §5):
+//! The inspection CLI on the daemon's database while `serve` runs (README, "Command line"):
 //! `events list` filters, `events show` human and JSON, `stats --json`, and
 //! clear errors for an unknown id, a missing database, or a duration reaching
 //! back past any date (CLI and admin API).

@@ -1,4 +1,4 @@
-//! Configuration through the binary (SPEC §3): `check-config` lists every
+//! Configuration through the binary (README, "Configuration"): `check-config` lists every
 //! problem with its key path and exits 1, passes the shipped config, and
 //! `HOOKTRAIL__…` environment overrides take effect in the daemon.
 
@@ -106,7 +106,7 @@ fn check_config_sees_environment_overrides_and_the_secret_env_it_names() {
 
 /// Two problems in one table: a value of the wrong type (a bad duration) must
 /// not hide a bad value of another key, or `check-config` does not list
-/// "every problem" (SPEC §2).
+/// "every problem" (README, "Command line").
 #[test]
 fn check_config_lists_two_bad_keys_of_one_table() {
     let env = TestEnv::raw("[server]\nlisten = \"nope\"\nrequest_timeout = \"5 parsecs\"\n[sources.a]\nauth = { type = \"none\" }\n");

@@ -1,4 +1,4 @@
-//! No acknowledged event is ever lost (SPEC §1.1): `kill -9` under load, then a
+//! No acknowledged event is ever lost (README, "What you get"): `kill -9` under load, then a
 //! restart on the same database, keeps every event that got a 200; SIGTERM lets
 //! in-flight requests finish and exits 0.
 

@@ -1,4 +1,4 @@
-//! The crm_upsert handler through the real binary (SPEC §6, issue 6): a fake
+//! The crm_upsert handler through the real binary (README, "CRM upsert handler"; issue 6): a fake
 //! CRM on loopback speaks HubSpot's batch upsert and Salesforce's sObject
 //! upsert and records every request, and each test checks both what the CRM
 //! received and what `events show --json` recorded for the delivery.

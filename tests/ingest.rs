@@ -1,4 +1,4 @@
-//! Durable ingest through the real binary (issue 3, SPEC §4): every sender in
+//! Durable ingest through the real binary (issue 3; README, "Receiving"): every sender in
 //! the seeds accepted and normalized as the contract says, every error status
 //! with its message and nothing stored, dedup, secrets kept out of storage and
 //! logs, and response templates.

@@ -1,4 +1,4 @@
-//! Operations through the real binary (SPEC §7, issue 7): systemd
+//! Operations through the real binary (README, "Running in production"; issue 7): systemd
 //! notifications on a test `NOTIFY_SOCKET`, SIGHUP reload under traffic, the
 //! admin listener's endpoints with and without the token, metrics that move,
 //! `/api/events` filters and paging, HTML escaping on the event-log page,
@@ -703,17 +703,11 @@ fn retention_prunes_only_finished_events_past_the_age() {
     admin.wait_status(&failed, "failed");
     admin.wait_status(&retrying, "retrying");
 
-    // Not before the age: at 1.5 s (of 4 s) everything is still there.
-    let early = received + Duration::from_millis(1500);
-    std::thread::sleep(early.saturating_duration_since(Instant::now()));
-    if received.elapsed() < Duration::from_millis(3500) {
-        for id in [&done, &unrouted, &failed] {
-            assert_eq!(admin.get(&format!("/api/events/{id}")).status, 200, "{id} pruned before its age");
-        }
-    }
     wait_for("finished events past the age to be pruned", Duration::from_secs(30), || {
         [&done, &unrouted, &failed].iter().all(|id| admin.get(&format!("/api/events/{id}")).status == 404)
     });
+    // Not before the age: `received` was taken before the posts, so seeing
+    // them gone any earlier than 4 s after it means they went too soon.
     assert!(received.elapsed() >= Duration::from_secs(4), "pruned before the retention age");
     assert_eq!(admin.event(&retrying)["status"], "retrying", "unfinished work is never pruned");
     assert!(d.log().contains("retention: deleted finished events"), "{}", d.log());

@@ -781,6 +781,10 @@ echo "done $HOOKTRAIL_EVENT_ID""#,
     let first = started.trim().to_string();
 
     d.sigterm();
+    // The running attempt may end only once shutdown has begun (the daemon
+    // logs it just before cancelling), else its freed slot could start the
+    // held delivery before the signal was even read.
+    wait_for("the daemon to begin shutting down", SETTLE, || d.log().contains("SIGTERM: shutting down"));
     std::fs::write(w.path("go"), "").unwrap();
     let status = d.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit status after SIGTERM: {status}; log:\n{}", d.log());

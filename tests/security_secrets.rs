@@ -1,4 +1,4 @@
-//! Secrets stay secret through the real binary (issue 5, SPEC §3, §7): no
+//! Secrets stay secret through the real binary (issue 5; README, "Stored headers and secrets" and "Logs"): no
 //! token, password, HMAC key or signature shows up in the daemon's log at
 //! trace level, in an error body, in stored headers or query, in `events show`,
 //! `events list`, or `export`. And `check-config` warns about inline secrets.

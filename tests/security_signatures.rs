@@ -1,4 +1,4 @@
-//! Signature verification through the real binary (SPEC §3 auth types, issue 5).
+//! Signature verification through the real binary (README, "Receiving" auth types; issue 5).
 //!
 //! Every signature here is computed in the test the way the provider's own
 //! documentation describes it, with the `hmac`/`sha1`/`sha2` crates, never by

@@ -10,7 +10,7 @@
 #   env = { EMAIL = "/submission_values/email_address/0", FIRST_NAME = "/submission_values/first_name/0" }
 #   permanent_exit_codes = [65]
 #
-# What hooktrail gives this script (SPEC §6):
+# What hooktrail gives this script (README.md, "Shell handler"):
 #   stdin                   the payload (stdin = "json": normalized JSON; "raw": the body
 #                           as received; "envelope": id, source, headers, query, payload)
 #   HOOKTRAIL_PAYLOAD_FILE  a file holding the normalized JSON (deleted after the attempt)

@@ -1,4 +1,4 @@
-//! The CRM upsert handler (SPEC §6): turns one event into contact records and
+//! The CRM upsert handler (README, "CRM upsert handler"): turns one event into contact records and
 //! creates-or-updates each in HubSpot, Salesforce or any HTTP API, keyed by
 //! `id_property`.
 //!
@@ -36,13 +36,16 @@ use crate::config::{CrmProvider, CrmSpec};
 use crate::store::Outcome;
 use crate::template::{render, value_text, Escape};
 
-/// Salesforce REST API version of the sObject upsert URL (SPEC §6).
+/// Salesforce REST API version of the sObject upsert URL (README, "CRM upsert handler").
 const SALESFORCE_API: &str = "v60.0";
 
 /// How much of one CRM answer the attempt output keeps; the whole output is
 /// capped at 64 KiB anyway, and one huge answer must not crowd out the rest.
 const ANSWER_CLIP: usize = 1024;
 
+/// The `crm_upsert` handler: one event becomes records, sent in batches to
+/// the provider's upsert endpoint; the delivery succeeds when every record
+/// that was sent succeeded.
 pub struct Upsert {
     client: reqwest::Client,
     limiter: Option<DefaultDirectRateLimiter>,
@@ -79,6 +82,7 @@ enum HttpBody {
 }
 
 impl Upsert {
+    /// Builds the handler from its validated config, sharing the daemon's HTTP client.
     pub fn new(client: reqwest::Client, spec: &CrmSpec) -> Self {
         let headers = fixed_headers(spec);
         let endpoint = match spec.provider {
@@ -316,6 +320,7 @@ enum Step {
 }
 
 impl RecordPath {
+    /// Parses a `records` path: JSON-pointer tokens, where `*` fans out over an array or object.
     pub fn parse(path: &str) -> Self {
         let rest = path.strip_prefix('/').unwrap_or(path);
         if rest.is_empty() {

@@ -10,6 +10,7 @@ use crate::config::{BodyMode, HandlerKind, HttpSpec, RateLimit};
 use crate::crypto::Secret;
 use crate::crypto::{hmac_sha256, standard_webhooks_key};
 
+/// The `http` handler: forwards the event to one URL, optionally signed.
 pub struct Forward {
     client: reqwest::Client,
     limiter: Option<DefaultDirectRateLimiter>,
@@ -21,6 +22,7 @@ pub fn limiter(r: &Option<RateLimit>) -> Option<DefaultDirectRateLimiter> {
 }
 
 impl Forward {
+    /// Builds the handler from its validated config, sharing the daemon's HTTP client.
     pub fn new(client: reqwest::Client, spec: &HttpSpec) -> Self {
         Forward { client, limiter: limiter(&spec.rate_limit) }
     }

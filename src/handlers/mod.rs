@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{HandlerConfig, HandlerKind};
 use crate::store::{rfc3339, Claimed, Outcome};
 
-/// Stored output is capped at this many bytes (SPEC §5).
+/// Stored output is capped at this many bytes (README, "Shell handler").
 pub const OUTPUT_CAP: usize = 64 * 1024;
 
 /// What one attempt concluded.
@@ -39,6 +39,7 @@ pub struct AttemptResult {
 }
 
 impl AttemptResult {
+    /// A result with this outcome and nothing else recorded yet.
     pub fn new(outcome: Outcome) -> Self {
         AttemptResult {
             outcome,
@@ -50,12 +51,15 @@ impl AttemptResult {
             interrupted: false,
         }
     }
+    /// A failure worth trying again (timeouts, 5xx, a missing script that a deploy may install).
     pub fn retry(error: impl Into<String>) -> Self {
         AttemptResult { error: Some(error.into()), ..Self::new(Outcome::Retry) }
     }
+    /// A failure that retrying cannot fix (a permanent exit code, a 4xx).
     pub fn failure(error: impl Into<String>) -> Self {
         AttemptResult { error: Some(error.into()), ..Self::new(Outcome::Failure) }
     }
+    /// Cut short by shutdown: released for the next start, not counted as a failure.
     pub fn interrupted() -> Self {
         AttemptResult { interrupted: true, ..Self::retry("interrupted by shutdown") }
     }
@@ -71,6 +75,9 @@ pub struct Job<'a> {
     pub hidden_env: &'a [String],
 }
 
+/// One handler kind (shell, http, crm_upsert). `run` performs one attempt and
+/// reports its outcome; it never panics on bad input and never outlives
+/// `job.cancel` by more than it takes to kill what it started.
 #[async_trait]
 pub trait Handler: Send + Sync {
     async fn run(&self, job: Job<'_>) -> AttemptResult;
@@ -116,15 +123,18 @@ pub struct OutputBuf {
 }
 
 impl OutputBuf {
+    /// Appends what fits under the cap and counts the rest as dropped.
     pub fn push(&mut self, chunk: &[u8]) {
         let room = OUTPUT_CAP.saturating_sub(self.bytes.len());
         let take = room.min(chunk.len());
         self.bytes.extend_from_slice(&chunk[..take]);
         self.dropped += chunk.len() - take;
     }
+    /// Whether the cap is reached (readers may stop reading into it).
     pub fn is_full(&self) -> bool {
         self.bytes.len() >= OUTPUT_CAP
     }
+    /// Appends one line of the handler's own report (e.g. a CRM record's result).
     pub fn push_line(&mut self, line: &str) {
         self.push(line.as_bytes());
         self.push(b"\n");
@@ -139,7 +149,7 @@ impl OutputBuf {
     }
 }
 
-/// SPEC §6: 2xx success; 408, 429, 5xx retry; anything else fails for good
+/// README, "HTTP forward handler": 2xx success; 408, 429, 5xx retry; anything else fails for good
 /// (including 3xx: redirects are not followed).
 pub fn classify_status(status: u16) -> Outcome {
     match status {

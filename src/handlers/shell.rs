@@ -23,6 +23,8 @@ use super::{envelope, AttemptResult, Handler, Job, OutputBuf};
 use crate::config::{HandlerKind, ShellSpec, StdinMode};
 use crate::store::{rfc3339, Outcome};
 
+/// The `shell` handler: runs `command` directly (no shell), in its own process
+/// group, with the payload on stdin, in the environment and in a file.
 pub struct Shell;
 
 /// Where payload files go: `$TMPDIR` when the user set one; otherwise

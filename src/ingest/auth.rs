@@ -14,6 +14,8 @@ use crate::config::{AuthSpec, HmacSpec, Preset, SigEncoding, SignedContent};
 use crate::crypto::{self, standard_webhooks_key};
 use crate::crypto::{HmacAlgorithm, Secret};
 
+/// Why a request did not authenticate. Messages name headers and parameters,
+/// never a value, so they are safe to send back and to log.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("missing {0} header")]

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthSpec, Config, DedupKey, ResponseSpec, SourceConfig};
 use crate::fail_gate::FailGate;
-use crate::ops::metrics::Metrics;
+use crate::metrics::{Metrics, Received};
 use crate::store::{NewEvent, Payload, RejectReason, Store, StoreError};
 use crate::template::{render_values, Escape};
 use decode::BodyKind;
@@ -96,6 +96,7 @@ impl From<StoreError> for Reject {
     }
 }
 
+/// A refusal as every sender gets it: the status and `{"error": message}`.
 pub fn error_response(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "error": message }).to_string();
     json_response(status, body)
@@ -171,6 +172,7 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// Indexes the sources by path with fresh limiters (a reload starts them anew).
     pub fn new(config: Arc<Config>) -> Self {
         let by_path = config
             .sources
@@ -202,6 +204,7 @@ pub struct Ingest {
 }
 
 impl Ingest {
+    /// The listener's shared state for `config`, writing to `store`.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Ingest { routing: ArcSwap::from_pointee(Routing::new(config)), store, metrics })
     }
@@ -228,7 +231,7 @@ impl Ingest {
         let received_at = Utc::now();
         let routing = self.routing.load_full();
         let Some(src) = routing.by_path.get(req.uri().path()).cloned() else {
-            self.metrics.rejected("", "not_found");
+            self.metrics.rejected(None, RejectReason::NotFound);
             let msg = format!("no source is configured at {}", req.uri().path());
             return error_response(StatusCode::NOT_FOUND, &msg);
         };
@@ -237,7 +240,7 @@ impl Ingest {
             Ok(resp) => resp,
             Err(rej) => {
                 self.store.count_rejection(&name, rej.reason);
-                self.metrics.rejected(&name, rej.reason.as_str());
+                self.metrics.rejected(Some(&name), rej.reason);
                 tracing::info!(source = %name, status = rej.status.as_u16(), reason = %rej.reason, error = %rej.message, "request rejected");
                 rej.into_response()
             }
@@ -415,11 +418,11 @@ impl Ingest {
         let inserted = self.store.insert_event(ev).await?;
         self.metrics.commit_latency(started.elapsed());
         if inserted.duplicate {
-            self.metrics.received(&cfg.name, "duplicate");
+            self.metrics.received(&cfg.name, Received::Duplicate);
             tracing::info!(event_id = %inserted.id, source = %cfg.name, "duplicate within the dedup window; nothing queued");
             return Ok(json_response(StatusCode::OK, format!(r#"{{"id":"{}","status":"duplicate"}}"#, inserted.id)));
         }
-        self.metrics.received(&cfg.name, "accepted");
+        self.metrics.received(&cfg.name, Received::Accepted);
         tracing::info!(event_id = %inserted.id, source = %cfg.name, bytes = body.len(), remote = %remote, "event stored");
         Ok(match &cfg.response {
             None => json_response(StatusCode::OK, format!(r#"{{"id":"{}","status":"accepted"}}"#, inserted.id)),
@@ -604,7 +607,7 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
         // A head hyper refused never reached routing: its source is unknown.
         on_refusal: Some(Arc::new(move |status| {
             let reason = if status == StatusCode::BAD_REQUEST { RejectReason::Malformed } else { RejectReason::TooLarge };
-            metrics.rejected("", reason.as_str());
+            metrics.rejected(None, reason);
         })),
     };
     crate::http_server::serve(listener, limits, shutdown, move |req, peer| {

@@ -1,6 +1,6 @@
 //! The machine-facing admin endpoints: readiness, Prometheus metrics and the
 //! JSON API (`/api/events`, `/api/events/{id}`, `/api/events/{id}/replay`,
-//! `/api/stats`). Field names are SPEC §5's, the same as the CLI's `--json`.
+//! `/api/stats`). Field names are the CLI's `--json` ones (README, "Command line").
 //! Query parameters mirror the CLI flags, and [`Params`]/[`event_filter`] are
 //! shared with the page so both read filters the same way.
 
@@ -10,9 +10,9 @@ use chrono::Utc;
 use hyper::StatusCode;
 use serde_json::json;
 
-use super::metrics::{label, Gauge};
 use super::respond::{json, json_error, text, Resp};
 use super::Ops;
+use crate::metrics::{label, Gauge};
 use crate::store::{self, DeliveryStatus, Detail, EventFilter, EventId, EventStatus, StoreError};
 
 /// Events per page when the request names no limit.
@@ -28,16 +28,19 @@ const EVENT_PARAMS: &[&str] = &["source", "status", "handler", "since", "match",
 pub(super) struct Params(pub Vec<(String, String)>);
 
 impl Params {
+    /// Parses a query string; a parameter that is not urlencoded is an error.
     pub fn parse(query: &str) -> Result<Self, String> {
         serde_urlencoded::from_str::<Vec<(String, String)>>(query)
             .map(|v| Params(v.into_iter().filter(|(_, val)| !val.is_empty()).collect()))
             .map_err(|e| format!("malformed query string: {e}"))
     }
 
+    /// The last value given for `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
+    /// Every value given for `key` (e.g. several `match`), in order.
     pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
     }

@@ -3,14 +3,13 @@
 //! metrics, the JSON admin API and the event-log page), background retention
 //! ([`retention`]) and the systemd watchdog ([`watchdog`]).
 //!
-//! `ops` reads the store and the in-process [`metrics::Metrics`]; the only
+//! `ops` reads the store and the in-process [`Metrics`]; the only
 //! writes it makes are the ones the CLI can make too (replay, prune, the
 //! readiness ping). It never sits on the public listener: the admin listener
 //! is its own socket, loopback by default, and token-protected otherwise.
 
 pub mod admin;
 mod api;
-pub mod metrics;
 mod page;
 mod respond;
 pub mod retention;
@@ -25,8 +24,8 @@ use arc_swap::ArcSwap;
 use chrono::Utc;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::store::{HourCounts, QueueDepth, Role, Store, StoreError};
-use metrics::Metrics;
 
 /// How long a readiness ping may wait for the writer before storage counts as down.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
@@ -93,12 +92,14 @@ pub struct Readiness {
 }
 
 impl Readiness {
+    /// Ready when every part this process runs passed.
     pub fn ready(&self) -> bool {
         self.storage.passed() && self.listener.passed() && self.processor.passed()
     }
 }
 
 impl Ops {
+    /// The admin side's shared state for a process running `role`.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>, role: Role) -> Arc<Self> {
         Arc::new(Ops {
             config: ArcSwap::new(config),

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, HandlerConfig};
 use crate::handlers::{self, AttemptResult, Handler, Job};
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::store::{Claimed, Finished, Next, Store};
 
 /// Most deliveries claimed in one store round trip per handler.
@@ -58,14 +58,19 @@ impl HandlerRt {
     /// plus `concurrency` are claimed (so one process does not hoard work
     /// that another `--role process` could run).
     fn room(&self, global_free: usize) -> usize {
-        let held = self.held.load(Ordering::Relaxed);
-        let waiting = held.saturating_sub(self.running.load(Ordering::Relaxed));
-        let conc = self.cfg.concurrency;
-        if held > conc {
-            return 0;
-        }
-        (2 * conc - held).min((conc + global_free).saturating_sub(waiting)).min(CLAIM_BATCH)
+        claim_room(self.held.load(Ordering::Relaxed), self.running.load(Ordering::Relaxed), self.cfg.concurrency, global_free)
     }
+}
+
+/// The arithmetic of [`HandlerRt::room`], apart so it can be tested: `held`
+/// deliveries of a handler with `concurrency` are claimed, `running` of them
+/// are running, and the global limit could start `global_free` more.
+fn claim_room(held: usize, running: usize, concurrency: usize, global_free: usize) -> usize {
+    let waiting = held.saturating_sub(running);
+    if held > concurrency {
+        return 0;
+    }
+    (2 * concurrency - held).min((concurrency + global_free).saturating_sub(waiting)).min(CLAIM_BATCH)
 }
 
 /// Counts one in `n` (a held or a running delivery) for as long as it lives,
@@ -108,6 +113,9 @@ struct State {
     handlers: Vec<Arc<HandlerRt>>,
 }
 
+/// Claims due deliveries with a lease and runs them with their handlers,
+/// per handler up to its `concurrency` and in all up to
+/// `processor.max_concurrency`; records every attempt and the next state.
 pub struct Processor {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
@@ -119,6 +127,7 @@ pub struct Processor {
 }
 
 impl Processor {
+    /// Builds the processor; first clears what handlers of a daemon that died left behind.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
         // Before any attempt runs: what daemons that died left behind goes.
         handlers::leftovers::clear(&config.storage.path, &handlers::shell::payload_dirs());
@@ -332,7 +341,7 @@ impl Processor {
             (Some(e), Some(g)) => Some(format!("{e}; {g}")),
             (e, g) => e.or(g),
         };
-        self.metrics.delivery(&c.handler, result.outcome.as_str(), took);
+        self.metrics.delivery(&c.handler, result.outcome, took);
         tracing::info!(
             event_id = %c.event_id,
             source = %c.source,
@@ -399,4 +408,37 @@ fn build_state(config: Arc<Config>, client: &reqwest::Client, old: Option<&State
         })
         .collect();
     State { config, handlers }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{claim_room, CLAIM_BATCH};
+
+    #[test]
+    fn an_idle_handler_claims_twice_its_concurrency() {
+        assert_eq!(claim_room(0, 0, 4, 64), 8, "four to run and four waiting behind them");
+        assert_eq!(claim_room(0, 0, 1, 64), 2);
+    }
+
+    #[test]
+    fn claims_come_in_batches_once_at_least_concurrency_places_are_free() {
+        assert_eq!(claim_room(5, 4, 4, 64), 0, "one waiting: more than concurrency held, no claim yet");
+        assert_eq!(claim_room(4, 4, 4, 64), 4, "exactly concurrency held: the other half is claimed at once");
+        assert_eq!(claim_room(2, 2, 4, 64), 6);
+    }
+
+    #[test]
+    fn the_global_limit_caps_what_is_held_beyond_what_could_start() {
+        // Nothing can start anywhere: at most concurrency wait, minus those already waiting.
+        assert_eq!(claim_room(0, 0, 4, 0), 4);
+        assert_eq!(claim_room(3, 0, 4, 0), 1, "three already wait for the global limit");
+        assert_eq!(claim_room(4, 0, 4, 0), 0);
+        assert_eq!(claim_room(2, 0, 4, 1), 3, "one could start, plus concurrency, minus two waiting");
+    }
+
+    #[test]
+    fn one_claim_never_exceeds_the_batch_size() {
+        assert_eq!(claim_room(0, 0, 1000, 10_000), CLAIM_BATCH);
+        assert_eq!(claim_room(1000, 1000, 1000, 10_000), CLAIM_BATCH);
+    }
 }

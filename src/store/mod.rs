@@ -96,6 +96,7 @@ string_enum!(
         RateLimited => "rate_limited",
         Unavailable => "unavailable",
         Duplicate => "duplicate",
+        NotFound => "not_found",
     }
 );
 

@@ -225,7 +225,8 @@ pub fn counter_column(reason: RejectReason) -> StatsColumn {
         | RejectReason::TooLarge
         | RejectReason::ContentType
         | RejectReason::RateLimited
-        | RejectReason::Unavailable => StatsColumn::Rejected,
+        | RejectReason::Unavailable
+        | RejectReason::NotFound => StatsColumn::Rejected,
     }
 }
 

@@ -1,4 +1,7 @@
-//! In-process counters and histograms, rendered as Prometheus text.
+//! In-process counters and histograms, rendered as Prometheus text. A leaf:
+//! ingest and process count here without importing `ops`, and every label is
+//! a typed value ([`Received`], [`RejectReason`], [`Outcome`]) or a configured
+//! name, so no label can be misspelt at a call site.
 //!
 //! Counters are keyed by small label sets and guarded by one mutex each; the
 //! hot path takes a lock for a hash-map increment, which is far below the cost
@@ -10,16 +13,38 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::store::{Outcome, RejectReason};
+
 /// Upper bounds (seconds) of histogram buckets.
 const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// What a request answered 200 became.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// Stored as a new event.
+    Accepted,
+    /// A repeat within the source's dedup window; nothing new stored.
+    Duplicate,
+}
+
+impl Received {
+    fn as_str(self) -> &'static str {
+        match self {
+            Received::Accepted => "accepted",
+            Received::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// A latency histogram over [`BUCKETS`]: one count per bucket plus `+Inf`.
 #[derive(Default)]
 pub struct Histogram {
-    counts: [AtomicU64; 17],
+    counts: [AtomicU64; BUCKETS.len() + 1],
     sum_us: AtomicU64,
 }
 
 impl Histogram {
+    /// Counts one observation in its bucket.
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
         let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
@@ -51,6 +76,8 @@ pub struct Gauge {
     pub values: Vec<(String, f64)>,
 }
 
+/// Every in-process counter and histogram of the daemon; `/metrics` renders
+/// them with the gauges read from the store.
 #[derive(Default)]
 pub struct Metrics {
     received: Mutex<BTreeMap<Labels, u64>>,
@@ -87,17 +114,22 @@ fn esc(s: &str) -> String {
 }
 
 impl Metrics {
-    pub fn received(&self, source: &str, outcome: &str) {
-        bump(&self.received, source, outcome);
+    /// A request to `source` answered 200.
+    pub fn received(&self, source: &str, outcome: Received) {
+        bump(&self.received, source, outcome.as_str());
     }
-    pub fn rejected(&self, source: &str, reason: &str) {
-        bump(&self.rejected, source, reason);
+    /// A refused request; `source` is `None` when no source was known (an
+    /// unknown path, a head that did not parse), rendered as `source=""`.
+    pub fn rejected(&self, source: Option<&str>, reason: RejectReason) {
+        bump(&self.rejected, source.unwrap_or(""), reason.as_str());
     }
-    pub fn delivery(&self, handler: &str, outcome: &str, took: Duration) {
-        bump(&self.deliveries, handler, outcome);
+    /// One finished attempt of `handler`.
+    pub fn delivery(&self, handler: &str, outcome: Outcome, took: Duration) {
+        bump(&self.deliveries, handler, outcome.as_str());
         let h = self.delivery_duration.lock().expect("metrics lock poisoned").entry(handler.to_string()).or_default().clone();
         h.observe(took);
     }
+    /// How long one event waited for its durable commit.
     pub fn commit_latency(&self, d: Duration) {
         self.commit.observe(d);
     }
