@@ -552,13 +552,16 @@ fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection, Error> {
 /// LIMIT applies after filtering.
 fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
     conn.create_scalar_function("json_pointer_is", 3, FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC, |ctx| {
+        // No document (a payload kind without one) holds no value. Nor does
+        // one that does not parse: it cannot match, and reading that event
+        // (a listing without `--match`, `events show`) reports it corrupt.
         let doc = match ctx.get_raw(0) {
-            rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => b,
+            ValueRef::Text(b) | ValueRef::Blob(b) => b,
             _ => return Ok(false),
         };
         let pointer: String = ctx.get(1)?;
         let want: String = ctx.get(2)?;
-        let Ok(v) = serde_json::from_slice::<Value>(doc) else { return Ok(false) };
+        let Ok(v) = json_doc(doc) else { return Ok(false) };
         Ok(match v.pointer(&pointer) {
             Some(Value::String(s)) => *s == want,
             Some(Value::Number(n)) => n.to_string() == want,
@@ -2206,7 +2209,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_json_body_nested_128_deep_reads_back_as_its_payload() {
+    async fn a_json_body_nested_128_deep_reads_back_as_its_payload_and_can_be_matched() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = SqliteStore::open(&dir.path().join("db.sqlite"), Role::All).expect("creating");
         let mut ev = event("s", 0);
@@ -2227,6 +2230,13 @@ mod tests {
         assert_eq!(depth(&store.get_event(id).await.expect("reading").expect("stored").payload), 128);
         let c = store.claim("me", "a", 1, Duration::from_secs(60)).await.expect("claiming").pop().expect("due");
         assert_eq!(depth(&c.payload), 128, "the handler gets it too");
+
+        let mut ev = event("s", 0);
+        ev.body = Bytes::from(format!(r#"{{"k":"v","deep":{}{}}}"#, "[".repeat(127), "]".repeat(127)));
+        let deep = store.insert_event(ev).await.expect("inserting").id;
+        let filter = EventFilter { matches: vec![("/k".into(), "v".into())], ..Default::default() };
+        let found: Vec<EventId> = store.list_events(filter, Detail::Summary).await.expect("listing").iter().map(|e| e.id).collect();
+        assert_eq!(found, [deep], "--match reads it too");
         store.close().await;
     }
 
