@@ -64,26 +64,37 @@ impl Reject {
     }
 }
 
+/// `Retry-After` (seconds) for a store fault that passes by itself (a full
+/// write queue, a slow commit, a restart).
+const RETRY_SOON: u64 = 5;
+/// `Retry-After` for one that needs an operator (a full disk, a lost or
+/// damaged database): asking every few seconds would only add load.
+const RETRY_LATER: u64 = 60;
+
 impl Reject {
     /// The 503 for a store that cannot take an event. The sender learns what
     /// kind of fault it is, never a file path or a database's own message.
     fn storage(e: &StoreError) -> Self {
         let (msg, retry) = match e {
-            StoreError::Overloaded => ("overloaded: the write queue is full, retry shortly".to_string(), 5),
-            StoreError::ShuttingDown => ("shutting down, retry shortly".to_string(), 5),
-            StoreError::NearlyFull { free, min_free } => {
-                (format!("storage nearly full: {free} bytes free on the database volume, below storage.min_free_bytes ({min_free})"), 60)
+            StoreError::Overloaded => ("overloaded: the write queue is full, retry shortly".to_string(), RETRY_SOON),
+            StoreError::ShuttingDown => ("shutting down, retry shortly".to_string(), RETRY_SOON),
+            StoreError::NearlyFull { free, min_free } => (
+                format!("storage nearly full: {free} bytes free on the database volume, below storage.min_free_bytes ({min_free})"),
+                RETRY_LATER,
+            ),
+            StoreError::Lost(_) => (
+                "storage unavailable: the database file was deleted or replaced while hooktrail runs; retry later".to_string(),
+                RETRY_LATER,
+            ),
+            StoreError::Damaged { .. } => ("storage unavailable: the database is damaged; retry later".to_string(), RETRY_LATER),
+            StoreError::CommitTimeout(t) => {
+                (format!("storage unavailable: the commit did not finish within {t}; retry shortly"), RETRY_SOON)
             }
-            StoreError::Lost(_) => {
-                ("storage unavailable: the database file was deleted or replaced while hooktrail runs; retry later".to_string(), 60)
-            }
-            StoreError::Damaged { .. } => ("storage unavailable: the database is damaged; retry later".to_string(), 60),
-            StoreError::CommitTimeout(t) => (format!("storage unavailable: the commit did not finish within {t}; retry shortly"), 5),
             StoreError::Unavailable(_)
             | StoreError::Corrupt(_)
             | StoreError::Conflict(_)
             | StoreError::Backend(_)
-            | StoreError::Open { .. } => ("storage unavailable, retry shortly".to_string(), 5),
+            | StoreError::Open { .. } => ("storage unavailable, retry shortly".to_string(), RETRY_SOON),
         };
         Reject::new(StatusCode::SERVICE_UNAVAILABLE, RejectReason::Unavailable, msg).retry_after(retry)
     }
