@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config;
-use crate::store::{self, DeliveryRecord, DeliveryStatus, Detail, EventFilter, EventId, EventRecord, EventStatus, Role, StatsRow, Store};
+use crate::store::{self, rfc3339, rules, Detail, EventFilter, EventId, EventRecord, EventStatus, Role, StatsRow, Store};
 
 /// Events read, exported or pruned per store call by the CLI: large enough
 /// that a call's overhead is small, small enough that memory stays flat and
@@ -310,9 +310,9 @@ async fn events(store: &dyn Store, cmd: EventsCommand) -> Result<i32> {
             };
             let plural = |n: usize| if n == 1 { "y" } else { "ies" };
             if dry_run {
-                let would = requeue_preview(store, &events, handler.as_deref(), only_failed).await?;
-                for (id, d) in &would {
-                    println!("would re-queue {id} {} ({}, {} attempt(s))", d.handler, d.status, d.attempt_count);
+                let would = store.replay_plan(events.clone(), handler, only_failed).await?;
+                for d in &would {
+                    println!("would re-queue {} {} ({}, {} attempt(s))", d.event_id, d.handler, d.status, d.attempt_count);
                 }
                 println!("would re-queue {} deliver{} of {} event(s); nothing changed", would.len(), plural(would.len()), events.len());
                 return Ok(0);
@@ -349,34 +349,13 @@ impl EventsCommand {
     }
 }
 
-/// The deliveries [`Store::replay`] would re-queue, for `--dry-run`.
-async fn requeue_preview(
-    store: &dyn Store,
-    ids: &[EventId],
-    handler: Option<&str>,
-    only_failed: bool,
-) -> Result<Vec<(EventId, DeliveryRecord)>> {
-    let mut would = Vec::new();
-    for id in ids {
-        let Some(ev) = store.get_event(*id).await? else { continue };
-        would.extend(ev.deliveries.into_iter().flatten().filter(|d| replay_takes(d, handler, only_failed)).map(|d| (*id, d)));
-    }
-    Ok(would)
-}
-
-/// Whether [`Store::replay`] re-queues this delivery: never one running right
-/// now, only those to `handler` when given, only failed ones when asked.
-fn replay_takes(d: &DeliveryRecord, handler: Option<&str>, only_failed: bool) -> bool {
-    d.status != DeliveryStatus::Running && handler.map_or(true, |h| d.handler == h) && (!only_failed || d.status == DeliveryStatus::Failed)
-}
-
 /// The events `prune` would delete: finished and with an id below the first
 /// one `before` can have (an id is made after its event was received, so
 /// that alone places the receive time before `before`, as prune requires).
 async fn count_prunable(store: &dyn Store, before: DateTime<Utc>) -> Result<u64> {
     let floor = EventId(ulid::Ulid::from_parts(u64::try_from(before.timestamp_millis()).unwrap_or(0), 0));
     let mut n = 0u64;
-    for status in [EventStatus::Done, EventStatus::Failed] {
+    for &status in EventStatus::ALL.iter().filter(|s| rules::prunable(**s)) {
         let mut filter = EventFilter { status: Some(status), before: Some(floor), limit: Some(CLI_BATCH), ..Default::default() };
         loop {
             let page = store.list_events(filter.clone(), Detail::Summary).await?;
@@ -393,7 +372,15 @@ async fn count_prunable(store: &dyn Store, before: DateTime<Utc>) -> Result<u64>
 fn print_list(list: &[EventRecord]) {
     println!("{:<30}  {:<27}  {:<16}  {:<10}  {:>7}  CONTENT-TYPE", "ID", "RECEIVED", "SOURCE", "STATUS", "BYTES");
     for e in list {
-        println!("{:<30}  {:<27}  {:<16}  {:<10}  {:>7}  {}", e.id, e.received_at, e.source, e.status, e.body_bytes, e.content_type);
+        println!(
+            "{:<30}  {:<27}  {:<16}  {:<10}  {:>7}  {}",
+            e.id,
+            rfc3339(e.received_at),
+            e.source,
+            e.status,
+            e.body_bytes,
+            e.content_type
+        );
     }
 }
 
@@ -401,7 +388,7 @@ fn print_event(e: &EventRecord) {
     println!("id:           {}", e.id);
     println!("source:       {}", e.source);
     println!("status:       {}", e.status);
-    println!("received_at:  {}", e.received_at);
+    println!("received_at:  {}", rfc3339(e.received_at));
     println!("method:       {}", e.method);
     println!("content_type: {}", e.content_type);
     println!("query:        {}", e.query);
@@ -417,13 +404,21 @@ fn print_event(e: &EventRecord) {
     println!("payload:\n{}", serde_json::to_string_pretty(&e.payload).unwrap_or_default());
     for d in e.deliveries.iter().flatten() {
         print!("delivery {}: {} after {} attempt(s)", d.handler, d.status, d.attempt_count);
-        match &d.next_attempt_at {
-            Some(t) => println!(", next at {t}"),
+        match d.next_attempt_at {
+            Some(t) => println!(", next at {}", rfc3339(t)),
             None => println!(),
         }
         for a in &d.attempts {
             let code = a.exit_code.map(|c| format!("exit {c}")).or(a.http_status.map(|s| format!("HTTP {s}"))).unwrap_or_default();
-            println!("  #{} {} {} {}ms {} {}", a.number, a.started_at, a.outcome, a.duration_ms, code, a.error.as_deref().unwrap_or(""));
+            println!(
+                "  #{} {} {} {}ms {} {}",
+                a.number,
+                rfc3339(a.started_at),
+                a.outcome,
+                a.duration_ms,
+                code,
+                a.error.as_deref().unwrap_or("")
+            );
             for line in a.output.lines().take(20) {
                 println!("     | {line}");
             }

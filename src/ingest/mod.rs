@@ -8,7 +8,6 @@
 
 pub mod auth;
 pub mod decode;
-pub mod disk;
 pub mod routing;
 
 use std::collections::HashMap;
@@ -66,21 +65,47 @@ impl Reject {
     }
 }
 
+/// `Retry-After` (seconds) for a store fault that passes by itself (a full
+/// write queue, a slow commit, a restart).
+const RETRY_SOON: u64 = 5;
+/// `Retry-After` for one that needs an operator (a full disk, a lost or
+/// damaged database): asking every few seconds would only add load.
+const RETRY_LATER: u64 = 60;
+
+impl Reject {
+    /// The 503 for a store that cannot take an event. The sender learns what
+    /// kind of fault it is, never a file path or a database's own message.
+    fn storage(e: &StoreError) -> Self {
+        let (msg, retry) = match e {
+            StoreError::Overloaded => ("overloaded: the write queue is full, retry shortly".to_string(), RETRY_SOON),
+            StoreError::ShuttingDown => ("shutting down, retry shortly".to_string(), RETRY_SOON),
+            StoreError::NearlyFull { free, min_free } => (
+                format!("storage nearly full: {free} bytes free on the database volume, below storage.min_free_bytes ({min_free})"),
+                RETRY_LATER,
+            ),
+            StoreError::Lost(_) => (
+                "storage unavailable: the database file was deleted or replaced while hooktrail runs; retry later".to_string(),
+                RETRY_LATER,
+            ),
+            StoreError::Damaged { .. } => ("storage unavailable: the database is damaged; retry later".to_string(), RETRY_LATER),
+            StoreError::CommitTimeout(t) => {
+                (format!("storage unavailable: the commit did not finish within {t}; retry shortly"), RETRY_SOON)
+            }
+            StoreError::Unavailable(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Conflict(_)
+            | StoreError::Backend(_)
+            | StoreError::Open { .. }
+            | StoreError::NotBuilt(_) => ("storage unavailable, retry shortly".to_string(), RETRY_SOON),
+        };
+        Reject::new(StatusCode::SERVICE_UNAVAILABLE, RejectReason::Unavailable, msg).retry_after(retry)
+    }
+}
+
 impl From<StoreError> for Reject {
     fn from(e: StoreError) -> Self {
-        // The sender learns what kind of fault it is, never the file path.
-        let (msg, retry) = match &e {
-            StoreError::Overloaded => ("overloaded: the write queue is full, retry shortly".to_string(), 5),
-            StoreError::ShuttingDown => ("shutting down, retry shortly".to_string(), 5),
-            StoreError::Lost(_) => {
-                ("storage unavailable: the database file was deleted or replaced while hooktrail runs; retry later".to_string(), 60)
-            }
-            StoreError::Damaged { .. } => ("storage unavailable: the database is damaged; retry later".to_string(), 60),
-            StoreError::CommitTimeout(t) => (format!("storage unavailable: the commit did not finish within {t}; retry shortly"), 5),
-            _ => ("storage unavailable, retry shortly".to_string(), 5),
-        };
         tracing::warn!(error = %e, "store refused an event");
-        Reject::new(StatusCode::SERVICE_UNAVAILABLE, RejectReason::Unavailable, msg).retry_after(retry)
+        Reject::storage(&e)
     }
 }
 
@@ -189,16 +214,12 @@ pub struct Ingest {
     routing: ArcSwap<Routing>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-    /// Free space of the storage volume, sampled in the background (issue 5);
-    /// `None` for a database server, whose disk is not this host's to watch.
-    disk: Option<Arc<disk::DiskGuard>>,
 }
 
 impl Ingest {
     /// The listener's shared state for `config`, writing to `store`.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
-        let disk = config.storage.sqlite().map(|db| Arc::new(disk::DiskGuard::new(&db.path)));
-        Arc::new(Ingest { routing: ArcSwap::from_pointee(Routing::new(config)), store, metrics, disk })
+        Arc::new(Ingest { routing: ArcSwap::from_pointee(Routing::new(config)), store, metrics })
     }
 
     /// Swaps in a new configuration; requests in flight finish with the old one.
@@ -283,17 +304,9 @@ impl Ingest {
             )
             .retry_after(30));
         }
-        // A nearly full disk: refuse here, before reading the body, rather than
-        // fail the COMMIT (or leave SQLite unable to grow its WAL) later.
-        let min_free = routing.config.storage.sqlite().map_or(0, |db| db.min_free_bytes);
-        if let Some(free) = self.disk.as_ref().and_then(|d| d.below(min_free)) {
-            return Err(Reject::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                RejectReason::Unavailable,
-                format!("storage nearly full: {free} bytes free on the database volume, below storage.min_free_bytes ({min_free})"),
-            )
-            .retry_after(60));
-        }
+        // A store short of room (a nearly full disk): refuse here, before
+        // reading the body, rather than fail the commit later.
+        self.store.admission().map_err(|e| Reject::storage(&e))?;
         let query = req.uri().query().unwrap_or("").to_string();
         auth::check_head(&cfg.auth, req.headers(), &query).map_err(|e| src.auth_failed(remote, e))?;
         if !auth::needs_body(&cfg.auth) {
@@ -593,7 +606,6 @@ pub fn templated_response(spec: &ResponseSpec, id: &str, payload: &Value) -> Res
 /// (at most `request_timeout`) before returning.
 pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
     let server = ingest.routing.load().config.server.clone();
-    let disk_task = ingest.disk.clone().map(|d| tokio::spawn(d.refresh_loop(shutdown.clone())));
     let metrics = ingest.metrics.clone();
     let limits = crate::http_server::Limits {
         name: "webhook",
@@ -616,9 +628,6 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
         async move { ing.handle(req, peer).await }
     })
     .await;
-    if let Some(task) = disk_task {
-        let _ = task.await;
-    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use hyper::StatusCode;
 use super::api::{self, Params};
 use super::respond::{form_value, redirect, respond, Resp};
 use super::Ops;
-use crate::store::{DeliveryRecord, EventId, EventRecord, EventStatus, HourCounts};
+use crate::store::{rfc3339, DeliveryRecord, EventId, EventRecord, EventStatus, HourCounts};
 
 const CSS: &str = r#"
 *{box-sizing:border-box}
@@ -227,7 +227,7 @@ fn event_table(events: &[EventRecord]) -> String {
             "<tr class=\"event\" data-status=\"{status}\"><td>{received}</td><td><a href=\"/events/{id}\"><code>{id}</code></a></td>\
              <td>{source}</td><td>{badge}</td><td>{ct}</td><td class=\"num\">{bytes}</td><td><code>{payload}</code></td></tr>",
             status = e.status,
-            received = esc(&e.received_at),
+            received = rfc3339(e.received_at),
             id = e.id,
             source = esc(&e.source),
             badge = badge(e.status.as_str()),
@@ -320,7 +320,7 @@ pub(super) async fn event(ops: &Ops, id: &str, query: &str, logged_in: bool) -> 
          <dt>Content type</dt><dd>{}</dd><dt>Query</dt><dd><code>{}</code></dd><dt>Remote address</dt><dd>{}</dd>\
          <dt>Body</dt><dd>{} bytes</dd></dl>",
         esc(&ev.source),
-        esc(&ev.received_at),
+        rfc3339(ev.received_at),
         esc(&ev.method),
         esc(&ev.content_type),
         esc(&ev.query),
@@ -370,7 +370,7 @@ fn delivery(ev: &EventRecord, d: &DeliveryRecord) -> String {
         plural = if d.attempt_count == 1 { "" } else { "s" },
     );
     if let Some(next) = &d.next_attempt_at {
-        let _ = write!(s, "<p class=\"muted\">Next attempt at {}</p>", esc(next));
+        let _ = write!(s, "<p class=\"muted\">Next attempt at {}</p>", rfc3339(*next));
     }
     let _ = write!(
         s,
@@ -402,7 +402,7 @@ fn delivery(ev: &EventRecord, d: &DeliveryRecord) -> String {
             s,
             "<tr class=\"attempt\"><td>{}</td><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             a.number,
-            esc(&a.started_at),
+            rfc3339(a.started_at),
             a.duration_ms,
             badge(a.outcome.as_str()),
             esc(&result),

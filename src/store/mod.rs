@@ -6,7 +6,9 @@
 //! holding the event *and its deliveries* is durably committed, so a 2xx
 //! implies the event and everything routed from it survive a crash.
 
+pub mod rules;
 pub mod sqlite;
+mod sqlite_disk;
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -50,7 +52,9 @@ macro_rules! string_enum {
         #[serde(rename_all = "snake_case")]
         pub enum $name { $($variant),+ }
         impl $name {
+            /// Every value, in declaration order.
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// The name as stored and shown (`snake_case`).
             pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text),+ } }
         }
         impl fmt::Display for $name {
@@ -125,38 +129,79 @@ pub struct NewEvent {
     pub handlers: Vec<String>,
 }
 
+/// What [`Store::insert_event`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Inserted {
+    /// The new event's id, or the first event's for a duplicate.
     pub id: EventId,
     /// The first event's id is returned and nothing new was stored.
     pub duplicate: bool,
 }
 
+/// Why the store could not do what was asked, in terms any backend can
+/// report. Each backend maps its driver's errors onto these variants, so no
+/// driver type crosses the [`Store`] seam: ingest turns every one into a 503
+/// with `Retry-After`, the CLI prints it, readiness names it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database cannot be reached or cannot write right now (disk full,
+    /// an I/O error, locked for too long, the connection lost); a retry may
+    /// succeed without anyone doing anything.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// More writes wait than the backend queues; retry shortly.
     #[error("storage is overloaded (write queue full)")]
     Overloaded,
+    /// [`Store::close`] was called; nothing more is written.
     #[error("storage is shutting down")]
     ShuttingDown,
-    #[error("database error: {0}")]
-    Db(#[from] rusqlite::Error),
+    /// Too little room is left for new events (`storage.min_free_bytes`):
+    /// refused before a body is read rather than failing the commit later.
+    /// Answered by [`Store::admission`].
+    #[error("storage nearly full: {free} bytes free on the database volume, below storage.min_free_bytes ({min_free})")]
+    NearlyFull {
+        /// Bytes free where the database lives.
+        free: u64,
+        /// `storage.min_free_bytes`.
+        min_free: u64,
+    },
+    /// Stored data this version cannot read back (an unknown status, a
+    /// timestamp out of range, headers that are not JSON, a schema newer
+    /// than this binary): a bug or a foreign write, never guessed around.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A write clashed with what is stored (a uniqueness rule).
+    #[error("conflicting write: {0}")]
+    Conflict(String),
+    /// The database refused a statement for a reason none of the other
+    /// variants names; the message is the database's own.
+    #[error("database error: {0}")]
+    Backend(String),
+    /// The database could not be opened (at start, or for a command).
     #[error("cannot open database `{path}`: {message}")]
-    Open { path: String, message: String },
-    /// The configured path no longer names the file this process has open
-    /// (deleted, moved or replaced): nothing written since would be found
-    /// there after a restart. Sticky until restart (README "Storage faults").
+    Open {
+        /// Where the database is (for SQLite, `storage.path`).
+        path: String,
+        /// What went wrong, and what to do about it when known.
+        message: String,
+    },
+    /// The configured location no longer names the database this process
+    /// has open (a file deleted, moved or replaced): nothing written since
+    /// would be found there after a restart. Sticky until restart (README
+    /// "Storage faults").
     #[error("database file `{0}` was deleted or replaced while open; restart hooktrail after restoring it")]
     Lost(String),
-    /// SQLite reported the file damaged (a failed integrity check, or
-    /// `SQLITE_CORRUPT`/`SQLITE_NOTADB` on use). Sticky until restart.
+    /// The database reported itself damaged (a failed integrity check, or
+    /// damage met on use). Sticky until restart.
     #[error(
         "database `{path}` is damaged ({detail}); new events are refused until it is repaired (README \"Recovering a damaged database\")"
     )]
-    Damaged { path: String, detail: String },
+    Damaged {
+        /// Where the database is (for SQLite, `storage.path`).
+        path: String,
+        /// What the database said about the damage.
+        detail: String,
+    },
     /// The commit did not finish within `storage.commit_timeout`; it may
     /// still finish later (the caller was told 503, and retries).
     #[error("storage did not commit within storage.commit_timeout ({0}); the write may still land later")]
@@ -174,11 +219,52 @@ impl StoreError {
     }
 }
 
+/// How records' times are written in JSON (`events show --json`, the admin
+/// API, `export`): RFC 3339 in UTC with microseconds and `Z`, the same text
+/// [`rfc3339`] gives the CLI and the page. `#[serde(with = "time_text")]`.
+pub mod time_text {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    /// Writes `t` as [`super::rfc3339`] text.
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::rfc3339(*t))
+    }
+
+    /// Reads any RFC 3339 time, in UTC.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text).map(|t| t.with_timezone(&Utc)).map_err(serde::de::Error::custom)
+    }
+
+    /// The same for an optional time (`#[serde(with = "time_text::option")]`).
+    pub mod option {
+        use chrono::{DateTime, Utc};
+        use serde::{Deserialize as _, Deserializer, Serializer};
+
+        /// Writes a time as [`super::serialize`] does, or `null`.
+        pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => super::serialize(t, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads a time as [`super::deserialize`] does, or `null`.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+            let text = Option::<std::borrow::Cow<str>>::deserialize(d)?;
+            text.map(|t| DateTime::parse_from_rfc3339(&t).map(|t| t.with_timezone(&Utc)).map_err(serde::de::Error::custom)).transpose()
+        }
+    }
+}
+
 /// One attempt of one delivery.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttemptRecord {
+    /// 1-based; numbers go on across replays.
     pub number: u32,
-    pub started_at: String,
+    #[serde(with = "time_text")]
+    pub started_at: DateTime<Utc>,
     pub duration_ms: u64,
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -186,26 +272,32 @@ pub struct AttemptRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_status: Option<u16>,
     pub error: Option<String>,
+    /// The first 64 KiB of what the handler wrote or the peer answered.
     pub output: String,
 }
 
+/// One delivery (event × handler) with its attempts.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryRecord {
     pub handler: String,
     pub status: DeliveryStatus,
+    /// Attempts begun so far (the last may be running).
     pub attempt_count: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_attempt_at: Option<String>,
+    /// When it is due, while it waits ([`rules::waits_for_its_time`]).
+    #[serde(skip_serializing_if = "Option::is_none", with = "time_text::option")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
     pub attempts: Vec<AttemptRecord>,
 }
 
-/// An event as the CLI, the admin API and `export` show it (SPEC §5).
+/// An event as `events show --json`, the admin API and `export` show it;
+/// its field names are that contract.
 #[derive(Debug, Clone, Serialize)]
 pub struct EventRecord {
     pub id: EventId,
     pub source: String,
     pub status: EventStatus,
-    pub received_at: String,
+    #[serde(with = "time_text")]
+    pub received_at: DateTime<Utc>,
     pub method: String,
     pub content_type: String,
     pub query: String,
@@ -251,6 +343,7 @@ pub struct EventFilter {
 }
 
 /// One line of `stats`: a source total (`handler` None) or a (source, handler) pair.
+/// Which column a state counts in is [`rules::event_column`] and its siblings.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StatsRow {
     pub source: String,
@@ -263,6 +356,34 @@ pub struct StatsRow {
     pub succeeded: u64,
     pub retrying: u64,
     pub failed: u64,
+}
+
+impl StatsRow {
+    /// Adds `n` to one column.
+    pub fn add(&mut self, column: rules::StatsColumn, n: u64) {
+        use rules::StatsColumn as C;
+        let cell = match column {
+            C::Duplicates => &mut self.duplicates,
+            C::Rejected => &mut self.rejected,
+            C::Pending => &mut self.pending,
+            C::Processing => &mut self.processing,
+            C::Succeeded => &mut self.succeeded,
+            C::Retrying => &mut self.retrying,
+            C::Failed => &mut self.failed,
+        };
+        *cell += n;
+    }
+}
+
+/// One delivery a replay would re-queue (`events replay --dry-run`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requeue {
+    pub event_id: EventId,
+    pub handler: String,
+    /// Its status now.
+    pub status: DeliveryStatus,
+    /// Attempts made so far; numbers go on after the replay.
+    pub attempt_count: u32,
 }
 
 /// Unfinished deliveries of one handler in one status (queue-depth metrics).
@@ -287,6 +408,7 @@ pub struct HourCounts {
 /// A delivery claimed by a processor, with what a handler needs to run it.
 #[derive(Debug, Clone)]
 pub struct Claimed {
+    /// The backend's handle on the delivery, for `started`, `finish`, `renew`, `release`.
     pub delivery_id: i64,
     pub event_id: EventId,
     pub source: String,
@@ -305,11 +427,15 @@ pub struct Claimed {
     pub payload: Value,
 }
 
-/// What to do with a delivery after an attempt.
+/// What to do with a delivery after an attempt (its new status is
+/// [`rules::after_attempt`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
+    /// Done; never runs again unless replayed.
     Succeeded,
+    /// Runs again at that time.
     RetryAt(DateTime<Utc>),
+    /// Given up (a permanent failure, or the budget spent); never runs again unless replayed.
     Failed,
     /// The attempt was cut short by shutdown: pending again, due at once.
     Released,
@@ -335,6 +461,12 @@ pub struct Finished {
 pub trait Store: Send + Sync + 'static {
     /// Durably stores an event and its deliveries (or finds the dedup twin).
     async fn insert_event(&self, ev: NewEvent) -> Result<Inserted, StoreError>;
+    /// Whether a new event may be taken now, asked before its body is read:
+    /// [`StoreError::NearlyFull`] when the backend knows it is short of room
+    /// (`storage.min_free_bytes`), so a sender gets a clear 503 rather than a
+    /// failed commit. Cheap and never blocks (a backend samples in the
+    /// background); `Ok` when it cannot tell.
+    fn admission(&self) -> Result<(), StoreError>;
     /// Counts a refused request. Cheap and never blocks; flushed with the next commit.
     fn count_rejection(&self, source: &str, reason: RejectReason);
     /// Unfinished deliveries (pending, running, retrying), cached; for backpressure.
@@ -342,8 +474,12 @@ pub trait Store: Send + Sync + 'static {
     /// Resolves when new work may be due (an insert with deliveries, a replay).
     fn work_signal(&self) -> Arc<tokio::sync::Notify>;
 
+    /// Events matching `filter`, newest first unless `ascending`, loaded to `detail`.
     async fn list_events(&self, filter: EventFilter, detail: Detail) -> Result<Vec<EventRecord>, StoreError>;
+    /// One event with its deliveries and every attempt; `None` if no such id is stored.
     async fn get_event(&self, id: EventId) -> Result<Option<EventRecord>, StoreError>;
+    /// The rows of `hooktrail stats`: per source, and per (source, handler),
+    /// counting events received since `since`, columns as [`rules`] places them.
     async fn stats(&self, source: Option<String>, since: Option<DateTime<Utc>>) -> Result<Vec<StatsRow>, StoreError>;
     /// Unfinished deliveries (pending, running, retrying) per handler and status (metrics).
     async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError>;
@@ -365,11 +501,17 @@ pub trait Store: Send + Sync + 'static {
     async fn renew(&self, owner: &str, delivery_id: i64, lease: Duration) -> Result<bool, StoreError>;
     /// Gives back deliveries leased by `owner` without recording an attempt (shutdown).
     async fn release(&self, owner: &str, delivery_ids: Vec<i64>) -> Result<u64, StoreError>;
-    /// Re-queues deliveries of the given events (all of them, or only those to `handler`, or only failed ones).
+    /// Re-queues deliveries of the given events: those to `handler` (all
+    /// when `None`) that [`rules::replay_takes`] (only failed ones when
+    /// `only_failed`). Unknown ids are skipped. Returns how many were re-queued.
     async fn replay(&self, ids: Vec<EventId>, handler: Option<String>, only_failed: bool) -> Result<u64, StoreError>;
+    /// The deliveries [`Store::replay`] with the same arguments would
+    /// re-queue now, in event order then handler order; changes nothing.
+    async fn replay_plan(&self, ids: Vec<EventId>, handler: Option<String>, only_failed: bool) -> Result<Vec<Requeue>, StoreError>;
     /// Ids of events matching a filter (for bulk replay).
     async fn find_ids(&self, filter: EventFilter) -> Result<Vec<EventId>, StoreError>;
-    /// Deletes finished events received before `before`; at most `batch` per transaction.
+    /// Deletes finished events ([`rules::prunable`]) received before
+    /// `before`; at most `batch` per transaction.
     async fn prune(&self, before: DateTime<Utc>, batch: usize) -> Result<u64, StoreError>;
     /// Checks the database accepts a write (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
@@ -377,10 +519,8 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
-pub fn micros_to_time(us: i64) -> DateTime<Utc> {
-    Utc.timestamp_micros(us).single().unwrap_or_default()
-}
-
+/// A time as every edge shows it (CLI, admin API, page, handler
+/// environment): RFC 3339 in UTC with microseconds, `2026-11-23T10:42:00.123456Z`.
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
@@ -441,12 +581,54 @@ impl Role {
     }
 }
 
-/// Opens the configured backend.
+/// Opens the configured backend: the one place that names a backend's type.
 pub fn open(cfg: &crate::config::StorageConfig, role: Role) -> Result<Arc<dyn Store>, StoreError> {
     match &cfg.backend {
-        crate::config::Backend::Sqlite(db) => {
-            Ok(Arc::new(sqlite::SqliteStore::open(&db.path, role)?.with_commit_timeout(cfg.commit_timeout)))
-        }
+        crate::config::Backend::Sqlite(db) => Ok(Arc::new(
+            sqlite::SqliteStore::open(&db.path, role)?.with_commit_timeout(cfg.commit_timeout).with_min_free_bytes(db.min_free_bytes),
+        )),
         crate::config::Backend::Postgres(_) => Err(StoreError::NotBuilt("postgres")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_times_serialize_as_rfc3339_with_micros_and_z() {
+        let t = DateTime::parse_from_rfc3339("2026-11-23T10:42:00.5+01:00").expect("a time").with_timezone(&Utc);
+        let d = DeliveryRecord {
+            handler: "h".into(),
+            status: DeliveryStatus::Retrying,
+            attempt_count: 1,
+            next_attempt_at: Some(t),
+            attempts: vec![AttemptRecord {
+                number: 1,
+                started_at: t,
+                duration_ms: 2,
+                outcome: Outcome::Retry,
+                exit_code: None,
+                http_status: Some(503),
+                error: None,
+                output: String::new(),
+            }],
+        };
+        let json = serde_json::to_value(&d).expect("serializing");
+        assert_eq!(json["next_attempt_at"], "2026-11-23T09:42:00.500000Z");
+        assert_eq!(json["attempts"][0]["started_at"], "2026-11-23T09:42:00.500000Z");
+        assert_eq!(rfc3339(t), "2026-11-23T09:42:00.500000Z", "the same text at every edge");
+        let waiting = serde_json::to_value(DeliveryRecord { next_attempt_at: None, ..d }).expect("serializing");
+        assert!(waiting.get("next_attempt_at").is_none(), "omitted when not waiting");
+
+        #[derive(Deserialize)]
+        struct Back {
+            #[serde(with = "time_text")]
+            t: DateTime<Utc>,
+            #[serde(with = "time_text::option", default)]
+            n: Option<DateTime<Utc>>,
+        }
+        let back: Back = serde_json::from_str(r#"{"t":"2026-11-23T09:42:00.500000Z","n":null}"#).expect("reading back");
+        assert_eq!((back.t, back.n), (t, None));
     }
 }

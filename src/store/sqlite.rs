@@ -34,10 +34,13 @@ use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use rusqlite::functions::FunctionFlags;
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Deserialize as _;
 use serde_json::Value;
 use tokio::sync::{oneshot, Notify};
 
+use super::sqlite_disk::DiskGuard;
 use super::*;
 
 /// Most operations taken into one transaction. Bounded so one commit's
@@ -51,8 +54,60 @@ const LAZY_WAIT: Duration = Duration::from_millis(5);
 const LAZY_BATCH: usize = 64;
 /// Operations that may wait for the writer; beyond this, ingest answers 503.
 const QUEUE_DEPTH: usize = 16 * 1024;
-/// How long a dedup row outlives its window before cleanup may remove it.
+/// How often the daemon's writer does its housekeeping between batches
+/// (expired dedup keys, recounting the backlog).
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
+/// Expired dedup keys removed per housekeeping pass, so a large backlog of
+/// them never stalls the writer.
+const DEDUP_CLEANUP_BATCH: i64 = 1000;
+/// How long the idle writer waits for an operation before it looks whether
+/// the database file is still in place.
+const WRITER_IDLE_CHECK: Duration = Duration::from_millis(500);
+/// How long a connection waits for another process's lock (a CLI command,
+/// a second `serve`) before the statement fails as unavailable.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read connections kept for reuse; more are opened under load and closed after.
+const READ_POOL: usize = 8;
+/// How long an insert waits for its commit unless `storage.commit_timeout` says otherwise.
+const DEFAULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The daemon's page cache per connection, in KiB (SQLite's negative `cache_size`).
+const CACHE_KIB: i64 = 8000;
+/// The size a restarted WAL is cut back to (64 MiB).
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+/// The checkpointer's pause after a pass, so it copies in chunks rather than
+/// chasing every single commit.
+const CHECKPOINT_PAUSE: Duration = Duration::from_millis(100);
+/// How often the checkpointer looks whether the store is closing while idle.
+const CHECKPOINT_IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How often an integrity check's timer looks whether its budget ran out or the store is closing.
+const CHECK_TIMER_TICK: Duration = Duration::from_millis(200);
+/// How often the background check thread wakes to see whether a check is due or the store closes.
+const CHECK_LOOP_TICK: Duration = Duration::from_millis(500);
+const SECS_PER_HOUR: i64 = 3600;
+const MICROS_PER_HOUR: i64 = SECS_PER_HOUR * 1_000_000;
+
+/// `payload_kind`: how an event's normalized view is stored.
+const PAYLOAD_NULL: i64 = 0;
+/// The body is itself the JSON document (not stored twice).
+const PAYLOAD_IS_BODY: i64 = 1;
+/// Serialized JSON in the `payload` column.
+const PAYLOAD_JSON: i64 = 2;
+
+/// [`rules::unfinished`] as SQL: queries spell it literally so the planner
+/// can match the partial index `deliveries_due` (a test checks it agrees
+/// with the rule).
+macro_rules! unfinished_sql {
+    () => {
+        "('pending', 'retrying', 'running')"
+    };
+}
+
+/// [`rules::prunable`] as SQL (a test checks it agrees with the rule).
+macro_rules! prunable_sql {
+    () => {
+        "('done', 'failed')"
+    };
+}
 /// WAL frames above which the writer finishes a checkpoint itself (see
 /// [`writer_loop`]); 1024 frames of 4 KiB = 4 MiB. Below it a quiet WAL
 /// restarts on its own.
@@ -171,6 +226,99 @@ fn now_us() -> i64 {
     Utc::now().timestamp_micros()
 }
 
+/// An error inside the backend. SQLite's errors keep their code until they
+/// leave through [`neutral`] (or [`Shared::note`], which also notices a
+/// damaged file), so the writer can tell a full disk from one bad row.
+#[derive(Debug)]
+enum Error {
+    Sqlite(rusqlite::Error),
+    Store(StoreError),
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Sqlite(e)
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Store(e)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Sqlite(e) => e.fmt(f),
+            Error::Store(e) => e.fmt(f),
+        }
+    }
+}
+
+/// What an error means to callers, with SQLite left behind. `path` names
+/// the database for [`StoreError::Damaged`].
+fn neutral(e: Error, path: &Path) -> StoreError {
+    let e = match e {
+        Error::Store(e) => return e,
+        Error::Sqlite(e) => e,
+    };
+    let message = e.to_string();
+    match &e {
+        // A stored value that does not read back as its type (see the
+        // `FromSql` impls below and `unreadable`).
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::InvalidColumnType(..) => StoreError::Corrupt(message),
+        _ if is_damage_code(&e) => StoreError::Damaged { path: path.display().to_string(), detail: message },
+        _ if is_unavailable(&e) => StoreError::Unavailable(message),
+        _ if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => StoreError::Conflict(message),
+        _ => StoreError::Backend(message),
+    }
+}
+
+/// A stored value this version cannot read back (column `col`): leaves the
+/// backend as [`StoreError::Corrupt`], never as a guess.
+fn unreadable(col: usize, what: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, what.into())
+}
+
+/// Domain enums and ids are stored as their text; a text this version does
+/// not know is corrupt data.
+macro_rules! from_text {
+    ($($t:ty),+) => {$(
+        impl FromSql for $t {
+            fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+                v.as_str()?.parse().map_err(|e: String| FromSqlError::Other(e.into()))
+            }
+        }
+    )+};
+}
+from_text!(EventId, EventStatus, DeliveryStatus, Outcome, RejectReason);
+
+/// A time as stored: unix microseconds in an INTEGER column. One outside
+/// what a date can hold is corrupt data, not 1970.
+struct Micros(DateTime<Utc>);
+
+impl FromSql for Micros {
+    fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+        let us = v.as_i64()?;
+        DateTime::from_timestamp_micros(us).map(Micros).ok_or(FromSqlError::OutOfRange(us))
+    }
+}
+
+/// Parses a stored JSON document. serde_json's own depth guard stops at 127
+/// levels, yet ingest accepts JSON 128 deep (and XML nested 128 deep
+/// normalizes deeper still); every stored document passed ingest's depth
+/// check, so its depth is bounded and lifting the guard here is safe.
+fn json_doc(bytes: &[u8]) -> serde_json::Result<Value> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    de.disable_recursion_limit();
+    let v = Value::deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
+}
+
 /// State only the writer thread touches.
 struct WriterState {
     ids: ulid::Generator,
@@ -191,7 +339,7 @@ impl WriterState {
 /// neighbour failed, each op is retried in its own transaction), so it must not
 /// consume its inputs; `finish` answers the caller after the outcome is known.
 trait WriteOp: Send {
-    fn apply(&mut self, conn: &Connection, st: &mut WriterState) -> Result<(), StoreError>;
+    fn apply(&mut self, conn: &Connection, st: &mut WriterState) -> Result<(), Error>;
     fn finish(self: Box<Self>, result: Result<(), StoreError>);
     /// Whether something waits on this write to go on: a request's answer, a
     /// claim that starts work. The others (attempt records) may wait up to
@@ -209,9 +357,9 @@ struct Op<T, F> {
 impl<T, F> WriteOp for Op<T, F>
 where
     T: Send,
-    F: FnMut(&Connection, &mut WriterState) -> Result<T, StoreError> + Send,
+    F: FnMut(&Connection, &mut WriterState) -> Result<T, Error> + Send,
 {
-    fn apply(&mut self, conn: &Connection, st: &mut WriterState) -> Result<(), StoreError> {
+    fn apply(&mut self, conn: &Connection, st: &mut WriterState) -> Result<(), Error> {
         self.out = Some((self.f)(conn, st)?);
         Ok(())
     }
@@ -358,17 +506,23 @@ impl Shared {
         }
     }
 
-    /// Notes a damaged file when SQLite says so; passes any error on, as
-    /// the sticky [`StoreError::Damaged`] when it is damage.
-    fn note(&self, e: StoreError) -> StoreError {
+    /// Passes an error on as callers see it; when SQLite says the file is
+    /// damaged, notes the sticky fault first and answers
+    /// [`StoreError::Damaged`].
+    fn note(&self, e: Error) -> StoreError {
         if is_damage(&e) {
             self.set_fault(Fault::Damaged(e.to_string()));
             return self.fault_error().expect("just set");
         }
-        e
+        neutral(e, &self.file.path)
     }
 }
 
+/// The embedded backend (`storage.backend = "sqlite"`): one database file
+/// in WAL mode, written by one group-commit writer thread and read through
+/// a small pool of connections (see the module doc). Several processes may
+/// open the same file (`serve --role ingest` beside `--role process`, the
+/// CLI). Opened through [`crate::store::open`].
 pub struct SqliteStore {
     path: PathBuf,
     tx: Mutex<Option<SyncSender<Box<dyn WriteOp>>>>,
@@ -377,12 +531,17 @@ pub struct SqliteStore {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// How long an insert waits for its commit (`storage.commit_timeout`).
     commit_timeout: Duration,
+    /// Free space of the database's volume, sampled in the background; only
+    /// in a process that ingests.
+    disk: Option<Arc<DiskGuard>>,
+    /// `storage.min_free_bytes`; 0 disables the check.
+    min_free_bytes: u64,
 }
 
-fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection, Error> {
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;")?;
     register_functions(&conn)?;
     Ok(conn)
@@ -393,13 +552,16 @@ fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
 /// LIMIT applies after filtering.
 fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
     conn.create_scalar_function("json_pointer_is", 3, FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC, |ctx| {
+        // No document (a payload kind without one) holds no value. Nor does
+        // one that does not parse: it cannot match, and reading that event
+        // (a listing without `--match`, `events show`) reports it corrupt.
         let doc = match ctx.get_raw(0) {
-            rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => b,
+            ValueRef::Text(b) | ValueRef::Blob(b) => b,
             _ => return Ok(false),
         };
         let pointer: String = ctx.get(1)?;
         let want: String = ctx.get(2)?;
-        let Ok(v) = serde_json::from_slice::<Value>(doc) else { return Ok(false) };
+        let Ok(v) = json_doc(doc) else { return Ok(false) };
         Ok(match v.pointer(&pointer) {
             Some(Value::String(s)) => *s == want,
             Some(Value::Number(n)) => n.to_string() == want,
@@ -410,13 +572,14 @@ fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
     })
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+fn migrate(conn: &mut Connection) -> Result<(), Error> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::Corrupt(format!(
             "database schema version {version} is newer than this hooktrail understands ({known}); upgrade hooktrail"
-        )));
+        ))
+        .into());
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -433,7 +596,15 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 impl SqliteStore {
+    /// Opens (or, for a daemon, creates) the database at `path` and starts
+    /// the threads `role` needs: the writer always; the checkpointer and the
+    /// integrity check for a daemon; the free-space sampler for a process
+    /// that ingests. A command never creates a database.
     pub fn open(path: &Path, role: Role) -> Result<Self, StoreError> {
+        Self::open_at(path, role).map_err(|e| neutral(e, path))
+    }
+
+    fn open_at(path: &Path, role: Role) -> Result<Self, Error> {
         let open_err = |message: String| StoreError::Open { path: path.display().to_string(), message };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create directory: {e}")))?;
@@ -442,19 +613,21 @@ impl SqliteStore {
         // A command never creates the database: an operator with a wrong
         // `storage.path` should learn that, not read an empty new file.
         if !role.is_daemon() && !path.exists() {
-            return Err(open_err("there is no database file here (storage.path); start `hooktrail serve` first".into()));
+            return Err(open_err("there is no database file here (storage.path); start `hooktrail serve` first".into()).into());
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut writer = open_conn(path, flags).map_err(|e| damaged_at_open(path, e))?;
         let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| damaged_at_open(path, e))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(open_err(format!("cannot use WAL journal (got {mode})")));
+            return Err(open_err(format!("cannot use WAL journal (got {mode})")).into());
         }
         migrate(&mut writer).map_err(|e| damaged_at_open(path, e))?;
         if role.is_daemon() {
             // Checkpoints are the checkpointer thread's job; see the module doc.
             // After a WAL restart the file is cut back to this size.
-            writer.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -8000; PRAGMA journal_size_limit = 67108864;")?;
+            writer.execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -{CACHE_KIB}; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
+            ))?;
         }
         // The file the connection has open now sits at `path`: remember
         // which it is, to notice when the path stops naming it.
@@ -477,14 +650,12 @@ impl SqliteStore {
             start_check(&writer, &shared);
         }
         // A damaged deliveries table must not keep `export` from reading what is readable.
-        match writer
-            .query_row("SELECT count(*) FROM deliveries WHERE status IN ('pending','retrying','running')", [], |r| r.get::<_, i64>(0))
-        {
-            Ok(n) => shared.backlog.store(n.max(0) as u64, Ordering::Relaxed),
+        match writer.query_row(concat!("SELECT count(*) FROM deliveries WHERE status IN ", unfinished_sql!()), [], |r| r.get::<_, u64>(0)) {
+            Ok(n) => shared.backlog.store(n, Ordering::Relaxed),
             Err(e) => {
                 let e = shared.note(e.into());
                 if !e.needs_operator() {
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
@@ -523,13 +694,23 @@ impl SqliteStore {
             threads
                 .push(std::thread::Builder::new().name("hooktrail-check".into()).spawn(move || check_loop(check, sh)).map_err(spawn_err)?);
         }
+        // Samples once here, so the very first request is already guarded.
+        let disk = role.ingests().then(|| Arc::new(DiskGuard::new(path)));
+        if let Some(d) = &disk {
+            let (d, sh) = (d.clone(), shared.clone());
+            threads.push(
+                std::thread::Builder::new().name("hooktrail-disk".into()).spawn(move || d.sample_loop(&sh.closing)).map_err(spawn_err)?,
+            );
+        }
         Ok(SqliteStore {
             path: path.to_path_buf(),
             tx: Mutex::new(Some(tx)),
             readers: Arc::new(Mutex::new(Vec::new())),
             shared,
             threads: Mutex::new(threads),
-            commit_timeout: Duration::from_secs(10),
+            commit_timeout: DEFAULT_COMMIT_TIMEOUT,
+            disk,
+            min_free_bytes: 0,
         })
     }
 
@@ -540,11 +721,18 @@ impl SqliteStore {
         self
     }
 
+    /// Free bytes on the database's volume below which [`Store::admission`]
+    /// refuses new events (`storage.min_free_bytes`); 0, the default, disables it.
+    pub fn with_min_free_bytes(mut self, min_free: u64) -> Self {
+        self.min_free_bytes = min_free;
+        self
+    }
+
     /// Runs `f` on the writer thread inside the current group transaction.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnMut(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&Connection, &mut WriterState) -> Result<T, Error> + Send + 'static,
     {
         self.write_op(f, true).await
     }
@@ -553,7 +741,7 @@ impl SqliteStore {
     async fn write_lazy<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnMut(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&Connection, &mut WriterState) -> Result<T, Error> + Send + 'static,
     {
         self.write_op(f, false).await
     }
@@ -561,7 +749,7 @@ impl SqliteStore {
     async fn write_op<T, F>(&self, f: F, urgent: bool) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnMut(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&Connection, &mut WriterState) -> Result<T, Error> + Send + 'static,
     {
         if let Some(e) = self.shared.fault_error() {
             return Err(e);
@@ -584,7 +772,7 @@ impl SqliteStore {
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, Error> + Send + 'static,
     {
         let readers = self.readers.clone();
         let path = self.path.clone();
@@ -593,14 +781,16 @@ impl SqliteStore {
             let conn = readers.lock().expect("reader pool lock poisoned").pop();
             let conn = match conn {
                 Some(c) => c,
-                None => open_conn(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?,
+                None => {
+                    open_conn(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(|e| shared.note(e))?
+                }
             };
             if !shared.hooks.read_delay.is_zero() {
                 std::thread::sleep(shared.hooks.read_delay);
             }
             let out = f(&conn).map_err(|e| shared.note(e));
             let mut pool = readers.lock().expect("reader pool lock poisoned");
-            if pool.len() < 8 {
+            if pool.len() < READ_POOL {
                 pool.push(conn);
             }
             out
@@ -630,10 +820,10 @@ fn is_unavailable(e: &rusqlite::Error) -> bool {
 }
 
 /// Whether SQLite says the file is damaged (`SQLITE_CORRUPT`, `SQLITE_NOTADB`).
-fn is_damage(e: &StoreError) -> bool {
+fn is_damage(e: &Error) -> bool {
     match e {
-        StoreError::Db(e) => is_damage_code(e),
-        _ => false,
+        Error::Sqlite(e) => is_damage_code(e),
+        Error::Store(_) => false,
     }
 }
 
@@ -643,7 +833,7 @@ fn is_damage_code(e: &rusqlite::Error) -> bool {
 
 /// A damaged file found while opening: the daemon cannot start on it; say
 /// where the way out is documented.
-fn damaged_at_open(path: &Path, e: impl Into<StoreError>) -> StoreError {
+fn damaged_at_open(path: &Path, e: impl Into<Error>) -> Error {
     let e = e.into();
     if !is_damage(&e) {
         return e;
@@ -652,6 +842,7 @@ fn damaged_at_open(path: &Path, e: impl Into<StoreError>) -> StoreError {
         path: path.display().to_string(),
         message: format!("the file is damaged ({e}); see README \"Recovering a damaged database\""),
     }
+    .into()
 }
 
 /// Refuses a database path whose file is missing while its write-ahead log
@@ -701,7 +892,7 @@ fn quick_check(conn: &Connection, budget: Duration, shared: &Arc<Shared>) -> Res
         let until = Instant::now() + budget;
         while !sh.closing.load(Ordering::Relaxed) {
             let Some(left) = until.checked_duration_since(Instant::now()) else { break };
-            match wait.recv_timeout(left.min(Duration::from_millis(200))) {
+            match wait.recv_timeout(left.min(CHECK_TIMER_TICK)) {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
@@ -743,7 +934,7 @@ fn start_check(conn: &Connection, shared: &Arc<Shared>) {
 fn check_loop(conn: Connection, shared: Arc<Shared>) {
     let mut last = Instant::now();
     while !shared.closing.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(CHECK_LOOP_TICK);
         if last.elapsed() < CHECK_EVERY || shared.fault.get().is_some() {
             continue;
         }
@@ -759,12 +950,6 @@ fn check_loop(conn: Connection, shared: Arc<Shared>) {
     }
 }
 
-impl From<&StoreError> for StoreError {
-    fn from(e: &StoreError) -> Self {
-        StoreError::Unavailable(e.to_string())
-    }
-}
-
 fn writer_loop(
     mut conn: Connection,
     rx: Receiver<Box<dyn WriteOp>>,
@@ -777,7 +962,7 @@ fn writer_loop(
     let mut disconnected = false;
     while !disconnected {
         let mut batch: Vec<Box<dyn WriteOp>> = Vec::new();
-        match rx.recv_timeout(Duration::from_millis(500)) {
+        match rx.recv_timeout(WRITER_IDLE_CHECK) {
             Ok(op) => batch.push(op),
             Err(RecvTimeoutError::Timeout) => {
                 // Idle: notice a lost file now rather than at the next write.
@@ -902,7 +1087,7 @@ fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn
         // Queued before the fault was found; refused like everything after it.
         return refuse_all(batch, || shared.fault_error().expect("checked above"));
     }
-    let whole = (|| -> Result<(), StoreError> {
+    let whole = (|| -> Result<(), Error> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         for op in batch.iter_mut() {
             if let Err(e) = op.apply(conn, st) {
@@ -954,7 +1139,7 @@ fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn
                     answers.push((op, Err(e)));
                     continue;
                 }
-                let r = (|| -> Result<(), StoreError> {
+                let r = (|| -> Result<(), Error> {
                     conn.execute_batch("BEGIN IMMEDIATE")?;
                     if let Err(e) = op.apply(conn, st) {
                         let _ = conn.execute_batch("ROLLBACK");
@@ -966,7 +1151,7 @@ fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn
                     commit(conn, shared).inspect_err(|_| {
                         let _ = conn.execute_batch("ROLLBACK");
                     })?;
-                    shared.verify_file().map_err(StoreError::Unavailable)
+                    shared.verify_file().map_err(|why| StoreError::Unavailable(why).into())
                 })()
                 .map_err(|e| shared.note(e));
                 if r.is_ok() {
@@ -984,11 +1169,12 @@ fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn
     }
 }
 
-fn is_store_down(e: &StoreError) -> bool {
+/// Whether an error says the database as a whole cannot commit now (not
+/// that one operation was wrong): every operation of the batch gets it.
+fn is_store_down(e: &Error) -> bool {
     match e {
-        StoreError::Db(e) => is_unavailable(e),
-        StoreError::Unavailable(_) => true,
-        _ => false,
+        Error::Sqlite(e) => is_unavailable(e),
+        Error::Store(e) => matches!(e, StoreError::Unavailable(_)),
     }
 }
 
@@ -1006,11 +1192,11 @@ fn after_commit(st: &mut WriterState, shared: &Shared) {
     cv.notify_one();
 }
 
-fn add_counts(conn: &Connection, counts: &Counts) -> Result<(), StoreError> {
+fn add_counts(conn: &Connection, counts: &Counts) -> Result<(), Error> {
     if counts.is_empty() {
         return Ok(());
     }
-    let hour = Utc::now().timestamp() / 3600;
+    let hour = Utc::now().timestamp() / SECS_PER_HOUR;
     let mut stmt = conn.prepare_cached(
         "INSERT INTO counters(source, kind, hour, n) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(source, kind, hour) DO UPDATE SET n = n + excluded.n",
@@ -1024,17 +1210,17 @@ fn add_counts(conn: &Connection, counts: &Counts) -> Result<(), StoreError> {
 /// Housekeeping done by the daemon's writer between batches.
 fn maintenance(conn: &Connection, shared: &Shared) {
     let now = now_us();
-    // Bounded so a large backlog of expired keys never stalls the writer.
-    if let Err(e) =
-        conn.execute("DELETE FROM dedup WHERE (source, key) IN (SELECT source, key FROM dedup WHERE expires_at < ?1 LIMIT 1000)", [now])
-    {
+    if let Err(e) = conn.execute(
+        "DELETE FROM dedup WHERE (source, key) IN (SELECT source, key FROM dedup WHERE expires_at < ?1 LIMIT ?2)",
+        params![now, DEDUP_CLEANUP_BATCH],
+    ) {
         tracing::warn!(error = %e, "dedup cleanup failed");
     }
     // Other processes (a separate --role ingest/process) change the backlog too.
     if let Ok(n) =
-        conn.query_row::<i64, _, _>("SELECT count(*) FROM deliveries WHERE status IN ('pending','retrying','running')", [], |r| r.get(0))
+        conn.query_row::<u64, _, _>(concat!("SELECT count(*) FROM deliveries WHERE status IN ", unfinished_sql!()), [], |r| r.get(0))
     {
-        shared.backlog.store(n.max(0) as u64, Ordering::Relaxed);
+        shared.backlog.store(n, Ordering::Relaxed);
     }
 }
 
@@ -1044,7 +1230,7 @@ fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
         {
             let mut dirty = lock.lock().expect("checkpoint flag lock poisoned");
             while !*dirty && !shared.closing.load(Ordering::Relaxed) {
-                dirty = cv.wait_timeout(dirty, Duration::from_secs(1)).expect("checkpoint flag lock poisoned").0;
+                dirty = cv.wait_timeout(dirty, CHECKPOINT_IDLE_CHECK).expect("checkpoint flag lock poisoned").0;
             }
             *dirty = false;
         }
@@ -1065,62 +1251,41 @@ fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
             }
             Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(CHECKPOINT_PAUSE);
     }
 }
 
-fn event_status_of(conn: &Connection, seq: i64) -> Result<EventStatus, StoreError> {
+/// The event's status from its deliveries' ([`rules::event_status`]).
+fn event_status_of(conn: &Connection, seq: i64) -> Result<EventStatus, Error> {
     let mut stmt = conn.prepare_cached("SELECT DISTINCT status FROM deliveries WHERE event_seq = ?1")?;
-    let mut rows = stmt.query([seq])?;
-    let mut seen: Vec<DeliveryStatus> = Vec::with_capacity(4);
-    while let Some(r) = rows.next()? {
-        let st = r.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
-        seen.push(st.parse().map_err(StoreError::Corrupt)?);
-    }
-    let has = |s: DeliveryStatus| seen.contains(&s);
-    let finished = has(DeliveryStatus::Succeeded) || has(DeliveryStatus::Failed);
-    Ok(if has(DeliveryStatus::Running) {
-        EventStatus::Processing
-    } else if has(DeliveryStatus::Retrying) {
-        EventStatus::Retrying
-    } else if has(DeliveryStatus::Pending) {
-        if finished {
-            EventStatus::Processing
-        } else {
-            EventStatus::Pending
-        }
-    } else if has(DeliveryStatus::Failed) {
-        EventStatus::Failed
-    } else {
-        EventStatus::Done
-    })
+    let seen = stmt.query_map([seq], |r| r.get::<_, DeliveryStatus>(0))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(rules::event_status(&seen))
 }
 
-fn refresh_event_status(conn: &Connection, seq: i64) -> Result<(), StoreError> {
+fn refresh_event_status(conn: &Connection, seq: i64) -> Result<(), Error> {
     let status = event_status_of(conn, seq)?;
     conn.prepare_cached("UPDATE events SET status = ?1 WHERE seq = ?2 AND status != ?1")?.execute(params![status.as_str(), seq])?;
     Ok(())
 }
 
-fn insert_event(conn: &Connection, st: &mut WriterState, ev: &NewEvent) -> Result<Inserted, StoreError> {
+fn insert_event(conn: &Connection, st: &mut WriterState, ev: &NewEvent) -> Result<Inserted, Error> {
     let now = now_us();
     if let Some((key, _)) = &ev.dedup {
-        let found: Option<String> = conn
+        let found: Option<EventId> = conn
             .prepare_cached("SELECT event_id FROM dedup WHERE source = ?1 AND key = ?2 AND expires_at > ?3")?
             .query_row(params![ev.source, key, now], |r| r.get(0))
             .optional()?;
         if let Some(id) = found {
-            let id = id.parse::<EventId>().map_err(StoreError::Corrupt)?;
             add_counts(conn, &HashMap::from([((ev.source.clone(), RejectReason::Duplicate), 1)]))?;
             return Ok(Inserted { id, duplicate: true });
         }
     }
     let id = st.next_id();
-    let status = if ev.handlers.is_empty() { EventStatus::Done } else { EventStatus::Pending };
+    let status = rules::new_event_status(ev.handlers.len());
     let (kind, payload) = match &ev.payload {
-        Payload::Null => (0, None),
-        Payload::Body => (1, None),
-        Payload::Json(s) => (2, Some(s.as_str())),
+        Payload::Null => (PAYLOAD_NULL, None),
+        Payload::Body => (PAYLOAD_IS_BODY, None),
+        Payload::Json(s) => (PAYLOAD_JSON, Some(s.as_str())),
     };
     conn.prepare_cached(
         "INSERT INTO events(id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
@@ -1153,7 +1318,7 @@ fn insert_event(conn: &Connection, st: &mut WriterState, ev: &NewEvent) -> Resul
     }
     if let Some((key, window)) = &ev.dedup {
         conn.prepare_cached("INSERT OR REPLACE INTO dedup(source, key, event_id, expires_at) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![ev.source, key, id.to_string(), now + window.as_micros() as i64])?;
+            .execute(params![ev.source, key, id.to_string(), now.saturating_add(micros(*window))])?;
     }
     Ok(Inserted { id, duplicate: false })
 }
@@ -1166,12 +1331,28 @@ fn body_fields(body: Vec<u8>) -> (Option<String>, Option<String>, usize) {
     }
 }
 
-fn payload_value(kind: i64, body: &[u8], payload: Option<String>) -> Value {
-    match kind {
-        1 => serde_json::from_slice(body).unwrap_or(Value::Null),
-        2 => payload.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or(Value::Null),
-        _ => Value::Null,
+/// The normalized view as stored (see the `PAYLOAD_*` kinds). A view that
+/// does not read back is corrupt data, never shown as `null`: ingest stored
+/// only JSON it had validated.
+fn payload_value(kind: i64, body: &[u8], payload: Option<&str>) -> Result<Value, String> {
+    match (kind, payload) {
+        (PAYLOAD_NULL, _) => Ok(Value::Null),
+        (PAYLOAD_IS_BODY, _) => json_doc(body).map_err(|e| format!("the body, stored as its own JSON payload, is not JSON: {e}")),
+        (PAYLOAD_JSON, Some(p)) => json_doc(p.as_bytes()).map_err(|e| format!("the normalized payload is not JSON: {e}")),
+        (PAYLOAD_JSON, None) => Err("the normalized payload is missing".into()),
+        (other, _) => Err(format!("unknown payload kind {other}")),
     }
+}
+
+/// Stored headers: the JSON object ingest wrote. Anything else is corrupt.
+fn headers_value(text: &str) -> Result<Value, String> {
+    serde_json::from_str(text).map_err(|e| format!("the stored headers are not JSON: {e}"))
+}
+
+/// A duration as stored: whole microseconds, saturating (a lease or dedup
+/// window of 292 000 years is as good as forever).
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 const EVENT_COLS: &str = "e.seq, e.id, e.source, e.status, e.received_at, e.method, e.content_type, e.query, e.remote_addr, e.payload_kind, e.payload, e.body, e.headers";
@@ -1179,27 +1360,30 @@ const EVENT_COLS: &str = "e.seq, e.id, e.source, e.status, e.received_at, e.meth
 /// Builds an [`EventRecord`] from a row of [`EVENT_COLS`].
 fn event_from_row(r: &rusqlite::Row<'_>, detail: Detail) -> rusqlite::Result<(i64, EventRecord)> {
     let seq: i64 = r.get(0)?;
-    let id: String = r.get(1)?;
-    let status: String = r.get(3)?;
+    let id: EventId = r.get(1)?;
     let kind: i64 = r.get(9)?;
     let payload: Option<String> = r.get(10)?;
     let body: Vec<u8> = r.get(11)?;
-    let headers: String = r.get(12)?;
-    let conv = |e: String| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into());
-    let payload = payload_value(kind, &body, payload);
-    let (body_s, body_b64, body_len) = body_fields(body);
+    let payload = payload_value(kind, &body, payload.as_deref()).map_err(|e| unreadable(10, format!("event {id}: {e}")))?;
     let full = detail == Detail::Full;
+    let headers = if full {
+        let text = r.get_ref(12)?.as_str()?;
+        Some(headers_value(text).map_err(|e| unreadable(12, format!("event {id}: {e}")))?)
+    } else {
+        None
+    };
+    let (body_s, body_b64, body_len) = body_fields(body);
     Ok((
         seq,
         EventRecord {
-            id: id.parse().map_err(conv)?,
+            id,
             source: r.get(2)?,
-            status: status.parse().map_err(conv)?,
-            received_at: rfc3339(micros_to_time(r.get(4)?)),
+            status: r.get(3)?,
+            received_at: r.get::<_, Micros>(4)?.0,
             method: r.get(5)?,
             content_type: r.get(6)?,
             query: r.get(7)?,
-            headers: full.then(|| serde_json::from_str(&headers).unwrap_or(Value::Null)),
+            headers,
             remote_addr: r.get(8)?,
             body: if full { body_s } else { None },
             body_base64: if full { body_b64 } else { None },
@@ -1210,25 +1394,23 @@ fn event_from_row(r: &rusqlite::Row<'_>, detail: Detail) -> rusqlite::Result<(i6
     ))
 }
 
-fn load_deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, StoreError> {
+fn load_deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, Error> {
     let mut stmt =
         conn.prepare_cached("SELECT id, handler, status, attempts, next_at FROM deliveries WHERE event_seq = ?1 ORDER BY handler")?;
-    let rows: Vec<(i64, String, String, i64, i64)> =
+    let rows: Vec<(i64, String, DeliveryStatus, u32, Micros)> =
         stmt.query_map([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.collect::<Result<_, _>>()?;
     let mut att = conn.prepare_cached(
         "SELECT number, started_at, duration_ms, outcome, exit_code, http_status, error, output FROM attempts WHERE delivery_id = ?1 ORDER BY number",
     )?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(rows.len());
     for (id, handler, status, attempts, next_at) in rows {
-        let status: DeliveryStatus = status.parse().map_err(StoreError::Corrupt)?;
         let list = att
             .query_map([id], |r| {
-                let outcome: String = r.get(3)?;
                 Ok(AttemptRecord {
                     number: r.get(0)?,
-                    started_at: rfc3339(micros_to_time(r.get(1)?)),
-                    duration_ms: r.get::<_, i64>(2)?.max(0) as u64,
-                    outcome: outcome.parse().unwrap_or(Outcome::Failure),
+                    started_at: r.get::<_, Micros>(1)?.0,
+                    duration_ms: r.get(2)?,
+                    outcome: r.get(3)?,
                     exit_code: r.get(4)?,
                     http_status: r.get(5)?,
                     error: r.get(6)?,
@@ -1236,12 +1418,11 @@ fn load_deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, S
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        let waiting = matches!(status, DeliveryStatus::Pending | DeliveryStatus::Retrying);
         out.push(DeliveryRecord {
             handler,
             status,
-            attempt_count: attempts.max(0) as u32,
-            next_attempt_at: waiting.then(|| rfc3339(micros_to_time(next_at))),
+            attempt_count: attempts,
+            next_attempt_at: rules::waits_for_its_time(status).then_some(next_at.0),
             attempts: list,
         });
     }
@@ -1249,7 +1430,7 @@ fn load_deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, S
 }
 
 /// One page of a listing, the fast way: a scan in `seq` order.
-fn list_page(conn: &Connection, filter: &EventFilter, detail: Detail) -> Result<Vec<EventRecord>, StoreError> {
+fn list_page(conn: &Connection, filter: &EventFilter, detail: Detail) -> Result<Vec<EventRecord>, Error> {
     let (where_sql, args) = filter_sql(filter);
     let order = if filter.ascending { "ASC" } else { "DESC" };
     let limit = filter.limit.map_or(-1, |l| l as i64);
@@ -1271,7 +1452,7 @@ fn list_page(conn: &Connection, filter: &EventFilter, detail: Detail) -> Result<
 /// a damaged table page costs only the events on it. Returns the readable
 /// events and how many were skipped. Slow (a few index seeks per event), and
 /// used only once a scan has met damage; a damaged index fails it too.
-fn list_readable(conn: &Connection, filter: &EventFilter, detail: Detail) -> Result<(Vec<EventRecord>, u64), StoreError> {
+fn list_readable(conn: &Connection, filter: &EventFilter, detail: Detail) -> Result<(Vec<EventRecord>, u64), Error> {
     let asc = filter.ascending;
     let seq_of = |id: EventId| -> rusqlite::Result<Option<i64>> {
         // Answered from the id index alone (it holds the rowid).
@@ -1384,7 +1565,7 @@ fn filter_sql(f: &EventFilter) -> (String, Vec<rusqlite::types::Value>) {
         args.push(V::Text(ptr.clone()));
         args.push(V::Text(val.clone()));
         sql.push_str(&format!(
-            " AND json_pointer_is(CASE e.payload_kind WHEN 1 THEN e.body WHEN 2 THEN e.payload END, ?{}, ?{})",
+            " AND json_pointer_is(CASE e.payload_kind WHEN {PAYLOAD_IS_BODY} THEN e.body WHEN {PAYLOAD_JSON} THEN e.payload END, ?{}, ?{})",
             args.len() - 1,
             args.len()
         ));
@@ -1402,6 +1583,14 @@ impl Store for SqliteStore {
         match tokio::time::timeout(self.commit_timeout, write).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::CommitTimeout(humantime::format_duration(self.commit_timeout).to_string())),
+        }
+    }
+
+    fn admission(&self) -> Result<(), StoreError> {
+        let Some(disk) = &self.disk else { return Ok(()) };
+        match disk.below(self.min_free_bytes) {
+            Some(free) => Err(StoreError::NearlyFull { free, min_free: self.min_free_bytes }),
+            None => Ok(()),
         }
     }
 
@@ -1451,55 +1640,37 @@ impl Store for SqliteStore {
     async fn stats(&self, source: Option<String>, since: Option<DateTime<Utc>>) -> Result<Vec<StatsRow>, StoreError> {
         self.read(move |conn| {
             let since_us = since.map_or(i64::MIN, |t| t.timestamp_micros());
-            let since_hour = since.map_or(i64::MIN, |t| t.timestamp() / 3600);
+            let since_hour = since.map_or(i64::MIN, |t| t.timestamp() / SECS_PER_HOUR);
             let floor = since.map_or(String::new(), id_floor);
             let mut rows: std::collections::BTreeMap<(String, Option<String>), StatsRow> = Default::default();
             let mut ev = conn.prepare(
                 "SELECT source, status, count(*) FROM events WHERE received_at >= ?1 AND id >= ?3 AND (?2 IS NULL OR source = ?2) GROUP BY source, status",
             )?;
-            for r in ev.query_map(params![since_us, source, floor], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))? {
+            for r in ev.query_map(params![since_us, source, floor], |r| Ok((r.get::<_, String>(0)?, r.get::<_, EventStatus>(1)?, r.get::<_, u64>(2)?)))? {
                 let (src, status, n) = r?;
                 let row = rows.entry((src.clone(), None)).or_insert_with(|| StatsRow { source: src, ..Default::default() });
-                let n = n as u64;
                 row.received += n;
-                match status.as_str() {
-                    "pending" => row.pending += n,
-                    "processing" => row.processing += n,
-                    "retrying" => row.retrying += n,
-                    "done" => row.succeeded += n,
-                    _ => row.failed += n,
-                }
+                row.add(rules::event_column(status), n);
             }
             let mut cn = conn.prepare("SELECT source, kind, sum(n) FROM counters WHERE hour >= ?1 AND (?2 IS NULL OR source = ?2) GROUP BY source, kind")?;
-            for r in cn.query_map(params![since_hour, source], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))? {
+            for r in cn.query_map(params![since_hour, source], |r| Ok((r.get::<_, String>(0)?, r.get::<_, RejectReason>(1)?, r.get::<_, u64>(2)?)))? {
                 let (src, kind, n) = r?;
                 let row = rows.entry((src.clone(), None)).or_insert_with(|| StatsRow { source: src, ..Default::default() });
-                if kind == RejectReason::Duplicate.as_str() {
-                    row.duplicates += n as u64;
-                } else {
-                    row.rejected += n as u64;
-                }
+                row.add(rules::counter_column(kind), n);
             }
             let mut dl = conn.prepare(
                 "SELECT e.source, d.handler, d.status, count(*) FROM deliveries d JOIN events e ON e.seq = d.event_seq
                  WHERE e.received_at >= ?1 AND e.id >= ?3 AND (?2 IS NULL OR e.source = ?2) GROUP BY e.source, d.handler, d.status",
             )?;
             for r in dl.query_map(params![since_us, source, floor], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, DeliveryStatus>(2)?, r.get::<_, u64>(3)?))
             })? {
                 let (src, handler, status, n) = r?;
                 let row = rows
                     .entry((src.clone(), Some(handler.clone())))
                     .or_insert_with(|| StatsRow { source: src, handler: Some(handler), ..Default::default() });
-                let n = n as u64;
                 row.received += n;
-                match status.as_str() {
-                    "pending" => row.pending += n,
-                    "running" => row.processing += n,
-                    "retrying" => row.retrying += n,
-                    "succeeded" => row.succeeded += n,
-                    _ => row.failed += n,
-                }
+                row.add(rules::delivery_column(status), n);
             }
             Ok(rows.into_values().collect())
         })
@@ -1509,23 +1680,22 @@ impl Store for SqliteStore {
     async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError> {
         self.read(|conn| {
             // Same predicate as the partial index deliveries_due, so only unfinished rows are read.
-            let mut stmt = conn.prepare_cached(
-                "SELECT handler, status, count(*), min(queued_at) FROM deliveries
-                 WHERE status IN ('pending', 'retrying', 'running') GROUP BY handler, status",
-            )?;
+            let mut stmt = conn.prepare_cached(concat!(
+                "SELECT handler, status, count(*), min(queued_at) FROM deliveries WHERE status IN ",
+                unfinished_sql!(),
+                " GROUP BY handler, status"
+            ))?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<i64>>(3)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            rows.into_iter()
-                .map(|(handler, status, n, oldest)| {
+                .query_map([], |r| {
                     Ok(QueueDepth {
-                        handler,
-                        status: status.parse().map_err(StoreError::Corrupt)?,
-                        count: n.max(0) as u64,
-                        oldest_queued_at: oldest.map(micros_to_time),
+                        handler: r.get(0)?,
+                        status: r.get(1)?,
+                        count: r.get(2)?,
+                        oldest_queued_at: r.get::<_, Option<Micros>>(3)?.map(|t| t.0),
                     })
-                })
-                .collect()
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
         .await
     }
@@ -1533,17 +1703,12 @@ impl Store for SqliteStore {
     async fn hourly(&self, since: DateTime<Utc>) -> Result<Vec<HourCounts>, StoreError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT received_at / 3600000000 AS h, count(*), sum(status = 'done'), sum(status = 'failed')
+                "SELECT received_at / ?3 * ?3 AS h, count(*), sum(status = 'done'), sum(status = 'failed')
                  FROM events WHERE received_at >= ?1 AND id >= ?2 GROUP BY h ORDER BY h",
             )?;
             let rows = stmt
-                .query_map(params![since.timestamp_micros(), id_floor(since)], |r| {
-                    Ok(HourCounts {
-                        hour: micros_to_time(r.get::<_, i64>(0)? * 3_600_000_000),
-                        received: r.get::<_, i64>(1)?.max(0) as u64,
-                        done: r.get::<_, i64>(2)?.max(0) as u64,
-                        failed: r.get::<_, i64>(3)?.max(0) as u64,
-                    })
+                .query_map(params![since.timestamp_micros(), id_floor(since), MICROS_PER_HOUR], |r| {
+                    Ok(HourCounts { hour: r.get::<_, Micros>(0)?.0, received: r.get(1)?, done: r.get(2)?, failed: r.get(3)? })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
@@ -1580,7 +1745,7 @@ impl Store for SqliteStore {
     async fn renew(&self, owner: &str, delivery_id: i64, lease: Duration) -> Result<bool, StoreError> {
         let owner = owner.to_string();
         self.write(move |conn, _| {
-            let until = now_us() + lease.as_micros() as i64;
+            let until = now_us().saturating_add(micros(lease));
             let n = conn
                 .prepare_cached("UPDATE deliveries SET next_at = ?1 WHERE id = ?2 AND lease_owner = ?3 AND status = 'running'")?
                 .execute(params![until, delivery_id, owner])?;
@@ -1592,20 +1757,23 @@ impl Store for SqliteStore {
     async fn release(&self, owner: &str, ids: Vec<i64>) -> Result<u64, StoreError> {
         let owner = owner.to_string();
         self.write(move |conn, st| {
+            let now = now_us();
             let mut n = 0;
             for id in &ids {
-                let seq: Option<i64> = conn
+                let held: Option<(i64, u32, u32)> = conn
                     .prepare_cached(
-                        "UPDATE deliveries SET status = CASE WHEN attempts - 1 > budget_from THEN 'retrying' ELSE 'pending' END,
-                         attempts = attempts - 1, next_at = ?3, lease_owner = NULL, held = 0, updated_at = ?3
-                         WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' RETURNING event_seq",
+                        "SELECT event_seq, attempts, budget_from FROM deliveries WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'",
                     )?
-                    .query_row(params![id, owner, now_us()], |r| r.get(0))
+                    .query_row(params![id, owner], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .optional()?;
-                if let Some(seq) = seq {
-                    refresh_event_status(conn, seq)?;
-                    n += 1;
-                }
+                let Some((seq, attempts, budget_from)) = held else { continue };
+                let (status, attempts) = rules::after_release(attempts, budget_from);
+                conn.prepare_cached(
+                    "UPDATE deliveries SET status = ?2, attempts = ?3, next_at = ?4, lease_owner = NULL, held = 0, updated_at = ?4 WHERE id = ?1",
+                )?
+                .execute(params![id, status.as_str(), attempts, now])?;
+                refresh_event_status(conn, seq)?;
+                n += 1;
             }
             st.new_work |= n > 0;
             Ok(n)
@@ -1618,23 +1786,42 @@ impl Store for SqliteStore {
             let now = now_us();
             let mut n = 0u64;
             for id in &ids {
-                let seq: Option<i64> = conn.prepare_cached("SELECT seq FROM events WHERE id = ?1")?.query_row([id.to_string()], |r| r.get(0)).optional()?;
-                let Some(seq) = seq else { continue };
-                let changed = conn
-                    .prepare_cached(
-                        "UPDATE deliveries SET status = 'pending', budget_from = attempts, next_at = ?2, queued_at = ?2, lease_owner = NULL, updated_at = ?2
-                         WHERE event_seq = ?1 AND status != 'running' AND (?3 IS NULL OR handler = ?3)
-                         AND (NOT ?4 OR status = 'failed')",
+                let Some(seq) = seq_of(conn, *id)? else { continue };
+                let taken = replay_takes(conn, seq, handler.as_deref(), only_failed)?;
+                for d in &taken {
+                    conn.prepare_cached(
+                        "UPDATE deliveries SET status = 'pending', budget_from = ?2, next_at = ?3, queued_at = ?3, lease_owner = NULL, updated_at = ?3
+                         WHERE id = ?1",
                     )?
-                    .execute(params![seq, now, handler, only_failed])?;
-                if changed > 0 {
+                    .execute(params![d.id, rules::budget_after_replay(d.attempts), now])?;
+                    if !rules::unfinished(d.status) {
+                        st.backlog_delta += 1;
+                    }
+                }
+                if !taken.is_empty() {
                     refresh_event_status(conn, seq)?;
-                    n += changed as u64;
+                    n += taken.len() as u64;
                 }
             }
             st.new_work |= n > 0;
-            st.backlog_delta += n as i64;
             Ok(n)
+        })
+        .await
+    }
+
+    async fn replay_plan(&self, ids: Vec<EventId>, handler: Option<String>, only_failed: bool) -> Result<Vec<Requeue>, StoreError> {
+        self.read(move |conn| {
+            let mut plan = Vec::new();
+            for id in ids {
+                let Some(seq) = seq_of(conn, id)? else { continue };
+                plan.extend(replay_takes(conn, seq, handler.as_deref(), only_failed)?.into_iter().map(|d| Requeue {
+                    event_id: id,
+                    handler: d.handler,
+                    status: d.status,
+                    attempt_count: d.attempts,
+                }));
+            }
+            Ok(plan)
         })
         .await
     }
@@ -1645,8 +1832,8 @@ impl Store for SqliteStore {
             let limit = filter.limit.map_or(-1, |l| l as i64);
             let sql = format!("SELECT e.id FROM events e {where_sql} ORDER BY e.seq LIMIT {limit}");
             let mut stmt = conn.prepare(&sql)?;
-            let ids = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
-            ids.into_iter().map(|s| s.parse().map_err(StoreError::Corrupt)).collect()
+            let ids = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, EventId>(0))?.collect::<Result<Vec<_>, _>>()?;
+            Ok(ids)
         })
         .await
     }
@@ -1657,12 +1844,13 @@ impl Store for SqliteStore {
             let n = self
                 .write(move |conn, _| {
                     Ok(conn
-                        .prepare_cached(
+                        .prepare_cached(concat!(
                             // Runs on the writer thread: the id bound keeps the
                             // scan to old events, never the whole table.
-                            "DELETE FROM events WHERE seq IN (SELECT seq FROM events
-                             WHERE id < ?3 AND status IN ('done', 'failed') AND received_at < ?1 LIMIT ?2)",
-                        )?
+                            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE id < ?3 AND status IN ",
+                            prunable_sql!(),
+                            " AND received_at < ?1 LIMIT ?2)"
+                        ))?
                         .execute(params![before.timestamp_micros(), batch as i64, id_floor(before)])? as u64)
                 })
                 .await?;
@@ -1706,83 +1894,97 @@ impl Drop for SqliteStore {
     }
 }
 
-fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
+/// The event's row number, if it is stored.
+fn seq_of(conn: &Connection, id: EventId) -> Result<Option<i64>, Error> {
+    Ok(conn.prepare_cached("SELECT seq FROM events WHERE id = ?1")?.query_row([id.to_string()], |r| r.get(0)).optional()?)
+}
+
+/// A delivery a replay takes.
+struct Replayed {
+    id: i64,
+    handler: String,
+    status: DeliveryStatus,
+    attempts: u32,
+}
+
+/// The deliveries of one event that a replay re-queues, in handler order:
+/// those to `handler` (all when `None`) that [`rules::replay_takes`].
+fn replay_takes(conn: &Connection, seq: i64, handler: Option<&str>, only_failed: bool) -> Result<Vec<Replayed>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, handler, status, attempts FROM deliveries WHERE event_seq = ?1 AND (?2 IS NULL OR handler = ?2) ORDER BY handler",
+    )?;
+    let all = stmt
+        .query_map(params![seq, handler], |r| Ok(Replayed { id: r.get(0)?, handler: r.get(1)?, status: r.get(2)?, attempts: r.get(3)? }))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(all.into_iter().filter(|d| rules::replay_takes(d.status, only_failed)).collect())
+}
+
+fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, Error> {
     let now = now_us();
-    let lease_until = now + lease.as_micros() as i64;
-    let due: Vec<(i64, i64, String, i64, i64, bool)> = conn
-        .prepare_cached(
+    let lease_until = now.saturating_add(micros(lease));
+    // Due means unfinished (rules::unfinished) with its time come; for a
+    // running delivery that time is its lease's end (see rules::claim_step).
+    let due: Vec<(i64, i64, DeliveryStatus, u32, u32, bool)> = conn
+        .prepare_cached(concat!(
             "SELECT id, event_seq, status, attempts, budget_from, held FROM deliveries
-             WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running') AND next_at <= ?2
-             ORDER BY next_at LIMIT ?3",
-        )?
+             WHERE handler = ?1 AND status IN ",
+            unfinished_sql!(),
+            " AND next_at <= ?2 ORDER BY next_at LIMIT ?3"
+        ))?
         .query_map(params![handler, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(due.len());
     for (id, seq, status, attempts, budget_from, held) in due {
-        // A lease that expired on a delivery still held for a slot: its
-        // previous holder died before running it, so that attempt never
-        // happened; it gets the same number again.
-        let never_ran = status == "running" && held;
-        if status == "running" && !held {
-            // The previous holder died mid-attempt: leave that in the paper trail.
+        // Every unfinished status is claimable; a finished one cannot be here.
+        let Some(step) = rules::claim_step(status, held, attempts) else { continue };
+        if let Some(number) = step.interrupted {
             conn.prepare_cached(
                 "INSERT OR IGNORE INTO attempts(delivery_id, number, started_at, duration_ms, outcome, error, output)
-                 VALUES (?1, ?2, ?3, 0, 'retry', 'the processor stopped before this attempt finished (lease expired); running it again', '')",
+                 VALUES (?1, ?2, ?3, 0, ?4, ?5, '')",
             )?
-            .execute(params![id, attempts, now])?;
+            .execute(params![id, number, now, Outcome::Retry.as_str(), rules::INTERRUPTED_ATTEMPT])?;
         }
-        let attempts = if never_ran { attempts - 1 } else { attempts };
         conn.prepare_cached(
             "UPDATE deliveries SET status = 'running', attempts = ?5, held = 1, lease_owner = ?2, next_at = ?3, updated_at = ?4 WHERE id = ?1",
         )?
-        .execute(params![id, owner, lease_until, now, attempts + 1])?;
-        // A running delivery makes its event `processing` whatever its other
-        // deliveries are doing (see `event_status_of`): no need to count them.
+        .execute(params![id, owner, lease_until, now, step.attempt])?;
+        // A running delivery decides its event's status alone: no need to read the others.
         conn.prepare_cached("UPDATE events SET status = ?1 WHERE seq = ?2 AND status != ?1")?
-            .execute(params![EventStatus::Processing.as_str(), seq])?;
+            .execute(params![rules::event_status_while_running().as_str(), seq])?;
         let c = conn
             .prepare_cached(
                 "SELECT e.id, e.source, e.received_at, e.content_type, e.query, e.headers, e.body, e.payload_kind, e.payload, d.queued_at
              FROM events e JOIN deliveries d ON d.event_seq = e.seq WHERE d.id = ?1",
             )?
             .query_row([id], |r| {
-                let eid: String = r.get(0)?;
-                let headers: String = r.get(5)?;
+                let event_id: EventId = r.get(0)?;
+                let headers = headers_value(r.get_ref(5)?.as_str()?).map_err(|e| unreadable(5, format!("event {event_id}: {e}")))?;
                 let body: Vec<u8> = r.get(6)?;
-                let payload = payload_value(r.get(7)?, &body, r.get(8)?);
-                Ok((
-                    eid,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
+                let payload: Option<String> = r.get(8)?;
+                let payload =
+                    payload_value(r.get(7)?, &body, payload.as_deref()).map_err(|e| unreadable(8, format!("event {event_id}: {e}")))?;
+                Ok(Claimed {
+                    delivery_id: id,
+                    event_id,
+                    source: r.get(1)?,
+                    handler: handler.to_string(),
+                    attempt: step.attempt,
+                    attempt_in_budget: rules::attempt_in_budget(step.attempt, budget_from),
+                    received_at: r.get::<_, Micros>(2)?.0,
+                    first_queued_at: r.get::<_, Micros>(9)?.0,
+                    content_type: r.get(3)?,
+                    query: r.get(4)?,
                     headers,
-                    body,
+                    body: Bytes::from(body),
                     payload,
-                    r.get::<_, i64>(9)?,
-                ))
+                })
             })?;
-        let (eid, source, received, ct, query, headers, body, payload, queued) = c;
-        out.push(Claimed {
-            delivery_id: id,
-            event_id: eid.parse().map_err(StoreError::Corrupt)?,
-            source,
-            handler: handler.to_string(),
-            attempt: (attempts + 1) as u32,
-            attempt_in_budget: (attempts + 1 - budget_from).max(1) as u32,
-            received_at: micros_to_time(received),
-            first_queued_at: micros_to_time(queued),
-            content_type: ct,
-            query,
-            headers: serde_json::from_str(&headers).unwrap_or(Value::Null),
-            body: Bytes::from(body),
-            payload,
-        });
+        out.push(c);
     }
     Ok(out)
 }
 
-fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), StoreError> {
+fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), Error> {
     let now = now_us();
     conn.prepare_cached(
         "INSERT OR REPLACE INTO attempts(delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
@@ -1792,18 +1994,17 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), S
         f.delivery_id,
         f.attempt,
         f.started_at.timestamp_micros(),
-        f.duration_ms as i64,
+        i64::try_from(f.duration_ms).unwrap_or(i64::MAX),
         f.outcome.as_str(),
         f.exit_code,
         f.http_status,
         f.error,
         f.output
     ])?;
-    let (status, next_at) = match f.next {
-        Next::Succeeded => (DeliveryStatus::Succeeded, now),
-        Next::Failed => (DeliveryStatus::Failed, now),
-        Next::RetryAt(t) => (DeliveryStatus::Retrying, t.timestamp_micros()),
-        Next::Released => (DeliveryStatus::Pending, now),
+    let status = rules::after_attempt(f.next);
+    let next_at = match f.next {
+        Next::RetryAt(t) => t.timestamp_micros(),
+        Next::Succeeded | Next::Failed | Next::Released => now,
     };
     // Only the holder of this attempt moves the delivery on; if the lease was
     // lost and another processor took over, its own result will count.
@@ -1816,7 +2017,7 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), S
         .optional()?;
     if let Some(seq) = seq {
         refresh_event_status(conn, seq)?;
-        if matches!(status, DeliveryStatus::Succeeded | DeliveryStatus::Failed) {
+        if !rules::unfinished(status) {
             st.backlog_delta -= 1;
         }
     }
@@ -1918,5 +2119,175 @@ mod tests {
         let err = SqliteStore::open(&path, Role::Client).err().expect("refused").to_string();
         assert!(err.contains("the database file is missing but its write-ahead log"), "{err}");
         assert!(!path.exists(), "no empty database was created");
+    }
+
+    /// The statuses an SQL list spells, e.g. `('done', 'failed')`.
+    fn sql_list<T: std::str::FromStr<Err = String>>(sql: &str) -> Vec<T> {
+        sql.trim_matches(|c| c == '(' || c == ')')
+            .split(',')
+            .map(|s| s.trim().trim_matches('\'').parse().expect("a known status"))
+            .collect()
+    }
+
+    #[test]
+    fn the_sql_spellings_of_rules_agree_with_the_rules() {
+        let mut unfinished: Vec<DeliveryStatus> = sql_list(unfinished_sql!());
+        let mut want: Vec<DeliveryStatus> = DeliveryStatus::ALL.iter().copied().filter(|s| rules::unfinished(*s)).collect();
+        unfinished.sort_by_key(|s| s.as_str());
+        want.sort_by_key(|s| s.as_str());
+        assert_eq!(unfinished, want);
+        let prunable: Vec<EventStatus> = sql_list(prunable_sql!());
+        let want: Vec<EventStatus> = EventStatus::ALL.iter().copied().filter(|s| rules::prunable(*s)).collect();
+        assert_eq!(prunable, want);
+    }
+
+    /// A database with one event routed to `a` and `b`: `a` succeeded, `b` failed.
+    async fn one_finished_event(path: &Path) -> EventId {
+        let store = SqliteStore::open(path, Role::All).expect("creating");
+        let mut ev = event("s", 1);
+        ev.handlers = vec!["a".into(), "b".into()];
+        let id = store.insert_event(ev).await.expect("inserting").id;
+        for (handler, next) in [("a", Next::Succeeded), ("b", Next::Failed)] {
+            let c = store.claim("me", handler, 1, Duration::from_secs(60)).await.expect("claiming").pop().expect("due");
+            let outcome = if next == Next::Succeeded { Outcome::Success } else { Outcome::Failure };
+            let f = Finished {
+                delivery_id: c.delivery_id,
+                attempt: c.attempt,
+                started_at: Utc::now(),
+                duration_ms: 3,
+                outcome,
+                exit_code: Some(0),
+                http_status: None,
+                error: None,
+                output: String::new(),
+                next,
+            };
+            store.finish(f).await.expect("finishing");
+        }
+        store.close().await;
+        id
+    }
+
+    #[tokio::test]
+    async fn a_stored_value_this_version_cannot_read_is_corrupt_never_a_guess() {
+        let cases = [
+            ("UPDATE attempts SET outcome = 'maybe'", "`maybe` is not one of"),
+            ("UPDATE events SET headers = 'not json'", "the stored headers are not JSON"),
+            ("UPDATE events SET received_at = 9223372036854775807", "out of range"),
+            ("UPDATE attempts SET started_at = -9223372036854775807", "out of range"),
+            ("UPDATE events SET payload_kind = 7", "unknown payload kind 7"),
+            ("UPDATE events SET body = CAST('{' AS BLOB)", "is not JSON"),
+            ("UPDATE deliveries SET status = 'lost' WHERE handler = 'a'", "`lost` is not one of"),
+            ("UPDATE attempts SET duration_ms = -1", "out of range"),
+        ];
+        for (damage, says) in cases {
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let path = dir.path().join("db.sqlite");
+            let id = one_finished_event(&path).await;
+            Connection::open(&path).expect("opening by hand").execute_batch(damage).expect(damage);
+            let store = SqliteStore::open(&path, Role::Client).expect("opening");
+            match store.get_event(id).await {
+                Err(StoreError::Corrupt(message)) => assert!(message.contains(says), "{damage}: {message}"),
+                other => panic!("{damage}: expected Corrupt, got {other:?}"),
+            }
+            assert!(store.shared.fault.get().is_none(), "{damage}: one bad value does not mark the file damaged");
+            store.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_status_or_counter_kind_makes_stats_fail_rather_than_count_it_as_failed() {
+        for damage in ["UPDATE events SET status = 'limbo'", "INSERT INTO counters VALUES ('s', 'gremlins', 0, 1)"] {
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let path = dir.path().join("db.sqlite");
+            one_finished_event(&path).await;
+            Connection::open(&path).expect("opening by hand").execute_batch(damage).expect(damage);
+            let store = SqliteStore::open(&path, Role::Client).expect("opening");
+            assert!(matches!(store.stats(None, None).await, Err(StoreError::Corrupt(_))), "{damage}");
+            store.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_json_body_nested_128_deep_reads_back_as_its_payload_and_can_be_matched() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"), Role::All).expect("creating");
+        let mut ev = event("s", 0);
+        ev.body = Bytes::from(format!("{}{}", "[".repeat(128), "]".repeat(128)));
+        ev.handlers = vec!["a".into()];
+        let id = store.insert_event(ev).await.expect("inserting").id;
+        let depth = |mut v: &Value| {
+            let mut n = 0;
+            while let Some(inner) = v.as_array() {
+                n += 1;
+                match inner.first() {
+                    Some(next) => v = next,
+                    None => break,
+                }
+            }
+            n
+        };
+        assert_eq!(depth(&store.get_event(id).await.expect("reading").expect("stored").payload), 128);
+        let c = store.claim("me", "a", 1, Duration::from_secs(60)).await.expect("claiming").pop().expect("due");
+        assert_eq!(depth(&c.payload), 128, "the handler gets it too");
+
+        let mut ev = event("s", 0);
+        ev.body = Bytes::from(format!(r#"{{"k":"v","deep":{}{}}}"#, "[".repeat(127), "]".repeat(127)));
+        let deep = store.insert_event(ev).await.expect("inserting").id;
+        let filter = EventFilter { matches: vec![("/k".into(), "v".into())], ..Default::default() };
+        let found: Vec<EventId> = store.list_events(filter, Detail::Summary).await.expect("listing").iter().map(|e| e.id).collect();
+        assert_eq!(found, [deep], "--match reads it too");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn replay_plan_lists_exactly_what_replay_requeues() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("db.sqlite");
+        let id = one_finished_event(&path).await;
+        let store = SqliteStore::open(&path, Role::All).expect("opening");
+        let mut ev = event("s", 2);
+        ev.handlers = vec!["a".into()];
+        let running = store.insert_event(ev).await.expect("inserting").id;
+        store.claim("me", "a", 1, Duration::from_secs(60)).await.expect("claiming").pop().expect("due");
+        let plan = |handler: Option<&str>, only_failed| {
+            let store = &store;
+            let handler = handler.map(str::to_string);
+            async move {
+                let plan = store.replay_plan(vec![id, running], handler, only_failed).await.expect("planning");
+                plan.into_iter().map(|r| (r.event_id, r.handler, r.status, r.attempt_count)).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            plan(None, false).await,
+            [(id, "a".into(), DeliveryStatus::Succeeded, 1), (id, "b".into(), DeliveryStatus::Failed, 1)],
+            "never the running delivery"
+        );
+        assert_eq!(plan(None, true).await, [(id, "b".into(), DeliveryStatus::Failed, 1)]);
+        assert_eq!(plan(Some("a"), false).await, [(id, "a".into(), DeliveryStatus::Succeeded, 1)]);
+        assert_eq!(store.backlog(), 1, "the running delivery");
+        assert_eq!(store.replay(vec![id, running], None, false).await.expect("replaying"), 2, "as planned");
+        assert_eq!(store.backlog(), 3, "both replayed deliveries are unfinished again, counted once each");
+        assert_eq!(store.replay(vec![id], None, false).await.expect("replaying again"), 2);
+        assert_eq!(store.backlog(), 3, "replaying pending deliveries adds nothing to the backlog");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn admission_refuses_below_min_free_bytes_in_a_process_that_ingests() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("db.sqlite");
+        let store = SqliteStore::open(&path, Role::Ingest).expect("creating").with_min_free_bytes(u64::MAX - 1);
+        match store.admission() {
+            Err(StoreError::NearlyFull { free, min_free }) => assert!(free > 0 && min_free == u64::MAX - 1),
+            other => panic!("expected NearlyFull, got {other:?}"),
+        }
+        store.close().await;
+        let store = SqliteStore::open(&path, Role::All).expect("opening");
+        assert!(store.admission().is_ok(), "0 (the default) disables the check");
+        store.close().await;
+        let store = SqliteStore::open(&path, Role::Process).expect("opening").with_min_free_bytes(u64::MAX - 1);
+        assert!(store.admission().is_ok(), "a process that does not ingest admits nothing and checks nothing");
+        store.close().await;
     }
 }

@@ -153,7 +153,12 @@ impl TestEnv {
     pub fn cli_json(&self, args: &[&str]) -> Value {
         let out = self.cli(args);
         assert_eq!(out.code, 0, "hooktrail {args:?} failed: {out:?}");
-        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("hooktrail {args:?} did not print JSON ({e}): {out:?}"))
+        // Without serde_json's 127-level guard: an event may hold a payload
+        // 128 levels deep (the most ingest accepts), inside the record.
+        let mut de = serde_json::Deserializer::from_str(&out.stdout);
+        de.disable_recursion_limit();
+        let doc = serde::Deserialize::deserialize(&mut de).and_then(|v: Value| de.end().map(|()| v));
+        doc.unwrap_or_else(|e| panic!("hooktrail {args:?} did not print JSON ({e}): {out:?}"))
     }
 
     /// Every stored event (`events list --json`), newest first.

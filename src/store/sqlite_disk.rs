@@ -1,21 +1,24 @@
-//! Free space on the storage volume, so that a nearly full disk turns into a
-//! clear 503 at the door instead of a failed COMMIT (or a database that cannot
-//! even write its WAL) after the body was read.
+//! The SQLite backend's free-space guard (`storage.min_free_bytes`): a
+//! nearly full volume turns into a clear 503 at the door
+//! ([`crate::store::Store::admission`]) instead of a failed COMMIT (or a
+//! database that cannot even write its WAL) after the body was read.
 //!
 //! `statvfs` is cheap but can block on a network filesystem, so it never runs
-//! per request: [`DiskGuard::refresh_loop`] samples it every
-//! [`CHECK_EVERY`] on the blocking pool, and requests read one atomic.
+//! per request: [`DiskGuard::sample_loop`] samples it every [`CHECK_EVERY`] on
+//! a thread of its own, and requests read one atomic.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// How often the free space is sampled.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// How often the sampling thread looks whether the store is closing, so
+/// closing never waits a whole [`CHECK_EVERY`].
+const CLOSING_POLL: Duration = Duration::from_millis(200);
 
 /// Marks "not known" (never sampled, or statvfs failed): requests are let through
 /// and the store reports its own write errors.
@@ -62,17 +65,16 @@ impl DiskGuard {
         self.free.store(v, Ordering::Relaxed);
     }
 
-    /// Re-samples every [`CHECK_EVERY`] until `shutdown`.
-    pub async fn refresh_loop(self: std::sync::Arc<Self>, shutdown: CancellationToken) {
-        let mut every = tokio::time::interval(CHECK_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = every.tick() => {
-                    let g = self.clone();
-                    let _ = tokio::task::spawn_blocking(move || g.sample()).await;
-                }
+    /// Re-samples every [`CHECK_EVERY`] until `closing` is set. Runs on its
+    /// own thread: a sample that blocks (a hung network filesystem) holds up
+    /// nothing but the next sample.
+    pub fn sample_loop(&self, closing: &AtomicBool) {
+        let mut last = Instant::now();
+        while !closing.load(Ordering::Relaxed) {
+            std::thread::sleep(CLOSING_POLL);
+            if last.elapsed() >= CHECK_EVERY {
+                last = Instant::now();
+                self.sample();
             }
         }
     }
