@@ -108,7 +108,7 @@ where
         eprintln!("store contract on backend `{}`", backend.name);
         let db = (backend.create)();
         let store = db.open();
-        case(store.clone()).await;
+        within_case_timeout(case(store.clone())).await;
         store.close().await;
     }
 }
@@ -122,8 +122,14 @@ where
 {
     for backend in backends() {
         eprintln!("store contract on backend `{}`", backend.name);
-        case(Arc::from((backend.create)())).await;
+        within_case_timeout(case(Arc::from((backend.create)()))).await;
     }
+}
+
+/// A backend that hangs fails its case instead of the whole run.
+async fn within_case_timeout(case: impl Future<Output = ()>) {
+    let limit = Duration::from_secs(120);
+    tokio::time::timeout(limit, case).await.unwrap_or_else(|_| panic!("the case did not finish within {limit:?}"));
 }
 
 /// One `#[tokio::test]` per rule, running the case of the same name.
@@ -322,6 +328,18 @@ async fn after_millisecond_of(t: DateTime<Utc>) {
     while Utc::now().timestamp_millis() <= t.timestamp_millis() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// Runs `write` and tells whether `signal` fired for it. A wake-up stored
+/// before (a `Notify` keeps one for a processor not yet waiting) is dropped
+/// first, so only `write` can count.
+async fn wakes<T>(signal: &tokio::sync::Notify, write: impl Future<Output = T>) -> (T, bool) {
+    let _ = tokio::time::timeout(Duration::ZERO, signal.notified()).await;
+    let woken = signal.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    let out = write.await;
+    (out, tokio::time::timeout(DEADLINE, woken).await.is_ok())
 }
 
 async fn list(store: &dyn Store, filter: EventFilter) -> Vec<EventId> {
@@ -972,7 +990,8 @@ mod cases {
         }
         let mut seen = Vec::new();
         let mut before = None;
-        loop {
+        for pages in 0.. {
+            assert!(pages <= ids.len(), "paging did not end: the `before` cursor does not move ({seen:?})");
             let page = list(&*store, EventFilter { limit: Some(3), before, ..Default::default() }).await;
             if page.is_empty() {
                 break;
@@ -997,7 +1016,8 @@ mod cases {
         }
         let mut seen = Vec::new();
         let mut after = None;
-        loop {
+        for pages in 0.. {
+            assert!(pages <= want.len(), "paging did not end: the `after` cursor does not move ({seen:?})");
             let filter = EventFilter { source: Some("mine".into()), limit: Some(2), after, ascending: true, ..Default::default() };
             let page = list(&*store, filter).await;
             if page.is_empty() {
@@ -1162,17 +1182,12 @@ mod cases {
     /// stores an event (or replays one).
     pub async fn inserts_with_deliveries_and_replays_signal_new_work(store: Arc<dyn Store>) {
         let signal = store.work_signal();
-        let woken = signal.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        let id = insert(&*store, event("s", &["a"])).await;
-        tokio::time::timeout(DEADLINE, woken).await.expect("an insert with deliveries signals new work");
+        let (id, woken) = wakes(&signal, insert(&*store, event("s", &["a"]))).await;
+        assert!(woken, "an insert with deliveries signals new work");
         fail(&*store, "a").await;
-        let woken = signal.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        store.replay(vec![id], None, false).await.expect("replay");
-        tokio::time::timeout(DEADLINE, woken).await.expect("a replay signals new work");
+        let (replayed, woken) = wakes(&signal, store.replay(vec![id], None, false)).await;
+        assert_eq!(replayed.expect("replay"), 1);
+        assert!(woken, "a replay signals new work");
     }
 
     /// The `Store` trait: `close` flushes and stops; further writes fail with
@@ -1215,7 +1230,7 @@ mod cases {
         }
         async fn drain(store: &dyn Store, owner: &str) -> Vec<Claimed> {
             let mut all = Vec::new();
-            loop {
+            for _ in 0..=20 {
                 let got = store.claim(owner, "a", 3, LONG_LEASE).await.expect("claim");
                 if got.is_empty() {
                     return all;
@@ -1223,6 +1238,7 @@ mod cases {
                 all.extend(got);
                 tokio::task::yield_now().await;
             }
+            panic!("{owner}: claims never ran dry: {} deliveries claimed of 20", all.len())
         }
         let (a, b) = tokio::join!(drain(&*one, OWNER), drain(&*two, OTHER));
         let mut seen = BTreeSet::new();
