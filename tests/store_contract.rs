@@ -156,6 +156,7 @@ contract!(on_a_store:
     a_failed_attempt_makes_the_delivery_failed_and_it_is_never_claimed_again,
     a_retrying_delivery_is_not_claimed_before_its_next_attempt_time,
     a_late_finish_of_a_taken_over_attempt_does_not_overwrite_the_new_one,
+    a_late_finish_of_a_held_delivery_taken_over_with_the_same_number_does_not_decide_it,
     release_makes_a_delivery_pending_with_no_attempt_and_the_same_number_next,
     a_delivery_held_by_a_crashed_processor_runs_again_as_if_never_claimed,
     an_attempt_interrupted_by_a_crash_is_recorded_and_the_next_claim_gets_the_next_number,
@@ -284,9 +285,10 @@ async fn claim_when_due(store: &dyn Store, owner: &str, handler: &str, lease: Du
     }
 }
 
-/// What a processor records after running attempt `c`.
-fn finished(c: &Claimed, outcome: Outcome, next: Next) -> Finished {
+/// What processor `owner` records after running attempt `c`.
+fn finished(owner: &str, c: &Claimed, outcome: Outcome, next: Next) -> Finished {
     Finished {
+        owner: owner.into(),
         delivery_id: c.delivery_id,
         attempt: c.attempt,
         started_at: Utc::now(),
@@ -305,7 +307,7 @@ fn finished(c: &Claimed, outcome: Outcome, next: Next) -> Finished {
 async fn attempt(store: &dyn Store, handler: &str, outcome: Outcome, next: Next) -> Claimed {
     let c = claim_one(store, OWNER, handler, LONG_LEASE).await;
     store.started(OWNER, c.delivery_id).await.expect("started");
-    store.finish(finished(&c, outcome, next)).await.expect("finish");
+    store.finish(finished(OWNER, &c, outcome, next)).await.expect("finish");
     c
 }
 
@@ -579,7 +581,7 @@ mod cases {
         // Past the first lease: only the renewal keeps others out now.
         tokio::time::sleep((claimed_at + SHORT_LEASE * 2).saturating_duration_since(Instant::now())).await;
         assert!(claim_due(&*store, OTHER, "a").await.is_empty(), "a renewed lease still holds after the first one ran out");
-        store.finish(finished(&c, Outcome::Success, Next::Succeeded)).await.expect("finish");
+        store.finish(finished(OWNER, &c, Outcome::Success, Next::Succeeded)).await.expect("finish");
         assert!(!store.renew(OWNER, c.delivery_id, LONG_LEASE).await.expect("renew"), "a finished delivery is no longer ours");
     }
 
@@ -591,6 +593,7 @@ mod cases {
         store.started(OWNER, c.delivery_id).await.expect("started");
         let started_at = Utc::now();
         let f = Finished {
+            owner: OWNER.into(),
             delivery_id: c.delivery_id,
             attempt: c.attempt,
             started_at,
@@ -668,19 +671,42 @@ mod cases {
         let new = claim_when_due(&*store, OTHER, "a", LONG_LEASE).await;
         assert_eq!(new.attempt, 2, "taken over after the lease expired");
         assert!(!store.renew(OWNER, old.delivery_id, LONG_LEASE).await.expect("renew"), "the old holder's lease is gone");
-        store.finish(finished(&old, Outcome::Success, Next::Succeeded)).await.expect("finish");
+        store.finish(finished(OWNER, &old, Outcome::Success, Next::Succeeded)).await.expect("finish");
         assert_eq!(delivery(&*store, id, "a").await.status, DeliveryStatus::Running, "still the new holder's");
         assert_eq!(status(&*store, id).await, EventStatus::Processing);
         assert!(store.renew(OTHER, new.delivery_id, LONG_LEASE).await.expect("renew"), "the new holder keeps its lease");
-        store.finish(finished(&new, Outcome::Failure, Next::Failed)).await.expect("finish");
+        store.finish(finished(OTHER, &new, Outcome::Failure, Next::Failed)).await.expect("finish");
         let d = delivery(&*store, id, "a").await;
         assert_eq!(d.status, DeliveryStatus::Failed, "the new holder's result decides");
         assert_eq!(d.attempts.iter().map(|a| a.number).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(d.attempts[1].outcome, Outcome::Failure);
     }
 
+    /// README "Leases, crashes and stopping": only the delivery's current
+    /// lease holder moves it on, even when a takeover of a held delivery gave
+    /// the new holder the same attempt number; the stale holder's record never
+    /// replaces the new holder's.
+    pub async fn a_late_finish_of_a_held_delivery_taken_over_with_the_same_number_does_not_decide_it(store: Arc<dyn Store>) {
+        let id = insert(&*store, event("s", &["a"])).await;
+        let held = claim_one(&*store, OWNER, "a", TINY_LEASE).await;
+        let new = claim_when_due(&*store, OTHER, "a", LONG_LEASE).await;
+        assert_eq!(new.attempt, held.attempt, "a held delivery is taken over with the same number");
+        store.started(OTHER, new.delivery_id).await.expect("started");
+        store.finish(finished(OWNER, &held, Outcome::Success, Next::Succeeded)).await.expect("finish");
+        assert_eq!(delivery(&*store, id, "a").await.status, DeliveryStatus::Running, "still the new holder's");
+        assert!(store.renew(OTHER, new.delivery_id, LONG_LEASE).await.expect("renew"), "the new holder keeps its lease");
+        store.finish(finished(OTHER, &new, Outcome::Failure, Next::Failed)).await.expect("finish");
+        let d = delivery(&*store, id, "a").await;
+        assert_eq!(d.status, DeliveryStatus::Failed, "the new holder's result decides");
+        assert_eq!(d.attempts.len(), 1);
+        assert_eq!(d.attempts[0].outcome, Outcome::Failure, "the new holder's record stands");
+        store.finish(finished(OWNER, &held, Outcome::Success, Next::Succeeded)).await.expect("finish");
+        let d = delivery(&*store, id, "a").await;
+        assert_eq!((d.status, d.attempts[0].outcome), (DeliveryStatus::Failed, Outcome::Failure), "a stale record never replaces it");
+    }
+
     /// README "Leases, crashes and stopping": deliveries held for a slot that
-    /// never started are set `pending` again with no attempt recorded.
+    /// never started go back to waiting with no attempt recorded.
     pub async fn release_makes_a_delivery_pending_with_no_attempt_and_the_same_number_next(store: Arc<dyn Store>) {
         let id = insert(&*store, event("s", &["a"])).await;
         let c = claim_one(&*store, OWNER, "a", LONG_LEASE).await;
@@ -711,7 +737,7 @@ mod cases {
         let d = delivery(&*store, id, "a").await;
         assert!(d.attempts.is_empty(), "no interrupted attempt in the history: {:?}", d.attempts);
         store.started(THIRD, third.delivery_id).await.expect("started");
-        store.finish(finished(&third, Outcome::Success, Next::Succeeded)).await.expect("finish");
+        store.finish(finished(THIRD, &third, Outcome::Success, Next::Succeeded)).await.expect("finish");
         let d = delivery(&*store, id, "a").await;
         assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Succeeded, 1));
         assert_eq!(d.attempts.iter().map(|a| a.number).collect::<Vec<_>>(), [1]);
@@ -813,7 +839,7 @@ mod cases {
         assert_eq!(delivery(&*store, id, "b").await.status, DeliveryStatus::Running);
         assert!(store.renew(OWNER, running.delivery_id, LONG_LEASE).await.expect("renew"), "the running attempt keeps its lease");
         assert!(claim_due(&*store, OTHER, "b").await.is_empty(), "and nobody else may start it");
-        store.finish(finished(&running, Outcome::Success, Next::Succeeded)).await.expect("finish");
+        store.finish(finished(OWNER, &running, Outcome::Success, Next::Succeeded)).await.expect("finish");
         assert_eq!(delivery(&*store, id, "b").await.status, DeliveryStatus::Succeeded, "its attempt still counts");
     }
 

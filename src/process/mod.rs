@@ -365,6 +365,7 @@ impl Processor {
             "attempt finished"
         );
         let finished = Finished {
+            owner: self.owner.clone(),
             delivery_id: c.delivery_id,
             attempt: c.attempt,
             started_at: started,

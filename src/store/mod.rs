@@ -444,6 +444,9 @@ pub enum Next {
 /// The attempt a processor finished, to be recorded with the delivery's next state.
 #[derive(Debug, Clone)]
 pub struct Finished {
+    /// The processor that ran the attempt (its claim's `owner`): only the
+    /// delivery's current lease holder moves it on.
+    pub owner: String,
     pub delivery_id: i64,
     pub attempt: u32,
     pub started_at: DateTime<Utc>,

@@ -1986,11 +1986,33 @@ fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Dur
 
 fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), Error> {
     let now = now_us();
-    conn.prepare_cached(
+    let status = rules::after_attempt(f.next);
+    let next_at = match f.next {
+        Next::RetryAt(t) => t.timestamp_micros(),
+        Next::Succeeded | Next::Failed | Next::Released => now,
+    };
+    // Only the holder of this attempt moves the delivery on: the same owner
+    // and the same attempt number. If the lease was lost and another
+    // processor took the delivery over (with the same number, when it was
+    // only held), its own result will count.
+    let seq: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE deliveries SET status = ?1, next_at = ?2, lease_owner = NULL, held = 0, updated_at = ?3
+             WHERE id = ?4 AND status = 'running' AND attempts = ?5 AND lease_owner = ?6 RETURNING event_seq",
+        )?
+        .query_row(params![status.as_str(), next_at, now, f.delivery_id, f.attempt, f.owner], |r| r.get(0))
+        .optional()?;
+    // The holder's record replaces whatever stands for this attempt (the
+    // "interrupted" note of a takeover it outlived); a stale holder's record
+    // is kept only where the trail has none, never over the new owner's.
+    let record = if seq.is_some() {
         "INSERT OR REPLACE INTO attempts(delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?
-    .execute(params![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    } else {
+        "INSERT OR IGNORE INTO attempts(delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    };
+    conn.prepare_cached(record)?.execute(params![
         f.delivery_id,
         f.attempt,
         f.started_at.timestamp_micros(),
@@ -2001,20 +2023,6 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), E
         f.error,
         f.output
     ])?;
-    let status = rules::after_attempt(f.next);
-    let next_at = match f.next {
-        Next::RetryAt(t) => t.timestamp_micros(),
-        Next::Succeeded | Next::Failed | Next::Released => now,
-    };
-    // Only the holder of this attempt moves the delivery on; if the lease was
-    // lost and another processor took over, its own result will count.
-    let seq: Option<i64> = conn
-        .prepare_cached(
-            "UPDATE deliveries SET status = ?1, next_at = ?2, lease_owner = NULL, held = 0, updated_at = ?3
-             WHERE id = ?4 AND status = 'running' AND attempts = ?5 RETURNING event_seq",
-        )?
-        .query_row(params![status.as_str(), next_at, now, f.delivery_id, f.attempt], |r| r.get(0))
-        .optional()?;
     if let Some(seq) = seq {
         refresh_event_status(conn, seq)?;
         if !rules::unfinished(status) {
@@ -2151,6 +2159,7 @@ mod tests {
             let c = store.claim("me", handler, 1, Duration::from_secs(60)).await.expect("claiming").pop().expect("due");
             let outcome = if next == Next::Succeeded { Outcome::Success } else { Outcome::Failure };
             let f = Finished {
+                owner: "me".into(),
                 delivery_id: c.delivery_id,
                 attempt: c.attempt,
                 started_at: Utc::now(),
