@@ -41,6 +41,8 @@
 #   RETRIES [2]  times a run is done again when other work took QUIET_BUSY_PCT or more
 #                of the machine during it (the last try is kept whatever happened)
 #   KEEP=1    keep the temp directory (DBs, configs, logs)
+#   HOOKTRAIL_BIN=PATH  measure this hooktrail binary instead of building one
+#                       (to compare a patched build against the baseline)
 # Results: bench/out/<UTC time>-process/ (results.tsv, summary.txt, logs).
 set -euo pipefail
 
@@ -80,9 +82,13 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 echo "== building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-cargo build --release --bin hooktrail
+if [ -n "${HOOKTRAIL_BIN:-}" ]; then
+    echo "   hooktrail: using HOOKTRAIL_BIN=$HOOKTRAIL_BIN (not built)"
+else
+    cargo build --release --bin hooktrail
+fi
 cargo build --release --locked --manifest-path bench/process/Cargo.toml
-BIN="$CARGO_TARGET_DIR/release/hooktrail"
+BIN="${HOOKTRAIL_BIN:-$CARGO_TARGET_DIR/release/hooktrail}"
 PB="$CARGO_TARGET_DIR/release/process-bench"
 
 # Busy share of the whole machine over one second, from /proc/stat.
