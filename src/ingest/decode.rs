@@ -1,5 +1,6 @@
 //! Body decoding by content type, kept apart from transport: bytes in,
-//! normalized JSON view out (README "Receiving"). Pure functions, fuzzable.
+//! normalized JSON view out (README "Receiving"). Pure functions, fuzzable,
+//! and [`off_workers`], which decides where one runs.
 //!
 //! - JSON as sent (valid UTF-8, at most [`MAX_JSON_DEPTH`] levels).
 //! - Form, multipart text fields and query strings: an object of strings, or
@@ -36,10 +37,12 @@ pub const MAX_VALUES: usize = 100_000;
 /// form a person or a platform fills in has dozens; each field costs about
 /// 150 bytes in the view.
 pub const MAX_FIELDS: usize = 10_000;
-/// Bodies up to this size are decoded inline on the async worker (tens of
-/// microseconds, less than a trip to the blocking pool costs); larger ones on
-/// the blocking pool, see [`off_workers`].
-pub const INLINE_DECODE_BYTES: usize = 64 * 1024;
+/// Bodies up to this size are decoded inline on the async worker; larger ones
+/// on the blocking pool, see [`off_workers`]. A webhook of a few KB decodes in
+/// microseconds, less than the trip to the pool costs; the costliest 16 KiB
+/// body known takes well under a millisecond (BENCHMARKS.md "Decode cost"),
+/// about what one request may hold a worker for.
+pub const INLINE_DECODE_BYTES: usize = 16 * 1024;
 
 /// What a content type says the body is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -823,6 +826,124 @@ mod tests {
         assert_eq!(e.to_string(), "multipart body has more than 10000 parts");
     }
 
+    /// Counts this thread's allocations: the work-count behind the linearity
+    /// test below (deterministic, unlike a clock). This is the allocator of
+    /// the whole unit-test binary; it only adds counting to the system's.
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        #[derive(Clone, Copy, Debug, Default)]
+        pub struct Counts {
+            /// Allocations and reallocations.
+            pub allocs: u64,
+            /// Bytes asked for, reallocations included.
+            pub bytes: u64,
+            live: i64,
+            /// Most bytes held at once.
+            pub peak: i64,
+        }
+
+        thread_local! {
+            static COUNTS: Cell<Counts> = const { Cell::new(Counts { allocs: 0, bytes: 0, live: 0, peak: 0 }) };
+        }
+
+        fn note(f: impl FnOnce(&mut Counts)) {
+            // Not available while the thread is being torn down: not counted then.
+            let _ = COUNTS.try_with(|c| {
+                let mut v = c.get();
+                f(&mut v);
+                v.peak = v.peak.max(v.live);
+                c.set(v);
+            });
+        }
+
+        pub struct Counting;
+
+        // SAFETY: every call is passed on to `System` unchanged; counting touches
+        // only a const-initialized thread-local `Cell`, which never allocates.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                note(|c| {
+                    c.allocs += 1;
+                    c.bytes += layout.size() as u64;
+                    c.live += layout.size() as i64;
+                });
+                System.alloc(layout)
+            }
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                note(|c| {
+                    c.allocs += 1;
+                    c.bytes += layout.size() as u64;
+                    c.live += layout.size() as i64;
+                });
+                System.alloc_zeroed(layout)
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                note(|c| c.live -= layout.size() as i64);
+                System.dealloc(ptr, layout)
+            }
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+                note(|c| {
+                    c.allocs += 1;
+                    c.bytes += new_size as u64;
+                    c.live += new_size as i64 - layout.size() as i64;
+                });
+                System.realloc(ptr, layout, new_size)
+            }
+        }
+
+        #[global_allocator]
+        static ALLOCATOR: Counting = Counting;
+
+        /// What `f` allocated on this thread; `peak` is above what was held before.
+        pub fn measure(f: impl FnOnce()) -> Counts {
+            let start = COUNTS.with(|c| {
+                let mut v = c.get();
+                v.peak = v.live;
+                c.set(v);
+                v
+            });
+            f();
+            let end = COUNTS.with(Cell::get);
+            Counts { allocs: end.allocs - start.allocs, bytes: end.bytes - start.bytes, live: 0, peak: end.peak - start.live }
+        }
+    }
+
+    /// Work that grows faster than the body shows as allocations: n and 2n
+    /// units of the costliest body of each kind must cost at most about twice
+    /// as many allocations and bytes, and what the view holds at its peak is
+    /// a bounded multiple of the body.
+    #[test]
+    fn decoding_work_and_memory_grow_linearly_with_the_body() {
+        type Make = fn(usize) -> Vec<u8>;
+        type Decode = fn(&[u8]) -> Result<Value, DecodeError>;
+        let cases: [(&str, Make, Decode, usize); 6] = [
+            ("attributes of one XML element", |n| worst::xml_attributes(1, n), xml, 400),
+            ("XML elements", worst::xml_elements, xml, 20_000),
+            ("JSON members", worst::json_members, json, 20_000),
+            ("JSON items", worst::json_items, json, 40_000),
+            ("form fields", worst::form_fields, form, 4_000),
+            ("multipart parts", worst::multipart_parts, |b| multipart(bytes::Bytes::copy_from_slice(b), "B"), 4_000),
+        ];
+        for (what, make, decode, n) in cases {
+            let (small, large) = (make(n), make(2 * n));
+            let cost = |body: &[u8]| {
+                counting::measure(|| {
+                    let view = decode(body).expect("under the limits");
+                    // As the listener stores it.
+                    std::hint::black_box(view.to_string());
+                })
+            };
+            let (a, b) = (cost(&small), cost(&large));
+            eprintln!("{what}: {n} → {a:?}, {} → {b:?}", 2 * n);
+            assert!(b.allocs <= 2 * a.allocs + 64, "{what}: {} allocations for {n}, {} for {}", a.allocs, b.allocs, 2 * n);
+            assert!(b.bytes <= 2 * a.bytes + a.bytes / 4, "{what}: {} bytes allocated for {n}, {} for {}", a.bytes, b.bytes, 2 * n);
+            let per_byte = b.peak as f64 / large.len() as f64;
+            assert!(per_byte < 40.0, "{what}: the view holds {per_byte:.1} bytes per body byte");
+        }
+    }
+
     /// CPU time of this thread (not wall time: other processes do not count).
     fn thread_cpu() -> std::time::Duration {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -853,71 +974,64 @@ mod tests {
             s.push_str(tail);
             s.into_bytes()
         };
-        let fill = |head: &str, unit: &str, tail: &str, _: usize| fill_n(head, unit, tail, usize::MAX);
+        let fill = |head: &str, unit: &str, tail: &str| fill_n(head, unit, tail, usize::MAX);
         type Case = (&'static str, &'static str, Vec<u8>);
         let cases: Vec<Case> = vec![
+            ("json", "bench/payload.json, a typical webhook", include_bytes!("../../bench/payload.json").to_vec()),
             ("json", "99,999 zeros `[0,0,…]`", worst::json_items(MAX_VALUES - 1)),
             ("json", "90,000 members `{\"0\":0,…}`", fill_n("{\"x\":0", ",\"{n}\":0", "}", 90_000)),
-            ("json", "`[{},{},…]` to 1 MiB (refused)", fill("[{}", ",{}", "]", MIB)),
-            ("json", "zeros to 1 MiB (refused)", fill("[0", ",0", "]", MIB)),
-            ("json", "one string of `\\u00e9` escapes, 1 MiB", fill("[\"", "\\u00e9", "\"]", MIB)),
-            ("json", "128-deep arrays, repeated to 1 MiB", fill("[", &format!("{}{},", "[".repeat(127), "]".repeat(127)), "0]", MIB)),
+            ("json", "`[{},{},…]` to 1 MiB (refused)", fill("[{}", ",{}", "]")),
+            ("json", "zeros to 1 MiB (refused)", fill("[0", ",0", "]")),
+            ("json", "one string of `\\u00e9` escapes, 1 MiB", fill("[\"", "\\u00e9", "\"]")),
+            ("json", "128-deep arrays, repeated to 1 MiB", fill("[", &format!("{}{},", "[".repeat(127), "]".repeat(127)), "0]")),
+            ("form", "2,700 fields `0=&1=&…`, about the most decoded inline", worst::form_fields(2_700)),
             ("form", "10,000 fields `0=&1=&…`", worst::form_fields(MAX_FIELDS)),
-            ("form", "one value of `%FF` escapes, 1 MiB", fill("a=", "%FF", "", MIB)),
+            ("form", "one value of `%FF` escapes, 1 MiB", fill("a=", "%FF", "")),
             ("form", "10,000 fields of `%41+` to 1 MiB", fill_n("", &format!("{{n}}={}&", "%41+".repeat(24)), "", MAX_FIELDS)),
-            ("form", "`a&a&…` to 1 MiB (refused)", fill("", "a&", "", MIB)),
+            ("form", "`a&a&…` to 1 MiB (refused)", fill("", "a&", "")),
             ("multipart", "10,000 empty parts", worst::multipart_parts(MAX_FIELDS)),
             (
                 "multipart",
                 "one part of `\\r\\n--` false boundaries, 1 MiB",
-                fill("--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n", "\r\n--", "\r\n--B--\r\n", MIB),
+                fill("--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n", "\r\n--", "\r\n--B--\r\n"),
             ),
             (
                 "multipart",
                 "parts to 1 MiB (refused)",
-                fill("", "--B\r\nContent-Disposition: form-data; name=\"{n}\"\r\n\r\n\r\n", "--B--\r\n", MIB),
+                fill("", "--B\r\nContent-Disposition: form-data; name=\"{n}\"\r\n\r\n\r\n", "--B--\r\n"),
             ),
             ("xml", "99 elements of 1000 attributes", worst::xml_attributes(99, MAX_XML_ATTRIBUTES)),
             ("xml", "99,999 `<a/>`", worst::xml_elements(MAX_VALUES - 1)),
             ("xml", "80,000 attributes on one element (refused)", worst::xml_attributes(1, 80_000)),
-            ("xml", "text of `&amp;` to 1 MiB", fill("<r>", "&amp;", "</r>", MIB)),
-            (
-                "xml",
-                "128-deep elements, repeated to 1 MiB",
-                fill("<r>", &format!("{}{}", "<a>".repeat(127), "</a>".repeat(127)), "</r>", MIB),
-            ),
-            ("xml", "`<a/>` to 1 MiB (refused)", fill("<r>", "<a/>", "</r>", MIB)),
+            ("xml", "text of `&amp;` to 1 MiB", fill("<r>", "&amp;", "</r>")),
+            ("xml", "128-deep elements, repeated to 1 MiB", fill("<r>", &format!("{}{}", "<a>".repeat(127), "</a>".repeat(127)), "</r>")),
+            ("xml", "`<a/>` to 1 MiB (refused)", fill("<r>", "<a/>", "</r>")),
         ];
-        println!("| kind | body | bytes | µs per 100 KB (best of 5) |\n|---|---|---:|---:|");
-        for (kind, what, body) in cases {
-            let bytes = bytes::Bytes::from(body);
-            let mut best = std::time::Duration::MAX;
-            let mut outcome = String::new();
+        println!("| kind | body | bytes | µs | µs per 100 KB |\n|---|---|---:|---:|---:|");
+        let row = |kind: &str, what: &str, len: usize, run: &dyn Fn() -> Result<(), DecodeError>| {
+            let (mut best, mut outcome) = (std::time::Duration::MAX, String::new());
             for _ in 0..5 {
                 let start = thread_cpu();
-                // As the listener does: a JSON body is stored as sent, the
-                // others' views serialized for storage.
-                let r = match kind {
-                    "json" => json(&bytes).map(drop),
-                    "form" => form(&bytes).map(|v| v.to_string()).map(drop),
-                    "multipart" => multipart(bytes.clone(), "B").map(|v| v.to_string()).map(drop),
-                    _ => xml(&bytes).map(|v| v.to_string()).map(drop),
-                };
+                let r = run();
                 best = best.min(thread_cpu() - start);
                 outcome = r.err().map_or("ok".into(), |e| e.to_string());
             }
-            let per_100kb = best.as_secs_f64() * 1e6 * 100_000.0 / bytes.len().max(1) as f64;
-            println!("| {kind} | {what} ({outcome}) | {} | {per_100kb:.0} |", bytes.len());
-            if kind == "json" {
-                let start = thread_cpu();
-                let r = json_validate(&bytes);
-                let t = thread_cpu() - start;
-                let per = t.as_secs_f64() * 1e6 * 100_000.0 / bytes.len() as f64;
-                println!(
-                    "| json (validate only) | {what} ({}) | {} | {per:.0} |",
-                    r.err().map_or("ok".into(), |e| e.to_string()),
-                    bytes.len()
-                );
+            let us = best.as_secs_f64() * 1e6;
+            println!("| {kind} | {what} ({outcome}) | {len} | {us:.0} | {:.0} |", us * 100_000.0 / len as f64);
+        };
+        for (kind, what, body) in cases {
+            let bytes = bytes::Bytes::from(body);
+            // As the listener does: a JSON body is stored as sent, the others'
+            // views serialized for storage.
+            let view = |v: Value| drop(std::hint::black_box(v.to_string()));
+            match kind {
+                "json" => {
+                    row(kind, what, bytes.len(), &|| json(&bytes).map(drop));
+                    row("json (validate only)", what, bytes.len(), &|| json_validate(&bytes));
+                }
+                "form" => row(kind, what, bytes.len(), &|| form(&bytes).map(view)),
+                "multipart" => row(kind, what, bytes.len(), &|| multipart(bytes.clone(), "B").map(view)),
+                _ => row(kind, what, bytes.len(), &|| xml(&bytes).map(view)),
             }
         }
     }

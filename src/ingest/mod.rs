@@ -311,7 +311,8 @@ impl Ingest {
                 if query.is_empty() {
                     return Err(malformed(format!("{method} without a body needs a query string (a ping URL like ?email=…)")));
                 }
-                json_payload(decode::query(&query, secret_param).map_err(refused)?)
+                let (q, skip) = (query.clone(), secret_param.map(str::to_owned));
+                decode::off_workers(q.len(), move || decode::query(&q, skip.as_deref()).map(json_payload)).await.map_err(refused)?
             }
         };
 
