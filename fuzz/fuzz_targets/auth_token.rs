@@ -52,7 +52,8 @@ fuzz_target!(|input: Input| {
                     == Some(SECRET)
             }
             2 => {
-                let v = decode::form(input.query.as_bytes(), None);
+                // Fuzz inputs (4096 bytes by default) are far under the 10,000-field limit.
+                let v = decode::query(input.query, None).expect("a query string under the field limit");
                 v.get("token").is_some_and(|t| t == SECRET || t.as_array().is_some_and(|a| a.iter().any(|x| x == SECRET)))
             }
             _ => header("authorization").is_some_and(|v| v.starts_with("Basic ") || v.starts_with("basic ")),

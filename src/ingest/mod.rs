@@ -365,17 +365,11 @@ impl Ingest {
         // an empty body (whatever Content-Type the sender put on it).
         let kind = if body.is_empty() && !query.is_empty() { None } else { kind };
         let (payload, view): (Payload, Value) = match kind {
-            Some(BodyKind::Json) if src.needs_view => (Payload::Body, decode::json(&body).map_err(|e| malformed(e.to_string()))?),
-            Some(BodyKind::Json) => {
-                decode::json_validate(&body).map_err(|e| malformed(e.to_string()))?;
-                (Payload::Body, Value::Null)
-            }
-            Some(BodyKind::Form) => json_payload(decode::form(&body, None)),
-            Some(BodyKind::Multipart { boundary }) => {
-                json_payload(decode::multipart(body.clone(), &boundary).await.map_err(|e| malformed(e.to_string()))?)
-            }
-            Some(BodyKind::Xml) => json_payload(decode::xml(&body).map_err(|e| malformed(e.to_string()))?),
             Some(BodyKind::Other) => (Payload::Null, Value::Null),
+            Some(kind) => {
+                let (body, needs_view) = (body.clone(), src.needs_view);
+                decode::off_workers(body.len(), move || decode_body(&kind, body, needs_view)).await.map_err(refused)?
+            }
             None if !body.is_empty() && method != Method::GET => {
                 if cfg.accept_any {
                     (Payload::Null, Value::Null)
@@ -392,7 +386,8 @@ impl Ingest {
                 if query.is_empty() {
                     return Err(malformed(format!("{method} without a body needs a query string (a ping URL like ?email=…)")));
                 }
-                json_payload(decode::form(query.as_bytes(), secret_param))
+                let (q, skip) = (query.clone(), secret_param.map(str::to_owned));
+                decode::off_workers(q.len(), move || decode::query(&q, skip.as_deref()).map(json_payload)).await.map_err(refused)?
             }
         };
 
@@ -458,6 +453,36 @@ fn unsupported_coding(headers: &HeaderMap) -> Option<String> {
     }
     let c = codings(hyper::header::TRANSFER_ENCODING).find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked"))?;
     Some(format!("transfer coding `{}` is not supported; send the body uncompressed (chunked is fine)", String::from_utf8_lossy(c)))
+}
+
+/// What is stored and what routes read, for a body of a decodable kind. A
+/// JSON body is stored as sent; its value is built only when something reads
+/// it at receive time (`needs_view`).
+fn decode_body(kind: &BodyKind, body: Bytes, needs_view: bool) -> Result<(Payload, Value), decode::DecodeError> {
+    Ok(match kind {
+        BodyKind::Json if needs_view => (Payload::Body, decode::json(&body)?),
+        BodyKind::Json => {
+            decode::json_validate(&body)?;
+            (Payload::Body, Value::Null)
+        }
+        BodyKind::Form => json_payload(decode::form(&body)?),
+        BodyKind::Multipart { boundary } => json_payload(decode::multipart(body, boundary)?),
+        BodyKind::Xml => json_payload(decode::xml(&body)?),
+        BodyKind::Other => (Payload::Null, Value::Null),
+    })
+}
+
+/// A body the decoders refused: 413 when it holds more than a limit allows
+/// (README "Receiving"), 503 when shutdown interrupted the decode, else 400.
+fn refused(e: decode::DecodeError) -> Reject {
+    if e.is_too_large() {
+        return Reject::new(StatusCode::PAYLOAD_TOO_LARGE, RejectReason::TooLarge, e.to_string());
+    }
+    if e == decode::DecodeError::Interrupted {
+        return Reject::new(StatusCode::SERVICE_UNAVAILABLE, RejectReason::Unavailable, "shutting down, retry shortly")
+            .retry_after(RETRY_SOON);
+    }
+    Reject::new(StatusCode::BAD_REQUEST, RejectReason::Malformed, e.to_string())
 }
 
 fn too_large(max: u64) -> Reject {
