@@ -25,22 +25,9 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-/// Fast processor and retry settings (every retry path ends in well under a
-/// second), plus `processor` keys.
+/// Fast processor and retry settings (2 attempts), plus `processor` keys.
 fn fast(processor: &str) -> String {
-    format!(
-        "[processor]\npoll_interval = \"100ms\"\n{processor}\n\n\
-         [retry]\nmax_attempts = 2\ninitial_backoff = \"100ms\"\nmax_backoff = \"200ms\"\n"
-    )
-}
-
-/// A source that accepts anyone.
-fn open_source(name: &str) -> String {
-    format!("[sources.{name}]\nauth = {{ type = \"none\" }}\n")
-}
-
-fn route(source: &str, handler: &str) -> String {
-    format!("[[routes]]\nsource = \"{source}\"\nhandler = \"{handler}\"\n")
+    fast_retries(2, "200ms", processor)
 }
 
 /// A scratch directory for handler scripts and what they write.

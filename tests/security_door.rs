@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 const NONE: &str = "auth = { type = \"none\" }";
@@ -24,20 +22,10 @@ fn post_from(d: &Daemon, path: &str, xff: Option<&str>) -> Resp {
     r.body("{}").send()
 }
 
-fn assert_status(r: &Resp, status: u16, want: &str) {
-    assert_eq!(r.status, status, "expected {status} ({want}), got {} {}", r.status, r.text());
-    let e = r.error();
-    assert!(e.contains(want), "error {e:?} does not mention {want:?}");
-}
-
 /// `Retry-After` as whole seconds; panics when absent or not a number.
 fn retry_after(r: &Resp) -> u64 {
     let v = r.header("retry-after").unwrap_or_else(|| panic!("{} without Retry-After: {}", r.status, r.text()));
     v.parse().unwrap_or_else(|_| panic!("Retry-After {v:?} is not a number of seconds"))
-}
-
-fn wait_rejected(env: &TestEnv, source: &str, n: u64) {
-    wait_for(&format!("stats to count {n} rejections for {source}"), Duration::from_secs(10), || env.stat(source, "rejected") == n);
 }
 
 #[test]
