@@ -193,9 +193,10 @@ fn min_free_bytes_zero_disables_the_disk_check() {
     let env = TestEnv::new(&format!("[sources.a]\n{NONE}\n"));
     let off = env.daemon().env("HOOKTRAIL__STORAGE__MIN_FREE_BYTES", "0").start();
     let id = post_from(&off, "/hooks/a", None).id();
-    let log = off.log();
-    assert!(log.contains("storage.min_free_bytes = 0: the free-disk check is off"), "no start line saying the check is off:\n{log}");
-    assert!(!log.contains("refusing new events below"), "a floor is enforced with min_free_bytes = 0:\n{log}");
+    // The daemon's log is written by a background thread: wait for the line.
+    let said_off = wait_until(START_TIMEOUT, || off.log().contains("storage.min_free_bytes = 0: the free-disk check is off"));
+    assert!(said_off, "no start line saying the check is off:\n{}", off.log());
+    assert!(!off.log().contains("refusing new events below"), "a floor is enforced with min_free_bytes = 0:\n{}", off.log());
     off.kill9();
 
     // Twice today's free space (at least 1 GiB more): other writers on the
@@ -203,8 +204,8 @@ fn min_free_bytes_zero_disables_the_disk_check() {
     let free = free_bytes(env.dir());
     let floor = free.saturating_mul(2).max(free + (1 << 30));
     let on = env.daemon().env("HOOKTRAIL__STORAGE__MIN_FREE_BYTES", &floor.to_string()).start();
-    let log = on.log();
-    assert!(log.contains(&format!("refusing new events below {floor} bytes free")), "no start line naming the floor {floor}:\n{log}");
+    let floor_line = format!("refusing new events below {floor} bytes free");
+    assert!(wait_until(START_TIMEOUT, || on.log().contains(&floor_line)), "no start line naming the floor {floor}:\n{}", on.log());
     let r = post_from(&on, "/hooks/a", None);
     assert_status(&r, 503, "storage nearly full");
     assert!(r.error().contains(&format!("below storage.min_free_bytes ({floor})")), "{}", r.error());
