@@ -179,7 +179,7 @@ fn stats_json_counts_per_source_and_handler() {
     let p = populated();
     // One refused request, counted but not stored.
     assert_eq!(p.d.post("/hooks/ontraport", "text/plain", "hi").status, 415);
-    wait_for("stats to count the rejection", Duration::from_secs(10), || p.env.stat("ontraport", "rejected") == 1);
+    wait_rejected(&p.env, "ontraport", 1);
 
     let rows = p.env.stats();
     for r in &rows {

@@ -11,49 +11,27 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-const HUBSPOT_PATH: &str = "/crm/v3/objects/contacts/batch/upsert";
 const HUBSPOT_TOKEN: &str = "pat-na1-test-0000-crm";
 const SF_TOKEN: &str = "00Dxx0000001gPL!AQ4AQFake";
 
-/// Fast polling and retries, an open source, and a route to handler `crm`.
-const FAST: &str = r#"
-[processor]
-poll_interval = "100ms"
-
-[retry]
-max_attempts = 3
-initial_backoff = "100ms"
-max_backoff = "500ms"
-
-[sources.netresults]
-auth = { type = "none" }
-
-[[routes]]
-source = "netresults"
-handler = "crm"
-"#;
+/// Fast polling and retries (3 attempts), an open source, and a route to handler `crm`.
+fn fast() -> String {
+    [fast_retries(3, "500ms", ""), open_source("netresults"), route("netresults", "crm")].concat()
+}
 
 /// The form fields of the Net-Results form webhook, mapped to HubSpot properties.
 const HUBSPOT_FORM_FIELDS: &str = r#"fields = { email = "/submission_values/email_address/0", firstname = "/submission_values/first_name/0", lastname = "/submission_values/last_name/0", company = "/submission_values/company_name/0" }"#;
 
 /// A config with `[handlers.crm]` made of `keys`.
 fn env_with(keys: &str) -> TestEnv {
-    TestEnv::new(&format!("{FAST}\n[handlers.crm]\ntype = \"crm_upsert\"\n{keys}\n"))
+    TestEnv::new(&format!("{}\n[handlers.crm]\ntype = \"crm_upsert\"\n{keys}\n", fast()))
 }
 
-fn hubspot_env(peer: &FakePeer, extra: &str) -> TestEnv {
-    env_with(&format!("provider = \"hubspot\"\nbase_url = {}\ntoken_env = \"HUBSPOT_TOKEN\"\n{extra}", toml_str(&peer.url(""))))
-}
-
-/// HubSpot's answer to a batch upsert: one result per input.
-fn hubspot_ok(req: &PeerRequest) -> PeerReply {
-    let inputs = req.json()["inputs"].as_array().cloned().unwrap_or_default();
-    let results: Vec<Value> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, input)| json!({"id": (1000 + i).to_string(), "properties": input["properties"], "new": true}))
-        .collect();
-    PeerReply::json(200, &json!({"status": "COMPLETE", "results": results}))
+/// A daemon whose handler `crm` is HubSpot at `peer` with `extra` keys, its token set.
+fn start_hubspot(peer: &FakePeer, extra: &str) -> (TestEnv, Daemon) {
+    let env = env_with(&format!("provider = \"hubspot\"\nbase_url = {}\ntoken_env = \"HUBSPOT_TOKEN\"\n{extra}", toml_str(&peer.url(""))));
+    let d = env.daemon().env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
+    (env, d)
 }
 
 fn post(d: &Daemon, body: &str) -> String {
@@ -72,8 +50,7 @@ fn hubspot_ids(requests: &[PeerRequest]) -> Vec<String> {
 #[test]
 fn form_webhook_becomes_one_hubspot_upsert_with_mapped_properties_and_bearer_token() {
     let crm = FakePeer::start(|req, _| hubspot_ok(req));
-    let env = hubspot_env(&crm, HUBSPOT_FORM_FIELDS);
-    let d = env.daemon().env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
+    let (env, d) = start_hubspot(&crm, HUBSPOT_FORM_FIELDS);
     let id = post(&d, seeds::NETRESULTS_FORM);
 
     let ev = wait_settled(&env, &id);
@@ -116,14 +93,13 @@ fn campaign_with(ids: &[u64]) -> Value {
 #[test]
 fn campaign_webhook_with_250_contacts_and_batch_size_100_sends_3_requests_with_every_id_once() {
     let crm = FakePeer::start(|req, _| hubspot_ok(req));
-    let env = hubspot_env(
+    let (env, d) = start_hubspot(
         &crm,
         r#"records = "/CampaignActionQualification/*/Campaign/*/CampaignAction/*/Contacts/*/*"
 id_property = "netresults_id"
 fields = { netresults_id = "" }
 batch_size = 100"#,
     );
-    let d = env.daemon().env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
     let ids: Vec<u64> = (0..250).map(|i| 1_234_567 + i * 7).collect();
     let id = post(&d, &campaign_with(&ids).to_string());
 
@@ -158,8 +134,7 @@ fn crm_429_with_retry_after_is_retried_after_the_pause_and_succeeds() {
             hubspot_ok(req)
         }
     });
-    let env = hubspot_env(&crm, HUBSPOT_FORM_FIELDS);
-    let d = env.daemon().env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
+    let (env, d) = start_hubspot(&crm, HUBSPOT_FORM_FIELDS);
     let id = post(&d, seeds::NETRESULTS_FORM);
 
     let ev = wait_settled(&env, &id);
@@ -183,8 +158,7 @@ fn crm_429_with_retry_after_is_retried_after_the_pause_and_succeeds() {
 #[test]
 fn record_without_email_is_skipped_and_reported_while_the_others_are_sent() {
     let crm = FakePeer::start(|req, _| hubspot_ok(req));
-    let env = hubspot_env(&crm, "records = \"/leads/*\"\nfields = { email = \"/email\", firstname = \"/first\" }");
-    let d = env.daemon().env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
+    let (env, d) = start_hubspot(&crm, "records = \"/leads/*\"\nfields = { email = \"/email\", firstname = \"/first\" }");
     let body = json!({"leads": [
         {"email": "ada@example.com", "first": "Ada"},
         {"first": "No Mail"},
@@ -216,8 +190,7 @@ fn hubspot_multi_status_errors_fail_the_delivery_and_are_recorded() {
             }]}),
         )
     });
-    let env = hubspot_env(&crm, HUBSPOT_FORM_FIELDS);
-    let d = env.daemon().env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
+    let (env, d) = start_hubspot(&crm, HUBSPOT_FORM_FIELDS);
     let id = post(&d, seeds::NETRESULTS_FORM);
 
     let ev = wait_settled(&env, &id);
@@ -231,23 +204,25 @@ fn hubspot_multi_status_errors_fail_the_delivery_and_are_recorded() {
     assert!(output.contains("VALIDATION_ERROR: Property values were not valid"), "{output}");
 }
 
-fn salesforce_env(peer: &FakePeer) -> TestEnv {
-    env_with(&format!(
+/// A daemon whose handler `crm` is Salesforce at `peer` (contacts by email), its token set.
+fn start_salesforce(peer: &FakePeer) -> (TestEnv, Daemon) {
+    let env = env_with(&format!(
         r#"provider = "salesforce"
 base_url = {}
 token_env = "SF_TOKEN"
 id_property = "Email"
 fields = {{ Email = "/submission_values/email_address/0", FirstName = "/submission_values/first_name/0", LastName = "/submission_values/last_name/0", Netresults_Id__c = "/contact_id" }}"#,
         toml_str(&peer.url(""))
-    ))
+    ));
+    let d = env.daemon().env("SF_TOKEN", SF_TOKEN).start();
+    (env, d)
 }
 
 #[test]
 fn salesforce_patches_each_record_by_its_encoded_external_id_without_the_id_in_the_body() {
     let crm =
         FakePeer::start(|_, _| PeerReply::json(201, &json!({"id": "003Dn00000ABCDEF", "success": true, "errors": [], "created": true})));
-    let env = salesforce_env(&crm);
-    let d = env.daemon().env("SF_TOKEN", SF_TOKEN).start();
+    let (env, d) = start_salesforce(&crm);
     let id = post(&d, seeds::NETRESULTS_FORM);
 
     let ev = wait_settled(&env, &id);
@@ -272,8 +247,7 @@ fn salesforce_error_array_fails_the_delivery_without_retry_and_is_recorded() {
             &json!([{"message": "Required fields are missing: [LastName]", "errorCode": "REQUIRED_FIELD_MISSING", "fields": ["LastName"]}]),
         )
     });
-    let env = salesforce_env(&crm);
-    let d = env.daemon().env("SF_TOKEN", SF_TOKEN).start();
+    let (env, d) = start_salesforce(&crm);
     let id = post(&d, seeds::NETRESULTS_FORM);
 
     let ev = wait_settled(&env, &id);

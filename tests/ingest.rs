@@ -12,31 +12,14 @@ use base64::Engine as _;
 use common::*;
 use serde_json::{json, Value};
 
-/// How long a rejection may take to show in `stats` (counts are flushed with
-/// the writer's next batch, at most every half second).
-const STATS_WAIT: Duration = Duration::from_secs(10);
-
 fn parse(s: &str) -> Value {
     serde_json::from_str(s).expect("test JSON is valid")
 }
 
-/// Asserts an error answer: status, a JSON `{"error": …}` containing `needle`.
+/// [`assert_status`], and the error body says it is JSON.
 fn assert_error(r: &Resp, status: u16, needle: &str) {
-    assert_eq!(r.status, status, "expected {status}, got {} {:?}", r.status, r.text());
+    assert_status(r, status, needle);
     assert_eq!(r.header("content-type").as_deref(), Some("application/json"), "error bodies are JSON");
-    let msg = r.error();
-    assert!(msg.contains(needle), "error message {msg:?} should contain {needle:?}");
-}
-
-/// Waits until `stats` counts `n` rejections for `source`.
-fn wait_rejected(env: &TestEnv, source: &str, n: u64) {
-    let mut seen = 0;
-    let ok = wait_until(STATS_WAIT, || {
-        seen = env.stat(source, "rejected");
-        seen >= n
-    });
-    assert!(ok, "stats for `{source}` should count {n} rejection(s), saw {seen}");
-    assert_eq!(env.stat(source, "rejected"), n, "stats for `{source}` counted more rejections than were sent");
 }
 
 // ---------------------------------------------------------------------------
@@ -452,24 +435,6 @@ fn body_that_stops_or_trickles_gets_408_after_request_timeout() {
 }
 
 /// A JSON document of exactly `n` bytes.
-fn json_of_len(n: usize) -> String {
-    let frame = r#"{"pad":""}"#.len();
-    format!(r#"{{"pad":"{}"}}"#, "x".repeat(n - frame))
-}
-
-/// A chunked request for `body`, in chunks of `chunk` bytes.
-fn chunked_request(path: &str, body: &str, chunk: usize) -> Vec<u8> {
-    let mut out =
-        format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").into_bytes();
-    for part in body.as_bytes().chunks(chunk) {
-        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
-        out.extend_from_slice(part);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"0\r\n\r\n");
-    out
-}
-
 #[test]
 fn body_of_exactly_max_body_bytes_is_accepted_and_one_more_byte_is_413() {
     let env = TestEnv::with_server("max_body_bytes = 64", "[sources.api]\nauth = { type = \"none\" }\n");

@@ -14,32 +14,17 @@ use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use common::*;
-use hmac::{Hmac, Mac};
 use serde_json::json;
-use sha2::Sha256;
 
-/// Fast polling and retries; every retry path ends in well under a second.
-const FAST: &str = r#"
-[processor]
-poll_interval = "100ms"
+/// Fast polling and retries (2 attempts), and the open source `leads`.
+fn fast() -> String {
+    fast_retries(2, "200ms", "") + &open_source("leads")
+}
 
-[retry]
-max_attempts = 2
-initial_backoff = "100ms"
-max_backoff = "200ms"
-
-[sources.leads]
-auth = { type = "none" }
-"#;
-
+/// An `http` handler `name` to `url` with `extra` keys, and a route to it from `leads`.
 fn http_handler(name: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[handlers.{name}]\ntype = \"http\"\nurl = {}\n{extra}\n\n[[routes]]\nsource = \"leads\"\nhandler = \"{name}\"\n",
-        toml_str(url)
-    )
+    format!("[handlers.{name}]\ntype = \"http\"\nurl = {}\n{extra}\n\n{}", toml_str(url), route("leads", name))
 }
 
 #[test]
@@ -49,7 +34,8 @@ fn forward_retries_5xx_and_connection_errors_recording_each_status() {
     // A port with nothing listening: bind, note, close.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let config =
-        [FAST, &http_handler("crm", &peer.url("/inbound"), ""), &http_handler("down", &format!("http://{closed}/inbound"), "")].concat();
+        [fast().as_str(), &http_handler("crm", &peer.url("/inbound"), ""), &http_handler("down", &format!("http://{closed}/inbound"), "")]
+            .concat();
     let env = TestEnv::new(&config);
     let d = env.start();
     let body = r#"{"email":"a@b.c"}"#;
@@ -88,7 +74,8 @@ fn forward_4xx_and_redirects_fail_without_retry() {
         "/moved" => PeerReply::new(302, "").header("location", "/elsewhere"),
         _ => PeerReply::new(200, "ok"),
     });
-    let config = [FAST, &http_handler("strict", &peer.url("/reject"), ""), &http_handler("moved", &peer.url("/moved"), "")].concat();
+    let config =
+        [fast().as_str(), &http_handler("strict", &peer.url("/reject"), ""), &http_handler("moved", &peer.url("/moved"), "")].concat();
     let env = TestEnv::new(&config);
     let d = env.start();
     let id = d.post_json("/hooks/leads", r#"{"email":"not-an-email"}"#).id();
@@ -125,7 +112,7 @@ fn forward_honours_retry_after() {
             },
         );
     // initial_backoff is 100ms: only Retry-After explains a gap of a second.
-    let env = TestEnv::new(&[FAST, &http_handler("limited", &peer.url("/limited"), "")].concat());
+    let env = TestEnv::new(&[fast().as_str(), &http_handler("limited", &peer.url("/limited"), "")].concat());
     let d = env.start();
     let id = d.post_json("/hooks/leads", r#"{"n":1}"#).id();
     let ev = wait_settled(&env, &id);
@@ -147,9 +134,9 @@ fn forward_honours_retry_after() {
 fn forward_body_modes_env_headers_and_standard_webhooks_signature() {
     let peer = FakePeer::start(|_, _| PeerReply::new(204, ""));
     let key = b"0123456789abcdef-signing-key";
-    let secret = format!("whsec_{}", B64.encode(key));
+    let secret = whsec(key);
     let config = [
-        FAST,
+        fast().as_str(),
         &http_handler("fwd_raw", &peer.url("/raw"), r#"headers = { Authorization = "Bearer ${FWD_TOKEN}", X-Static = "plain" }"#),
         &http_handler("fwd_json", &peer.url("/json"), "body = \"json\"\nmethod = \"PUT\""),
         &http_handler(
@@ -206,10 +193,7 @@ fn forward_body_modes_env_headers_and_standard_webhooks_signature() {
     assert_eq!(msg_id, id, "the event id is the message id, stable across retries");
     let age = chrono::Utc::now().timestamp() - ts.parse::<i64>().expect("timestamp in seconds");
     assert!((-5..=300).contains(&age), "timestamp within a receiver's 5-minute tolerance: {age}s");
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap();
-    mac.update(format!("{msg_id}.{ts}.").as_bytes());
-    mac.update(&envl.body);
-    let expected = format!("v1,{}", B64.encode(mac.finalize().into_bytes()));
+    let expected = standard_webhooks_signature(key, msg_id, ts, &envl.body);
     assert!(sigs.split(' ').any(|s| s == expected), "signature {sigs:?} does not verify (expected {expected:?})");
 
     assert!(!env.log().contains("tok-7f3a9c"), "a ${{VAR}} header secret reached the log");

@@ -19,12 +19,6 @@ use common::*;
 
 const SOURCE: &str = "[sources.a]\nauth = { type = \"none\" }\n";
 
-fn assert_status(r: &Resp, status: u16, want: &str) {
-    assert_eq!(r.status, status, "expected {status} ({want}), got {} {}", r.status, r.text());
-    let e = r.error();
-    assert!(e.contains(want), "error {e:?} does not mention {want:?}");
-}
-
 /// What a slow client saw at the end: the daemon closed on it, or answered.
 #[derive(Debug)]
 enum CutOff {
@@ -130,7 +124,7 @@ fn body_trickled_past_request_timeout_gets_408_and_nothing_is_stored() {
     stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
     assert_status(&r, 408, "request body not received within 2s");
-    wait_for("the timeout to be counted", Duration::from_secs(10), || env.stat("a", "rejected") == 1);
+    wait_rejected(&env, "a", 1);
     assert!(env.events().is_empty());
 }
 
@@ -215,7 +209,7 @@ fn hundred_megabyte_chunked_body_is_refused_with_413_without_buffering_it() {
     let (r, peak) = upload_100mb(&d, true);
     assert_status(&r, 413, "request body exceeds server.max_body_bytes (1048576 bytes)");
     assert!(peak < 100 * MB, "daemon RSS reached {} MB during a 100 MB upload", peak / MB);
-    wait_for("the 413 to be counted", Duration::from_secs(10), || env.stat("a", "rejected") == 1);
+    wait_rejected(&env, "a", 1);
     assert!(env.events().is_empty());
     d.post_json("/hooks/a", "{}").id();
 }
@@ -227,28 +221,8 @@ fn hundred_megabyte_body_with_content_length_is_refused_with_413_before_reading_
     let (r, peak) = upload_100mb(&d, false);
     assert_status(&r, 413, "request body exceeds server.max_body_bytes (1048576 bytes)");
     assert!(peak < 100 * MB, "daemon RSS reached {} MB during a 100 MB upload", peak / MB);
-    wait_for("the 413 to be counted", Duration::from_secs(10), || env.stat("a", "rejected") == 1);
+    wait_rejected(&env, "a", 1);
     assert!(env.events().is_empty());
-}
-
-/// A JSON document of exactly `len` bytes.
-fn json_of_len(len: usize) -> String {
-    let pad = len - r#"{"pad":""}"#.len();
-    format!(r#"{{"pad":"{}"}}"#, "p".repeat(pad))
-}
-
-fn chunked_request(body: &str) -> Vec<u8> {
-    let mut req =
-        b"POST /hooks/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-            .to_vec();
-    // Uneven chunks, so the limit is checked across chunk boundaries.
-    for piece in body.as_bytes().chunks(1000) {
-        req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-        req.extend_from_slice(piece);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"0\r\n\r\n");
-    req
 }
 
 #[test]
@@ -260,8 +234,8 @@ fn body_of_exactly_max_body_bytes_is_accepted_and_one_more_byte_is_413() {
     assert_eq!(env.show(&id)["body"].as_str().map(str::len), Some(4096));
     assert_status(&d.post_json("/hooks/a", json_of_len(4097).as_str()), 413, "exceeds server.max_body_bytes (4096 bytes)");
     // The same through chunked framing, where no Content-Length announces the size.
-    d.raw(&chunked_request(&exact)).id();
-    assert_status(&d.raw(&chunked_request(&json_of_len(4097))), 413, "exceeds server.max_body_bytes (4096 bytes)");
+    d.raw(&chunked_request("/hooks/a", &exact, 1000)).id();
+    assert_status(&d.raw(&chunked_request("/hooks/a", &json_of_len(4097), 1000)), 413, "exceeds server.max_body_bytes (4096 bytes)");
     assert_eq!(env.events().len(), 2);
 }
 
@@ -444,7 +418,7 @@ fn head_request_gets_405_labelled_as_json_with_the_length_of_the_error() {
     assert_status(&delete, 405, "is not accepted; use POST, PUT or GET");
     let expected = delete.text().replace("DELETE", "HEAD");
     assert_eq!(head.header("content-length"), Some(expected.len().to_string()), "the length of {expected}");
-    wait_for("both 405s to be counted", Duration::from_secs(10), || env.stat("a", "rejected") == 2);
+    wait_rejected(&env, "a", 2);
     assert!(env.events().is_empty());
 }
 
@@ -462,7 +436,7 @@ fn compressed_bodies_are_refused_with_415_and_nothing_is_stored() {
     let identity =
         d.request("POST", "/hooks/a").header("content-type", "application/json").header("content-encoding", "identity").body("{}");
     identity.send().id();
-    wait_for("both 415s to be counted", Duration::from_secs(10), || env.stat("a", "rejected") == 2);
+    wait_rejected(&env, "a", 2);
     assert_eq!(env.events().len(), 1);
     assert_no_panic(&env);
 }

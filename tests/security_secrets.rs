@@ -8,7 +8,6 @@ mod common;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use common::*;
-use hmac::{Hmac, Mac};
 use std::time::Duration;
 
 const TOKEN: &str = "tok-3c1b9e77-header";
@@ -17,12 +16,6 @@ const PASSWORD: &str = "pw-8e4f6a21-basic";
 const HMAC_KEY: &str = "key-7b9c2d40-hmac";
 const GH_KEY: &str = "key-1a2b3c4d-github";
 const INLINE: &str = "inline-6f5e4d3c-secret";
-
-fn sha256_hex(key: &str, body: &str) -> String {
-    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key.as_bytes()).expect("any key length");
-    m.update(body.as_bytes());
-    hex::encode(m.finalize().into_bytes())
-}
 
 #[test]
 fn secrets_never_reach_logs_error_bodies_storage_show_or_export() {
@@ -55,8 +48,8 @@ auth = { type = "header_token", header = "X-Inline", secret = "inline-6f5e4d3c-s
         .start();
     let body = r#"{"email":"lead@example.com"}"#;
     let basic = B64.encode(format!("sender:{PASSWORD}"));
-    let mac_sig = format!("sha256={}", sha256_hex(HMAC_KEY, body));
-    let gh_sig = format!("sha256={}", sha256_hex(GH_KEY, body));
+    let mac_sig = format!("sha256={}", hmac_sha256_hex(HMAC_KEY, body));
+    let gh_sig = format!("sha256={}", hmac_sha256_hex(GH_KEY, body));
     let json = |path: &str| d.request("POST", path).header("content-type", "application/json");
 
     // Accepted requests, each carrying its credential.

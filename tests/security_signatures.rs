@@ -15,23 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use common::*;
-use hmac::{Hmac, Mac};
-use std::time::Duration;
-
-/// HMAC over the concatenated parts with digest `$d` (sha1::Sha1, sha2::Sha256, …).
-macro_rules! mac {
-    ($d:ty, $key:expr, $parts:expr) => {{
-        let mut m = <Hmac<$d> as Mac>::new_from_slice($key).expect("HMAC takes any key length");
-        for p in $parts {
-            m.update(p);
-        }
-        m.finalize().into_bytes().to_vec()
-    }};
-}
-
-fn sha256(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-    mac!(sha2::Sha256, key, parts)
-}
+use hmac::Hmac;
 
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs() as i64
@@ -62,14 +46,12 @@ fn post(d: &Daemon, path: &str, headers: &Headers, body: &str) -> Resp {
 
 /// Asserts a 401 whose error message contains `want`.
 fn assert_401(r: &Resp, want: &str) {
-    assert_eq!(r.status, 401, "expected 401 ({want}), got {} {}", r.status, r.text());
-    let e = r.error();
-    assert!(e.contains(want), "error {e:?} does not mention {want:?}");
+    assert_status(r, 401, want);
 }
 
 /// After `n` refused requests: nothing stored, and `stats` counts all `n`.
 fn assert_refused_and_counted(env: &TestEnv, source: &str, n: u64) {
-    wait_for(&format!("stats to count {n} rejections for {source}"), Duration::from_secs(10), || env.stat(source, "rejected") == n);
+    wait_rejected(env, source, n);
     assert!(env.events().is_empty(), "a refused request was stored: {:?}", env.events());
 }
 
@@ -124,7 +106,7 @@ fn github_preset_accepts_documented_signature_and_refuses_forgeries() {
     // GitHub: X-Hub-Signature-256 = "sha256=" + hex(HMAC-SHA256(secret, body)).
     let env = TestEnv::new("[sources.gh]\nauth = { type = \"github\", secret_env = \"GH_SECRET\" }\n");
     let d = env.daemon().env("GH_SECRET", "It's a Secret to Everybody").start();
-    let sig = |key: &str| format!("sha256={}", hex::encode(sha256(key.as_bytes(), &[BODY.as_bytes()])));
+    let sig = |key: &str| format!("sha256={}", hmac_sha256_hex(key, BODY));
     Case {
         env: &env,
         d: &d,
@@ -161,7 +143,7 @@ fn stripe_preset_accepts_documented_signature_and_refuses_forgeries() {
     let d = env.daemon().env("STRIPE_WHSEC", secret).start();
     let header = |key: &str, t: i64| {
         let ts = t.to_string();
-        format!("t={ts},v1={}", hex::encode(sha256(key.as_bytes(), &[ts.as_bytes(), b".", BODY.as_bytes()])))
+        format!("t={ts},v1={}", hex::encode(hmac_sha256(key.as_bytes(), &[ts.as_bytes(), b".", BODY.as_bytes()])))
     };
     Case {
         env: &env,
@@ -183,8 +165,8 @@ fn stripe_preset_accepts_any_of_several_v1_signatures_during_rotation() {
     let env = TestEnv::new("[sources.stripe]\nauth = { type = \"stripe\", secret_env = \"STRIPE_WHSEC\" }\n");
     let d = env.daemon().env("STRIPE_WHSEC", secret).start();
     let ts = now().to_string();
-    let good = hex::encode(sha256(secret.as_bytes(), &[ts.as_bytes(), b".", BODY.as_bytes()]));
-    let old = hex::encode(sha256(b"whsec_old", &[ts.as_bytes(), b".", BODY.as_bytes()]));
+    let good = hex::encode(hmac_sha256(secret.as_bytes(), &[ts.as_bytes(), b".", BODY.as_bytes()]));
+    let old = hex::encode(hmac_sha256(b"whsec_old", &[ts.as_bytes(), b".", BODY.as_bytes()]));
     let v = format!("t={ts},v1={old},v1={good},v0=ignored");
     assert_accepted(&env, &d, "/hooks/stripe", &h(&[("Stripe-Signature", &v)]), BODY);
     let only_old = format!("t={ts},v1={old}");
@@ -196,7 +178,7 @@ fn shopify_preset_accepts_documented_signature_and_refuses_forgeries() {
     // Shopify: X-Shopify-Hmac-Sha256 = base64(HMAC-SHA256(app secret, body)).
     let env = TestEnv::new("[sources.shop]\nauth = { type = \"shopify\", secret_env = \"SHOPIFY_SECRET\" }\n");
     let d = env.daemon().env("SHOPIFY_SECRET", "shpss_0123456789abcdef").start();
-    let sig = |key: &str| B64.encode(sha256(key.as_bytes(), &[BODY.as_bytes()]));
+    let sig = |key: &str| B64.encode(hmac_sha256(key.as_bytes(), &[BODY.as_bytes()]));
     Case {
         env: &env,
         d: &d,
@@ -222,7 +204,7 @@ fn slack_preset_accepts_documented_signature_and_refuses_forgeries() {
         let base = format!("v0:{ts}:{BODY}");
         h(&[
             ("X-Slack-Request-Timestamp", &ts),
-            ("X-Slack-Signature", &format!("v0={}", hex::encode(sha256(key.as_bytes(), &[base.as_bytes()])))),
+            ("X-Slack-Signature", &format!("v0={}", hex::encode(hmac_sha256(key.as_bytes(), &[base.as_bytes()])))),
         ])
     };
     Case {
@@ -244,22 +226,16 @@ fn slack_preset_refuses_a_missing_timestamp_header() {
     let env = TestEnv::new("[sources.slack]\nauth = { type = \"slack\", secret_env = \"SLACK_SIGNING_SECRET\" }\n");
     let d = env.daemon().env("SLACK_SIGNING_SECRET", secret).start();
     let ts = now().to_string();
-    let sig = format!("v0={}", hex::encode(sha256(secret.as_bytes(), &[format!("v0:{ts}:{BODY}").as_bytes()])));
+    let sig = format!("v0={}", hex::encode(hmac_sha256(secret.as_bytes(), &[format!("v0:{ts}:{BODY}").as_bytes()])));
     assert_401(&post(&d, "/hooks/slack", &h(&[("X-Slack-Signature", &sig)]), BODY), "missing x-slack-request-timestamp header");
     assert_refused_and_counted(&env, "slack", 1);
 }
 
-/// A Standard Webhooks secret: `whsec_` + base64 of the key bytes.
-fn whsec(key: &[u8]) -> String {
-    format!("whsec_{}", B64.encode(key))
-}
-
-/// Standard Webhooks headers: signed content "<id>.<ts>.<body>", HMAC-SHA256 with
-/// the base64-decoded key, sent as "v1,<base64>".
+/// Standard Webhooks headers, signed as [`standard_webhooks_signature`] says.
 fn standard_headers(key: &[u8], id: &str, t: i64, body: &str) -> Headers {
     let ts = t.to_string();
-    let sig = B64.encode(sha256(key, &[id.as_bytes(), b".", ts.as_bytes(), b".", body.as_bytes()]));
-    h(&[("webhook-id", id), ("webhook-timestamp", &ts), ("webhook-signature", &format!("v1,{sig}"))])
+    let sig = standard_webhooks_signature(key, id, &ts, body.as_bytes());
+    h(&[("webhook-id", id), ("webhook-timestamp", &ts), ("webhook-signature", &sig)])
 }
 
 #[test]
@@ -303,7 +279,7 @@ fn preset_secrets_rotate_any_listed_secret_verifies_and_others_do_not() {
          [sources.std]\nauth = { type = \"standard_webhooks\", secrets = [{ secret_env = \"SW_A\" }, { secret_env = \"SW_B\" }] }\n",
     );
     let d = env.daemon().env("A", "old-secret").env("B", "new-secret").env("SW_A", &whsec(b"key-a")).env("SW_B", &whsec(b"key-b")).start();
-    let gh = |key: &str| h(&[("X-Hub-Signature-256", &format!("sha256={}", hex::encode(sha256(key.as_bytes(), &[BODY.as_bytes()]))))]);
+    let gh = |key: &str| h(&[("X-Hub-Signature-256", &format!("sha256={}", hmac_sha256_hex(key, BODY)))]);
     assert_accepted(&env, &d, "/hooks/gh", &gh("old-secret"), BODY);
     assert_accepted(&env, &d, "/hooks/gh", &gh("new-secret"), BODY);
     assert_401(&post(&d, "/hooks/gh", &gh("third-secret"), BODY), "does not match");
@@ -328,7 +304,7 @@ fn generic_hmac_secrets_rotate_and_secret_file_is_read() {
         file = toml_str(&file.to_string_lossy()),
     ));
     let d = env.daemon().env("A", "secret-a").env("B", "secret-b").start();
-    let sig = |key: &str| h(&[("X-Sig", &hex::encode(sha256(key.as_bytes(), &[BODY.as_bytes()])))]);
+    let sig = |key: &str| h(&[("X-Sig", &hmac_sha256_hex(key, BODY))]);
     assert_accepted(&env, &d, "/hooks/rot", &sig("secret-a"), BODY);
     assert_accepted(&env, &d, "/hooks/rot", &sig("secret-b"), BODY);
     assert_401(&post(&d, "/hooks/rot", &sig("secret-c"), BODY), "signature in x-sig does not match the body");
@@ -375,7 +351,7 @@ fn hmac_sha1_hex_with_prefix_verifies_and_refuses_forgeries() {
         "sha1hex",
         Generic {
             auth: r#"type = "hmac", header = "X-Signature", algorithm = "sha1", encoding = "hex", prefix = "sha1=""#,
-            sign: |k, _, body| format!("sha1={}", hex::encode(mac!(sha1::Sha1, k, [body.as_bytes()]))),
+            sign: |k, _, body| format!("sha1={}", hex::encode(mac::<Hmac<sha1::Sha1>>(k, &[body.as_bytes()]))),
             header: "X-Signature",
             timestamp_header: None,
         },
@@ -388,7 +364,7 @@ fn hmac_sha256_base64_verifies_and_refuses_forgeries() {
         "sha256b64",
         Generic {
             auth: r#"type = "hmac", header = "X-Signature", algorithm = "sha256", encoding = "base64""#,
-            sign: |k, _, body| B64.encode(mac!(sha2::Sha256, k, [body.as_bytes()])),
+            sign: |k, _, body| B64.encode(hmac_sha256(k, &[body.as_bytes()])),
             header: "X-Signature",
             timestamp_header: None,
         },
@@ -401,7 +377,7 @@ fn hmac_sha512_hex_verifies_and_refuses_forgeries() {
         "sha512hex",
         Generic {
             auth: r#"type = "hmac", header = "X-Signature", algorithm = "sha512", encoding = "hex""#,
-            sign: |k, _, body| hex::encode(mac!(sha2::Sha512, k, [body.as_bytes()])),
+            sign: |k, _, body| hex::encode(mac::<Hmac<sha2::Sha512>>(k, &[body.as_bytes()])),
             header: "X-Signature",
             timestamp_header: None,
         },
@@ -414,7 +390,7 @@ fn hmac_timestamp_dot_body_verifies_and_refuses_stale_and_forged_requests() {
         "tsbody",
         Generic {
             auth: r#"type = "hmac", header = "X-Signature", algorithm = "sha256", encoding = "hex", prefix = "v1=", timestamp_header = "X-Timestamp", signed_content = "timestamp.body""#,
-            sign: |k, ts, body| format!("v1={}", hex::encode(mac!(sha2::Sha256, k, [ts.as_bytes(), b".", body.as_bytes()]))),
+            sign: |k, ts, body| format!("v1={}", hex::encode(hmac_sha256(k, &[ts.as_bytes(), b".", body.as_bytes()]))),
             header: "X-Signature",
             timestamp_header: Some("X-Timestamp"),
         },
@@ -429,7 +405,7 @@ fn hmac_timestamp_dot_body_refuses_a_signature_moved_to_another_timestamp() {
     );
     let d = env.daemon().env("K", "k").start();
     let old = stale().to_string();
-    let sig = hex::encode(sha256(b"k", &[old.as_bytes(), b".", BODY.as_bytes()]));
+    let sig = hex::encode(hmac_sha256(b"k", &[old.as_bytes(), b".", BODY.as_bytes()]));
     let r = post(&d, "/hooks/ts", &h(&[("X-Signature", &sig), ("X-Timestamp", &now().to_string())]), BODY);
     assert_401(&r, "signature in x-signature does not match the body");
     let r = post(&d, "/hooks/ts", &h(&[("X-Signature", &sig), ("X-Timestamp", "not-a-number")]), BODY);

@@ -12,19 +12,7 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-const HUBSPOT_PATH: &str = "/crm/v3/objects/contacts/batch/upsert";
 const HUBSPOT_TOKEN: &str = "pat-na1-seeds-0000";
-
-/// Fast polling and retries, appended to every example config.
-const FAST: &str = r#"
-[processor]
-poll_interval = "100ms"
-
-[retry]
-max_attempts = 3
-initial_backoff = "100ms"
-max_backoff = "500ms"
-"#;
 
 /// A file of `examples/DIR/`, read at test time.
 fn example(dir: &str, name: &str) -> Vec<u8> {
@@ -44,7 +32,8 @@ fn replace_once(text: &str, from: &str, to: &str) -> String {
 }
 
 /// The example's `hooktrail.toml` with `[server]`, `[storage]` and `[admin]` pointed
-/// at a temp dir (ephemeral ports, a ready file), then [`FAST`] and `handlers` appended.
+/// at a temp dir (ephemeral ports, a ready file), then fast polling and
+/// retries (3 attempts) and `handlers` appended.
 fn env_from_example(dir: &str, handlers: &str) -> TestEnv {
     let env = TestEnv::raw("");
     let text = example_text(dir, "hooktrail.toml");
@@ -56,7 +45,7 @@ fn env_from_example(dir: &str, handlers: &str) -> TestEnv {
     let text =
         replace_once(&text, &format!("path = \"./data/{dir}.db\""), &format!("path = {}", toml_str(&env.db_path().to_string_lossy())));
     let text = replace_once(&text, "listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"");
-    env.write_config(&format!("{text}\n{FAST}\n{handlers}"));
+    env.write_config(&format!("{text}\n{}\n{handlers}", fast_retries(3, "500ms", "")));
     env
 }
 
@@ -68,20 +57,9 @@ fn hubspot_handler(name: &str, crm: &FakePeer, keys: &str) -> String {
     )
 }
 
-/// A `[[routes]]` entry, with an optional `match = […]` line.
-fn route(source: &str, handler: &str, matches: &str) -> String {
-    format!("[[routes]]\nsource = \"{source}\"\nhandler = \"{handler}\"\n{matches}\n\n")
-}
-
-/// HubSpot's answer to a batch upsert: one result per input.
-fn hubspot_ok(req: &PeerRequest) -> PeerReply {
-    let inputs = req.json()["inputs"].as_array().cloned().unwrap_or_default();
-    let results: Vec<Value> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, input)| json!({"id": (1000 + i).to_string(), "properties": input["properties"], "new": true}))
-        .collect();
-    PeerReply::json(200, &json!({"status": "COMPLETE", "results": results}))
+/// A `[[routes]]` entry with an optional `match = […]` line.
+fn route_matching(source: &str, handler: &str, matches: &str) -> String {
+    format!("{}{matches}\n\n", route(source, handler))
 }
 
 /// Percent-encodes every byte, as the examples' `send.sh` do for a token in the URL.
@@ -132,16 +110,16 @@ fn one_hubspot_request(crm: &FakePeer) -> Value {
 const NR_TOKEN: &str = "nr-token-5f1c0a9e";
 const NR_PATH: &str = "/hooks/netresults";
 
-/// The Net-Results example with the three handlers its comments suggest, each
-/// routed by what only its kind of webhook carries.
-fn netresults_env(crm: &FakePeer) -> TestEnv {
+/// A daemon on the Net-Results example with the three handlers its comments
+/// suggest, each routed by what only its kind of webhook carries; both tokens set.
+fn start_netresults(crm: &FakePeer) -> (TestEnv, Daemon) {
     let mut h = hubspot_handler(
         "crm",
         crm,
         r#"id_property = "email"
 fields = { email = "/submission_values/email_address/0", firstname = "/submission_values/first_name/0", lastname = "/submission_values/last_name/0", company = "/submission_values/company_name/0" }"#,
     );
-    h += &route("netresults", "crm", r#"match = [{ pointer = "/form_completion_id", exists = true }]"#);
+    h += &route_matching("netresults", "crm", r#"match = [{ pointer = "/form_completion_id", exists = true }]"#);
     h += &hubspot_handler(
         "crm_campaign",
         crm,
@@ -150,15 +128,17 @@ records = "/CampaignActionQualification/*/Campaign/*/CampaignAction/*/Contacts/*
 fields = { netresults_contact_id = "" }
 batch_size = 2"#,
     );
-    h += &route("netresults", "crm_campaign", r#"match = [{ pointer = "/CampaignActionQualification", exists = true }]"#);
+    h += &route_matching("netresults", "crm_campaign", r#"match = [{ pointer = "/CampaignActionQualification", exists = true }]"#);
     h += &hubspot_handler(
         "crm_alert",
         crm,
         r#"id_property = "email"
 fields = { email = "/email_address", netresults_contact_id = "/contact_id", last_alert = "/alert_name" }"#,
     );
-    h += &route("netresults", "crm_alert", r#"match = [{ pointer = "/alert_id", exists = true }]"#);
-    env_from_example("netresults", &h)
+    h += &route_matching("netresults", "crm_alert", r#"match = [{ pointer = "/alert_id", exists = true }]"#);
+    let env = env_from_example("netresults", &h);
+    let d = env.daemon().env("NR_TOKEN", NR_TOKEN).env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
+    (env, d)
 }
 
 /// Posts an example body as `send.sh` does (`post_json FILE`).
@@ -180,8 +160,7 @@ fn assert_netresults_stored(ev: &Value, file: &str) {
 #[test]
 fn netresults_form_example_reaches_the_crm_as_one_upsert() {
     let crm = FakePeer::start(|req, _| hubspot_ok(req));
-    let env = netresults_env(&crm);
-    let d = env.daemon().env("NR_TOKEN", NR_TOKEN).env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
+    let (env, d) = start_netresults(&crm);
     let id = netresults_send(&d, "form.json");
 
     let (ev, output) = settled_with_one_success(&env, &id, "crm");
@@ -201,8 +180,7 @@ fn netresults_form_example_reaches_the_crm_as_one_upsert() {
 #[test]
 fn netresults_campaign_example_upserts_every_contact_id_exactly_once_in_batches() {
     let crm = FakePeer::start(|req, _| hubspot_ok(req));
-    let env = netresults_env(&crm);
-    let d = env.daemon().env("NR_TOKEN", NR_TOKEN).env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
+    let (env, d) = start_netresults(&crm);
     let id = netresults_send(&d, "campaign.json");
 
     let (ev, output) = settled_with_one_success(&env, &id, "crm_campaign");
@@ -234,8 +212,7 @@ fn netresults_campaign_example_upserts_every_contact_id_exactly_once_in_batches(
 #[test]
 fn netresults_alert_example_reaches_the_crm_as_one_upsert_by_email() {
     let crm = FakePeer::start(|req, _| hubspot_ok(req));
-    let env = netresults_env(&crm);
-    let d = env.daemon().env("NR_TOKEN", NR_TOKEN).env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
+    let (env, d) = start_netresults(&crm);
     let id = netresults_send(&d, "alert.json");
 
     let (ev, output) = settled_with_one_success(&env, &id, "crm_alert");
@@ -263,7 +240,7 @@ fn email_platform_test_event_example_reaches_the_crm_with_its_api_key_redacted()
         r#"id_property = "email"
 fields = { email = "/data/email", firstname = "/data/firstname", lastname = "/data/lastname" }"#,
     );
-    h += &route("email-platform", "crm", r#"match = [{ pointer = "/event", equals = "automation.webhook.send" }]"#);
+    h += &route_matching("email-platform", "crm", r#"match = [{ pointer = "/event", equals = "automation.webhook.send" }]"#);
     let env = env_from_example("email-platform", &h);
     let d = env.daemon().env("EMAIL_WEBHOOK_TOKEN", TOKEN).env("HUBSPOT_TOKEN", HUBSPOT_TOKEN).start();
     let body = example("email-platform", "test-event.json");
@@ -302,9 +279,9 @@ const NOTE_PATH: &str = "/ontraport/note";
 /// and a forward for note posts (they carry `contact_id`, nothing a CRM upsert maps).
 fn ontraport_env(peer: &FakePeer) -> TestEnv {
     let mut h = hubspot_handler("crm", peer, "id_property = \"email\"\nfields = { email = \"/Email\", firstname = \"/First_Name\" }");
-    h += &route("ontraport", "crm", r#"match = [{ pointer = "/Email", exists = true }]"#);
+    h += &route_matching("ontraport", "crm", r#"match = [{ pointer = "/Email", exists = true }]"#);
     h += &format!("[handlers.note_forward]\ntype = \"http\"\nurl = {}\nbody = \"raw\"\n\n", toml_str(&peer.url(NOTE_PATH)));
-    h += &route("ontraport", "note_forward", r#"match = [{ pointer = "/contact_id", exists = true }]"#);
+    h += &route_matching("ontraport", "note_forward", r#"match = [{ pointer = "/contact_id", exists = true }]"#);
     env_from_example("ontraport", &h)
 }
 
@@ -384,9 +361,9 @@ const LL_FIELDS: &str = r#"fields = { email = "/email", firstname = "/first_name
 /// The Lead Liaison example with the two CRM handlers its comments suggest.
 fn leadliaison_env(crm: &FakePeer) -> TestEnv {
     let mut h = hubspot_handler("crm", crm, &format!("id_property = \"email\"\n{LL_FIELDS}"));
-    h += &route("leadliaison", "crm", "");
+    h += &route_matching("leadliaison", "crm", "");
     h += &hubspot_handler("crm_xml", crm, &format!("id_property = \"email\"\nrecords = \"/lead\"\n{LL_FIELDS}"));
-    h += &route("leadliaison-xml", "crm_xml", "");
+    h += &route_matching("leadliaison-xml", "crm_xml", "");
     env_from_example("leadliaison", &h)
 }
 

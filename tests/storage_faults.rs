@@ -79,6 +79,18 @@ fn assert_lost(env: &TestEnv, d: &Daemon) {
     wait_for("the fault logged at ERROR", Duration::from_secs(10), || d.log().lines().any(|l| l.contains("ERROR") && l.contains(&db)));
 }
 
+/// Starts a daemon on the database as it is now: every event in `acked` is
+/// there, none posted as `{"n":"refused"}` is, and no daemon panicked.
+fn assert_restart_has_every_acked_event(env: &TestEnv, acked: &[String]) {
+    let _d = env.start();
+    let stored = env.events();
+    for id in acked {
+        assert!(stored.iter().any(|e| e["id"] == id.as_str()), "acknowledged event {id} is missing");
+    }
+    assert!(!stored.iter().any(|e| e["payload"]["n"] == "refused"), "a refused event was stored");
+    assert!(!env.log().contains("panicked"), "{}", env.log());
+}
+
 #[test]
 fn deleting_the_database_file_while_running_gets_503_and_loses_no_acknowledged_event() {
     let env = TestEnv::new(CONFIG);
@@ -110,14 +122,7 @@ fn deleting_the_database_file_while_running_gets_503_and_loses_no_acknowledged_e
 
     // Put back, every acknowledged event is there; the refused one is not.
     std::fs::rename(&saved, env.db_path()).expect("putting the file back");
-    let d = env.start();
-    let stored = env.events();
-    for id in &acked {
-        assert!(stored.iter().any(|e| e["id"] == id.as_str()), "acknowledged event {id} is missing");
-    }
-    assert!(!stored.iter().any(|e| e["payload"]["n"] == "refused"), "a refused event was stored");
-    assert!(!env.log().contains("panicked"), "{}", env.log());
-    drop(d);
+    assert_restart_has_every_acked_event(&env, &acked);
 }
 
 #[test]
@@ -141,14 +146,7 @@ fn moving_the_database_file_while_running_gets_503_and_a_restart_is_refused_unti
     assert!(!env.db_path().exists(), "the refused start created no empty database");
 
     std::fs::rename(&moved, env.db_path()).expect("moving the file back");
-    let d = env.start();
-    let stored = env.events();
-    for id in &acked {
-        assert!(stored.iter().any(|e| e["id"] == id.as_str()), "acknowledged event {id} is missing");
-    }
-    assert!(!stored.iter().any(|e| e["payload"]["n"] == "refused"), "a refused event was stored");
-    assert!(!env.log().contains("panicked"), "{}", env.log());
-    drop(d);
+    assert_restart_has_every_acked_event(&env, &acked);
 }
 
 #[test]

@@ -725,6 +725,9 @@ impl SqliteStore {
     /// refuses new events (`storage.min_free_bytes`); 0, the default, disables it.
     pub fn with_min_free_bytes(mut self, min_free: u64) -> Self {
         self.min_free_bytes = min_free;
+        if let Some(disk) = &self.disk {
+            disk.log_floor(min_free);
+        }
         self
     }
 

@@ -54,6 +54,20 @@ impl DiskGuard {
         self.free_bytes().filter(|free| *free < min_free)
     }
 
+    /// Says once, at start, which floor admission enforces: `0` really turns
+    /// the check off (nothing else would show it, since no volume has less
+    /// than 0 bytes free), any other value names the bound and today's free space.
+    pub fn log_floor(&self, min_free: u64) {
+        let path = self.path.display();
+        match (min_free, self.free_bytes()) {
+            (0, _) => tracing::info!(path = %path, "storage.min_free_bytes = 0: the free-disk check is off"),
+            (n, Some(free)) => tracing::info!(path = %path, free, "storage.min_free_bytes: refusing new events below {n} bytes free"),
+            (n, None) => {
+                tracing::info!(path = %path, "storage.min_free_bytes: refusing new events below {n} bytes free (free space not known yet)")
+            }
+        }
+    }
+
     fn sample(&self) {
         let v = match available_bytes(&self.path) {
             Ok(n) => n.min(UNKNOWN - 1),

@@ -9,9 +9,18 @@
 //!   status, headers and body for every status, 4xx/5xx included.
 //! - [`read_response`]: for raw `TcpStream` cases (trickled or chunked bodies).
 //! - [`wait_until`]/[`wait_for`]: poll a condition with a deadline; never sleep and hope.
+//! - [`assert_status`], [`wait_rejected`]: what every rejection test checks
+//!   (status and error text; the rejection counted).
+//! - [`fast_retries`], [`open_source`], [`route`]: config pieces for tests that wait for deliveries.
+//! - [`FakePeer`] (with [`hubspot_ok`]): a recording HTTP peer on loopback.
+//! - [`sign`]: HMAC signatures computed as the providers document them.
 //!
 //! Each test binary uses a different subset of this module.
 #![allow(dead_code)]
+
+pub mod sign;
+#[allow(unused_imports)] // not every test binary signs
+pub use sign::*;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -50,6 +59,72 @@ pub fn wait_for(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
 /// Quotes a string as a TOML basic string (JSON string syntax is a subset).
 pub fn toml_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string always serializes")
+}
+
+/// How long a rejection may take to show in `stats` (counts are flushed with
+/// the writer's next batch, at most every half second).
+pub const STATS_WAIT: Duration = Duration::from_secs(10);
+
+/// Asserts an error answer: `status`, and a JSON `"error"` message containing `want`.
+pub fn assert_status(r: &Resp, status: u16, want: &str) {
+    assert_eq!(r.status, status, "expected {status} ({want}), got {} {}", r.status, r.text());
+    let e = r.error();
+    assert!(e.contains(want), "error {e:?} does not mention {want:?}");
+}
+
+/// Waits until `stats` counts `n` rejections for `source`, and no more.
+pub fn wait_rejected(env: &TestEnv, source: &str, n: u64) {
+    let mut seen = 0;
+    let ok = wait_until(STATS_WAIT, || {
+        seen = env.stat(source, "rejected");
+        seen >= n
+    });
+    assert!(ok, "stats for `{source}` should count {n} rejection(s), saw {seen}");
+    assert_eq!(env.stat(source, "rejected"), n, "stats for `{source}` counted more rejections than were sent");
+}
+
+/// `[processor]` polling every 100 ms plus `processor_keys`, and a `[retry]`
+/// policy of `max_attempts` with backoff from 100 ms up to `max_backoff`:
+/// every retry path ends in about a second.
+pub fn fast_retries(max_attempts: u32, max_backoff: &str, processor_keys: &str) -> String {
+    format!(
+        "[processor]\npoll_interval = \"100ms\"\n{processor_keys}\n\n\
+         [retry]\nmax_attempts = {max_attempts}\ninitial_backoff = \"100ms\"\nmax_backoff = {}\n",
+        toml_str(max_backoff)
+    )
+}
+
+/// A source that accepts anyone.
+pub fn open_source(name: &str) -> String {
+    format!("[sources.{name}]\nauth = {{ type = \"none\" }}\n")
+}
+
+/// A `[[routes]]` entry from `source` to `handler`, every event.
+pub fn route(source: &str, handler: &str) -> String {
+    format!("[[routes]]\nsource = \"{source}\"\nhandler = \"{handler}\"\n")
+}
+
+/// A JSON document of exactly `len` bytes.
+pub fn json_of_len(len: usize) -> String {
+    let pad = len - r#"{"pad":""}"#.len();
+    format!(r#"{{"pad":"{}"}}"#, "p".repeat(pad))
+}
+
+/// A raw chunked POST of `body` as JSON to `path`, in chunks of `chunk` bytes
+/// (the last may be shorter, so limits are checked across chunk boundaries);
+/// `Connection: close`, as [`Daemon::raw`] sends one request per connection.
+pub fn chunked_request(path: &str, body: &str, chunk: usize) -> Vec<u8> {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for piece in body.as_bytes().chunks(chunk) {
+        req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        req.extend_from_slice(piece);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    req
 }
 
 /// A temp dir with a config file and (once a daemon ran) a database.
@@ -741,6 +816,20 @@ fn serve_peer(stream: TcpStream, log: &std::sync::Mutex<Vec<PeerRequest>>, respo
         out.write_all(r.body.as_bytes())?;
         out.flush()?;
     }
+}
+
+/// Where HubSpot takes a batch upsert of contacts.
+pub const HUBSPOT_PATH: &str = "/crm/v3/objects/contacts/batch/upsert";
+
+/// HubSpot's answer to a batch upsert: one result per input.
+pub fn hubspot_ok(req: &PeerRequest) -> PeerReply {
+    let inputs = req.json()["inputs"].as_array().cloned().unwrap_or_default();
+    let results: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| serde_json::json!({"id": (1000 + i).to_string(), "properties": input["properties"], "new": true}))
+        .collect();
+    PeerReply::json(200, &serde_json::json!({"status": "COMPLETE", "results": results}))
 }
 
 /// How long a delivery may take to end (`done` or `failed`) in these tests.
