@@ -120,6 +120,7 @@ pub async fn serve_with_tls<H, F>(
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192));
+    let builder = Arc::new(builder);
     let mut backoff = Duration::from_millis(5);
     let mut next_id: u64 = 0;
     loop {
@@ -226,7 +227,7 @@ struct Conn {
     peer: SocketAddr,
     state: Arc<ConnState>,
     refusals: Arc<Refusals>,
-    builder: hyper::server::conn::http1::Builder,
+    builder: Arc<hyper::server::conn::http1::Builder>,
     watcher: hyper_util::server::graceful::Watcher,
     _permit: OwnedSemaphorePermit,
     _registered: Option<Registered>,

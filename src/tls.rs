@@ -153,3 +153,41 @@ pub fn reload(running: Option<&Reloadable>, reloaded: Option<&Loaded>) {
         (None, None) => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn each_unusable_file_is_named_with_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let cert = write(dir.path(), "cert.pem", &made.cert.pem());
+        let key = write(dir.path(), "key.pem", &made.key_pair.serialize_pem());
+        let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let other_key = write(dir.path(), "other.pem", &other.key_pair.serialize_pem());
+        let empty = write(dir.path(), "empty.pem", "");
+        let load = |c: &PathBuf, k: &PathBuf| load(TlsFiles { cert_file: c.clone(), key_file: k.clone() });
+
+        assert_eq!(load(&cert, &key).unwrap().files.cert_file, cert);
+        let cases = [
+            (&empty, &key, TlsFile::Cert, "holds no PEM certificate"),
+            (&key, &key, TlsFile::Cert, "holds no PEM certificate"),
+            (&dir.path().join("missing.pem"), &key, TlsFile::Cert, "cannot read"),
+            (&cert, &empty, TlsFile::Key, "holds no PEM private key"),
+            (&cert, &cert, TlsFile::Key, "holds no PEM private key"),
+            (&cert, &other_key, TlsFile::Key, "is not the key of the certificate"),
+        ];
+        for (c, k, file, says) in cases {
+            let e = load(c, k).unwrap_err();
+            assert_eq!(e.file, file, "{c:?} {k:?}: {e}");
+            assert!(e.message.contains(says), "{c:?} {k:?}: {e}");
+        }
+    }
+}
