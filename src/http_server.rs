@@ -201,7 +201,8 @@ pub async fn serve_with_tls<H, F>(
                 let acceptor = tls.acceptor();
                 let handshake_timeout = limits.header_read_timeout;
                 tokio::spawn(async move {
-                    // A handshake is part of the wait for the first head.
+                    // The handshake gets the head's time limit, on its own:
+                    // a client stalling in it is cut off like a slowloris.
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => conn.serve(stream, svc).await,
                         Ok(Err(e)) => tracing::debug!(listener = conn.name, %peer, error = %e, "TLS handshake failed"),

@@ -136,6 +136,26 @@ fn a_malformed_head_over_tls_gets_the_json_400_and_stores_nothing() {
     assert!(env.events().is_empty(), "nothing stored");
 }
 
+/// A client that opens a connection and never completes the handshake holds
+/// a connection slot only until `header_read_timeout`.
+#[test]
+fn a_stalled_tls_handshake_is_closed_after_header_read_timeout() {
+    let cert = self_signed();
+    let files = CertFiles::new(&cert);
+    let env = TestEnv::with_server(&format!("header_read_timeout = \"1s\"\n{}", files.server_line()), SOURCE);
+    let d = env.start();
+    let mut s = d.connect(); // 15 s read timeout: far past the 1 s limit
+    s.write_all(&[0x16, 0x03, 0x01]).expect("the first bytes of a ClientHello");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the daemon to close the stalled handshake, got {other:?}"),
+    }
+    let (status, body) = post_https(&client_trusting(&cert), &d, r#"{"after":"stall"}"#).expect("HTTPS still served");
+    assert_eq!(status, 200, "{body}");
+}
+
 #[test]
 fn sighup_serves_the_replaced_certificate_to_new_connections_and_keeps_it_when_the_new_file_is_bad() {
     let first = self_signed();
