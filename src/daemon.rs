@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::ops::{self, Ops};
 use crate::process::Processor;
 use crate::store::{self, Role};
+use crate::tls;
 
 /// `hooktrail serve`: opens the store, starts the parts `role` asks for, and
 /// runs until SIGTERM/SIGINT (reloading on SIGHUP); returns once every task
@@ -39,6 +40,7 @@ pub async fn run(path: &Path, role: Role) -> Result<()> {
     let ops = Ops::new(cfg.clone(), store.clone(), metrics.clone(), role);
 
     let mut ready = serde_json::Map::new();
+    let tls = cfg.server.tls.clone().filter(|_| role.ingests()).map(tls::Reloadable::new);
     let ingest = if role.ingests() {
         let listener =
             TcpListener::bind(cfg.server.listen).await.with_context(|| format!("binding server.listen {}", cfg.server.listen))?;
@@ -46,7 +48,7 @@ pub async fn run(path: &Path, role: Role) -> Result<()> {
         tracing::info!(%addr, "listening for webhooks");
         ready.insert("listen".into(), addr.to_string().into());
         let ing = Ingest::new(cfg.clone(), store.clone(), metrics.clone());
-        tasks.spawn(ingest::serve(listener, ing.clone(), shutdown.clone()));
+        tasks.spawn(ingest::serve(listener, ing.clone(), tls.clone(), shutdown.clone()));
         ops.set_listener_bound();
         let trim = ing.clone();
         let sd = shutdown.clone();
@@ -108,6 +110,7 @@ pub async fn run(path: &Path, role: Role) -> Result<()> {
                         }
                         if let Some(i) = &ingest {
                             i.reload(l.config.clone());
+                            tls::reload(tls.as_deref(), l.config.server.tls.as_ref());
                         }
                         if let Some(p) = &processor {
                             p.reload(l.config.clone());

@@ -17,6 +17,9 @@
 //! - **Idle connections can be told from busy ones** ([`ConnState`]), so a
 //!   full listener that must stay reachable (admin: health probes) closes its
 //!   oldest idle connection for a new one instead of queueing it.
+//!
+//! Both hold over HTTPS too (public listener with `server.tls`): [`Socket`]
+//! wraps the TLS stream, so it sees hyper's plaintext writes.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -34,9 +37,12 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use crate::tls::Reloadable;
 
 /// hyper's longest request target; longer ones get 414 from hyper itself.
 const MAX_URI_LEN: usize = u16::MAX as usize - 1;
@@ -88,6 +94,22 @@ where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    serve_with_tls(listener, limits, None, shutdown, handle).await
+}
+
+/// Like [`serve`]; with `tls`, every connection is first a TLS handshake
+/// (within `header_read_timeout`) with the certificate `tls` holds when the
+/// connection is accepted.
+pub async fn serve_with_tls<H, F>(
+    listener: TcpListener,
+    limits: Limits,
+    tls: Option<Arc<Reloadable>>,
+    shutdown: CancellationToken,
+    handle: H,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let open = Arc::new(Open::default());
     let refusals = Arc::new(Refusals::new(&limits));
@@ -98,6 +120,7 @@ where
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192));
+    let builder = Arc::new(builder);
     let mut backoff = Duration::from_millis(5);
     let mut next_id: u64 = 0;
     loop {
@@ -158,27 +181,78 @@ where
                 Ok::<_, Infallible>(resp.map(|body| ResponseBody { body, state }))
             }
         });
-        let io = Socket { io: TokioIo::new(stream), state: state.clone(), refusals: refusals.clone(), peer, replacement: None };
-        let conn = graceful.watch(builder.serve_connection(io, svc));
-        let name = limits.name;
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _registered = registered;
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(listener = name, error = %e, %peer, "connection ended with an error");
-                },
-                _ = state.closed.cancelled() => {
-                    tracing::debug!(listener = name, %peer, "idle connection closed to make room");
-                }
+        let conn = Conn {
+            name: limits.name,
+            peer,
+            state,
+            refusals: refusals.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            _permit: permit,
+            _registered: registered,
+        };
+        // Two spawns rather than one boxed stream: plain HTTP keeps its
+        // unwrapped TcpStream, and pays nothing for HTTPS being possible.
+        match &tls {
+            None => {
+                tokio::spawn(conn.serve(stream, svc));
             }
-        });
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                let handshake_timeout = limits.header_read_timeout;
+                tokio::spawn(async move {
+                    // The handshake gets the head's time limit, on its own:
+                    // a client stalling in it is cut off like a slowloris.
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => conn.serve(stream, svc).await,
+                        Ok(Err(e)) => tracing::debug!(listener = conn.name, %peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(listener = conn.name, %peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(limits.drain) => {
             tracing::warn!(listener = limits.name, "connections still open after the drain period; closing them");
+        }
+    }
+}
+
+/// One accepted connection and what it holds until it ends: its permit, its
+/// place among the open connections, and a watch on graceful shutdown.
+struct Conn {
+    name: &'static str,
+    peer: SocketAddr,
+    state: Arc<ConnState>,
+    refusals: Arc<Refusals>,
+    builder: Arc<hyper::server::conn::http1::Builder>,
+    watcher: hyper_util::server::graceful::Watcher,
+    _permit: OwnedSemaphorePermit,
+    _registered: Option<Registered>,
+}
+
+impl Conn {
+    /// Serves HTTP/1.1 on `io` (a TCP stream, or the TLS stream over one)
+    /// until the peer leaves, shutdown drains it, or it is closed for room.
+    async fn serve<I, S>(self, io: I, svc: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::HttpService<Incoming, ResBody = ResponseBody, Error = Infallible>,
+    {
+        // The permit and the registration are held until this returns.
+        let Conn { name, peer, state, refusals, builder, watcher, _permit, _registered } = self;
+        let io = Socket { io: TokioIo::new(io), state: state.clone(), refusals, peer, replacement: None };
+        let conn = watcher.watch(builder.serve_connection(io, svc));
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::debug!(listener = name, error = %e, %peer, "connection ended with an error");
+            },
+            _ = state.closed.cancelled() => {
+                tracing::debug!(listener = name, %peer, "idle connection closed to make room");
+            }
         }
     }
 }
@@ -386,8 +460,8 @@ fn hyper_refusal(bytes: &[u8]) -> Option<(u8, StatusCode)> {
 /// The connection as hyper sees it: reads pass through; a write of one of
 /// hyper's own refusals while no request is in progress is swallowed and our
 /// JSON answer written instead (before any later write, flush or shutdown).
-struct Socket {
-    io: TokioIo<TcpStream>,
+struct Socket<I> {
+    io: TokioIo<I>,
     state: Arc<ConnState>,
     refusals: Arc<Refusals>,
     peer: SocketAddr,
@@ -398,7 +472,7 @@ struct Socket {
 /// hyper's refusals are a status line and three short fields; anything longer is not one.
 const MAX_REFUSAL_HEAD: usize = 256;
 
-impl Socket {
+impl<I: AsyncRead + AsyncWrite + Unpin> Socket<I> {
     /// Replaces `bufs` if, together, they are one of hyper's refusals.
     fn replace(&mut self, bufs: &[&[u8]]) -> Option<usize> {
         let len: usize = bufs.iter().map(|b| b.len()).sum();
@@ -427,13 +501,13 @@ impl Socket {
     }
 }
 
-impl hyper::rt::Read for Socket {
+impl<I: AsyncRead + AsyncWrite + Unpin> hyper::rt::Read for Socket<I> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: hyper::rt::ReadBufCursor<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl hyper::rt::Write for Socket {
+impl<I: AsyncRead + AsyncWrite + Unpin> hyper::rt::Write for Socket<I> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         ready!(self.poll_replacement(cx))?;
         if let Some(n) = self.replace(&[buf]) {

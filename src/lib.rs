@@ -26,3 +26,4 @@ pub mod ops;
 pub mod process;
 pub mod store;
 pub mod template;
+pub mod tls;

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::check::Checker;
 use super::values::Dur;
 use crate::crypto::Secret;
+use crate::tls::{self, TlsFiles};
 
 /// The public listener, where senders post webhooks.
 #[derive(Debug, Clone)]
@@ -27,6 +28,10 @@ pub struct ServerConfig {
     /// Written once storage is open and listeners are bound: `{"listen":…,"admin":…}`
     /// (for scripts and tests that bind port 0).
     pub ready_file: Option<PathBuf>,
+    /// `server.tls`: serve HTTPS with this certificate (README "HTTPS"). Read
+    /// and checked with the rest of the config, so a reload with a bad
+    /// certificate is refused like any bad config and the old one kept.
+    pub tls: Option<tls::Loaded>,
 }
 
 /// The admin listener: health, metrics, the API and the event-log page.
@@ -63,6 +68,14 @@ pub(super) struct RawServer {
     trusted_proxies: Vec<String>,
     max_backlog: Option<u64>,
     ready_file: Option<PathBuf>,
+    tls: Option<RawTls>,
+}
+
+/// `server.tls = { cert_file, key_file }`; both required.
+#[derive(Deserialize)]
+struct RawTls {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -93,6 +106,7 @@ pub(super) fn server_config(ck: &mut Checker, r: RawServer) -> Option<ServerConf
     if max_header_bytes < MIN_MAX_HEADER_BYTES {
         ck.error("server.max_header_bytes", format!("must be at least {MIN_MAX_HEADER_BYTES}"));
     }
+    let tls = r.tls.and_then(|t| server_tls(ck, t));
     Some(ServerConfig {
         listen: listen?,
         max_body_bytes,
@@ -103,7 +117,28 @@ pub(super) fn server_config(ck: &mut Checker, r: RawServer) -> Option<ServerConf
         trusted_proxies,
         max_backlog: r.max_backlog.unwrap_or(DEFAULT_MAX_BACKLOG),
         ready_file: r.ready_file,
+        tls,
     })
+}
+
+/// Loads `server.tls` now, so `check-config`, the start and a reload all
+/// refuse a certificate that could not be served. Relative paths are read
+/// from the working directory, like `storage.path`.
+fn server_tls(ck: &mut Checker, t: RawTls) -> Option<tls::Loaded> {
+    if t.cert_file.is_none() {
+        ck.error("server.tls.cert_file", "is required");
+    }
+    if t.key_file.is_none() {
+        ck.error("server.tls.key_file", "is required");
+    }
+    let files = TlsFiles { cert_file: t.cert_file?, key_file: t.key_file? };
+    match tls::load(files) {
+        Ok(loaded) => Some(loaded),
+        Err(e) => {
+            ck.error(format!("server.tls.{}", e.file.key()), e.message);
+            None
+        }
+    }
 }
 
 pub(super) fn admin_config(ck: &mut Checker, r: RawAdmin) -> Option<AdminConfig> {

@@ -628,8 +628,9 @@ pub fn templated_response(spec: &ResponseSpec, id: &str, payload: &Value) -> Res
 }
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish
-/// (at most `request_timeout`) before returning.
-pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
+/// (at most `request_timeout`) before returning. With `tls`, serves HTTPS
+/// with the certificate it holds (README "HTTPS").
+pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, tls: Option<Arc<crate::tls::Reloadable>>, shutdown: CancellationToken) {
     let server = ingest.routing.load().config.server.clone();
     let metrics = ingest.metrics.clone();
     let limits = crate::http_server::Limits {
@@ -648,7 +649,7 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
             metrics.rejected(None, reason);
         })),
     };
-    crate::http_server::serve(listener, limits, shutdown, move |req, peer| {
+    crate::http_server::serve_with_tls(listener, limits, tls, shutdown, move |req, peer| {
         let ing = ingest.clone();
         async move { ing.handle(req, peer).await }
     })
