@@ -30,4 +30,5 @@ if grep -q "SKIPPED" "$out"; then
     exit 1
 fi
 grep -q "test browser_filters_opens_an_event_and_replays_it ... ok" "$out"
+grep -q "test browser_bulk_replays_failed_events_after_confirmation_and_refuses_a_forged_post ... ok" "$out"
 echo "browser: ok"

@@ -913,3 +913,245 @@ fn idle_connections_to_the_admin_listener_do_not_starve_health_probes() {
     assert!(env.log().contains("closed the oldest idle one"), "making room is logged");
     assert!(!env.log().contains("panicked"));
 }
+
+/// Issue 16: `broken` and `other` events go to `fails` (always fails, one
+/// attempt, so they end `failed` at once); `forms` events to `ok`.
+const FAILING: &str = r#"
+[processor]
+poll_interval = "100ms"
+[sources.forms]
+auth = { type = "none" }
+[sources.broken]
+auth = { type = "none" }
+[sources.other]
+auth = { type = "none" }
+[handlers.ok]
+type = "shell"
+command = ["/bin/cat"]
+[handlers.fails]
+type = "shell"
+command = ["/bin/false"]
+max_attempts = 1
+[[routes]]
+source = "forms"
+handler = "ok"
+[[routes]]
+source = "broken"
+handler = "fails"
+[[routes]]
+source = "other"
+handler = "fails"
+"#;
+
+/// Three failed `broken` events, one failed `other` event and one done
+/// `forms` event, each with one attempt.
+fn failed_events(admin: &Admin, d: &Daemon) -> (Vec<String>, String, String) {
+    let broken: Vec<String> = (0..3).map(|i| d.post_json("/hooks/broken", &format!(r#"{{"n":{i}}}"#)).id()).collect();
+    let other = d.post_json("/hooks/other", r#"{"n":9}"#).id();
+    let done = d.post_json("/hooks/forms", r#"{"email":"lead@example.com"}"#).id();
+    for id in broken.iter().chain([&other]) {
+        admin.wait_status(id, "failed");
+    }
+    admin.wait_status(&done, "done");
+    (broken, other, done)
+}
+
+/// Every event in `ids` is `status` with `n` attempts to its one handler.
+fn assert_attempts(admin: &Admin, ids: &[String], status: &str, n: usize) {
+    for id in ids {
+        let ev = admin.event(id);
+        let made = ev["deliveries"][0]["attempts"].as_array().map_or(0, Vec::len);
+        assert_eq!((ev["status"].as_str(), made), (Some(status), n), "{id}: {ev}");
+    }
+}
+
+/// Issue 16: `POST /api/replay` re-queues the failed deliveries of the
+/// failed events matching its filters (as `events replay --status failed`),
+/// lists them without changing anything on `dry_run=true`, refuses a bulk
+/// selection that does not say `status=failed`, and refuses a cross-site POST.
+#[test]
+fn api_bulk_replay_requeues_failed_events_of_the_filter_dry_run_changes_nothing_cross_site_refused() {
+    let env = TestEnv::new(FAILING);
+    let d = env.start();
+    let admin = Admin::of(&env, None);
+    let (broken, other, done) = failed_events(&admin, &d);
+
+    // Dry run: lists with counts, changes nothing.
+    let r = admin.post("/api/replay?status=failed&source=broken&dry_run=true");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let plan = r.json();
+    assert_eq!(
+        (plan["dry_run"].as_bool(), plan["events"].as_u64(), plan["deliveries"].as_u64(), plan["requeued"].as_u64()),
+        (Some(true), Some(3), Some(3), Some(0)),
+        "{plan}"
+    );
+    let mut listed: Vec<&str> = plan["would_requeue"].as_array().unwrap().iter().map(|d| d["event_id"].as_str().unwrap()).collect();
+    listed.sort();
+    let mut want: Vec<&str> = broken.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(listed, want, "{plan}");
+    assert_eq!(plan["would_requeue"][0]["handler"], "fails");
+    assert_eq!(plan["would_requeue"][0]["status"], "failed");
+    assert_eq!(plan["would_requeue"][0]["attempt_count"], 1);
+    assert_attempts(&admin, &broken, "failed", 1);
+
+    // A bulk selection must say status=failed; no paging; no unknown names.
+    for (q, says) in [
+        ("source=broken", "status=failed"),
+        ("status=done&source=broken", "status=failed"),
+        ("status=failed&limit=1", "unknown query parameter `limit`"),
+        ("status=failed&dry_run=maybe", "dry_run"),
+        ("status=failed&all=true", "unknown query parameter `all`"),
+    ] {
+        let r = admin.post(&format!("/api/replay?{q}"));
+        assert_eq!(r.status, 400, "{q}: {}", r.text());
+        assert!(r.error().contains(says), "{q}: {}", r.text());
+    }
+    assert_eq!(admin.get("/api/replay?status=failed").status, 405, "a GET changes nothing");
+
+    // Cross-site: refused before anything is read or changed.
+    for headers in [[("origin", "http://evil.example")], [("sec-fetch-site", "cross-site")]] {
+        let r = admin.send("POST", "/api/replay?status=failed&source=broken", &headers, "");
+        assert_eq!(r.status, 403, "{headers:?}: {}", r.text());
+        assert!(r.error().contains("cross-site"), "{}", r.text());
+    }
+    assert_attempts(&admin, &broken, "failed", 1);
+    assert_attempts(&admin, std::slice::from_ref(&other), "failed", 1);
+
+    // The real thing, from this site: the count matches the dry run.
+    let base = admin.base.clone();
+    let r = admin.send("POST", "/api/replay?status=failed&source=broken", &[("origin", &base), ("sec-fetch-site", "same-origin")], "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let done_replay = r.json();
+    assert_eq!((done_replay["events"].as_u64(), done_replay["requeued"].as_u64()), (Some(3), Some(3)), "{done_replay}");
+    wait_for("the three replayed deliveries to fail again", Duration::from_secs(20), || {
+        broken.iter().all(|id| {
+            let ev = admin.event(id);
+            ev["status"] == "failed" && attempts(&ev, "fails") == 2
+        })
+    });
+    assert_attempts(&admin, std::slice::from_ref(&other), "failed", 1);
+    assert_attempts(&admin, std::slice::from_ref(&done), "done", 1);
+
+    // Filtered by handler: the `ok` handler has no failed delivery.
+    let r = admin.post("/api/replay?status=failed&handler=ok&dry_run=1");
+    assert_eq!(r.json()["deliveries"], 0, "{}", r.text());
+    assert!(!env.log().contains("panicked"));
+}
+
+/// Issue 16: the page's bulk replay without a browser: the list offers
+/// "Replay failed (N)" for its filters, the confirmation page counts, a
+/// confirmation whose count no longer holds is asked again (409, nothing
+/// re-queued), a cross-site form POST is refused (403, nothing re-queued),
+/// and a confirmed one re-queues and redirects back with the count.
+#[test]
+fn page_bulk_replay_confirms_the_count_rechecks_it_and_refuses_cross_site_posts() {
+    let env = TestEnv::new(FAILING);
+    let d = env.start();
+    let admin = Admin::of(&env, None);
+    let (broken, other, _done) = failed_events(&admin, &d);
+
+    let list = admin.get("/?source=broken");
+    assert_eq!(list.status, 200);
+    assert!(list.text().contains("Replay failed (3)"), "{}", list.text());
+    let all = admin.get("/").text();
+    assert!(all.contains("Replay failed (4)"), "no filter: every failed event");
+    assert!(!admin.get("/?source=forms").text().contains("bulk-replay"), "nothing failed, no button");
+    assert!(!admin.get("/?source=broken&status=done").text().contains("bulk-replay"));
+
+    let confirm = admin.get("/replay?source=broken");
+    assert_eq!(confirm.status, 200, "{}", confirm.text());
+    let page = confirm.text();
+    assert!(
+        page.contains("<strong id=\"bulk-deliveries\">3</strong> failed deliveries of <strong id=\"bulk-events\">3</strong> events?"),
+        "{page}"
+    );
+    assert!(page.contains("name=\"expect\" value=\"3\""), "{page}");
+    assert!(page.contains("<code>status=failed</code>"), "{page}");
+    assert_attempts(&admin, &broken, "failed", 1);
+    let refused = admin.get("/replay?source=broken&status=done");
+    assert_eq!(refused.status, 400);
+    assert!(refused.text().contains("failed events only"), "{}", refused.text());
+
+    let form = "application/x-www-form-urlencoded";
+    let base = admin.base.clone();
+    let same = [("content-type", form), ("origin", base.as_str()), ("sec-fetch-site", "same-origin")];
+    // A forged form from another site, with the right count.
+    for evil in [("origin", "http://evil.example"), ("sec-fetch-site", "cross-site")] {
+        let r = admin.send("POST", "/replay", &[("content-type", form), evil], "source=broken&expect=3");
+        assert_eq!(r.status, 403, "{evil:?}: {}", r.text());
+        assert!(r.error().contains("cross-site"), "{}", r.text());
+    }
+    // A stale confirmation: asked again, nothing re-queued.
+    let r = admin.send("POST", "/replay", &same, "source=broken&expect=2");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("id=\"count-changed\""), "{}", r.text());
+    let r = admin.send("POST", "/replay", &same, "source=broken");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("lacks the count"), "{}", r.text());
+    assert_attempts(&admin, &broken, "failed", 1);
+
+    let r = admin.send("POST", "/replay", &same, "source=broken&status=&expect=3");
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(r.header("location").as_deref(), Some("/?source=broken&requeued=3"));
+    let flash = admin.get("/?source=broken&requeued=3");
+    assert_eq!(flash.status, 200);
+    assert!(flash.text().contains("Re-queued 3 failed deliveries."), "{}", flash.text());
+    wait_for("the three replayed deliveries to fail again", Duration::from_secs(20), || {
+        broken.iter().all(|id| {
+            let ev = admin.event(id);
+            ev["status"] == "failed" && attempts(&ev, "fails") == 2
+        })
+    });
+    assert_attempts(&admin, &[other], "failed", 1);
+    assert!(!env.log().contains("panicked"));
+}
+
+/// Issue 16, in a real browser: filter to a source with failed events, press
+/// "Replay failed (N)", see the count, confirm, see the flash, and the events
+/// are re-queued; then a page on another origin posts the same form and is
+/// refused, re-queuing nothing.
+#[test]
+fn browser_bulk_replays_failed_events_after_confirmation_and_refuses_a_forged_post() {
+    let Some(chromium) = chromium() else {
+        println!("SKIPPED browser_bulk_replays_failed_events_after_confirmation_and_refuses_a_forged_post: no Chromium at /usr/bin/chromium (set CHROMIUM=…); .ci/browser.sh installs it");
+        return;
+    };
+    let dir = browser_dir();
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "Chromium is installed but tests/browser has no node_modules; run .ci/browser.sh (or npm ci in tests/browser)"
+    );
+    let env = TestEnv::new(FAILING);
+    let d = env.daemon().env("HOOKTRAIL_ADMIN_TOKEN", ADMIN_TOKEN).start();
+    let admin = Admin::of(&env, Some(ADMIN_TOKEN));
+    let (broken, other, _done) = failed_events(&admin, &d);
+
+    let profile = tempfile::tempdir().expect("a Chromium profile dir");
+    let out = Command::new("node")
+        .arg(dir.join("bulk.test.mjs"))
+        .current_dir(&dir)
+        .env("ADMIN_URL", &admin.base)
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SOURCE", "broken")
+        .env("FAILED", broken.len().to_string())
+        .env("CHROMIUM", &chromium)
+        .env("PROFILE_DIR", profile.path())
+        .output()
+        .expect("running node tests/browser/bulk.test.mjs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser script failed:\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    let result: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("browser script's last line is not JSON ({e}): {stdout}"));
+    assert_eq!(result["button"], "Replay failed (3)", "{result}");
+    assert_eq!(result["confirm_deliveries"], 3, "{result}");
+    assert_eq!(result["confirm_events"], 3, "{result}");
+    assert_eq!(result["flash"], "Re-queued 3 failed deliveries. Reload to follow the new attempts.", "{result}");
+    assert_eq!(result["forged_status"], 403, "{result}");
+    assert!(result["forged_body"].as_str().unwrap_or("").contains("cross-site"), "{result}");
+    // The daemon agrees: the confirmed replay ran each delivery once more
+    // (and it failed again), the forged one re-queued nothing, and the
+    // failed event of another source was left alone.
+    assert_attempts(&admin, &broken, "failed", 2);
+    assert_attempts(&admin, &[other], "failed", 1);
+}

@@ -121,10 +121,13 @@ enum Route<'a> {
     ApiEvents,
     ApiEvent(&'a str),
     ApiReplay(&'a str),
+    ApiBulkReplay,
     ApiStats,
     PageList,
     PageEvent(&'a str),
     PageReplay(&'a str),
+    PageBulkConfirm,
+    PageBulkReplay,
     LoginForm,
     Login,
     Logout,
@@ -141,7 +144,10 @@ impl Route<'_> {
 
     /// Routes for programs (JSON/text errors) rather than people (HTML).
     fn is_machine(&self) -> bool {
-        matches!(self, Route::Metrics | Route::ApiEvents | Route::ApiEvent(_) | Route::ApiReplay(_) | Route::ApiStats)
+        matches!(
+            self,
+            Route::Metrics | Route::ApiEvents | Route::ApiEvent(_) | Route::ApiReplay(_) | Route::ApiBulkReplay | Route::ApiStats
+        )
     }
 }
 
@@ -157,10 +163,13 @@ fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
         ["api", "events"] => pick(read, Route::ApiEvents, "GET, HEAD"),
         ["api", "events", id] if !id.is_empty() => pick(read, Route::ApiEvent(id), "GET, HEAD"),
         ["api", "events", id, "replay"] if !id.is_empty() => pick(post, Route::ApiReplay(id), "POST"),
+        ["api", "replay"] => pick(post, Route::ApiBulkReplay, "POST"),
         ["api", "stats"] => pick(read, Route::ApiStats, "GET, HEAD"),
         [""] => pick(read, Route::PageList, "GET, HEAD"),
         ["events", id] if !id.is_empty() => pick(read, Route::PageEvent(id), "GET, HEAD"),
         ["events", id, "replay"] if !id.is_empty() => pick(post, Route::PageReplay(id), "POST"),
+        ["replay"] if read => Route::PageBulkConfirm,
+        ["replay"] => pick(post, Route::PageBulkReplay, "GET, HEAD, POST"),
         ["login"] if read => Route::LoginForm,
         ["login"] => pick(post, Route::Login, "GET, HEAD, POST"),
         ["logout"] => pick(post, Route::Logout, "POST"),
@@ -194,10 +203,13 @@ async fn handle(ops: &Ops, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         Route::ApiEvents => api::events(ops, &query).await,
         Route::ApiEvent(id) => api::event(ops, id).await,
         Route::ApiReplay(id) => api::replay(ops, id, &query).await,
+        Route::ApiBulkReplay => api::bulk(ops, &query).await,
         Route::ApiStats => api::stats(ops, &query).await,
         Route::PageList => page::list(ops, &query, logged_in).await,
         Route::PageEvent(id) => page::event(ops, id, &query, logged_in).await,
         Route::PageReplay(id) => page::replay(ops, id, &form).await,
+        Route::PageBulkConfirm => page::bulk_confirm(ops, &query, logged_in).await,
+        Route::PageBulkReplay => page::bulk_replay(ops, &form, logged_in).await,
         Route::LoginForm => login_form(&cfg, &query),
         Route::Login => login(&cfg, &form, ops, peer.ip()),
         Route::Logout => logout(&parts, ops.sessions()),
@@ -411,6 +423,10 @@ mod tests {
         assert_eq!(route(&Method::POST, "/api/events/evt_1/replay"), Route::ApiReplay("evt_1"));
         assert_eq!(route(&Method::GET, "/api/events/evt_1/replay"), Route::WrongMethod("POST"));
         assert_eq!(route(&Method::GET, "/"), Route::PageList);
+        assert_eq!(route(&Method::POST, "/api/replay"), Route::ApiBulkReplay);
+        assert_eq!(route(&Method::GET, "/api/replay"), Route::WrongMethod("POST"));
+        assert_eq!(route(&Method::GET, "/replay"), Route::PageBulkConfirm);
+        assert_eq!(route(&Method::POST, "/replay"), Route::PageBulkReplay);
         assert_eq!(route(&Method::GET, "/events/"), Route::NotFound);
         assert_eq!(route(&Method::DELETE, "/metrics"), Route::WrongMethod("GET, HEAD"));
     }

@@ -1,6 +1,6 @@
 //! The machine-facing admin endpoints: readiness, Prometheus metrics and the
 //! JSON API (`/api/events`, `/api/events/{id}`, `/api/events/{id}/replay`,
-//! `/api/stats`). Field names are the CLI's `--json` ones (README, "Command line").
+//! `/api/replay` (bulk), `/api/stats`). Field names are the CLI's `--json` ones (README, "Command line").
 //! Query parameters mirror the CLI flags, and [`Params`]/[`event_filter`] are
 //! shared with the page so both read filters the same way.
 
@@ -13,7 +13,7 @@ use serde_json::json;
 use super::respond::{json, json_error, text, Resp};
 use super::Ops;
 use crate::metrics::{label, Gauge};
-use crate::store::{self, DeliveryStatus, Detail, EventFilter, EventId, EventStatus, StoreError};
+use crate::store::{self, DeliveryStatus, Detail, EventFilter, EventId, EventStatus, Requeue, StoreError};
 
 /// Events per page when the request names no limit.
 pub(super) const DEFAULT_LIMIT: usize = 50;
@@ -21,6 +21,9 @@ pub(super) const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 1000;
 /// Query parameters `/api/events` and the page understand.
 const EVENT_PARAMS: &[&str] = &["source", "status", "handler", "since", "match", "limit", "cursor"];
+/// The filters a bulk replay selects by: those of the list without paging,
+/// since it takes every matching event, not one page of them.
+pub(super) const BULK_PARAMS: &[&str] = &["source", "status", "handler", "since", "match"];
 
 /// Decoded query parameters, in order. Empty values count as absent, as an
 /// untouched field of the page's filter form sends them.
@@ -43,6 +46,23 @@ impl Params {
     /// Every value given for `key` (e.g. several `match`), in order.
     pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// These parameters without any named in `drop`.
+    pub fn without(&self, drop: &[&str]) -> Params {
+        Params(self.0.iter().filter(|(k, _)| !drop.contains(&k.as_str())).cloned().collect())
+    }
+
+    /// Sets `key` to `value` alone, replacing any values it had.
+    pub fn with(&self, key: &str, value: &str) -> Params {
+        let mut p = self.without(&[key]);
+        p.0.push((key.to_string(), value.to_string()));
+        p
+    }
+
+    /// As a query string (or form body).
+    pub fn encode(&self) -> String {
+        serde_urlencoded::to_string(&self.0).unwrap_or_default()
     }
 
     /// Refuses names outside `known`, so a typo (`sorce=`) is an error, not a silent no-op.
@@ -235,6 +255,111 @@ pub(super) async fn replay(ops: &Ops, id: &str, query: &str) -> Resp {
     match replay_event(ops, id, handler).await {
         Ok((id, n)) => json(StatusCode::OK, &json!({ "id": id.to_string(), "requeued": n })),
         Err((status, msg)) => json_error(status, &msg),
+    }
+}
+
+/// What a bulk replay takes (README, "Replay"): every event matching the
+/// filter, and of those only the failed deliveries, the rules of `hooktrail
+/// events replay --status failed`. From the admin listener there is no
+/// `--all`: re-sending what already succeeded (with a CRM handler, every
+/// contact again) is left to the CLI.
+#[derive(Debug)]
+pub(super) struct BulkPlan {
+    /// The matching events, oldest first.
+    pub events: Vec<EventId>,
+    /// Only deliveries to this handler, when the filter names one.
+    pub handler: Option<String>,
+    /// The deliveries a replay would re-queue now, in event then handler order.
+    pub deliveries: Vec<Requeue>,
+}
+
+impl BulkPlan {
+    /// How many events have a delivery to re-queue.
+    pub fn touched_events(&self) -> usize {
+        let mut n = 0;
+        let mut last = None;
+        for d in &self.deliveries {
+            if last != Some(d.event_id) {
+                n += 1;
+                last = Some(d.event_id);
+            }
+        }
+        n
+    }
+}
+
+/// The bulk selection from [`BULK_PARAMS`]: `status` must say `failed`, as
+/// `events replay` must be told `--status failed`, and no paging applies.
+pub(super) fn bulk_filter(p: &Params) -> Result<EventFilter, String> {
+    p.only(BULK_PARAMS)?;
+    if p.get("status") != Some(EventStatus::Failed.as_str()) {
+        return Err("bulk replay re-queues the failed deliveries of failed events only: say status=failed".into());
+    }
+    let mut filter = event_filter(p)?;
+    filter.limit = None;
+    filter.before = None;
+    Ok(filter)
+}
+
+/// Plans a bulk replay; changes nothing.
+pub(super) async fn bulk_plan(ops: &Ops, filter: EventFilter) -> Result<BulkPlan, StoreError> {
+    let handler = filter.handler.clone();
+    let events = ops.store.find_ids(filter).await?;
+    let deliveries = ops.store.replay_plan(events.clone(), handler.clone(), true).await?;
+    Ok(BulkPlan { events, handler, deliveries })
+}
+
+/// Re-queues the failed deliveries of a planned bulk replay; returns how
+/// many were re-queued (fewer than planned if some moved on meanwhile).
+pub(super) async fn bulk_replay(ops: &Ops, plan: &BulkPlan) -> Result<u64, StoreError> {
+    let n = ops.store.replay(plan.events.clone(), plan.handler.clone(), true).await?;
+    ops.invalidate_chart();
+    tracing::info!(
+        events = plan.events.len(),
+        handler = plan.handler.as_deref().unwrap_or("(all)"),
+        requeued = n,
+        "bulk replay of failed deliveries requested from the admin listener"
+    );
+    Ok(n)
+}
+
+/// `POST /api/replay?status=failed[&source=S][&handler=H][&since=T][&match=PTR=VALUE]…[&dry_run=true]`:
+/// re-queues the failed deliveries of every matching failed event. With
+/// `dry_run=true` it lists them and changes nothing.
+pub(super) async fn bulk(ops: &Ops, query: &str) -> Resp {
+    let parsed = Params::parse(query).and_then(|p| {
+        let dry_run = match p.get("dry_run") {
+            None | Some("false") | Some("0") => false,
+            Some("true") | Some("1") => true,
+            Some(other) => return Err(format!("dry_run: `{other}` is not true or false")),
+        };
+        Ok((bulk_filter(&p.without(&["dry_run"]))?, dry_run))
+    });
+    let (filter, dry_run) = match parsed {
+        Ok(x) => x,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    let plan = match bulk_plan(ops, filter).await {
+        Ok(p) => p,
+        Err(e) => return store_error(&e),
+    };
+    if dry_run {
+        let list: Vec<_> = plan
+            .deliveries
+            .iter()
+            .map(|d| json!({ "event_id": d.event_id.to_string(), "handler": d.handler, "status": d.status, "attempt_count": d.attempt_count }))
+            .collect();
+        return json(
+            StatusCode::OK,
+            &json!({ "dry_run": true, "events": plan.touched_events(), "deliveries": list.len(), "would_requeue": list, "requeued": 0 }),
+        );
+    }
+    match bulk_replay(ops, &plan).await {
+        Ok(n) => json(
+            StatusCode::OK,
+            &json!({ "dry_run": false, "events": plan.touched_events(), "deliveries": plan.deliveries.len(), "requeued": n }),
+        ),
+        Err(e) => store_error(&e),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The event-log page: plain server-rendered HTML on the admin listener, for
 //! answering "what happened to this lead?" from a browser. No build step, no
-//! external assets, no JavaScript: inline CSS, GET forms for filters, a POST
-//! form for replay, and an inline SVG chart drawn here.
+//! external assets, no JavaScript: inline CSS, GET forms for filters, POST
+//! forms for replay (one event, or every failed event matching the filters
+//! after a confirmation page), and an inline SVG chart drawn here.
 //!
 //! Everything shown comes from webhook senders, so every string that reaches
 //! the HTML goes through [`esc`] (text and attribute context alike), and the
@@ -131,11 +132,73 @@ fn clip(s: &str, max: usize) -> String {
     }
 }
 
+/// The list's query parameter that carries the outcome of a bulk replay back
+/// to the list (post/redirect/get); not a filter.
+const FLASH: &str = "requeued";
+
+/// The list's filters as a bulk replay carries them: without paging (it takes
+/// every matching event, not one page) and without the flash.
+fn bulk_filters(list: &Params) -> Params {
+    list.without(&["limit", "cursor", FLASH])
+}
+
+/// The bulk-replay selection for the list's filters: the same filters
+/// narrowed to failed events, as `events replay --status failed` takes them.
+/// `None` when the list is filtered to another status, so nothing it shows
+/// is failed.
+fn failed_selection(filters: &Params) -> Option<Params> {
+    match filters.get("status") {
+        None => Some(filters.with("status", EventStatus::Failed.as_str())),
+        Some(s) if s == EventStatus::Failed.as_str() => Some(filters.clone()),
+        Some(_) => None,
+    }
+}
+
+/// Hidden form fields carrying `p` unchanged.
+fn hidden(p: &Params) -> String {
+    p.0.iter().map(|(k, v)| format!("<input type=\"hidden\" name=\"{}\" value=\"{}\">", esc(k), esc(v))).collect()
+}
+
+fn deliveries_word(n: u64) -> &'static str {
+    if n == 1 {
+        "delivery"
+    } else {
+        "deliveries"
+    }
+}
+
+/// The "Replay failed (N)" button for the list's filters, or nothing when no
+/// failed delivery matches them.
+async fn bulk_button(ops: &Ops, filters: &Params) -> String {
+    let Some(filter) = failed_selection(filters).and_then(|sel| api::bulk_filter(&sel).ok()) else {
+        return String::new();
+    };
+    let plan = match api::bulk_plan(ops, filter).await {
+        Ok(plan) if !plan.deliveries.is_empty() => plan,
+        Ok(_) => return String::new(),
+        Err(e) => return format!("<div class=\"error\">failed deliveries unavailable: {}</div>", esc(&e.to_string())),
+    };
+    format!(
+        "<form method=\"get\" action=\"/replay\" class=\"actions\" id=\"bulk\">{}<button type=\"submit\" id=\"bulk-replay\">Replay failed ({})</button>\
+         <span class=\"muted\">every failed delivery of the failed events matching these filters, not only this page; asks first</span></form>",
+        hidden(filters),
+        plan.deliveries.len(),
+    )
+}
+
 /// `GET /`: the filter form, the chart, and one page of events.
 pub(super) async fn list(ops: &Ops, query: &str, logged_in: bool) -> Resp {
-    let params = Params::parse(query).unwrap_or_default();
+    let all = Params::parse(query).unwrap_or_default();
+    let params = all.without(&[FLASH]);
     let mut body = String::new();
     body.push_str("<h1>Events</h1>");
+    if let Some(n) = all.get(FLASH).and_then(|n| n.parse::<u64>().ok()) {
+        let _ = write!(
+            body,
+            "<div class=\"notice\" id=\"requeued\">Re-queued {n} failed {}. Reload to follow the new attempts.</div>",
+            deliveries_word(n)
+        );
+    }
     match ops.hourly_chart().await {
         Ok(rows) => body.push_str(&chart(&rows, Utc::now())),
         Err(e) => {
@@ -143,13 +206,14 @@ pub(super) async fn list(ops: &Ops, query: &str, logged_in: bool) -> Resp {
         }
     }
     body.push_str(&filter_form(ops, &params));
-    let filter = match Params::parse(query).and_then(|p| api::event_filter(&p)) {
+    let filter = match Params::parse(query).and_then(|p| api::event_filter(&p.without(&[FLASH]))) {
         Ok(f) => f,
         Err(e) => {
             let _ = write!(body, "<div class=\"error\" id=\"filter-error\">{}</div>", esc(&e));
             return html(StatusCode::BAD_REQUEST, "Events", &body, logged_in);
         }
     };
+    body.push_str(&bulk_button(ops, &bulk_filters(&params)).await);
     let (events, next) = match api::event_page(ops, filter).await {
         Ok(x) => x,
         Err(e) => return error_page(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), logged_in),
@@ -424,6 +488,124 @@ pub(super) async fn replay(ops: &Ops, id: &str, form: &str) -> Resp {
     }
 }
 
+/// `GET /replay?FILTERS`: what a bulk replay of the list's filters would
+/// re-queue, and a form to confirm it; changes nothing.
+pub(super) async fn bulk_confirm(ops: &Ops, query: &str, logged_in: bool) -> Resp {
+    match Params::parse(query) {
+        Ok(p) => confirm_page(ops, &bulk_filters(&p), None, logged_in).await,
+        Err(e) => error_page(StatusCode::BAD_REQUEST, &e, logged_in),
+    }
+}
+
+/// Most deliveries the confirmation page lists one by one.
+const CONFIRM_LIST: usize = 50;
+
+/// The confirmation page for `filters`; `changed` is the count the user had
+/// confirmed when it no longer holds (answered 409, to confirm again).
+async fn confirm_page(ops: &Ops, filters: &Params, changed: Option<usize>, logged_in: bool) -> Resp {
+    let Some(selection) = failed_selection(filters) else {
+        let msg =
+            "Bulk replay re-queues failed events only, and these filters ask for another status. Set the status filter to failed or any.";
+        return error_page(StatusCode::BAD_REQUEST, msg, logged_in);
+    };
+    let filter = match api::bulk_filter(&selection) {
+        Ok(f) => f,
+        Err(e) => return error_page(StatusCode::BAD_REQUEST, &e, logged_in),
+    };
+    let plan = match api::bulk_plan(ops, filter).await {
+        Ok(plan) => plan,
+        Err(e) => return error_page(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), logged_in),
+    };
+    let back = format!("/?{}", filters.encode());
+    let mut b = String::from("<h1>Replay failed deliveries</h1>");
+    let _ = write!(b, "<p class=\"muted\" id=\"bulk-filters\">Filters:");
+    for (k, v) in &selection.0 {
+        let _ = write!(b, " <code>{}={}</code>", esc(k), esc(v));
+    }
+    b.push_str("</p>");
+    let status = match changed {
+        Some(was) => {
+            let _ = write!(
+                b,
+                "<div class=\"error\" id=\"count-changed\">The selection changed since you looked ({was} then, {} now); nothing was re-queued. Confirm again.</div>",
+                plan.deliveries.len()
+            );
+            StatusCode::CONFLICT
+        }
+        None => StatusCode::OK,
+    };
+    let n = plan.deliveries.len();
+    if n == 0 {
+        let _ = write!(
+            b,
+            "<p id=\"no-failed\">No failed delivery matches these filters; nothing to re-queue.</p><p><a href=\"{}\">Back</a></p>",
+            esc(&back)
+        );
+        return html(status, "Replay failed", &b, logged_in);
+    }
+    let m = plan.touched_events();
+    let _ = write!(
+        b,
+        "<p id=\"bulk-count\">Re-queue <strong id=\"bulk-deliveries\">{n}</strong> failed {} of <strong id=\"bulk-events\">{m}</strong> event{}? \
+         Attempt numbers continue and the history is kept.</p>\
+         <form method=\"post\" action=\"/replay\" class=\"actions\">{}<input type=\"hidden\" name=\"expect\" value=\"{n}\">\
+         <button type=\"submit\" id=\"confirm\">Confirm</button><a id=\"cancel\" href=\"{}\">Cancel</a></form>",
+        deliveries_word(n as u64),
+        if m == 1 { "" } else { "s" },
+        hidden(filters),
+        esc(&back),
+    );
+    b.push_str("<table id=\"bulk-list\"><thead><tr><th>Event</th><th>Handler</th><th class=\"num\">Attempts</th></tr></thead><tbody>");
+    for d in plan.deliveries.iter().take(CONFIRM_LIST) {
+        let _ = write!(
+            b,
+            "<tr><td><a href=\"/events/{0}\"><code>{0}</code></a></td><td>{1}</td><td class=\"num\">{2}</td></tr>",
+            d.event_id,
+            esc(&d.handler),
+            d.attempt_count
+        );
+    }
+    b.push_str("</tbody></table>");
+    if n > CONFIRM_LIST {
+        let _ = write!(b, "<p class=\"muted\">…and {} more.</p>", n - CONFIRM_LIST);
+    }
+    html(status, "Replay failed", &b, logged_in)
+}
+
+/// `POST /replay` (the confirmation form: the list's filters and `expect`,
+/// the count the user saw): counts again, re-queues only if the count still
+/// holds (else asks again), then sends the browser back to the list with
+/// how many were re-queued (post/redirect/get).
+pub(super) async fn bulk_replay(ops: &Ops, form: &str, logged_in: bool) -> Resp {
+    let p = match Params::parse(form) {
+        Ok(p) => p,
+        Err(e) => return error_page(StatusCode::BAD_REQUEST, &e, logged_in),
+    };
+    let Some(expect) = p.get("expect").and_then(|n| n.parse::<usize>().ok()) else {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "The confirmation lacks the count it confirmed; start the bulk replay from the event list again.",
+            logged_in,
+        );
+    };
+    let filters = bulk_filters(&p.without(&["expect"]));
+    let Some(filter) = failed_selection(&filters).and_then(|sel| api::bulk_filter(&sel).ok()) else {
+        // Says what is wrong with the filters.
+        return confirm_page(ops, &filters, None, logged_in).await;
+    };
+    let plan = match api::bulk_plan(ops, filter).await {
+        Ok(plan) => plan,
+        Err(e) => return error_page(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), logged_in),
+    };
+    if plan.deliveries.len() != expect {
+        return confirm_page(ops, &filters, Some(expect), logged_in).await;
+    }
+    match api::bulk_replay(ops, &plan).await {
+        Ok(n) => redirect(&format!("/?{}", filters.with(FLASH, &n.to_string()).encode())),
+        Err(e) => error_page(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), logged_in),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,6 +613,17 @@ mod tests {
     #[test]
     fn escaping_covers_text_and_attributes() {
         assert_eq!(esc(r#"<script>alert("x")</script>&'"#), "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;");
+    }
+
+    #[test]
+    fn bulk_replay_takes_the_list_filters_narrowed_to_failed_without_paging() {
+        let p = |q: &str| Params::parse(q).unwrap();
+        let filters = bulk_filters(&p("source=nr&limit=10&cursor=evt_x&requeued=3&match=/a=b"));
+        assert_eq!(filters.encode(), "source=nr&match=%2Fa%3Db");
+        assert_eq!(failed_selection(&filters).unwrap().encode(), "source=nr&match=%2Fa%3Db&status=failed");
+        assert_eq!(failed_selection(&p("status=failed&source=nr")).unwrap().encode(), "status=failed&source=nr");
+        assert!(failed_selection(&p("status=done")).is_none(), "a list of done events has nothing failed to replay");
+        assert_eq!(hidden(&p("source=%22%3E")), "<input type=\"hidden\" name=\"source\" value=\"&quot;&gt;\">");
     }
 
     #[test]
