@@ -91,22 +91,24 @@ pub fn not_found(flag: Option<&Path>) -> Option<String> {
         return None;
     }
     let env = std::env::var_os("HOOKTRAIL_CONFIG").filter(|p| !p.is_empty()).map(PathBuf::from);
-    let place = |p: &Path| if p.exists() { format!("{} (found)", p.display()) } else { format!("{} (not found)", p.display()) };
-    let skipped = "(not consulted: an earlier place names the file)";
+    let place = |p: &Path| format!("{}: {}", p.display(), if p.exists() { "found" } else { "not found" });
+    let skipped = |by: &str| format!("not consulted ({by} names the file)");
     let mut lines = vec![format!("config file `{}` not found. Looked at, in order:", path.display())];
-    lines.push(format!("  --config PATH               {}", flag.map_or("(not given)".to_string(), place)));
-    lines.push(format!(
-        "  $HOOKTRAIL_CONFIG           {}",
-        match (&env, flag) {
-            (_, Some(_)) => skipped.to_string(),
-            (Some(p), None) => place(p),
-            (None, None) => "(not set)".to_string(),
-        }
-    ));
-    let chained = flag.is_none() && env.is_none();
+    lines.push(format!("  {:<31} {}", "--config PATH", flag.map_or("not given".to_string(), place)));
+    let env_line = match (&env, flag) {
+        (_, Some(_)) => skipped("--config"),
+        (Some(p), None) => place(p),
+        (None, None) => "not set".to_string(),
+    };
+    lines.push(format!("  {:<31} {env_line}", "$HOOKTRAIL_CONFIG"));
     for default in ["./config/hooktrail.toml", "/etc/hooktrail/hooktrail.toml"] {
-        let shown = if chained { place(Path::new(default)) } else { skipped.to_string() };
-        lines.push(format!("  {default:<27} {shown}"));
+        let shown = match (flag, &env) {
+            (Some(_), _) => skipped("--config"),
+            (None, Some(_)) => skipped("$HOOKTRAIL_CONFIG"),
+            (None, None) if Path::new(default).exists() => "found".to_string(),
+            (None, None) => "not found".to_string(),
+        };
+        lines.push(format!("  {default:<31} {shown}"));
     }
     lines.push(
         "Pass one with `hooktrail --config PATH <command>` (or set HOOKTRAIL_CONFIG=PATH); \
