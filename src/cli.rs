@@ -529,3 +529,24 @@ fn print_stats(rows: &[StatsRow], json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lead_is_the_first_email_looking_string_at_any_depth() {
+        let p = serde_json::json!({"a": {"name": "Ann", "contact": ["x", " ann@example.com "]}, "z": "zed@example.com"});
+        assert_eq!(lead(&p), Some("ann@example.com"));
+        for not in ["@example.com", "ann@", "ann@localhost", "a b@example.com", "a@b@c.com", "ann@example."] {
+            assert_eq!(lead(&serde_json::json!({ "e": not })), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn cut_keeps_a_column_width_in_characters() {
+        assert_eq!(cut("application/json", 33), "application/json");
+        assert_eq!(cut("multipart/form-data; boundary=éééééé", 12).chars().count(), 12);
+        assert!(cut("abcdef", 4).ends_with('…'));
+    }
+}

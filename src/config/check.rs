@@ -614,6 +614,17 @@ mod tests {
     }
 
     #[test]
+    fn a_misspelt_nested_key_is_matched_against_its_own_table() {
+        let tables = table_keys::<Own>();
+        assert_eq!(tables[""], &["command", "match"]);
+        assert_eq!(tables["match"], &["per_second"]);
+        assert_eq!(suggestion("match.per_secnd", &tables), Some("per_second"));
+        assert_eq!(suggestion("comand", &tables), Some("command"));
+        assert_eq!(suggestion("url", &tables), None, "nothing close: no guess");
+        assert_eq!(normalize_indexes("routes[3].match[12]"), "routes[].match[]");
+    }
+
+    #[test]
     fn a_tag_that_is_not_a_string_is_reported() {
         let mut ck = checker();
         assert!(ck.split_tagged::<Shared>("storage", serde_json::json!({"backend": 5}), "backend").is_none());
