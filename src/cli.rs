@@ -23,7 +23,8 @@ const CLI_BATCH: usize = 500;
 #[command(
     name = "hooktrail",
     version,
-    about = "Receive webhooks, store each one durably before answering, then process them with a paper trail"
+    about = "Receive webhooks, store each one durably before answering, then process them with a paper trail",
+    after_help = "Examples:\n  hooktrail --config /etc/hooktrail/hooktrail.toml check-config\n  hooktrail serve\n  hooktrail events list --status failed"
 )]
 /// The command line: a global `--config` and one subcommand (README, "Command line").
 pub struct Cli {
@@ -38,27 +39,40 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon
+    #[command(
+        after_help = "Examples:\n  hooktrail serve\n  hooktrail serve --role ingest    # accept and store only; another node processes"
+    )]
     Serve {
+        /// What this process runs: all (listener and processor), ingest (listener only) or process (processor only)
         #[arg(long, value_enum, default_value = "all")]
         role: Role,
     },
     /// Validate the config; print every problem with its key path; exit 1 if any
+    #[command(after_help = "Examples:\n  hooktrail check-config\n  hooktrail --config ./staging.toml check-config")]
     CheckConfig,
     /// Inspect and replay events
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hooktrail events list --status failed\n  hooktrail events show evt_01ARZ3NDEKTSV4RRFFQ69G5FAV"
+    )]
     Events(EventsCommand),
     /// Counts per source and handler
+    #[command(after_help = "Examples:\n  hooktrail stats\n  hooktrail stats --source netresults --since 24h --json")]
     Stats {
+        /// Only this source (a [sources.NAME] of the config)
         #[arg(long)]
         source: Option<String>,
-        /// A duration (`2h`) or an RFC 3339 time
+        /// Only events received since: a duration (`2h`) or an RFC 3339 time
         #[arg(long, value_parser = store::parse_since)]
         since: Option<DateTime<Utc>>,
+        /// Print one JSON array instead of a table
         #[arg(long)]
         json: bool,
     },
     /// Delete finished events (done/failed) older than DURATION
+    #[command(after_help = "Examples:\n  hooktrail prune --older-than 30d --dry-run\n  hooktrail prune --older-than 30d")]
     Prune {
+        /// Age of the oldest event kept, e.g. `30d`; pending, processing and retrying work is never deleted
         #[arg(long, value_name = "DURATION", value_parser = parse_age)]
         older_than: Duration,
         /// Count what would be deleted; delete nothing
@@ -66,9 +80,12 @@ pub enum Command {
         dry_run: bool,
     },
     /// JSON Lines of events with their deliveries and attempts, oldest first
+    #[command(after_help = "Examples:\n  hooktrail export > events.jsonl\n  hooktrail export --source netresults --since 7d")]
     Export {
+        /// Only events received since: a duration (`2h`) or an RFC 3339 time
         #[arg(long, value_parser = store::parse_since)]
         since: Option<DateTime<Utc>>,
+        /// Only this source (a [sources.NAME] of the config)
         #[arg(long)]
         source: Option<String>,
     },
@@ -77,15 +94,16 @@ pub enum Command {
 /// The event filters shared by `events list`, bulk `events replay` and `export`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct Filters {
+    /// Only this source (a [sources.NAME] of the config)
     #[arg(long)]
     pub source: Option<String>,
-    /// pending, processing, retrying, done, failed
+    /// Only events in this status: pending, processing, retrying, done, failed
     #[arg(long)]
     pub status: Option<String>,
     /// Events with a delivery to this handler
     #[arg(long)]
     pub handler: Option<String>,
-    /// A duration (`2h`) or an RFC 3339 time
+    /// Only events received since: a duration (`2h`) or an RFC 3339 time
     #[arg(long, value_parser = store::parse_since)]
     pub since: Option<DateTime<Utc>>,
 }
@@ -93,27 +111,41 @@ pub struct Filters {
 /// `hooktrail events …`: look at stored events, re-queue or skip their deliveries.
 #[derive(Subcommand, Debug)]
 pub enum EventsCommand {
-    /// Newest first
+    /// Newest first; LEAD is the first email address in the payload
+    #[command(
+        after_help = "Examples:\n  hooktrail events list --source netresults --since 2h\n  hooktrail events list --match /submission_values/email_address/0=ann@example.com --json"
+    )]
     List {
         #[command(flatten)]
         filters: Filters,
         /// Keep events whose normalized payload has VALUE at JSON pointer PTR (repeatable)
         #[arg(long = "match", value_name = "PTR=VALUE")]
         matches: Vec<String>,
+        /// At most this many events, newest first
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Print one JSON array instead of a table
         #[arg(long)]
         json: bool,
     },
     /// One event: metadata, raw body, payload, deliveries and every attempt
+    #[command(
+        after_help = "Examples:\n  hooktrail events show evt_01ARZ3NDEKTSV4RRFFQ69G5FAV\n  hooktrail events show evt_01ARZ3NDEKTSV4RRFFQ69G5FAV --json"
+    )]
     Show {
+        /// The event id (`evt_…`), as `events list` and the 200 answer show it
         id: String,
+        /// Print the event as one JSON document
         #[arg(long)]
         json: bool,
     },
     /// Re-queue deliveries (attempt count continues; history kept).
     /// By id, or in bulk with --status failed or --all (and optional filters)
+    #[command(
+        after_help = "Examples:\n  hooktrail events replay evt_01ARZ3NDEKTSV4RRFFQ69G5FAV evt_01ARZ3NDEKTSV4RRFFQ69G5FAW\n  hooktrail events replay --status failed --handler crm --since 2h --dry-run"
+    )]
     Replay {
+        /// Event ids to re-queue (every delivery of each); none when replaying in bulk
         ids: Vec<String>,
         #[command(flatten)]
         filters: Filters,
@@ -168,6 +200,10 @@ pub fn parse_matches(list: &[String]) -> Result<Vec<(String, String)>> {
 /// Runs one parsed command; returns the process exit code (0 ok, 1 something
 /// asked for was not there or failed, 2 usage).
 pub async fn run(cli: Cli) -> Result<i32> {
+    if let Some(message) = config::not_found(cli.config.as_deref()) {
+        eprintln!("error: {message}");
+        return Ok(1);
+    }
     let path = config::resolve_path(cli.config.as_deref());
     match cli.command {
         Command::Serve { role } => {
@@ -369,19 +405,60 @@ async fn count_prunable(store: &dyn Store, before: DateTime<Utc>) -> Result<u64>
     Ok(n)
 }
 
+/// The `events list` table. Every column but the last has a fixed width
+/// (a longer value is cut with `…`) so each value starts under its header;
+/// LEAD, last and never cut, is what an operator searches for (README
+/// "Command line").
 fn print_list(list: &[EventRecord]) {
-    println!("{:<30}  {:<27}  {:<16}  {:<10}  {:>7}  CONTENT-TYPE", "ID", "RECEIVED", "SOURCE", "STATUS", "BYTES");
+    println!("{:<30}  {:<27}  {:<16}  {:<10}  {:>7}  {:<33}  LEAD", "ID", "RECEIVED", "SOURCE", "STATUS", "BYTES", "CONTENT-TYPE");
     for e in list {
         println!(
-            "{:<30}  {:<27}  {:<16}  {:<10}  {:>7}  {}",
+            "{:<30}  {:<27}  {:<16}  {:<10}  {:>7}  {:<33}  {}",
             e.id,
             rfc3339(e.received_at),
-            e.source,
+            cut(&e.source, 16),
             e.status,
             e.body_bytes,
-            e.content_type
+            cut(&e.content_type, 33),
+            lead(&e.payload).unwrap_or("-")
         );
     }
+}
+
+/// `s`, cut to `width` characters with `…` when longer, so a column keeps its width.
+fn cut(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(width - 1).collect();
+    out.push('…');
+    out
+}
+
+/// The first email-looking string in the payload (depth first, keys in
+/// order): a webhook about a person nearly always carries their address,
+/// whatever the sender calls the field.
+fn lead(payload: &serde_json::Value) -> Option<&str> {
+    use serde_json::Value;
+    match payload {
+        Value::String(s) if looks_like_email(s) => Some(s.trim()),
+        Value::Array(items) => items.iter().find_map(lead),
+        Value::Object(map) => map.values().find_map(lead),
+        _ => None,
+    }
+}
+
+/// `local@domain.tld` with no spaces: a cue for the eye, not a validation.
+fn looks_like_email(s: &str) -> bool {
+    let s = s.trim();
+    let Some((local, domain)) = s.split_once('@') else { return false };
+    !local.is_empty()
+        && !domain.contains('@')
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !s.contains(char::is_whitespace)
+        && s.len() <= 254
 }
 
 fn print_event(e: &EventRecord) {
@@ -451,4 +528,25 @@ fn print_stats(rows: &[StatsRow], json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lead_is_the_first_email_looking_string_at_any_depth() {
+        let p = serde_json::json!({"a": {"name": "Ann", "contact": ["x", " ann@example.com "]}, "z": "zed@example.com"});
+        assert_eq!(lead(&p), Some("ann@example.com"));
+        for not in ["@example.com", "ann@", "ann@localhost", "a b@example.com", "a@b@c.com", "ann@example."] {
+            assert_eq!(lead(&serde_json::json!({ "e": not })), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn cut_keeps_a_column_width_in_characters() {
+        assert_eq!(cut("application/json", 33), "application/json");
+        assert_eq!(cut("multipart/form-data; boundary=éééééé", 12).chars().count(), 12);
+        assert!(cut("abcdef", 4).ends_with('…'));
+    }
 }

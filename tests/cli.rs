@@ -300,3 +300,109 @@ fn durations_reaching_back_past_any_date_are_refused_with_a_message_not_a_panic(
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stdout.contains(&format!("error: processor.lease: duration `{absurd}` is longer than 1000 years")), "{out:?}");
 }
+
+/// Issue 16: `STATUS` padding was ignored (its `Display` wrote past the
+/// width), so BYTES and CONTENT-TYPE sat left of their headers. Every value
+/// must start in its header's column, and LEAD shows the first email address
+/// of the payload, whatever the sender calls the field.
+#[test]
+fn events_list_columns_start_under_their_headers_and_lead_shows_the_email() {
+    let p = populated();
+    let out = p.env.cli(&["events", "list"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let mut lines = out.stdout.lines();
+    let header = lines.next().expect("a header line");
+    let names = ["ID", "RECEIVED", "SOURCE", "STATUS", "BYTES", "CONTENT-TYPE", "LEAD"];
+    let starts: Vec<usize> = names.iter().map(|n| header.find(n).unwrap_or_else(|| panic!("no {n} in {header:?}"))).collect();
+    let rows: Vec<Vec<char>> = lines.map(|l| l.chars().collect()).collect();
+    assert_eq!(rows.len(), 4, "{}", out.stdout);
+    for row in &rows {
+        let text: String = row.iter().collect();
+        for (name, &at) in names.iter().zip(&starts) {
+            if *name == "BYTES" {
+                // Right-aligned: the number ends where the header ends.
+                let end = at + name.len() - 1;
+                assert!(row[end].is_ascii_digit() && row[end + 1] == ' ', "{name} not under its header:\n{header}\n{text}");
+                continue;
+            }
+            assert!(row[at] != ' ' && (at == 0 || row[at - 1] == ' '), "{name} does not start under its header:\n{header}\n{text}");
+        }
+    }
+    let lead = |id: &str| {
+        let row = out.stdout.lines().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("no row for {id}"));
+        row.chars().skip(starts[6]).collect::<String>()
+    };
+    assert_eq!(lead(&p.ids[0]), "dgolden@mid-corp.com", "netresults: /submission_values/email_address/0");
+    assert_eq!(lead(&p.ids[1]), "dgolden@mid-corp.com", "ontraport: /Email");
+    assert_eq!(lead(&p.ids[2]), "ann@example.com");
+    assert_eq!(lead(&p.ids[3]), "ann@example.com");
+}
+
+/// Issue 16: with no config found, the error names every place looked at,
+/// in order, and how to pass one; nothing is created.
+#[test]
+fn a_missing_config_lists_every_place_looked_and_how_to_pass_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = clean_command();
+    c.args(["events", "list"]).current_dir(dir.path());
+    let out = run(c);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    for needle in
+        ["--config PATH", "$HOOKTRAIL_CONFIG", "./config/hooktrail.toml", "/etc/hooktrail/hooktrail.toml", "hooktrail --config PATH"]
+    {
+        assert!(out.stderr.contains(needle), "stderr lacks {needle:?}: {}", out.stderr);
+    }
+    assert!(out.stderr.contains("not set"), "says HOOKTRAIL_CONFIG is unset: {}", out.stderr);
+
+    let mut c = clean_command();
+    c.args(["check-config"]).env("HOOKTRAIL_CONFIG", dir.path().join("absent.toml")).current_dir(dir.path());
+    let out = run(c);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(&format!("{}: not found", dir.path().join("absent.toml").display())), "{}", out.stderr);
+    assert!(out.stderr.contains("not consulted ($HOOKTRAIL_CONFIG names the file)"), "{}", out.stderr);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing created");
+}
+
+/// Issue 16: every flag and argument of every command says what it does,
+/// and every command's help ends with examples.
+#[test]
+fn every_flag_and_argument_in_help_has_a_description_and_each_help_ends_with_examples() {
+    let commands: [&[&str]; 10] = [
+        &[],
+        &["serve"],
+        &["check-config"],
+        &["events"],
+        &["events", "list"],
+        &["events", "show"],
+        &["events", "replay"],
+        &["stats"],
+        &["prune"],
+        &["export"],
+    ];
+    for cmd in commands {
+        let mut c = clean_command();
+        c.args(cmd).arg("-h");
+        let out = run(c);
+        assert_eq!(out.code, 0, "{cmd:?}: {out:?}");
+        let mut in_args = false;
+        let mut seen = 0;
+        for line in out.stdout.lines() {
+            if line == "Arguments:" || line == "Options:" {
+                in_args = true;
+                continue;
+            }
+            if !line.starts_with(' ') {
+                in_args = false;
+            }
+            let item = line.trim_start();
+            if in_args && (item.starts_with('-') || item.starts_with('<') || item.starts_with('[')) {
+                seen += 1;
+                assert!(item.contains("  ") && !item.ends_with(' '), "{cmd:?}: no description for {item:?}:\n{}", out.stdout);
+            }
+        }
+        assert!(seen > 0, "{cmd:?}: no options found in:\n{}", out.stdout);
+        let examples = out.stdout.rfind("Examples:").unwrap_or_else(|| panic!("{cmd:?}: no Examples in:\n{}", out.stdout));
+        assert!(out.stdout[examples..].contains("hooktrail "), "{cmd:?}: the help ends with examples:\n{}", out.stdout);
+    }
+}

@@ -276,3 +276,94 @@ sign = { scheme = "standard_webhooks", secret_env = "HT_TEST_W", colour = "red" 
     }
     assert_eq!(out.stdout.lines().filter(|l| l.starts_with("error: ")).count(), expected.len(), "{}", out.stdout);
 }
+
+/// Issue 16: a misspelt key is named with a plain path (no serde `?`) and
+/// the key it most likely meant, inside an inline table too.
+#[test]
+fn a_misspelt_key_gets_did_you_mean_with_a_plain_key_path() {
+    let env = TestEnv::raw(
+        "[server]\nrequest_timout = \"30s\"\n[sources.demo]\nauth = { type = \"none\" }\ndedup = { key = \"/x\", windw = \"1h\" }\n\
+         [handlrs.x]\n",
+    );
+    let out = check(&env, &[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let expected = [
+        "error: handlrs: unknown key; did you mean `handlers`?",
+        "error: server.request_timout: unknown key; did you mean `request_timeout`?",
+        "error: sources.demo.dedup.windw: unknown key; did you mean `window`?",
+    ];
+    for line in expected {
+        assert!(out.stdout.lines().any(|l| l == line), "missing {line:?} in:\n{}", out.stdout);
+    }
+    assert_eq!(out.stdout.lines().filter(|l| l.starts_with("error: ")).count(), expected.len(), "{}", out.stdout);
+}
+
+/// Issue 16: an unknown `auth.type` lists the valid ones, and a duration
+/// written as a number says which string to write.
+#[test]
+fn an_unknown_auth_type_lists_the_valid_ones_and_a_numeric_duration_says_what_to_write() {
+    let env = TestEnv::raw("[server]\nrequest_timeout = 30\n[sources.demo]\nauth = { type = \"hmca\", header = \"X-S\" }\n");
+    let out = check(&env, &[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let expected = [
+        "error: server.request_timeout: a duration is a string with a unit: write \"30s\"",
+        "error: sources.demo.auth.type: unknown auth type `hmca`; did you mean `hmac`? expected none, header_token, query_token, basic, hmac, standard_webhooks, github, stripe, shopify or slack",
+    ];
+    for line in expected {
+        assert!(out.stdout.lines().any(|l| l.starts_with(line)), "missing {line:?} in:\n{}", out.stdout);
+    }
+    assert_eq!(out.stdout.lines().filter(|l| l.starts_with("error: ")).count(), expected.len(), "{}", out.stdout);
+}
+
+/// Issue 16: a handler (or source) that is declared but invalid is reported
+/// at its own table; the route naming it adds no "no handler named".
+#[test]
+fn an_invalid_handler_is_not_also_reported_missing_by_its_route() {
+    let env = TestEnv::raw(
+        "[sources.demo]\nauth = { type = \"bogus\" }\n[handlers.h]\ntype = \"shell\"\ncommand = \"not-a-list\"\n\
+         [[routes]]\nsource = \"demo\"\nhandler = \"h\"\n[[routes]]\nsource = \"demo\"\nhandler = \"nobody\"\n",
+    );
+    let out = check(&env, &[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stdout.lines().any(|l| l.starts_with("error: handlers.h.command: ")), "{}", out.stdout);
+    assert!(out.stdout.lines().any(|l| l.starts_with("error: sources.demo.auth.type: ")), "{}", out.stdout);
+    assert!(out.stdout.lines().any(|l| l == "error: routes[1].handler: no handler named `nobody`"), "a real typo still is: {}", out.stdout);
+    assert!(!out.stdout.contains("routes[0]") && !out.stdout.contains("no source named"), "{}", out.stdout);
+    assert_eq!(out.stdout.lines().filter(|l| l.starts_with("error: ")).count(), 3, "{}", out.stdout);
+}
+
+/// Issue 16: every example's (commented) CRM handler shows `base_url`, so
+/// pointing it at a staging CRM or a local stub is one edit; with only that
+/// line changed, the uncommented block passes `check-config`.
+#[test]
+fn every_example_crm_block_shows_base_url_and_passes_with_only_that_line_changed() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut blocks = 0;
+    for dir in std::fs::read_dir(&examples).unwrap() {
+        let file = dir.unwrap().path().join("hooktrail.toml");
+        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !line.starts_with("# [handlers.") {
+                continue;
+            }
+            let block: Vec<String> = lines[i..]
+                .iter()
+                .take_while(|l| l.starts_with("# ") && !l.starts_with("# [["))
+                .map(|l| l.trim_start_matches("# ").to_string())
+                .collect();
+            if !block.iter().any(|l| l == "type = \"crm_upsert\"") {
+                continue;
+            }
+            blocks += 1;
+            let name = format!("{}: {}", file.display(), block[0]);
+            let at = block.iter().position(|l| l.starts_with("base_url = ")).unwrap_or_else(|| panic!("{name} lacks base_url"));
+            let mut edited = block.clone();
+            edited[at] = "base_url = \"http://127.0.0.1:9/\"".to_string();
+            let env = TestEnv::new(&format!("[sources.a]\nauth = {{ type = \"none\" }}\n{}\n", edited.join("\n")));
+            let out = check(&env, &[("HUBSPOT_TOKEN", "t")]);
+            assert_eq!(out.code, 0, "{name}:\n{}\n{out:?}", edited.join("\n"));
+        }
+    }
+    assert!(blocks >= 6, "found only {blocks} CRM blocks");
+}

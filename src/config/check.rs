@@ -6,7 +6,7 @@
 //! A leaf of the config: it knows the shared value shapes (`values`) and
 //! nothing of servers, sources, handlers or routes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -149,8 +149,15 @@ impl Checker {
         let mut note = |p: serde_ignored::Path| ignored.push(key_path(&p));
         let de = serde_ignored::Deserializer::new(value, &mut note);
         let result: Result<T, _> = serde_path_to_error::deserialize(de);
-        for key in ignored {
-            self.error(join(prefix, &key), unknown(&key));
+        if !ignored.is_empty() {
+            let tables = table_keys::<T>();
+            for key in ignored {
+                let mut message = unknown(&key);
+                if let Some(near) = suggestion(&key, &tables) {
+                    message.push_str(&format!("; did you mean `{near}`?"));
+                }
+                self.error(join(prefix, &key), message);
+            }
         }
         let Err(first) = result else { return result.ok() };
         let Value::Object(map) = whole else {
@@ -331,6 +338,194 @@ fn key_path(p: &serde_ignored::Path) -> String {
     }
 }
 
+/// The known key of the table holding `key` (a path like `dedup.windw`)
+/// that `key` most likely misspells, if one is close enough.
+fn suggestion(key: &str, tables: &BTreeMap<String, &'static [&'static str]>) -> Option<&'static str> {
+    let (table, last) = match key.rsplit_once('.') {
+        Some((table, last)) => (normalize_indexes(table), last),
+        None => (String::new(), key),
+    };
+    let known = tables.get(&table)?;
+    closest(last, known)
+}
+
+/// The candidate closest to `word`, when it is close enough to be a typo
+/// (Jaro-Winkler similarity of 0.8 or more: `windw` → `window`, not `url` → `type`).
+pub(super) fn closest(word: &str, candidates: &[&'static str]) -> Option<&'static str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(word, c), *c))
+        .filter(|(score, c)| *score >= 0.8 && *c != word)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// `match[3].x` → `match[].x`: every item of a list has the same keys.
+fn normalize_indexes(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut in_index = false;
+    for c in path.chars() {
+        match c {
+            '[' => {
+                in_index = true;
+                out.push('[');
+            }
+            ']' => {
+                in_index = false;
+                out.push(']');
+            }
+            _ if in_index => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The keys of every table a raw struct holds, by their path inside it
+/// (`""` for the struct itself, `dedup`, `match[]`), read from the derived
+/// `Deserialize` impls so suggestions never drift from the structs.
+pub(super) fn table_keys<T: DeserializeOwned>() -> BTreeMap<String, &'static [&'static str]> {
+    let mut probe = TreeProbe::default();
+    // A field whose probe value its type refuses ends that struct's visit;
+    // skip it and look again (every raw struct is `#[serde(default)]`).
+    for _ in 0..64 {
+        let failed = probe.failed.len();
+        let _ = T::deserialize(TreeDe { probe: &mut probe, path: String::new(), depth: 0 });
+        if probe.failed.len() == failed {
+            break;
+        }
+    }
+    probe.tables
+}
+
+#[derive(Default)]
+struct TreeProbe {
+    tables: BTreeMap<String, &'static [&'static str]>,
+    /// Field paths whose probe value was refused; left out of later visits.
+    failed: BTreeSet<String>,
+}
+
+/// A deserializer that offers every struct all of its fields, with a
+/// harmless value for each (`"0s"` for a string, so durations parse),
+/// recording each struct's field names under its path.
+struct TreeDe<'a> {
+    probe: &'a mut TreeProbe,
+    path: String,
+    depth: usize,
+}
+
+type ProbeError = serde::de::value::Error;
+
+impl<'de> serde::Deserializer<'de> for TreeDe<'_> {
+    type Error = ProbeError;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_str("0s")
+    }
+    fn deserialize_u64<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_u64(0)
+    }
+    fn deserialize_u32<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_u64(0)
+    }
+    fn deserialize_u16<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_u64(0)
+    }
+    fn deserialize_i64<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_u64(0)
+    }
+    fn deserialize_i32<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_u64(0)
+    }
+    fn deserialize_bool<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_bool(false)
+    }
+    fn deserialize_f64<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_f64(0.0)
+    }
+    fn deserialize_str<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_str("0s")
+    }
+    fn deserialize_string<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_str("0s")
+    }
+    fn deserialize_option<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_some(self)
+    }
+    fn deserialize_newtype_struct<V: serde::de::Visitor<'de>>(self, _: &'static str, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_newtype_struct(self)
+    }
+    fn deserialize_seq<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        if self.depth > 8 {
+            return v.visit_seq(serde::de::value::SeqDeserializer::<std::iter::Empty<()>, ProbeError>::new(std::iter::empty()));
+        }
+        let path = format!("{}[]", self.path);
+        v.visit_seq(OneItem { probe: Some(self.probe), path, depth: self.depth + 1 })
+    }
+    fn deserialize_map<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, ProbeError> {
+        v.visit_map(serde::de::value::MapDeserializer::<std::iter::Empty<((), ())>, ProbeError>::new(std::iter::empty()))
+    }
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _: &'static str,
+        fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, ProbeError> {
+        self.probe.tables.insert(self.path.clone(), fields);
+        if self.depth > 8 {
+            return Err(serde::de::Error::custom("too deep"));
+        }
+        let fields = fields.iter().copied().filter(|f| !self.probe.failed.contains(&join(&self.path, f))).collect();
+        v.visit_map(Fields { probe: self.probe, path: self.path, depth: self.depth + 1, fields, next: 0 })
+    }
+
+    serde::forward_to_deserialize_any! {
+        i8 i16 i128 u8 u128 f32 char bytes byte_buf unit
+        unit_struct tuple tuple_struct enum identifier ignored_any
+    }
+}
+
+/// A list of one item, probed under `path` (`match[]`).
+struct OneItem<'a> {
+    probe: Option<&'a mut TreeProbe>,
+    path: String,
+    depth: usize,
+}
+
+impl<'de> serde::de::SeqAccess<'de> for OneItem<'_> {
+    type Error = ProbeError;
+    fn next_element_seed<S: serde::de::DeserializeSeed<'de>>(&mut self, seed: S) -> Result<Option<S::Value>, ProbeError> {
+        let Some(probe) = self.probe.take() else { return Ok(None) };
+        seed.deserialize(TreeDe { probe, path: self.path.clone(), depth: self.depth }).map(Some)
+    }
+}
+
+/// A struct's fields, each with a probed value.
+struct Fields<'a> {
+    probe: &'a mut TreeProbe,
+    path: String,
+    depth: usize,
+    fields: Vec<&'static str>,
+    next: usize,
+}
+
+impl<'de> serde::de::MapAccess<'de> for Fields<'_> {
+    type Error = ProbeError;
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, ProbeError> {
+        let Some(field) = self.fields.get(self.next) else { return Ok(None) };
+        seed.deserialize(serde::de::value::BorrowedStrDeserializer::new(field)).map(Some)
+    }
+    fn next_value_seed<S: serde::de::DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, ProbeError> {
+        let path = join(&self.path, self.fields[self.next]);
+        self.next += 1;
+        let result = seed.deserialize(TreeDe { probe: &mut *self.probe, path: path.clone(), depth: self.depth });
+        if result.is_err() {
+            self.probe.failed.insert(path);
+        }
+        result
+    }
+}
+
 /// The keys a raw struct takes, as its derived `Deserialize` names them
 /// (renames applied), so the key lists in messages never drift from the
 /// structs. Empty for a struct with a `#[serde(flatten)]` field, which
@@ -416,6 +611,17 @@ mod tests {
             got,
             ["handlers.h.match.bogus: unknown key", "handlers.h.url: not a key of a shell handler (keys: type, command, match, timeout)"]
         );
+    }
+
+    #[test]
+    fn a_misspelt_nested_key_is_matched_against_its_own_table() {
+        let tables = table_keys::<Own>();
+        assert_eq!(tables[""], &["command", "match"]);
+        assert_eq!(tables["match"], &["per_second"]);
+        assert_eq!(suggestion("match.per_secnd", &tables), Some("per_second"));
+        assert_eq!(suggestion("comand", &tables), Some("command"));
+        assert_eq!(suggestion("url", &tables), None, "nothing close: no guess");
+        assert_eq!(normalize_indexes("routes[3].match[12]"), "routes[].match[]");
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod sources;
 mod storage;
 mod values;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -81,6 +81,41 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
         return local;
     }
     PathBuf::from("/etc/hooktrail/hooktrail.toml")
+}
+
+/// `None` when the config file [`resolve_path`] picks exists; else what to
+/// tell the operator: every place looked at, in order, and how to pass one.
+pub fn not_found(flag: Option<&Path>) -> Option<String> {
+    let path = resolve_path(flag);
+    if path.exists() {
+        return None;
+    }
+    let env = std::env::var_os("HOOKTRAIL_CONFIG").filter(|p| !p.is_empty()).map(PathBuf::from);
+    let place = |p: &Path| format!("{}: {}", p.display(), if p.exists() { "found" } else { "not found" });
+    let skipped = |by: &str| format!("not consulted ({by} names the file)");
+    let mut lines = vec![format!("config file `{}` not found. Looked at, in order:", path.display())];
+    lines.push(format!("  {:<31} {}", "--config PATH", flag.map_or("not given".to_string(), place)));
+    let env_line = match (&env, flag) {
+        (_, Some(_)) => skipped("--config"),
+        (Some(p), None) => place(p),
+        (None, None) => "not set".to_string(),
+    };
+    lines.push(format!("  {:<31} {env_line}", "$HOOKTRAIL_CONFIG"));
+    for default in ["./config/hooktrail.toml", "/etc/hooktrail/hooktrail.toml"] {
+        let shown = match (flag, &env) {
+            (Some(_), _) => skipped("--config"),
+            (None, Some(_)) => skipped("$HOOKTRAIL_CONFIG"),
+            (None, None) if Path::new(default).exists() => "found".to_string(),
+            (None, None) => "not found".to_string(),
+        };
+        lines.push(format!("  {default:<31} {shown}"));
+    }
+    lines.push(
+        "Pass one with `hooktrail --config PATH <command>` (or set HOOKTRAIL_CONFIG=PATH); \
+         config/hooktrail.toml in the source tree is a commented starting point."
+            .to_string(),
+    );
+    Some(lines.join("\n"))
 }
 
 /// Loads and validates the file at `path` with `HOOKTRAIL__…` overrides from the
@@ -150,9 +185,18 @@ fn build(ck: &mut Checker, root: Value) -> Option<Config> {
     };
     for key in top.keys() {
         if !SECTIONS.contains(&key.as_str()) {
-            ck.error(key.clone(), "unknown key");
+            match check::closest(key, &SECTIONS) {
+                Some(near) => ck.error(key.clone(), format!("unknown key; did you mean `{near}`?")),
+                None => ck.error(key.clone(), "unknown key"),
+            }
         }
     }
+    // A route naming a source or handler that is declared but invalid gets
+    // no "no handler named" on top of that table's own problems.
+    let declared = |section: &str| -> BTreeSet<String> {
+        top.get(section).and_then(Value::as_object).map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    };
+    let declared = routes::Declared { sources: declared("sources"), handlers: declared("handlers") };
     let server = ck.section("server", top.remove("server")).and_then(|r| server::server_config(ck, r));
     let storage = storage::storage_config(ck, top.remove("storage"));
     let admin = ck.section("admin", top.remove("admin")).and_then(|r| server::admin_config(ck, r));
@@ -161,7 +205,7 @@ fn build(ck: &mut Checker, root: Value) -> Option<Config> {
     let processor = ck.section("processor", top.remove("processor")).and_then(|r| handlers::processor_config(ck, r));
     let sources = sources::sources(ck, top.remove("sources"));
     let handlers = handlers::handlers(ck, top.remove("handlers"), &retry.unwrap_or_default());
-    let routes = routes::routes(ck, top.remove("routes"), &sources, &handlers);
+    let routes = routes::routes(ck, top.remove("routes"), &sources, &handlers, &declared);
     Some(Config {
         server: server?,
         storage: storage?,

@@ -2,7 +2,7 @@
 //! conditions on its payload that must all hold. Data only: ingest matches
 //! them (`crate::ingest::routing`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -58,12 +58,22 @@ struct RawCondition {
     prefix: Option<String>,
 }
 
+/// The names of every `[sources.NAME]` and `[handlers.NAME]` table written,
+/// valid or not.
+pub(super) struct Declared {
+    pub sources: BTreeSet<String>,
+    pub handlers: BTreeSet<String>,
+}
+
 /// Checks every `[[routes]]` entry against the sources and handlers that loaded.
+/// A name that is declared but did not load is already reported at its own
+/// table; the route then fails without a second, misleading "no handler named".
 pub(super) fn routes(
     ck: &mut Checker,
     value: Option<Value>,
     sources: &[Arc<SourceConfig>],
     handlers: &BTreeMap<String, Arc<HandlerConfig>>,
+    declared: &Declared,
 ) -> Vec<RouteConfig> {
     let mut routes = Vec::new();
     match value {
@@ -72,7 +82,7 @@ pub(super) fn routes(
             for (i, v) in list.into_iter().enumerate() {
                 let p = format!("routes[{i}]");
                 if let Some(raw) = ck.section::<RawRoute>(&p, Some(v)) {
-                    if let Some(r) = route_config(ck, &p, raw, sources, handlers) {
+                    if let Some(r) = route_config(ck, &p, raw, sources, handlers, declared) {
                         routes.push(r);
                     }
                 }
@@ -89,19 +99,29 @@ fn route_config(
     r: RawRoute,
     sources: &[Arc<SourceConfig>],
     handlers: &BTreeMap<String, Arc<HandlerConfig>>,
+    declared: &Declared,
 ) -> Option<RouteConfig> {
     let before = ck.problems.len();
     let source = r.source.unwrap_or_default();
     let handler = r.handler.unwrap_or_default();
+    // Set when the route names a declared source or handler that did not load.
+    let mut broken_target = false;
     if source.is_empty() {
         ck.error(join(p, "source"), "is required");
     } else if !sources.iter().any(|s| s.name == source) {
-        ck.error(join(p, "source"), format!("no source named `{source}`"));
+        broken_target |= declared.sources.contains(&source);
+        if !broken_target {
+            ck.error(join(p, "source"), format!("no source named `{source}`"));
+        }
     }
     if handler.is_empty() {
         ck.error(join(p, "handler"), "is required");
     } else if !handlers.contains_key(&handler) {
-        ck.error(join(p, "handler"), format!("no handler named `{handler}`"));
+        if declared.handlers.contains(&handler) {
+            broken_target = true;
+        } else {
+            ck.error(join(p, "handler"), format!("no handler named `{handler}`"));
+        }
     }
     let mut conditions = Vec::new();
     for (i, c) in r.conditions.into_iter().enumerate() {
@@ -138,7 +158,7 @@ fn route_config(
             conditions.push(Condition { pointer, test });
         }
     }
-    if ck.problems.len() > before {
+    if ck.problems.len() > before || broken_target {
         return None;
     }
     Some(RouteConfig { source, handler, conditions })

@@ -337,16 +337,18 @@ fn source_config(ck: &mut Checker, name: &str, r: RawSource) -> Option<SourceCon
     })
 }
 
+/// Every `auth.type`, in the order README "Configuration" lists them.
+const AUTH_TYPES: [&str; 10] =
+    ["none", "header_token", "query_token", "basic", "hmac", "standard_webhooks", "github", "stripe", "shopify", "slack"];
+const AUTH_TYPES_TEXT: &str = "none, header_token, query_token, basic, hmac, standard_webhooks, github, stripe, shopify or slack";
+
 /// `auth` is tagged by `type`: each type takes its own keys, and every type
 /// but `none` the secret keys (`secret_env`, `secret_file`, `secret`,
 /// `secrets`); a key of another type is reported.
 fn auth_spec(ck: &mut Checker, p: &str, value: Value) -> Option<AuthSpec> {
     let t = ck.split_tagged::<RawSecrets>(p, value, "type")?;
     let Some(kind) = t.kind.as_deref() else {
-        ck.error(
-            join(p, "type"),
-            "is required: none, header_token, query_token, basic, hmac, standard_webhooks, github, stripe, shopify or slack",
-        );
+        ck.error(join(p, "type"), format!("is required: {AUTH_TYPES_TEXT}"));
         return None;
     };
     let what = format!("{kind} auth");
@@ -448,7 +450,8 @@ fn auth_spec(ck: &mut Checker, p: &str, value: Value) -> Option<AuthSpec> {
             AuthSpec::Preset { preset, tolerance: r.tolerance.map_or(DEFAULT_TOLERANCE, |d| d.0), secrets }
         }
         other => {
-            ck.error(join(p, "type"), format!("unknown auth type `{other}`"));
+            let near = super::check::closest(other, &AUTH_TYPES).map(|t| format!("did you mean `{t}`? ")).unwrap_or_default();
+            ck.error(join(p, "type"), format!("unknown auth type `{other}`; {near}expected {AUTH_TYPES_TEXT}"));
             return None;
         }
     };

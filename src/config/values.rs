@@ -19,13 +19,42 @@ pub const MAX_DURATION: Duration = Duration::from_secs(1000 * 31_557_600);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        d.deserialize_any(DurVisitor)
+    }
+}
+
+/// Reads a duration string; a bare number (`request_timeout = 30`) is
+/// refused with the string to write instead, since its unit is a guess.
+struct DurVisitor;
+
+impl DurVisitor {
+    fn number<E: serde::de::Error>(n: impl std::fmt::Display) -> E {
+        E::custom(format!("a duration is a string with a unit: write \"{n}s\" (or \"{n}ms\", \"{n}m\"), not {n}"))
+    }
+}
+
+impl serde::de::Visitor<'_> for DurVisitor {
+    type Value = Dur;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a duration string like \"30s\"")
+    }
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dur, E> {
         let d = humantime::parse_duration(s.trim())
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration `{s}` ({e}); write e.g. \"500ms\", \"30s\", \"12h\"")))?;
+            .map_err(|e| E::custom(format!("invalid duration `{s}` ({e}); write e.g. \"500ms\", \"30s\", \"12h\"")))?;
         if d > MAX_DURATION {
-            return Err(serde::de::Error::custom(format!("duration `{s}` is longer than 1000 years")));
+            return Err(E::custom(format!("duration `{s}` is longer than 1000 years")));
         }
         Ok(Dur(d))
+    }
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Dur, E> {
+        Err(Self::number(n))
+    }
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Dur, E> {
+        Err(Self::number(n))
+    }
+    fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Dur, E> {
+        Err(Self::number(n))
     }
 }
 

@@ -58,7 +58,7 @@ macro_rules! string_enum {
             pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text),+ } }
         }
         impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.pad(self.as_str()) }
         }
         impl FromStr for $name {
             type Err = String;
