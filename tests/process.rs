@@ -200,7 +200,7 @@ fn shell_exit_codes_decide_success_permanent_failure_and_retry() {
     for (i, at) in a.iter().enumerate() {
         let n = i + 1;
         assert_eq!(at["number"], n);
-        assert_eq!(at["outcome"], "retry");
+        assert_eq!(at["outcome"], if n == 2 { "failure" } else { "retry" }, "the attempt that ends the delivery reads failure");
         assert_eq!(at["exit_code"], 1);
         let out = at["output"].as_str().expect("output");
         assert!(out.contains(&format!("try {n}")) && out.contains("upstream down"), "attempt {n} output: {out:?}");
