@@ -137,15 +137,6 @@ fn a_failed_delivery_logs_its_retry_at_warn_and_its_end_at_error_and_reads_failu
     let d = env.daemon().env("HOOKTRAIL_LOG_FORMAT", "json").start();
     let id = d.post_json("/hooks/s", r#"{"a":1}"#).id();
     let ev = wait_settled(&env, &id);
-    let flaky = delivery(&ev, "flaky");
-    assert_eq!(flaky["status"], "failed", "{ev:#}");
-    let a = attempts(flaky);
-    assert_eq!(a.len(), 2, "{flaky:#}");
-    assert_eq!((&a[0]["outcome"], &a[0]["exit_code"]), (&Value::from("retry"), &Value::from(1)));
-    assert!(a[0]["error"].is_null(), "the exit code is recorded beside, not restated: {:#}", a[0]);
-    assert_eq!(a[1]["outcome"], "failure", "the attempt that ends the delivery: {:#}", a[1]);
-    assert_eq!(a[1]["error"], "giving up after 2 attempt(s) (max_attempts = 2)");
-
     let mut lines = Vec::new();
     wait_for("both attempt lines", Duration::from_secs(10), || {
         lines = attempt_lines(&d.log(), &id);
@@ -156,6 +147,14 @@ fn a_failed_delivery_logs_its_retry_at_warn_and_its_end_at_error_and_reads_failu
     assert_eq!((&lines[1]["level"], &lines[1]["outcome"], &lines[1]["next"]), (&"ERROR".into(), &"failure".into(), &"failed".into()));
     assert_eq!(lines[1]["error"], "giving up after 2 attempt(s) (max_attempts = 2)", "{}", lines[1]);
     assert_eq!(lines[1]["exit_code"], 1, "{}", lines[1]);
+    let flaky = delivery(&ev, "flaky");
+    assert_eq!(flaky["status"], "failed", "{ev:#}");
+    let a = attempts(flaky);
+    assert_eq!(a.len(), 2, "{flaky:#}");
+    assert_eq!((&a[0]["outcome"], &a[0]["exit_code"]), (&Value::from("retry"), &Value::from(1)));
+    assert!(a[0]["error"].is_null(), "the exit code is recorded beside, not restated: {:#}", a[0]);
+    assert_eq!(a[1]["outcome"], "failure", "the attempt that ends the delivery: {:#}", a[1]);
+    assert_eq!(a[1]["error"], "giving up after 2 attempt(s) (max_attempts = 2)");
 }
 
 #[test]
