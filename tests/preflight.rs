@@ -180,3 +180,21 @@ fn an_http_status_is_written_once_not_again_in_the_error() {
         assert!(line.matches("HTTP 503").count() <= 1, "said twice: {line:?}");
     }
 }
+
+#[test]
+fn a_transport_error_does_not_repeat_the_handlers_url() {
+    // A port with nothing listening: bind, note, close.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let url = format!("http://{closed}/in?key=sekrit-in-url");
+    let handler = format!("[handlers.fwd]\ntype = \"http\"\nurl = {}\n\n[[routes]]\nsource = \"s\"\nhandler = \"fwd\"\n", toml_str(&url));
+    let env = TestEnv::new(&[OPEN_SOURCE, &retry(1), &handler].concat());
+    let d = env.start();
+    let id = d.post_json("/hooks/s", r#"{"a":1}"#).id();
+    let ev = wait_settled(&env, &id);
+    let a = attempts(delivery(&ev, "fwd"));
+    assert_eq!(a.len(), 1, "{ev:#}");
+    let error = a[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("could not connect"), "{error}");
+    assert!(!error.contains("sekrit") && !error.contains("/in"), "the URL is the handler's own, not repeated: {error}");
+    assert!(!d.log().contains("sekrit"), "nor logged");
+}

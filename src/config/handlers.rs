@@ -732,3 +732,39 @@ fn crm_spec(ck: &mut Checker, p: &str, r: &RawCrm) -> Option<CrmSpec> {
         rate_limit,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_paths_resolve_like_the_readme_says() {
+        let base = Path::new("/etc/hooktrail");
+        assert_eq!(resolve_program("/usr/bin/x", base), Path::new("/usr/bin/x"), "absolute: as is");
+        assert_eq!(resolve_program("./scripts/x.sh", base), Path::new("/etc/hooktrail/scripts/x.sh"));
+        assert_eq!(resolve_program("scripts/x.sh", base), Path::new("/etc/hooktrail/scripts/x.sh"));
+        assert_eq!(resolve_program("../bin/x", base), Path::new("/etc/hooktrail/../bin/x"));
+        assert_eq!(resolve_program("jq", base), Path::new("jq"), "a bare name is left to $PATH");
+    }
+
+    #[test]
+    fn shebang_lines_are_read_as_the_kernel_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        // (file head, expected interpreter and argument)
+        type Case = (&'static [u8], Option<(&'static str, Option<&'static str>)>);
+        let cases: [Case; 6] = [
+            (b"#!/bin/sh\necho", Some(("/bin/sh", None))),
+            (b"#! /usr/bin/env  python3 \nx", Some(("/usr/bin/env", Some("python3")))),
+            (b"#!/bin/bash -e -u\n", Some(("/bin/bash", Some("-e -u")))),
+            (b"#!/bin/sh\r\n", Some(("/bin/sh\r", None))),
+            (b"\x7fELF\x02\x01", None),
+            (b"#!\n", None),
+        ];
+        for (i, (text, want)) in cases.into_iter().enumerate() {
+            let p = dir.path().join(format!("s{i}"));
+            std::fs::write(&p, text).unwrap();
+            let got = shebang(&p);
+            assert_eq!(got.as_ref().map(|(a, b)| (a.as_str(), b.as_deref())), want, "{:?}", String::from_utf8_lossy(text));
+        }
+    }
+}
