@@ -271,6 +271,15 @@ fn check_config(path: &std::path::Path) -> i32 {
                 println!("warning: {w}");
             }
             let c = &l.config;
+            // Handlers that cannot run (README, "Shell handler"): errors here, though `serve` still starts.
+            let unrunnable = c.preflight();
+            for p in &unrunnable {
+                println!("error: {p}");
+            }
+            if !unrunnable.is_empty() {
+                println!("{}: {} problem(s)", path.display(), unrunnable.len());
+                return 1;
+            }
             println!(
                 "{}: ok ({} source(s), {} handler(s), {} route(s))",
                 path.display(),

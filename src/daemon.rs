@@ -32,6 +32,9 @@ pub async fn run(path: &Path, role: Role) -> Result<()> {
         tracing::warn!("config: {w}");
     }
     let cfg = loaded.config;
+    if role.processes() {
+        log_preflight(&cfg);
+    }
     let store = store::open(&cfg.storage, role).context("opening storage")?;
     let metrics = Arc::new(Metrics::default());
     let shutdown = CancellationToken::new();
@@ -113,6 +116,7 @@ pub async fn run(path: &Path, role: Role) -> Result<()> {
                             tls::reload(tls.as_deref(), l.config.server.tls.as_ref());
                         }
                         if let Some(p) = &processor {
+                            log_preflight(&l.config);
                             p.reload(l.config.clone());
                         }
                         ops.reload(l.config.clone());
@@ -131,6 +135,16 @@ pub async fn run(path: &Path, role: Role) -> Result<()> {
     store.close().await;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Handlers that cannot run as configured (a missing script, a bad
+/// interpreter) do not stop a start or a reload, since a deploy may install
+/// the script later; they are logged at ERROR so `journalctl -p err` shows
+/// them before the first attempt fails (README, "Shell handler").
+fn log_preflight(cfg: &config::Config) {
+    for p in cfg.preflight() {
+        tracing::error!(key = %p.path, "handler cannot run as configured: {p}; its attempts fail and are retried until this is fixed");
+    }
 }
 
 /// `RELOADING=1`, with the `MONOTONIC_USEC=` systemd 253+ expects beside it.

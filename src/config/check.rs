@@ -61,7 +61,7 @@ pub(super) struct Checker {
     pub secret_vars: BTreeSet<String>,
     env: EnvLookup,
     /// Relative `secret_file` paths are read from here (the config file's directory).
-    base_dir: PathBuf,
+    pub base_dir: PathBuf,
 }
 
 impl Checker {

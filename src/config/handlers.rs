@@ -5,15 +5,16 @@
 //! on a shell handler) is reported, not silently ignored.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::check::{join, keys_of, Checker};
+use super::check::{join, keys_of, Checker, Problem};
 use super::values::{Dur, RateLimit, RawRate, RawSecretRef, RawSecrets};
+use super::Config;
 use crate::crypto::Secret;
 
 /// When a delivery is tried again and when it is given up (README "Retries").
@@ -96,11 +97,17 @@ pub enum HandlerKind {
 /// `type = "shell"`: a command run directly, payload on stdin, env and a file.
 #[derive(Debug)]
 pub struct ShellSpec {
+    /// As configured; `command[0]` is what the user wrote (for messages).
     pub command: Vec<String>,
+    /// What runs: `command[0]` with a relative path (one holding a `/`)
+    /// resolved against `workdir`, else the config file's directory; a bare
+    /// name stays bare and is looked up in `$PATH` (README, "Shell handler").
+    pub program: PathBuf,
     pub stdin: StdinMode,
     /// Env var name -> JSON pointer into the normalized payload.
     pub env: BTreeMap<String, String>,
     pub permanent_exit_codes: Vec<i32>,
+    /// Resolved against the config file's directory when relative.
     pub workdir: Option<PathBuf>,
 }
 
@@ -389,7 +396,137 @@ fn shell_spec(ck: &mut Checker, p: &str, r: &RawShell) -> Option<ShellSpec> {
         }
         ck.pointer(&format!("{p}.env.{var}"), ptr);
     }
-    Some(ShellSpec { command, stdin, env: r.env.clone(), permanent_exit_codes: r.permanent_exit_codes.clone(), workdir: r.workdir.clone() })
+    let base = absolute(&ck.base_dir);
+    let workdir = r.workdir.as_ref().map(|w| base.join(w));
+    let program = resolve_program(&command[0], workdir.as_deref().unwrap_or(&base));
+    Some(ShellSpec { command, program, stdin, env: r.env.clone(), permanent_exit_codes: r.permanent_exit_codes.clone(), workdir })
+}
+
+/// `dir` made absolute against the current directory (the config file's
+/// directory is relative when `--config` is), so a resolved path reads the
+/// same in every message and never depends on a later working directory.
+fn absolute(dir: &Path) -> PathBuf {
+    if dir.as_os_str().is_empty() {
+        return std::env::current_dir().unwrap_or_default();
+    }
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// Where `command[0]` is: absolute as is; a relative path holding a `/`
+/// against `base`; a bare name unchanged (found in `$PATH` when run).
+fn resolve_program(first: &str, base: &Path) -> PathBuf {
+    let p = Path::new(first);
+    if p.is_absolute() || !first.contains('/') {
+        return p.to_path_buf();
+    }
+    // `./scripts/x.sh` reads as `<base>/scripts/x.sh` in messages.
+    base.join(p.components().filter(|c| *c != std::path::Component::CurDir).collect::<PathBuf>())
+}
+
+impl Config {
+    /// What is wrong with a handler that the config's syntax cannot show: a
+    /// shell handler whose program is missing, not executable, or names an
+    /// interpreter that does not exist. Not a load error: the daemon starts
+    /// (and reloads) anyway, since a deploy may install the script later,
+    /// and until then each attempt fails as a retry; `check-config` reports
+    /// these as errors and `serve` logs them at ERROR (README, "Shell handler").
+    pub fn preflight(&self) -> Vec<Problem> {
+        self.handlers
+            .values()
+            .filter_map(|h| match &h.kind {
+                HandlerKind::Shell(spec) => {
+                    spec.preflight().err().map(|message| Problem { path: format!("handlers.{}.command[0]", h.name), message })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl ShellSpec {
+    /// Checks that the program can be run by this process's user: it exists,
+    /// is a regular file, is executable (`access(X_OK)`), and a `#!` script's
+    /// interpreter exists too (through `/usr/bin/env NAME`, NAME in `$PATH`).
+    /// The error says which, naming the resolved path.
+    pub fn preflight(&self) -> Result<(), String> {
+        let first = &self.command[0];
+        let program = if first.contains('/') {
+            self.program.clone()
+        } else {
+            find_in_path(first).ok_or_else(|| format!("`{first}` is not found in $PATH ({})", path_var()))?
+        };
+        check_executable(&program)?;
+        let Some((interpreter, arg)) = shebang(&program) else { return Ok(()) };
+        let shown = program.display();
+        if interpreter.ends_with('\r') || arg.as_ref().is_some_and(|a| a.ends_with('\r')) {
+            return Err(format!("{shown}: its `#!` line ends in a carriage return (Windows line endings); convert the script to LF"));
+        }
+        let interp = Path::new(&interpreter);
+        let interp =
+            if interp.is_relative() { self.workdir.as_deref().unwrap_or(Path::new(".")).join(interp) } else { interp.to_path_buf() };
+        if let Err(e) = check_executable(&interp) {
+            return Err(format!("{shown}: its interpreter {e}"));
+        }
+        // `#!/usr/bin/env python3`: env exists; what it runs must too.
+        if interp.file_name().is_some_and(|n| n == "env") {
+            if let Some(name) = arg.filter(|a| !a.starts_with('-') && !a.contains('/')) {
+                if find_in_path(&name).is_none() {
+                    return Err(format!(
+                        "{shown}: its interpreter `{name}` (through {}) is not found in $PATH ({})",
+                        interp.display(),
+                        path_var()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn path_var() -> String {
+    std::env::var("PATH").unwrap_or_default()
+}
+
+/// The first executable regular file named `name` in `$PATH`, as `execvp` finds it.
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| check_executable(p).is_ok())
+}
+
+/// `PATH does not exist`, `… is not a regular file`, `… is not executable`.
+fn check_executable(p: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let shown = p.display();
+    match std::fs::metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(format!("{shown} does not exist")),
+        Err(e) => return Err(format!("{shown} cannot be read: {e}")),
+        Ok(m) if !m.is_file() => return Err(format!("{shown} is not a regular file")),
+        Ok(_) => {}
+    }
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else { return Err(format!("{shown} holds a NUL byte")) };
+    // SAFETY: access(2) reads a NUL-terminated path and touches nothing else.
+    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
+        return Err(format!("{shown} is not executable by this user (uid {})", unsafe { libc::geteuid() }));
+    }
+    Ok(())
+}
+
+/// A script's `#!` line as the kernel reads it: the interpreter, and its one
+/// optional argument (split at the first space or tab). `None` for a binary
+/// or a file this user cannot read (it may be executable without being readable).
+fn shebang(p: &Path) -> Option<(String, Option<String>)> {
+    use std::io::Read as _;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(p).and_then(|mut f| f.read(&mut head)).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n').unwrap_or(line.len())];
+    let line = String::from_utf8_lossy(line);
+    let line = line.trim_start_matches([' ', '\t']);
+    let (interp, rest) = match line.find([' ', '\t']) {
+        Some(i) => (&line[..i], Some(line[i..].trim_matches([' ', '\t']).to_string()).filter(|a| !a.is_empty())),
+        None => (line, None),
+    };
+    (!interp.is_empty()).then(|| (interp.to_string(), rest))
 }
 
 /// Expands `${VAR}` from the daemon's environment; an unset variable is a problem.
@@ -594,4 +731,40 @@ fn crm_spec(ck: &mut Checker, p: &str, r: &RawCrm) -> Option<CrmSpec> {
         headers,
         rate_limit,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_paths_resolve_like_the_readme_says() {
+        let base = Path::new("/etc/hooktrail");
+        assert_eq!(resolve_program("/usr/bin/x", base), Path::new("/usr/bin/x"), "absolute: as is");
+        assert_eq!(resolve_program("./scripts/x.sh", base), Path::new("/etc/hooktrail/scripts/x.sh"));
+        assert_eq!(resolve_program("scripts/x.sh", base), Path::new("/etc/hooktrail/scripts/x.sh"));
+        assert_eq!(resolve_program("../bin/x", base), Path::new("/etc/hooktrail/../bin/x"));
+        assert_eq!(resolve_program("jq", base), Path::new("jq"), "a bare name is left to $PATH");
+    }
+
+    #[test]
+    fn shebang_lines_are_read_as_the_kernel_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        // (file head, expected interpreter and argument)
+        type Case = (&'static [u8], Option<(&'static str, Option<&'static str>)>);
+        let cases: [Case; 6] = [
+            (b"#!/bin/sh\necho", Some(("/bin/sh", None))),
+            (b"#! /usr/bin/env  python3 \nx", Some(("/usr/bin/env", Some("python3")))),
+            (b"#!/bin/bash -e -u\n", Some(("/bin/bash", Some("-e -u")))),
+            (b"#!/bin/sh\r\n", Some(("/bin/sh\r", None))),
+            (b"\x7fELF\x02\x01", None),
+            (b"#!\n", None),
+        ];
+        for (i, (text, want)) in cases.into_iter().enumerate() {
+            let p = dir.path().join(format!("s{i}"));
+            std::fs::write(&p, text).unwrap();
+            let got = shebang(&p);
+            assert_eq!(got.as_ref().map(|(a, b)| (a.as_str(), b.as_deref())), want, "{:?}", String::from_utf8_lossy(text));
+        }
+    }
 }

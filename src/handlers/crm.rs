@@ -641,7 +641,11 @@ impl Report {
             self.exchanges.iter().filter(|e| e.result.outcome == Outcome::Retry).filter_map(|e| e.result.retry_after).max();
         if outcome != Outcome::Success {
             if let Some(first) = deciding.first() {
-                let mut error = format!("{}: {}", first.what, first.result.error.as_deref().unwrap_or("failed"));
+                // The status is in `http_status`; the error names the request and adds only what the status does not say.
+                let mut error = match first.result.error.as_deref() {
+                    Some(e) => format!("{}: {e}", first.what),
+                    None => first.what.clone(),
+                };
                 if deciding.len() > 1 {
                     let _ = write!(error, " (and {} more request(s) like it)", deciding.len() - 1);
                 }
@@ -922,9 +926,6 @@ mod tests {
         let mut result = AttemptResult::new(outcome);
         result.http_status = Some(status);
         result.retry_after = retry_after.map(Duration::from_secs);
-        if outcome != Outcome::Success {
-            result.error = Some(format!("HTTP {status}"));
-        }
         Exchange { what: what.into(), result, rejected: Vec::new() }
     }
 
@@ -945,7 +946,7 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Retry);
         assert_eq!(r.http_status, Some(429));
         assert_eq!(r.retry_after, Some(Duration::from_secs(3)));
-        assert_eq!(r.error.as_deref(), Some("request 3/3: HTTP 429"));
+        assert_eq!(r.error.as_deref(), Some("request 3/3"), "the status is in http_status, said once");
         // Failures are listed before successes.
         let fail = r.output.find("retry request 3/3").unwrap();
         let ok = r.output.find("success request 1/3").unwrap();
@@ -956,7 +957,7 @@ mod tests {
     fn a_refused_chunk_fails_the_attempt_and_all_ok_succeeds() {
         let r = report(vec![exchange("a", Outcome::Failure, 400, None), exchange("b", Outcome::Failure, 404, None)]).finish();
         assert_eq!((r.outcome, r.http_status), (Outcome::Failure, Some(400)));
-        assert_eq!(r.error.as_deref(), Some("a: HTTP 400 (and 1 more request(s) like it)"));
+        assert_eq!(r.error.as_deref(), Some("a (and 1 more request(s) like it)"));
         let r = report(vec![exchange("a", Outcome::Success, 200, None), exchange("b", Outcome::Success, 201, None)]).finish();
         assert_eq!((r.outcome, r.http_status, r.error), (Outcome::Success, Some(200), None));
         let r = report(Vec::new()).finish();

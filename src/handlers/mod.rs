@@ -23,7 +23,9 @@ use crate::store::{rfc3339, Claimed, Outcome};
 /// Stored output is capped at this many bytes (README, "Shell handler").
 pub const OUTPUT_CAP: usize = 64 * 1024;
 
-/// What one attempt concluded.
+/// What one attempt concluded. `error` says what `exit_code` and
+/// `http_status` do not (a timeout, a transport error, why not retried), so
+/// no error text restates them.
 #[derive(Debug, Clone)]
 pub struct AttemptResult {
     pub outcome: Outcome,
@@ -180,6 +182,8 @@ pub async fn send(req: reqwest::RequestBuilder, cancel: &CancellationToken) -> A
     let mut resp = match resp {
         Ok(r) => r,
         Err(e) => {
+            // The URL is the handler's own (and may carry a key): not repeated in the error.
+            let e = e.without_url();
             let what = if e.is_timeout() {
                 "timed out"
             } else if e.is_connect() {
@@ -214,11 +218,9 @@ pub async fn send(req: reqwest::RequestBuilder, cancel: &CancellationToken) -> A
         }
     }
     let outcome = classify_status(status);
-    let error = match outcome {
-        Outcome::Success => None,
-        _ => Some(format!("HTTP {status}")),
-    }
-    .or(read_error.filter(|_| outcome != Outcome::Success));
+    // The status is recorded in `http_status`; `error` holds only what it
+    // does not say, so no view shows "HTTP 503 HTTP 503".
+    let error = read_error.filter(|_| outcome != Outcome::Success);
     AttemptResult { outcome, http_status: Some(status), error, output: out.finish(), retry_after, ..AttemptResult::new(outcome) }
 }
 

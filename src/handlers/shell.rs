@@ -185,7 +185,7 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
         Ok(fd) => fd,
         Err(e) => return AttemptResult::retry(format!("cannot create the output pipe: {e}")),
     };
-    let mut cmd = Command::new(&spec.command[0]);
+    let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.command[1..]).process_group(0).stdout(Stdio::from(out_write)).stderr(Stdio::from(out_write2)).kill_on_drop(true);
     let mut feed = None;
     match stdin_bytes {
@@ -230,7 +230,13 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
     drop(cmd);
     let mut child = match spawned {
         Ok(c) => c,
-        Err(e) => return AttemptResult::retry(format!("cannot start `{}`: {e}", spec.command[0])),
+        // Retried, not failed: a deploy may install or fix the script later.
+        // The preflight's diagnosis says more than ENOENT does (that a
+        // script's interpreter is missing, say); the OS error otherwise.
+        Err(e) => {
+            let why = spec.preflight().err().unwrap_or_else(|| format!("{}: {e}", spec.program.display()));
+            return AttemptResult::retry(format!("cannot start the command: {why}"));
+        }
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     if let Some((write, bytes, from)) = feed {
@@ -314,12 +320,11 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
             use std::os::unix::process::ExitStatusExt as _;
             match (st.code(), st.signal()) {
                 (Some(0), _) => AttemptResult { output, exit_code: Some(0), ..AttemptResult::new(Outcome::Success) },
-                (Some(code), _) if spec.permanent_exit_codes.contains(&code) => AttemptResult {
-                    output,
-                    exit_code: Some(code),
-                    ..AttemptResult::failure(format!("exit code {code} is in permanent_exit_codes; not retrying"))
-                },
-                (Some(code), _) => AttemptResult { output, exit_code: Some(code), ..AttemptResult::retry(format!("exit code {code}")) },
+                (Some(code), _) if spec.permanent_exit_codes.contains(&code) => {
+                    AttemptResult { output, exit_code: Some(code), ..AttemptResult::failure("in permanent_exit_codes; not retrying") }
+                }
+                // The exit code is recorded beside: no error text restates it.
+                (Some(code), _) => AttemptResult { output, exit_code: Some(code), ..AttemptResult::new(Outcome::Retry) },
                 (None, Some(sig)) => AttemptResult { output, ..AttemptResult::retry(format!("killed by signal {sig}")) },
                 (None, None) => AttemptResult { output, ..AttemptResult::retry("ended without an exit code") },
             }

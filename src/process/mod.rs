@@ -345,32 +345,16 @@ impl Processor {
             (Some(e), Some(g)) => Some(format!("{e}; {g}")),
             (e, g) => e.or(g),
         };
-        self.metrics.delivery(&c.handler, result.outcome, took);
-        tracing::info!(
-            event_id = %c.event_id,
-            source = %c.source,
-            handler = %c.handler,
-            attempt = c.attempt,
-            outcome = %result.outcome,
-            duration_ms = took.as_millis() as u64,
-            exit_code = result.exit_code,
-            http_status = result.http_status,
-            error = error.as_deref().unwrap_or(""),
-            next = %match next {
-                Next::Succeeded => "succeeded".to_string(),
-                Next::Failed => "failed".to_string(),
-                Next::RetryAt(t) => format!("retry at {}", crate::store::rfc3339(t)),
-                Next::Released => "released".to_string(),
-            },
-            "attempt finished"
-        );
+        let outcome = retry::recorded_outcome(result.outcome, &next);
+        self.metrics.delivery(&c.handler, outcome, took);
+        log_attempt(&c, c.attempt, outcome, took, (result.exit_code, result.http_status), error.as_deref(), &next);
         let finished = Finished {
             owner: self.owner.clone(),
             delivery_id: c.delivery_id,
             attempt: c.attempt,
             started_at: started,
             duration_ms: took.as_millis() as u64,
-            outcome: result.outcome,
+            outcome,
             exit_code: result.exit_code,
             http_status: result.http_status,
             error,
@@ -387,6 +371,49 @@ impl Processor {
             }
         }
         tracing::error!(event_id = %c.event_id, handler = %c.handler, "could not record the attempt; it will run again when its lease expires");
+    }
+}
+
+/// The `attempt finished` line, at a level `journalctl -p warning` can find
+/// (README, "Logs"): INFO for a success or a release, WARN when the delivery
+/// will be retried, ERROR when it ended `failed`, with the reason in `error`.
+fn log_attempt(
+    c: &Claimed,
+    attempt: u32,
+    outcome: crate::store::Outcome,
+    took: Duration,
+    (exit_code, http_status): (Option<i32>, Option<u16>),
+    error: Option<&str>,
+    next: &Next,
+) {
+    let next_text = match next {
+        Next::Succeeded => "succeeded".to_string(),
+        Next::Failed => "failed".to_string(),
+        Next::RetryAt(t) => format!("retry at {}", crate::store::rfc3339(*t)),
+        Next::Released => "released".to_string(),
+    };
+    macro_rules! line {
+        ($level:expr) => {
+            tracing::event!(
+                $level,
+                event_id = %c.event_id,
+                source = %c.source,
+                handler = %c.handler,
+                attempt,
+                outcome = %outcome,
+                duration_ms = took.as_millis() as u64,
+                exit_code,
+                http_status,
+                error = error.unwrap_or(""),
+                next = %next_text,
+                "attempt finished"
+            )
+        };
+    }
+    match next {
+        Next::Succeeded | Next::Released => line!(tracing::Level::INFO),
+        Next::RetryAt(_) => line!(tracing::Level::WARN),
+        Next::Failed => line!(tracing::Level::ERROR),
     }
 }
 

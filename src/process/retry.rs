@@ -27,6 +27,16 @@ pub fn jitter(d: Duration) -> Duration {
     half + half.mul_f64(extra)
 }
 
+/// The outcome an attempt is recorded with: a retryable failure after which
+/// the delivery is given up (budget or max_age spent) is the delivery's last
+/// attempt, so it reads `failure`, not `retry` (README, "Retries").
+pub fn recorded_outcome(outcome: Outcome, next: &Next) -> Outcome {
+    match (outcome, next) {
+        (Outcome::Retry, Next::Failed) => Outcome::Failure,
+        (o, _) => o,
+    }
+}
+
 /// Decides the delivery's next state. `attempt_in_budget` counts attempts
 /// since the last replay (1-based); `queued_at` starts the max_age clock.
 /// Returns the next state and, when giving up, why.
@@ -109,6 +119,20 @@ mod tests {
         let old = now - chrono::Duration::seconds(3595);
         assert_eq!(decide(&p, &retry, 1, old, now).0, Next::Failed);
         assert_eq!(decide(&p, &AttemptResult::failure("no"), 1, now, now).0, Next::Failed);
+    }
+
+    #[test]
+    fn a_retry_that_ends_the_delivery_is_recorded_as_a_failure() {
+        let p = policy();
+        let now = Utc::now();
+        let retry = AttemptResult::retry("exit code 1");
+        let (next, why) = decide(&p, &retry, 5, now, now);
+        assert_eq!(recorded_outcome(retry.outcome, &next), Outcome::Failure);
+        assert!(why.is_some_and(|w| w.contains("max_attempts = 5")));
+        let (next, _) = decide(&p, &retry, 1, now, now);
+        assert_eq!(recorded_outcome(retry.outcome, &next), Outcome::Retry);
+        assert_eq!(recorded_outcome(Outcome::Retry, &Next::Released), Outcome::Retry, "an interrupted attempt is no failure");
+        assert_eq!(recorded_outcome(Outcome::Success, &Next::Succeeded), Outcome::Success);
     }
 
     #[test]
