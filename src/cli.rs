@@ -231,9 +231,12 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let store = open_store(&path)?;
             let before = store::checked_before(Utc::now(), older_than).context("--older-than reaches back further than a date can")?;
             if dry_run {
-                let n = count_prunable(store.as_ref(), before).await?;
+                let events = prunable(store.as_ref(), before).await?;
                 store.close().await;
-                println!("would prune {n} finished event(s) received before {}; nothing deleted", store::rfc3339(before));
+                for e in &events {
+                    println!("would prune {} {} {} ({})", e.id, rfc3339(e.received_at), e.source, e.status);
+                }
+                println!("would prune {} finished event(s) received before {}; nothing deleted", events.len(), store::rfc3339(before));
                 return Ok(0);
             }
             let n = store.prune(before, CLI_BATCH).await?;
@@ -394,24 +397,26 @@ impl EventsCommand {
     }
 }
 
-/// The events `prune` would delete: finished and with an id below the first
+/// The events `prune` would delete, oldest first: finished and with an id below the first
 /// one `before` can have (an id is made after its event was received, so
 /// that alone places the receive time before `before`, as prune requires).
-async fn count_prunable(store: &dyn Store, before: DateTime<Utc>) -> Result<u64> {
+async fn prunable(store: &dyn Store, before: DateTime<Utc>) -> Result<Vec<EventRecord>> {
     let floor = EventId(ulid::Ulid::from_parts(u64::try_from(before.timestamp_millis()).unwrap_or(0), 0));
-    let mut n = 0u64;
+    let mut all = Vec::new();
     for &status in EventStatus::ALL.iter().filter(|s| rules::prunable(**s)) {
         let mut filter = EventFilter { status: Some(status), before: Some(floor), limit: Some(CLI_BATCH), ..Default::default() };
         loop {
             let page = store.list_events(filter.clone(), Detail::Summary).await?;
-            n += page.len() as u64;
-            match page.last() {
-                Some(last) if page.len() == CLI_BATCH => filter.before = Some(last.id),
-                _ => break,
+            let next = page.last().filter(|_| page.len() == CLI_BATCH).map(|last| last.id);
+            all.extend(page);
+            match next {
+                Some(id) => filter.before = Some(id),
+                None => break,
             }
         }
     }
-    Ok(n)
+    all.sort_by_key(|e| e.id);
+    Ok(all)
 }
 
 /// The `events list` table. Every column but the last has a fixed width

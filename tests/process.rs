@@ -877,6 +877,9 @@ match = [{ pointer = "/kind", equals = "later" }]
     let out = env.cli(&["prune", "--older-than", "0s", "--dry-run"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("would prune 2 finished event(s)") && out.stdout.contains("nothing deleted"), "{out:?}");
+    let listed: Vec<&str> =
+        out.stdout.lines().filter(|l| l.starts_with("would prune evt_")).map(|l| l.split(' ').nth(2).unwrap()).collect();
+    assert_eq!(listed, [e_ok.as_str(), e_bad.as_str()], "the dry run lists each event it would delete: {out:?}");
     assert_eq!(env.events().len(), 3, "--dry-run deletes nothing");
     let out = env.cli(&["prune", "--older-than", "0s"]);
     assert_eq!(out.code, 0, "{out:?}");
