@@ -65,6 +65,7 @@ pub(super) struct Checker {
 }
 
 impl Checker {
+    /// A checker reading variables through `env`; relative files resolve against `base_dir` (the config file's directory).
     pub fn new(env: EnvLookup, base_dir: PathBuf) -> Self {
         Checker { problems: Vec::new(), warnings: Vec::new(), secret_vars: BTreeSet::new(), env, base_dir }
     }
@@ -86,6 +87,7 @@ impl Checker {
         self.problems.push(Problem { path, message: message.into() });
     }
 
+    /// Records something worth saying that does not stop the config from loading (an inline secret).
     pub fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.warnings.push(Problem { path: path.into(), message: message.into() });
     }
@@ -265,6 +267,7 @@ impl Checker {
         }
     }
 
+    /// A `{ per_second, burst }` table: both positive, burst defaulting to per_second.
     pub fn rate(&mut self, path: &str, r: &RawRate) -> Option<RateLimit> {
         let Some(per_second) = r.per_second else {
             self.error(join(path, "per_second"), "is required");
@@ -291,6 +294,7 @@ impl Checker {
         true
     }
 
+    /// Parses a list of CIDRs (a bare address is a /32 or /128), reporting each bad one by index.
     pub fn cidrs(&mut self, path: &str, list: &[String]) -> Vec<IpNet> {
         list.iter()
             .enumerate()

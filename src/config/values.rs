@@ -93,6 +93,7 @@ pub(super) struct RawSecretRef {
 }
 
 impl RawSecretRef {
+    /// Whether any of the single-secret keys was written.
     pub fn is_given(&self) -> bool {
         self.secret_env.is_some() || self.secret_file.is_some() || self.secret.is_some()
     }

@@ -54,6 +54,8 @@ pub enum BodyKind {
     Other,
 }
 
+/// Why a body could not be decoded; the message goes back to the sender as is,
+/// saying what is wrong and where (a line and column, an element or field name).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("invalid JSON: {0}")]
