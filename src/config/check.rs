@@ -87,6 +87,16 @@ impl Checker {
         self.problems.push(Problem { path, message: message.into() });
     }
 
+    /// The value `given` names among `choices`; anything else is reported at
+    /// `path` as "`x` is not one of {listed}".
+    pub fn one_of<T: Copy>(&mut self, path: String, given: &str, choices: &[(&str, T)], listed: &str) -> Option<T> {
+        let found = choices.iter().find(|(name, _)| *name == given).map(|(_, v)| *v);
+        if found.is_none() {
+            self.error(path, format!("`{given}` is not one of {listed}"));
+        }
+        found
+    }
+
     /// Records something worth saying that does not stop the config from loading (an inline secret).
     pub fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.warnings.push(Problem { path: path.into(), message: message.into() });

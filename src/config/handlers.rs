@@ -377,16 +377,12 @@ fn shell_spec(ck: &mut Checker, p: &str, r: &RawShell) -> Option<ShellSpec> {
             return None;
         }
     };
-    let stdin = match r.stdin.as_deref().unwrap_or("json") {
-        "json" => StdinMode::Json,
-        "raw" => StdinMode::Raw,
-        "envelope" => StdinMode::Envelope,
-        "none" => StdinMode::None,
-        other => {
-            ck.error(join(p, "stdin"), format!("`{other}` is not one of json, raw, envelope, none"));
-            return None;
-        }
-    };
+    let stdin = ck.one_of(
+        join(p, "stdin"),
+        r.stdin.as_deref().unwrap_or("json"),
+        &[("json", StdinMode::Json), ("raw", StdinMode::Raw), ("envelope", StdinMode::Envelope), ("none", StdinMode::None)],
+        "json, raw, envelope, none",
+    )?;
     for (var, ptr) in &r.env {
         if var.is_empty() || var.contains('=') || var.contains('\0') {
             ck.error(format!("{p}.env.{var}"), "is not a valid environment variable name");
@@ -595,15 +591,12 @@ fn http_spec(ck: &mut Checker, p: &str, r: &RawHttp) -> Option<HttpSpec> {
     if reqwest::Method::from_bytes(method.as_bytes()).is_err() {
         ck.error(join(p, "method"), format!("`{method}` is not an HTTP method"));
     }
-    let body = match r.body.as_deref().unwrap_or("raw") {
-        "raw" => BodyMode::Raw,
-        "json" => BodyMode::Json,
-        "envelope" => BodyMode::Envelope,
-        other => {
-            ck.error(join(p, "body"), format!("`{other}` is not one of raw, json, envelope"));
-            return None;
-        }
-    };
+    let body = ck.one_of(
+        join(p, "body"),
+        r.body.as_deref().unwrap_or("raw"),
+        &[("raw", BodyMode::Raw), ("json", BodyMode::Json), ("envelope", BodyMode::Envelope)],
+        "raw, json, envelope",
+    )?;
     let headers = headers(ck, p, &r.headers);
     let rate_limit = r.rate_limit.as_ref().and_then(|x| ck.rate(&join(p, "rate_limit"), x));
     let sign_secrets = match &r.sign {

@@ -389,31 +389,24 @@ fn auth_spec(ck: &mut Checker, p: &str, value: Value) -> Option<AuthSpec> {
         "hmac" => {
             let a: RawHmac = own_keys(ck, p, t.own, &what)?;
             let header = require(ck, "header", &a.header).map(|h| h.to_ascii_lowercase());
-            let algorithm = match a.algorithm.as_deref().unwrap_or("sha256") {
-                "sha1" => Some(HmacAlgorithm::Sha1),
-                "sha256" => Some(HmacAlgorithm::Sha256),
-                "sha512" => Some(HmacAlgorithm::Sha512),
-                other => {
-                    ck.error(join(p, "algorithm"), format!("`{other}` is not one of sha1, sha256, sha512"));
-                    None
-                }
-            };
-            let encoding = match a.encoding.as_deref().unwrap_or("hex") {
-                "hex" => Some(SigEncoding::Hex),
-                "base64" => Some(SigEncoding::Base64),
-                other => {
-                    ck.error(join(p, "encoding"), format!("`{other}` is not one of hex, base64"));
-                    None
-                }
-            };
-            let signed_content = match a.signed_content.as_deref().unwrap_or("body") {
-                "body" => Some(SignedContent::Body),
-                "timestamp.body" => Some(SignedContent::TimestampDotBody),
-                other => {
-                    ck.error(join(p, "signed_content"), format!("`{other}` is not one of \"body\", \"timestamp.body\""));
-                    None
-                }
-            };
+            let algorithm = ck.one_of(
+                join(p, "algorithm"),
+                a.algorithm.as_deref().unwrap_or("sha256"),
+                &[("sha1", HmacAlgorithm::Sha1), ("sha256", HmacAlgorithm::Sha256), ("sha512", HmacAlgorithm::Sha512)],
+                "sha1, sha256, sha512",
+            );
+            let encoding = ck.one_of(
+                join(p, "encoding"),
+                a.encoding.as_deref().unwrap_or("hex"),
+                &[("hex", SigEncoding::Hex), ("base64", SigEncoding::Base64)],
+                "hex, base64",
+            );
+            let signed_content = ck.one_of(
+                join(p, "signed_content"),
+                a.signed_content.as_deref().unwrap_or("body"),
+                &[("body", SignedContent::Body), ("timestamp.body", SignedContent::TimestampDotBody)],
+                "\"body\", \"timestamp.body\"",
+            );
             let timestamp_header = a.timestamp_header.as_ref().map(|h| h.trim().to_ascii_lowercase());
             if signed_content == Some(SignedContent::TimestampDotBody) && timestamp_header.is_none() {
                 ck.error(join(p, "timestamp_header"), "is required when signed_content = \"timestamp.body\"");
