@@ -784,12 +784,11 @@ fn chromium() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-#[test]
-fn browser_filters_opens_an_event_and_replays_it() {
-    let Some(chromium) = chromium() else {
-        println!("SKIPPED browser_filters_opens_an_event_and_replays_it: no Chromium at /usr/bin/chromium (set CHROMIUM=…); .ci/browser.sh installs it");
-        return;
-    };
+/// Runs `tests/browser/<script>` with node in `chromium` (a fresh profile),
+/// the admin URL and token plus `vars` in its environment, and returns the
+/// JSON summary it prints last. Installs the script's node_modules first when
+/// they are missing (`.ci/browser.sh` does it in CI).
+fn run_browser_script(script: &str, chromium: &Path, admin: &Admin, vars: &[(&str, &str)]) -> Value {
     let dir = browser_dir();
     if !dir.join("node_modules/playwright-core").exists() {
         let out = Command::new("npm")
@@ -803,6 +802,30 @@ fn browser_filters_opens_an_event_and_replays_it() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let profile = tempfile::tempdir().expect("a Chromium profile dir");
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join(script))
+        .current_dir(&dir)
+        .env("ADMIN_URL", &admin.base)
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("CHROMIUM", chromium)
+        .env("PROFILE_DIR", profile.path());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("running node tests/browser/{script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser script failed:\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("browser script's last line is not JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn browser_filters_opens_an_event_and_replays_it() {
+    let Some(chromium) = chromium() else {
+        println!("SKIPPED browser_filters_opens_an_event_and_replays_it: no Chromium at /usr/bin/chromium (set CHROMIUM=…); .ci/browser.sh installs it");
+        return;
+    };
     let env = TestEnv::new(CONFIG);
     let d = env.daemon().env("HOOKTRAIL_ADMIN_TOKEN", ADMIN_TOKEN).start();
     let admin = Admin::of(&env, Some(ADMIN_TOKEN));
@@ -814,21 +837,7 @@ fn browser_filters_opens_an_event_and_replays_it() {
     }
     assert_eq!(attempts(&admin.event(&target), "ok"), 1);
 
-    let profile = tempfile::tempdir().expect("a Chromium profile dir");
-    let out = Command::new("node")
-        .arg(dir.join("page.test.mjs"))
-        .current_dir(&dir)
-        .env("ADMIN_URL", &admin.base)
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("TARGET_ID", &target)
-        .env("CHROMIUM", &chromium)
-        .env("PROFILE_DIR", profile.path())
-        .output()
-        .expect("running node tests/browser/page.test.mjs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "browser script failed:\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    let result: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("browser script's last line is not JSON ({e}): {stdout}"));
+    let result = run_browser_script("page.test.mjs", &chromium, &admin, &[("TARGET_ID", &target)]);
     assert_eq!(result["filtered_rows"], 1, "{result}");
     assert_eq!(result["attempts_before"], 1, "{result}");
     assert_eq!(result["attempts_after"], 2, "{result}");
@@ -1117,32 +1126,13 @@ fn browser_bulk_replays_failed_events_after_confirmation_and_refuses_a_forged_po
         println!("SKIPPED browser_bulk_replays_failed_events_after_confirmation_and_refuses_a_forged_post: no Chromium at /usr/bin/chromium (set CHROMIUM=…); .ci/browser.sh installs it");
         return;
     };
-    let dir = browser_dir();
-    assert!(
-        dir.join("node_modules/playwright-core").exists(),
-        "Chromium is installed but tests/browser has no node_modules; run .ci/browser.sh (or npm ci in tests/browser)"
-    );
     let env = TestEnv::new(FAILING);
     let d = env.daemon().env("HOOKTRAIL_ADMIN_TOKEN", ADMIN_TOKEN).start();
     let admin = Admin::of(&env, Some(ADMIN_TOKEN));
     let (broken, other, _done) = failed_events(&admin, &d);
 
-    let profile = tempfile::tempdir().expect("a Chromium profile dir");
-    let out = Command::new("node")
-        .arg(dir.join("bulk.test.mjs"))
-        .current_dir(&dir)
-        .env("ADMIN_URL", &admin.base)
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("SOURCE", "broken")
-        .env("FAILED", broken.len().to_string())
-        .env("CHROMIUM", &chromium)
-        .env("PROFILE_DIR", profile.path())
-        .output()
-        .expect("running node tests/browser/bulk.test.mjs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "browser script failed:\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    let result: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("browser script's last line is not JSON ({e}): {stdout}"));
+    let failed = broken.len().to_string();
+    let result = run_browser_script("bulk.test.mjs", &chromium, &admin, &[("SOURCE", "broken"), ("FAILED", &failed)]);
     assert_eq!(result["button"], "Replay failed (3)", "{result}");
     assert_eq!(result["confirm_deliveries"], 3, "{result}");
     assert_eq!(result["confirm_events"], 3, "{result}");

@@ -13,47 +13,21 @@
 //   CHROMIUM     the browser binary (default /usr/bin/chromium)
 //   PROFILE_DIR  a fresh user-data dir
 
-import { chromium } from 'playwright-core';
+import { expect, login, need, run } from './lib.mjs';
 
-const need = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 const base = need('ADMIN_URL');
 const token = need('ADMIN_TOKEN');
 const source = need('SOURCE');
 const failed = Number(need('FAILED'));
-const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
-const profile = need('PROFILE_DIR');
 // Another origin on loopback too (localhost, not 127.0.0.1), so the browser's
 // own local-network rules cannot be what stops the forged request: the
 // daemon must. Playwright answers for it; nothing listens there.
 const evil = 'http://localhost:18099/forged';
 
-function expect(cond, what) {
-  if (!cond) throw new Error(`expectation failed: ${what}`);
-}
-
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath,
-  headless: true,
-  args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  ],
-});
 const summary = {};
-try {
-  const page = context.pages()[0] ?? (await context.newPage());
-  page.setDefaultTimeout(15000);
-
+await run(summary, async (page) => {
   // 1. Log in.
-  let resp = await page.goto(`${base}/`);
-  expect(resp.status() === 401, `first visit answers 401 with the login form, got ${resp.status()}`);
-  await page.fill('#token', token);
-  await Promise.all([page.waitForResponse((r) => r.url().endsWith('/login')), page.click('#login')]);
-  await page.waitForSelector('#events');
+  await login(page, base, token);
 
   // 2. Filter to the source; the bulk button counts its failed deliveries.
   await page.fill('input[name=source]', source);
@@ -99,11 +73,4 @@ try {
   ]);
   summary.forged_status = forged.status();
   summary.forged_body = await forged.text();
-} catch (e) {
-  const page = context.pages()[0];
-  if (page) console.error(`at ${page.url()}:\n${(await page.content()).slice(0, 4000)}`);
-  throw e;
-} finally {
-  await context.close();
-}
-console.log(JSON.stringify(summary));
+});

@@ -11,44 +11,19 @@
 //   CHROMIUM     the browser binary (default /usr/bin/chromium)
 //   PROFILE_DIR  a fresh user-data dir
 
-import { chromium } from 'playwright-core';
+import { expect, login, need, run } from './lib.mjs';
 
-const need = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 const base = need('ADMIN_URL');
 const token = need('ADMIN_TOKEN');
 const target = need('TARGET_ID');
-const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
-const profile = need('PROFILE_DIR');
 
-function expect(cond, what) {
-  if (!cond) throw new Error(`expectation failed: ${what}`);
-}
-
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath,
-  headless: true,
-  args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  ],
-});
 const summary = { dialogs: 0 };
-try {
-  const page = context.pages()[0] ?? (await context.newPage());
-  page.setDefaultTimeout(15000);
+await run(summary, async (page) => {
   // A payload's <script> must never run: any alert() would open a dialog.
   page.on('dialog', async (d) => { summary.dialogs += 1; await d.dismiss(); });
 
   // 1. The list needs a login first (the token is set).
-  let resp = await page.goto(`${base}/`);
-  expect(resp.status() === 401, `first visit answers 401 with the login form, got ${resp.status()}`);
-  await page.fill('#token', token);
-  await Promise.all([page.waitForResponse((r) => r.url().endsWith('/login')), page.click('#login')]);
-  await page.waitForSelector('#events');
+  await login(page, base, token);
   expect(await page.locator('#events tr.event').count() >= 3, 'the list shows every event after login');
   expect(await page.locator('#chart rect').count() === 72, 'the chart draws 24 hours x 3 bars');
 
@@ -81,11 +56,4 @@ try {
   }
   const last = page.locator('section.delivery[data-handler=ok] tr.attempt').last();
   expect((await last.innerText()).includes('success'), 'the new attempt succeeded');
-} catch (e) {
-  const page = context.pages()[0];
-  if (page) console.error(`at ${page.url()}:\n${(await page.content()).slice(0, 4000)}`);
-  throw e;
-} finally {
-  await context.close();
-}
-console.log(JSON.stringify(summary));
+});
