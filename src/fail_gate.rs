@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,9 @@ pub struct FailGate {
     period: Duration,
     wrong: governor::DefaultKeyedRateLimiter<IpAddr, StateInformationMiddleware>,
     blocked: Mutex<HashMap<IpAddr, Instant>>,
+    /// How many addresses `blocked` holds, so that [`FailGate::check`] (on
+    /// every authenticated request) takes no lock while nobody is blocked.
+    blocked_len: AtomicUsize,
 }
 
 impl FailGate {
@@ -34,11 +38,15 @@ impl FailGate {
             period,
             wrong: governor::RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
             blocked: Default::default(),
+            blocked_len: AtomicUsize::new(0),
         }
     }
 
     /// `Err(wait)` while `ip` may not try a credential.
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+        if self.blocked_len.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
         let blocked = self.blocked.lock().expect("fail gate lock poisoned");
         match blocked.get(&gate_key(ip)).map(|until| until.saturating_duration_since(Instant::now())) {
             Some(wait) if !wait.is_zero() => Err(wait),
@@ -61,13 +69,18 @@ impl FailGate {
         let mut blocked = self.blocked.lock().expect("fail gate lock poisoned");
         blocked.retain(|_, until| *until > now);
         blocked.insert(key, now + wait);
+        self.blocked_len.store(blocked.len(), Ordering::Release);
         Some(wait)
     }
 
-    /// Forgets idle per-address counts so memory stays bounded.
+    /// Forgets idle per-address counts and ended blocks so memory stays bounded.
     pub fn trim(&self) {
         self.wrong.retain_recent();
         self.wrong.shrink_to_fit();
+        let now = Instant::now();
+        let mut blocked = self.blocked.lock().expect("fail gate lock poisoned");
+        blocked.retain(|_, until| *until > now);
+        self.blocked_len.store(blocked.len(), Ordering::Release);
     }
 }
 
