@@ -156,6 +156,15 @@ pub enum EventsCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Mark a failed delivery `skipped`, releasing the ordering key it blocks
+    #[command(after_help = "Example:\n  hooktrail events skip evt_01ARZ3NDEKTSV4RRFFQ69G5FAV --handler crm")]
+    Skip {
+        /// The event id (`evt_…`)
+        id: String,
+        /// The handler whose failed delivery to skip
+        #[arg(long)]
+        handler: String,
+    },
 }
 
 /// `--older-than`: a duration that still leaves a date when taken from now.
@@ -368,6 +377,20 @@ async fn events(store: &dyn Store, cmd: EventsCommand) -> Result<i32> {
             let n = store.replay(events.clone(), handler, only_failed).await?;
             println!("re-queued {n} deliver{} of {} event(s)", plural(n as usize), events.len());
             Ok(0)
+        }
+        EventsCommand::Skip { id, handler } => {
+            let id: EventId = id.parse().map_err(anyhow::Error::msg)?;
+            match store.skip(id, &handler).await {
+                Ok(()) => {
+                    println!("skipped the delivery of {id} to {handler}; its ordering key is released");
+                    Ok(0)
+                }
+                Err(store::SkipError::Store(e)) => Err(e.into()),
+                Err(e) => {
+                    eprintln!("error: {e}; nothing changed");
+                    Ok(1)
+                }
+            }
         }
     }
 }

@@ -180,6 +180,14 @@ contract!(on_a_store:
     backlog_counts_unfinished_deliveries,
     inserts_with_deliveries_and_replays_signal_new_work,
     after_close_writes_fail_with_shutting_down,
+    ordered_claims_hand_out_one_delivery_per_key_in_event_order,
+    a_head_waiting_for_a_retry_holds_only_its_key,
+    with_continue_a_head_that_failed_for_good_lets_the_next_run,
+    with_block_a_failed_head_holds_its_key_until_replayed_and_succeeded,
+    with_block_a_skipped_head_releases_its_key,
+    a_replayed_old_delivery_runs_after_the_running_head_and_before_the_waiting_ones,
+    a_head_whose_lease_expired_runs_again_before_anything_later_of_its_key,
+    skip_refuses_unknown_events_unknown_handlers_and_unfailed_deliveries_and_changes_nothing,
 );
 
 contract!(on_a_database:
@@ -218,6 +226,7 @@ fn event(source: &str, handlers: &[&str]) -> NewEvent {
         payload: Payload::Body,
         dedup: None,
         handlers: handlers.iter().map(|h| h.to_string()).collect(),
+        order_keys: Vec::new(),
     }
 }
 
@@ -300,6 +309,33 @@ fn finished(owner: &str, c: &Claimed, outcome: Outcome, next: Next) -> Finished 
         output: format!("output of attempt {}", c.attempt),
         next,
     }
+}
+
+/// `ev` whose deliveries carry these ordering keys (by handler index).
+fn keyed(mut ev: NewEvent, keys: &[Option<&str>]) -> NewEvent {
+    ev.order_keys = keys.iter().map(|k| k.map(str::to_string)).collect();
+    ev
+}
+
+/// An event to ordered handler `h` with key `key` (`None`: no key).
+fn to_key(h: &str, key: Option<&str>) -> NewEvent {
+    keyed(event("s", &[h]), &[key])
+}
+
+/// What an ordered claim of `handler` for [`OWNER`] hands out now.
+async fn claim_ordered(store: &dyn Store, handler: &str, on: store::OnFailure) -> Vec<Claimed> {
+    store.claim_ordered(OWNER, handler, on, 100, LONG_LEASE).await.expect("claim_ordered")
+}
+
+/// The events of claimed deliveries.
+fn ids(cs: &[Claimed]) -> BTreeSet<EventId> {
+    cs.iter().map(|c| c.event_id).collect()
+}
+
+/// Runs claimed `c` to its end with `outcome`, moving it to `next`.
+async fn end(store: &dyn Store, c: &Claimed, outcome: Outcome, next: Next) {
+    store.started(OWNER, c.delivery_id).await.expect("started");
+    store.finish(finished(OWNER, c, outcome, next)).await.expect("finish");
 }
 
 /// One attempt of `handler`'s next due delivery, run to its end the way the
@@ -862,6 +898,8 @@ mod cases {
             (&[D::Succeeded, D::Succeeded], E::Done),
             (&[D::Failed, D::Succeeded], E::Failed),
             (&[D::Failed, D::Failed], E::Failed),
+            (&[D::Skipped, D::Succeeded], E::Failed),
+            (&[D::Skipped, D::Pending], E::Processing),
         ];
         for (n, (states, want)) in cases.iter().enumerate() {
             // Handlers of their own, so each event's deliveries are the only due ones.
@@ -882,6 +920,12 @@ mod cases {
                     }
                     D::Failed => {
                         fail(&*store, h).await;
+                    }
+                    D::Skipped => {
+                        let c = fail(&*store, h).await;
+                        let ev = show(&*store, id).await;
+                        assert_eq!(c.event_id, ev.id);
+                        store.skip(id, h).await.expect("skip a failed delivery");
                     }
                 }
             }
@@ -1330,5 +1374,160 @@ mod cases {
         assert_eq!((c.event_id, c.attempt), (waiting, 1));
         assert_eq!(claim_due(&*after, OWNER, "b").await.len(), 1);
         after.close().await;
+    }
+
+    // -----------------------------------------------------------------------
+    // Ordered processing (README "Ordered processing")
+
+    use store::OnFailure::{Block, Continue};
+
+    /// Same key: one at a time, in event-id order; different keys and
+    /// deliveries without a key: in parallel.
+    pub async fn ordered_claims_hand_out_one_delivery_per_key_in_event_order(store: Arc<dyn Store>) {
+        let a1 = insert(&*store, to_key("o", Some("a"))).await;
+        let a2 = insert(&*store, to_key("o", Some("a"))).await;
+        let b1 = insert(&*store, to_key("o", Some("b"))).await;
+        let u1 = insert(&*store, to_key("o", None)).await;
+        let u2 = insert(&*store, to_key("o", None)).await;
+        let first = claim_ordered(&*store, "o", Continue).await;
+        assert_eq!(ids(&first), BTreeSet::from([a1, b1, u1, u2]), "the heads of a and b, and both unkeyed");
+        assert!(claim_ordered(&*store, "o", Continue).await.is_empty(), "a2 waits while a1 runs");
+        let c_a1 = first.iter().find(|c| c.event_id == a1).expect("a1");
+        end(&*store, c_a1, Outcome::Success, Next::Succeeded).await;
+        let next = claim_ordered(&*store, "o", Continue).await;
+        assert_eq!(ids(&next), BTreeSet::from([a2]), "a1 done: a2 is next");
+        assert_eq!(delivery(&*store, a2, "o").await.status, DeliveryStatus::Running);
+        assert_eq!(delivery(&*store, b1, "o").await.blocked_by, None);
+    }
+
+    /// A delivery waiting for a retry holds its key, and only its key.
+    pub async fn a_head_waiting_for_a_retry_holds_only_its_key(store: Arc<dyn Store>) {
+        let a1 = insert(&*store, to_key("o", Some("a"))).await;
+        let a2 = insert(&*store, to_key("o", Some("a"))).await;
+        let b1 = insert(&*store, to_key("o", Some("b"))).await;
+        let b2 = insert(&*store, to_key("o", Some("b"))).await;
+        let first = claim_ordered(&*store, "o", Continue).await;
+        assert_eq!(ids(&first), BTreeSet::from([a1, b1]));
+        for c in &first {
+            if c.event_id == a1 {
+                end(&*store, c, Outcome::Retry, Next::RetryAt(Utc::now() + chrono::Duration::hours(1))).await;
+            } else {
+                end(&*store, c, Outcome::Success, Next::Succeeded).await;
+            }
+        }
+        assert_eq!(ids(&claim_ordered(&*store, "o", Continue).await), BTreeSet::from([b2]), "b goes on; a2 waits behind retrying a1");
+        assert_eq!(delivery(&*store, a2, "o").await.status, DeliveryStatus::Pending);
+        assert_eq!(delivery(&*store, a1, "o").await.status, DeliveryStatus::Retrying);
+    }
+
+    /// `on_failure = "continue"`: once the head failed for good, the next runs.
+    pub async fn with_continue_a_head_that_failed_for_good_lets_the_next_run(store: Arc<dyn Store>) {
+        let a1 = insert(&*store, to_key("o", Some("a"))).await;
+        let a2 = insert(&*store, to_key("o", Some("a"))).await;
+        let c = claim_ordered(&*store, "o", Continue).await;
+        assert_eq!(ids(&c), BTreeSet::from([a1]));
+        end(&*store, &c[0], Outcome::Failure, Next::Failed).await;
+        assert_eq!(ids(&claim_ordered(&*store, "o", Continue).await), BTreeSet::from([a2]));
+        assert_eq!(store.blocked_keys().await.expect("blocked_keys"), vec![]);
+    }
+
+    /// `on_failure = "block"`: the key waits, its deliveries show
+    /// `blocked_by`, until the failed one is replayed and succeeds.
+    pub async fn with_block_a_failed_head_holds_its_key_until_replayed_and_succeeded(store: Arc<dyn Store>) {
+        let a1 = insert(&*store, to_key("o", Some("a"))).await;
+        let a2 = insert(&*store, to_key("o", Some("a"))).await;
+        let b1 = insert(&*store, to_key("o", Some("b"))).await;
+        let c = claim_ordered(&*store, "o", Block).await;
+        let c_a1 = c.iter().find(|c| c.event_id == a1).expect("a1 claimed");
+        end(&*store, c_a1, Outcome::Failure, Next::Failed).await;
+        assert!(claim_ordered(&*store, "o", Block).await.is_empty(), "a is blocked; b1 runs already");
+        assert_eq!(delivery(&*store, a2, "o").await.status, DeliveryStatus::Pending);
+        assert_eq!(delivery(&*store, a2, "o").await.blocked_by, Some(a1));
+        assert_eq!(delivery(&*store, b1, "o").await.blocked_by, None);
+        assert_eq!(delivery(&*store, a1, "o").await.blocked_by, None, "the blocker is not blocked by itself");
+        assert_eq!(store.blocked_keys().await.expect("blocked_keys"), vec![store::BlockedKeys { handler: "o".into(), keys: 1 }]);
+        // A replay that fails again keeps the key blocked.
+        assert_eq!(store.replay(vec![a1], None, false).await.expect("replay"), 1);
+        let again = claim_ordered(&*store, "o", Block).await;
+        assert_eq!(ids(&again), BTreeSet::from([a1]), "the replayed head runs first");
+        end(&*store, &again[0], Outcome::Failure, Next::Failed).await;
+        assert!(claim_ordered(&*store, "o", Block).await.is_empty());
+        assert_eq!(delivery(&*store, a2, "o").await.blocked_by, Some(a1));
+        // Replayed and succeeded: the key runs on.
+        store.replay(vec![a1], None, false).await.expect("replay");
+        let again = claim_ordered(&*store, "o", Block).await;
+        assert_eq!(ids(&again), BTreeSet::from([a1]));
+        end(&*store, &again[0], Outcome::Success, Next::Succeeded).await;
+        assert_eq!(ids(&claim_ordered(&*store, "o", Block).await), BTreeSet::from([a2]));
+        assert_eq!(store.blocked_keys().await.expect("blocked_keys"), vec![]);
+    }
+
+    /// `hooktrail events skip`: the failed head becomes `skipped` (its event
+    /// counts as failed) and the key runs on.
+    pub async fn with_block_a_skipped_head_releases_its_key(store: Arc<dyn Store>) {
+        let a1 = insert(&*store, to_key("o", Some("a"))).await;
+        let a2 = insert(&*store, to_key("o", Some("a"))).await;
+        let c = claim_ordered(&*store, "o", Block).await;
+        end(&*store, &c[0], Outcome::Failure, Next::Failed).await;
+        assert!(claim_ordered(&*store, "o", Block).await.is_empty());
+        store.skip(a1, "o").await.expect("skip");
+        assert_eq!(delivery(&*store, a1, "o").await.status, DeliveryStatus::Skipped);
+        assert_eq!(status(&*store, a1).await, EventStatus::Failed, "skipped counts as failed");
+        assert_eq!(ids(&claim_ordered(&*store, "o", Block).await), BTreeSet::from([a2]));
+        assert_eq!(delivery(&*store, a2, "o").await.blocked_by, None);
+    }
+
+    /// README "Ordered processing", replay: a replayed delivery goes back in
+    /// line by event id among those not begun; it never overtakes the one
+    /// running now.
+    pub async fn a_replayed_old_delivery_runs_after_the_running_head_and_before_the_waiting_ones(store: Arc<dyn Store>) {
+        let a1 = insert(&*store, to_key("o", Some("a"))).await;
+        let a2 = insert(&*store, to_key("o", Some("a"))).await;
+        let a3 = insert(&*store, to_key("o", Some("a"))).await;
+        let c1 = claim_ordered(&*store, "o", Continue).await;
+        end(&*store, &c1[0], Outcome::Success, Next::Succeeded).await;
+        let c2 = claim_ordered(&*store, "o", Continue).await;
+        assert_eq!(ids(&c2), BTreeSet::from([a2]));
+        store.replay(vec![a1], None, false).await.expect("replay");
+        assert!(claim_ordered(&*store, "o", Continue).await.is_empty(), "a2 still runs: a1 waits");
+        end(&*store, &c2[0], Outcome::Success, Next::Succeeded).await;
+        assert_eq!(ids(&claim_ordered(&*store, "o", Continue).await), BTreeSet::from([a1]), "a1 is older than a3");
+        let _ = a3;
+    }
+
+    /// README "Ordered processing", crashes: a head whose processor died
+    /// runs again, before anything later of its key.
+    pub async fn a_head_whose_lease_expired_runs_again_before_anything_later_of_its_key(store: Arc<dyn Store>) {
+        let a1 = insert(&*store, to_key("o", Some("a"))).await;
+        let _a2 = insert(&*store, to_key("o", Some("a"))).await;
+        let c = store.claim_ordered(OTHER, "o", Continue, 10, SHORT_LEASE).await.expect("claim");
+        assert_eq!(ids(&c), BTreeSet::from([a1]));
+        store.started(OTHER, c[0].delivery_id).await.expect("started");
+        // OTHER "crashes"; after its lease the same head comes back first.
+        let deadline = Instant::now() + DEADLINE;
+        let again = loop {
+            let got = store.claim_ordered(OWNER, "o", Continue, 10, LONG_LEASE).await.expect("claim");
+            if !got.is_empty() {
+                break got;
+            }
+            assert!(Instant::now() < deadline, "the head did not come back within {DEADLINE:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(ids(&again), BTreeSet::from([a1]), "only a1, nothing later of its key");
+        assert_eq!(again[0].attempt, 2, "the interrupted attempt stays in the trail");
+    }
+
+    /// `hooktrail events skip` refuses what it cannot skip, naming why, and changes nothing.
+    pub async fn skip_refuses_unknown_events_unknown_handlers_and_unfailed_deliveries_and_changes_nothing(store: Arc<dyn Store>) {
+        let a1 = insert(&*store, to_key("o", Some("a"))).await;
+        let unknown: EventId = "evt_01ARZ3NDEKTSV4RRFFQ69G5FAV".parse().expect("an id");
+        let e = store.skip(unknown, "o").await.expect_err("unknown event");
+        assert!(matches!(e, store::SkipError::UnknownEvent(id) if id == unknown), "{e}");
+        let e = store.skip(a1, "nope").await.expect_err("unknown handler");
+        assert!(matches!(e, store::SkipError::UnknownHandler(..)), "{e}");
+        let e = store.skip(a1, "o").await.expect_err("pending is not failed");
+        assert!(matches!(e, store::SkipError::NotFailed(_, _, DeliveryStatus::Pending)), "{e}");
+        assert_eq!(delivery(&*store, a1, "o").await.status, DeliveryStatus::Pending, "nothing changed");
+        assert_eq!(ids(&claim_ordered(&*store, "o", Block).await), BTreeSet::from([a1]), "and it still runs");
     }
 }

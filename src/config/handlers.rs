@@ -37,6 +37,25 @@ impl Default for RetryPolicy {
     }
 }
 
+/// What a handler with `ordering` does when the head of a key fails for
+/// good (README "Ordered processing").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    /// The next delivery of the key runs.
+    #[default]
+    Continue,
+    /// The key waits until the failed delivery is replayed and succeeds, or is skipped.
+    Block,
+}
+
+/// `ordering = { key = PTR, on_failure = … }` (README "Ordered processing").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ordering {
+    /// JSON pointer into the normalized payload; its value is the key.
+    pub key: String,
+    pub on_failure: OnFailure,
+}
+
 /// How the processor finds, holds and runs deliveries.
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
@@ -83,6 +102,8 @@ pub struct HandlerConfig {
     pub retry: RetryPolicy,
     pub timeout: Duration,
     pub concurrency: usize,
+    /// Deliveries sharing a key run one at a time, in event-id order.
+    pub ordering: Option<Ordering>,
     pub kind: HandlerKind,
 }
 
@@ -187,6 +208,14 @@ struct RawShared {
     max_age: Option<Dur>,
     initial_backoff: Option<Dur>,
     max_backoff: Option<Dur>,
+    ordering: Option<RawOrdering>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawOrdering {
+    key: Option<String>,
+    on_failure: Option<String>,
 }
 
 impl RawShared {
@@ -329,6 +358,7 @@ fn handler_config(ck: &mut Checker, name: &str, value: Value, default_retry: &Re
     if concurrency == 0 {
         ck.error(join(&p, "concurrency"), "must be at least 1");
     }
+    let ordering = shared.ordering.as_ref().and_then(|o| ordering(ck, &join(&p, "ordering"), o));
     let kind = raw_handler(ck, &p, tagged.kind.as_deref(), tagged.own).and_then(|raw| match raw {
         RawHandler::Shell(r) => shell_spec(ck, &p, &r).map(HandlerKind::Shell),
         RawHandler::Http(r) => http_spec(ck, &p, &r).map(HandlerKind::Http),
@@ -347,8 +377,30 @@ fn handler_config(ck: &mut Checker, name: &str, value: Value, default_retry: &Re
         retry: retry?,
         timeout: shared.timeout.map_or(default_timeout, |d| d.0),
         concurrency,
+        ordering,
         kind,
     })
+}
+
+/// Checks `ordering`: a JSON pointer for `key` (the empty pointer, the
+/// whole payload, is refused: every event would share one key) and
+/// `on_failure`.
+fn ordering(ck: &mut Checker, p: &str, r: &RawOrdering) -> Option<Ordering> {
+    let key = match r.key.as_deref() {
+        None | Some("") => {
+            ck.error(join(p, "key"), "is required: a JSON pointer into the payload, like \"/contact_id\"");
+            return None;
+        }
+        Some(k) => k,
+    };
+    let pointer_ok = ck.pointer(&join(p, "key"), key);
+    let on_failure = ck.one_of(
+        join(p, "on_failure"),
+        r.on_failure.as_deref().unwrap_or("continue"),
+        &[("continue", OnFailure::Continue), ("block", OnFailure::Block)],
+        "continue, block",
+    )?;
+    pointer_ok.then(|| Ordering { key: key.to_string(), on_failure })
 }
 
 /// The own keys of a handler of type `kind`; a key that is not that type's is reported.

@@ -29,7 +29,8 @@ use serde_json::Value;
 
 pub use check::{ConfigErrors, Problem};
 pub use handlers::{
-    BodyMode, CrmProvider, CrmSpec, HandlerConfig, HandlerKind, HttpSpec, ProcessorConfig, RetryPolicy, ShellSpec, StdinMode,
+    BodyMode, CrmProvider, CrmSpec, HandlerConfig, HandlerKind, HttpSpec, OnFailure, Ordering, ProcessorConfig, RetryPolicy, ShellSpec,
+    StdinMode,
 };
 pub use routes::{Condition, ConditionTest, RouteConfig};
 pub use server::{AdminConfig, ServerConfig};

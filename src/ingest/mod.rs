@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AuthSpec, Config, DedupKey, ResponseSpec, SourceConfig};
 use crate::fail_gate::FailGate;
 use crate::metrics::{Metrics, Received};
-use crate::store::{NewEvent, Payload, RejectReason, Store, StoreError};
+use crate::store::{rules, NewEvent, Payload, RejectReason, Store, StoreError};
 use crate::template::{render_values, Escape};
 use decode::BodyKind;
 
@@ -136,6 +136,10 @@ pub struct SourceRt {
     auth_failures: Option<FailGate>,
     /// Routes of this source: (handler, conditions).
     routes: Vec<crate::config::RouteConfig>,
+    /// The `ordering.key` pointer of each ordered handler a route of this
+    /// source names: the key is computed once, at receipt, and stored
+    /// with the delivery (README "Ordered processing").
+    order_keys: HashMap<String, String>,
     /// Lower-case header names whose values are redacted before storing.
     secret_headers: Vec<String>,
     /// Whether anything reads the normalized view of a JSON body at receive
@@ -197,10 +201,20 @@ impl Routing {
                     ip_limiter: s.per_ip_rate_limit.as_ref().map(|r| governor::RateLimiter::keyed(r.quota())),
                     auth_failures: (!matches!(s.auth, AuthSpec::None)).then(|| FailGate::new(AUTH_FAILURE_BURST, AUTH_FAILURE_PERIOD)),
                     routes: config.routes.iter().filter(|r| r.source == s.name).cloned().collect(),
+                    order_keys: config
+                        .routes
+                        .iter()
+                        .filter(|r| r.source == s.name)
+                        .filter_map(|r| Some((r.handler.clone(), config.handlers.get(&r.handler)?.ordering.as_ref()?.key.clone())))
+                        .collect(),
                     secret_headers: s.auth.secret_headers(),
                     needs_view: matches!(s.dedup.as_ref().map(|d| &d.key), Some(DedupKey::Pointer(_)))
                         || config.routes.iter().any(|r| r.source == s.name && !r.conditions.is_empty())
-                        || s.response.as_ref().is_some_and(|r| r.body.contains("{{/")),
+                        || s.response.as_ref().is_some_and(|r| r.body.contains("{{/"))
+                        || config
+                            .routes
+                            .iter()
+                            .any(|r| r.source == s.name && config.handlers.get(&r.handler).is_some_and(|h| h.ordering.is_some())),
                 };
                 (s.path.clone(), Arc::new(rt))
             })
@@ -409,6 +423,7 @@ impl Ingest {
             }
         }
 
+        let order_keys = handlers.iter().map(|h| src.order_keys.get(h).and_then(|ptr| rules::order_key(&view, ptr))).collect();
         let ev = NewEvent {
             source: cfg.name.clone(),
             received_at,
@@ -421,6 +436,7 @@ impl Ingest {
             payload,
             dedup,
             handlers,
+            order_keys,
         };
         let started = std::time::Instant::now();
         let inserted = self.store.insert_event(ev).await?;

@@ -216,7 +216,12 @@ impl Processor {
                 continue;
             }
             let claimed_at = Instant::now();
-            let claimed = self.store.claim(&self.owner, &h.cfg.name, room, h.lease).await?;
+            // An ordered handler claims through its keys' heads (README
+            // "Ordered processing"): at most one delivery per key is held.
+            let claimed = match &h.cfg.ordering {
+                Some(o) => self.store.claim_ordered(&self.owner, &h.cfg.name, o.on_failure, room, h.lease).await?,
+                None => self.store.claim(&self.owner, &h.cfg.name, room, h.lease).await?,
+            };
             more |= claimed.len() == room && room == CLAIM_BATCH;
             for c in claimed {
                 let held = Counted::new(&h.held);

@@ -76,7 +76,14 @@ string_enum!(
 );
 string_enum!(
     /// Delivery (event × handler) status.
-    DeliveryStatus { Pending => "pending", Running => "running", Succeeded => "succeeded", Retrying => "retrying", Failed => "failed" }
+    DeliveryStatus {
+        Pending => "pending",
+        Running => "running",
+        Succeeded => "succeeded",
+        Retrying => "retrying",
+        Failed => "failed",
+        Skipped => "skipped",
+    }
 );
 string_enum!(
     /// What one attempt concluded.
@@ -127,6 +134,10 @@ pub struct NewEvent {
     pub dedup: Option<(String, Duration)>,
     /// Handlers routed to this event; one delivery each, in the same transaction.
     pub handlers: Vec<String>,
+    /// The ordering key of each delivery, by the index of its handler in
+    /// `handlers` ([`rules::order_key`]); shorter (or empty) when the
+    /// handlers past its end are not ordered. `None`: not ordered.
+    pub order_keys: Vec<Option<String>>,
 }
 
 /// What [`Store::insert_event`] did.
@@ -286,6 +297,11 @@ pub struct DeliveryRecord {
     /// When it is due, while it waits ([`rules::waits_for_its_time`]).
     #[serde(skip_serializing_if = "Option::is_none", with = "time_text::option")]
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The event whose failed delivery blocks this one's ordering key
+    /// (`on_failure = "block"`, README "Ordered processing"): it waits,
+    /// `pending`, until that one is replayed and succeeds or is skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_by: Option<EventId>,
     pub attempts: Vec<AttemptRecord>,
 }
 
@@ -441,6 +457,31 @@ pub enum Next {
     Released,
 }
 
+/// What a handler with `ordering` does when the head of a key fails for
+/// good; config names it, the claim obeys it.
+pub use crate::config::OnFailure;
+
+/// Why [`Store::skip`] refused; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum SkipError {
+    #[error("no event `{0}` is stored")]
+    UnknownEvent(EventId),
+    #[error("event `{0}` has no delivery to handler `{1}`")]
+    UnknownHandler(EventId, String),
+    #[error("the delivery of event `{0}` to handler `{1}` is {2}, not failed; only a failed delivery can be skipped")]
+    NotFailed(EventId, String, DeliveryStatus),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Keys of an ordered handler held by a failed delivery (`on_failure =
+/// "block"`), for metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockedKeys {
+    pub handler: String,
+    pub keys: u64,
+}
+
 /// The attempt a processor finished, to be recorded with the delivery's next state.
 #[derive(Debug, Clone)]
 pub struct Finished {
@@ -502,6 +543,33 @@ pub trait Store: Send + Sync + 'static {
     async fn finish(&self, f: Finished) -> Result<(), StoreError>;
     /// Extends `owner`'s lease on a running delivery; false if it is no longer ours.
     async fn renew(&self, owner: &str, delivery_id: i64, lease: Duration) -> Result<bool, StoreError>;
+    /// [`Store::claim`] for a handler with `ordering` (README "Ordered
+    /// processing"): deliveries without a key as `claim` does, and of each
+    /// key only its head, as [`rules`] ("Ordered claims") describes; a
+    /// failed head is passed (`Continue`) or holds its key (`Block`).
+    /// A backend that cannot order claims yet says so rather than claim
+    /// out of order.
+    async fn claim_ordered(
+        &self,
+        owner: &str,
+        handler: &str,
+        on_failure: OnFailure,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let _ = (owner, handler, on_failure, limit, lease);
+        Err(StoreError::Backend("this backend does not order claims yet (handlers.*.ordering)".into()))
+    }
+    /// Marks the failed delivery of event `id` to `handler` `skipped`,
+    /// releasing the ordering key it blocks (`hooktrail events skip`).
+    async fn skip(&self, id: EventId, handler: &str) -> Result<(), SkipError> {
+        let _ = (id, handler);
+        Err(SkipError::Store(StoreError::Backend("this backend cannot skip deliveries yet".into())))
+    }
+    /// Ordering keys held by a failed delivery, per handler (metrics).
+    async fn blocked_keys(&self) -> Result<Vec<BlockedKeys>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Gives back deliveries leased by `owner` without recording an attempt (shutdown).
     async fn release(&self, owner: &str, delivery_ids: Vec<i64>) -> Result<u64, StoreError>;
     /// Re-queues deliveries of the given events: those to `handler` (all
@@ -606,6 +674,7 @@ mod tests {
             status: DeliveryStatus::Retrying,
             attempt_count: 1,
             next_attempt_at: Some(t),
+            blocked_by: None,
             attempts: vec![AttemptRecord {
                 number: 1,
                 started_at: t,

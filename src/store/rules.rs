@@ -15,7 +15,9 @@
 //!
 //! Nothing here does I/O or knows a database.
 
-use super::{DeliveryStatus, EventStatus, Next, RejectReason};
+use serde_json::Value;
+
+use super::{DeliveryStatus, EventStatus, Next, OnFailure, RejectReason};
 
 /// An event's status from the statuses of its deliveries (README "States"):
 /// `processing` while one runs, or while some finished and others still
@@ -30,7 +32,8 @@ pub fn event_status(deliveries: &[DeliveryStatus]) -> EventStatus {
             DeliveryStatus::Running => running = true,
             DeliveryStatus::Retrying => retrying = true,
             DeliveryStatus::Succeeded => finished = true,
-            DeliveryStatus::Failed => {
+            // A skipped delivery released its key but did not succeed.
+            DeliveryStatus::Failed | DeliveryStatus::Skipped => {
                 finished = true;
                 failed = true;
             }
@@ -71,7 +74,7 @@ pub fn event_status_while_running() -> EventStatus {
 pub fn unfinished(status: DeliveryStatus) -> bool {
     match status {
         DeliveryStatus::Pending | DeliveryStatus::Running | DeliveryStatus::Retrying => true,
-        DeliveryStatus::Succeeded | DeliveryStatus::Failed => false,
+        DeliveryStatus::Succeeded | DeliveryStatus::Failed | DeliveryStatus::Skipped => false,
     }
 }
 
@@ -79,7 +82,7 @@ pub fn unfinished(status: DeliveryStatus) -> bool {
 pub fn waits_for_its_time(status: DeliveryStatus) -> bool {
     match status {
         DeliveryStatus::Pending | DeliveryStatus::Retrying => true,
-        DeliveryStatus::Running | DeliveryStatus::Succeeded | DeliveryStatus::Failed => false,
+        DeliveryStatus::Running | DeliveryStatus::Succeeded | DeliveryStatus::Failed | DeliveryStatus::Skipped => false,
     }
 }
 
@@ -116,7 +119,7 @@ pub fn claim_step(status: DeliveryStatus, held: bool, attempts: u32) -> Option<C
         DeliveryStatus::Pending | DeliveryStatus::Retrying => Some(ClaimStep { attempt: attempts + 1, interrupted: None }),
         DeliveryStatus::Running if held => Some(ClaimStep { attempt: attempts, interrupted: None }),
         DeliveryStatus::Running => Some(ClaimStep { attempt: attempts + 1, interrupted: Some(attempts) }),
-        DeliveryStatus::Succeeded | DeliveryStatus::Failed => None,
+        DeliveryStatus::Succeeded | DeliveryStatus::Failed | DeliveryStatus::Skipped => None,
     }
 }
 
@@ -166,8 +169,132 @@ pub fn after_attempt(next: Next) -> DeliveryStatus {
 pub fn replay_takes(status: DeliveryStatus, only_failed: bool) -> bool {
     match status {
         DeliveryStatus::Running => false,
-        DeliveryStatus::Failed => true,
+        // Skipped counts as failed (README "States").
+        DeliveryStatus::Failed | DeliveryStatus::Skipped => true,
         DeliveryStatus::Pending | DeliveryStatus::Retrying | DeliveryStatus::Succeeded => !only_failed,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Ordered claims (README "Ordered processing")
+//
+// A handler with `ordering = { key = PTR }` runs the deliveries that share a
+// key value one at a time, in event-id order. Checking "no earlier
+// unfinished delivery with my key" for every candidate row collapses when
+// few keys hold a large backlog (each candidate re-reads its key's queue),
+// so every backend keeps the same two structures and the same steps:
+//
+// * Each delivery stores its key at insert ([`order_key`] of the normalized
+//   payload; `NULL` when the handler is not ordered or the payload lacks
+//   it), so a reload never changes a queued delivery's key.
+// * A heads table, one row per (handler, key) that has work or is blocked:
+//   `(handler, key, delivery, event, due, blocked)`. `delivery` is the key's
+//   head, `due` when it may next be looked at (its `next_at` as last seen),
+//   `blocked` set while a failed head holds the key ([`head_step`]).
+//   Indexed by `(handler, blocked, due)`.
+// * An index on unfinished keyed deliveries `(handler, key, event)`, to find
+//   a key's next head in one probe, and one on unfinished *unkeyed*
+//   deliveries `(handler, next_at)`, so the unordered part of a claim never
+//   walks the keyed backlog.
+//
+// Insert: a keyed delivery adds `(handler, key, itself, now)` to the heads
+// unless the key has a row already (ids grow, so an existing head is older).
+//
+// Claim (`claim_ordered`, one transaction, `limit` deliveries at most):
+// 1. With `Continue`, clear `blocked` on the handler's rows (a reload may
+//    have turned `Block` off), due now.
+// 2. Candidates: unkeyed deliveries due (`next_at <= now`, unfinished) and
+//    head rows with `blocked = 0 AND due <= now`, both oldest `due` first,
+//    `limit` of each; merged by time and cut at `limit`.
+// 3. A head row: read its delivery. [`head_step`] says what to do:
+//    `Claim` if its `next_at <= now` (else copy its `next_at` into `due`:
+//    a renewed lease or a retry time, and move on); `Advance`: the next
+//    head is the unfinished delivery of the key with the smallest event id
+//    (none: delete the row), `due` = its `next_at`, and it is looked at
+//    again at once (a bounded number of times per claim); `Block`: set
+//    `blocked`, leave `delivery` (it names the blocker).
+// 4. Claiming is what [`claim_step`] says, as for any delivery; the head
+//    row's `due` becomes the lease's end (a renewal moves `next_at` only;
+//    step 3 catches up).
+//
+// Finish, release, retry: set the head row's `due` to the delivery's new
+// `next_at` (now, for a finished one, so the next claim advances or blocks).
+// Replay of a keyed delivery D: no row: D becomes the head. A row whose
+// head is D (blocked): unblocked, due now. A row whose head is `pending`
+// and younger than D: D becomes the head (it goes back in event-id order
+// among deliveries not yet begun). Otherwise the row stays: D waits behind
+// a head that is running, waiting for a retry or blocking, and runs when
+// step 3 advances to it (it is then the oldest unfinished).
+// Skip: the failed head becomes `skipped`; its row is unblocked, due now.
+//
+// On PostgreSQL, step 2's head rows are taken `FOR UPDATE SKIP LOCKED`, so
+// nodes claim different keys; the rest is the same.
+// ---------------------------------------------------------------------------
+
+/// The ordering key of a delivery: the value at `pointer` in the normalized
+/// payload, as text (a string as is, any other value as compact JSON);
+/// `None` when it is absent or `null` (the delivery is not ordered).
+pub fn order_key(payload: &Value, pointer: &str) -> Option<String> {
+    match payload.pointer(pointer)? {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// What a claim does with the head of an ordering key, given its status
+/// (`None`: the delivery is gone, pruned with its event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadStep {
+    /// It still has work: claim it when its time has come.
+    Claim,
+    /// It let its key go: the next delivery of the key becomes the head.
+    Advance,
+    /// It failed for good and the handler blocks: the key waits for a
+    /// replay that succeeds, or a skip.
+    Block,
+}
+
+/// See [`HeadStep`]. A delivery waiting for a retry is unfinished, so it
+/// holds its key.
+pub fn head_step(status: Option<DeliveryStatus>, on_failure: OnFailure) -> HeadStep {
+    let Some(status) = status else { return HeadStep::Advance };
+    match status {
+        DeliveryStatus::Pending | DeliveryStatus::Running | DeliveryStatus::Retrying => HeadStep::Claim,
+        DeliveryStatus::Succeeded | DeliveryStatus::Skipped => HeadStep::Advance,
+        DeliveryStatus::Failed => match on_failure {
+            OnFailure::Continue => HeadStep::Advance,
+            OnFailure::Block => HeadStep::Block,
+        },
+    }
+}
+
+/// Whether a replayed delivery (now pending) takes the place of its key's
+/// current head: only a head that has not begun (`pending`) and is younger.
+pub fn replay_takes_head(head_status: Option<DeliveryStatus>, head_is_younger: bool) -> bool {
+    match head_status {
+        None => true,
+        Some(DeliveryStatus::Pending) => head_is_younger,
+        Some(
+            DeliveryStatus::Running
+            | DeliveryStatus::Retrying
+            | DeliveryStatus::Succeeded
+            | DeliveryStatus::Failed
+            | DeliveryStatus::Skipped,
+        ) => false,
+    }
+}
+
+/// Whether `events skip` may mark a delivery in `status` skipped: only a
+/// failed one (README "Command line").
+pub fn skippable(status: DeliveryStatus) -> bool {
+    match status {
+        DeliveryStatus::Failed => true,
+        DeliveryStatus::Pending
+        | DeliveryStatus::Running
+        | DeliveryStatus::Retrying
+        | DeliveryStatus::Succeeded
+        | DeliveryStatus::Skipped => false,
     }
 }
 
@@ -209,7 +336,7 @@ pub fn delivery_column(status: DeliveryStatus) -> StatsColumn {
         DeliveryStatus::Running => StatsColumn::Processing,
         DeliveryStatus::Retrying => StatsColumn::Retrying,
         DeliveryStatus::Succeeded => StatsColumn::Succeeded,
-        DeliveryStatus::Failed => StatsColumn::Failed,
+        DeliveryStatus::Failed | DeliveryStatus::Skipped => StatsColumn::Failed,
     }
 }
 
@@ -246,6 +373,7 @@ mod tests {
         assert_eq!(event_status(&[Succeeded, Succeeded]), EventStatus::Done);
         assert_eq!(event_status(&[Succeeded, Failed]), EventStatus::Failed, "finished, one failed");
         assert_eq!(event_status(&[Failed]), EventStatus::Failed);
+        assert_eq!(event_status(&[Succeeded, Skipped]), EventStatus::Failed, "skipped counts as failed");
         assert_eq!(new_event_status(0), EventStatus::Done);
         assert_eq!(new_event_status(3), EventStatus::Pending);
     }
@@ -327,9 +455,9 @@ mod tests {
     #[test]
     fn replay_takes_everything_but_running_deliveries_or_only_failed_ones() {
         let all: Vec<_> = DeliveryStatus::ALL.iter().copied().filter(|s| replay_takes(*s, false)).collect();
-        assert_eq!(all, [Pending, Succeeded, Retrying, Failed]);
+        assert_eq!(all, [Pending, Succeeded, Retrying, Failed, Skipped]);
         let failed: Vec<_> = DeliveryStatus::ALL.iter().copied().filter(|s| replay_takes(*s, true)).collect();
-        assert_eq!(failed, [Failed]);
+        assert_eq!(failed, [Failed, Skipped], "skipped counts as failed");
     }
 
     #[test]
@@ -338,10 +466,46 @@ mod tests {
         let events: Vec<_> = EventStatus::ALL.iter().map(|s| event_column(*s)).collect();
         assert_eq!(events, [C::Pending, C::Processing, C::Retrying, C::Succeeded, C::Failed]);
         let deliveries: Vec<_> = DeliveryStatus::ALL.iter().map(|s| delivery_column(*s)).collect();
-        assert_eq!(deliveries, [C::Pending, C::Processing, C::Succeeded, C::Retrying, C::Failed]);
+        assert_eq!(deliveries, [C::Pending, C::Processing, C::Succeeded, C::Retrying, C::Failed, C::Failed]);
         for &r in RejectReason::ALL {
             let want = if r == RejectReason::Duplicate { C::Duplicates } else { C::Rejected };
             assert_eq!(counter_column(r), want, "{r}");
         }
+    }
+
+    #[test]
+    fn an_order_key_is_the_value_at_the_pointer_as_text() {
+        let p = serde_json::json!({"contact": {"id": "c-1", "n": 42, "none": null}, "list": [1, 2]});
+        assert_eq!(order_key(&p, "/contact/id").as_deref(), Some("c-1"));
+        assert_eq!(order_key(&p, "/contact/n").as_deref(), Some("42"));
+        assert_eq!(order_key(&p, "/list").as_deref(), Some("[1,2]"));
+        assert_eq!(order_key(&p, "/contact/none"), None, "null: not ordered");
+        assert_eq!(order_key(&p, "/missing"), None);
+    }
+
+    #[test]
+    fn a_head_holds_its_key_until_it_finishes_and_a_failure_blocks_only_when_asked() {
+        for on in [OnFailure::Continue, OnFailure::Block] {
+            assert_eq!(head_step(Some(Pending), on), HeadStep::Claim);
+            assert_eq!(head_step(Some(Retrying), on), HeadStep::Claim, "waiting for a retry holds the key");
+            assert_eq!(head_step(Some(Running), on), HeadStep::Claim);
+            assert_eq!(head_step(Some(Succeeded), on), HeadStep::Advance);
+            assert_eq!(head_step(Some(Skipped), on), HeadStep::Advance, "a skip releases the key");
+            assert_eq!(head_step(None, on), HeadStep::Advance, "pruned");
+        }
+        assert_eq!(head_step(Some(Failed), OnFailure::Continue), HeadStep::Advance);
+        assert_eq!(head_step(Some(Failed), OnFailure::Block), HeadStep::Block);
+    }
+
+    #[test]
+    fn a_replay_goes_back_in_line_only_before_heads_that_have_not_begun() {
+        assert!(replay_takes_head(None, false), "no head: it is the head");
+        assert!(replay_takes_head(Some(Pending), true));
+        assert!(!replay_takes_head(Some(Pending), false));
+        for s in [Running, Retrying, Failed] {
+            assert!(!replay_takes_head(Some(s), true), "{s} holds its key");
+        }
+        let skippable_ones: Vec<_> = DeliveryStatus::ALL.iter().copied().filter(|s| skippable(*s)).collect();
+        assert_eq!(skippable_ones, [Failed]);
     }
 }

@@ -212,6 +212,29 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE deliveries ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 4: ordered processing (README "Ordered processing"; the claim is
+    // described in `rules`, "Ordered claims"). A delivery's ordering key;
+    // the due index leads with it so a claim's unkeyed part (`order_key IS
+    // NULL`) never walks the keyed backlog; the keyed index finds a key's
+    // next head; `order_heads` holds one row per key with work or blocked.
+    r#"
+    ALTER TABLE deliveries ADD COLUMN order_key TEXT;
+    DROP INDEX deliveries_due;
+    CREATE INDEX deliveries_due ON deliveries(handler, order_key, next_at)
+        WHERE status IN ('pending', 'retrying', 'running');
+    CREATE INDEX deliveries_keyed ON deliveries(handler, order_key, event_seq)
+        WHERE order_key IS NOT NULL AND status IN ('pending', 'retrying', 'running');
+    CREATE TABLE order_heads (
+        handler      TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        delivery_id  INTEGER NOT NULL,          -- the head: the key's next to run, or its blocker
+        event_seq    INTEGER NOT NULL,          -- the head's event
+        due          INTEGER NOT NULL,          -- when to look at it again (its next_at as last seen)
+        blocked      INTEGER NOT NULL DEFAULT 0, -- 1: the head failed and the handler blocks
+        PRIMARY KEY (handler, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX order_heads_due ON order_heads(handler, blocked, due);
+    "#,
 ];
 
 /// The smallest event id that can have been received at or after `t`: ids are
@@ -1311,10 +1334,14 @@ fn insert_event(conn: &Connection, st: &mut WriterState, ev: &NewEvent) -> Resul
     let seq = conn.last_insert_rowid();
     if !ev.handlers.is_empty() {
         let mut stmt = conn.prepare_cached(
-            "INSERT INTO deliveries(event_seq, handler, status, next_at, queued_at, updated_at) VALUES (?1, ?2, 'pending', ?3, ?3, ?3)",
+            "INSERT INTO deliveries(event_seq, handler, status, next_at, queued_at, updated_at, order_key) VALUES (?1, ?2, 'pending', ?3, ?3, ?3, ?4)",
         )?;
-        for h in &ev.handlers {
-            stmt.execute(params![seq, h, now])?;
+        for (i, h) in ev.handlers.iter().enumerate() {
+            let key = ev.order_keys.get(i).and_then(Option::as_deref);
+            stmt.execute(params![seq, h, now, key])?;
+            if let Some(key) = key {
+                new_keyed_delivery(conn, h, key, conn.last_insert_rowid(), seq, now)?;
+            }
         }
         st.new_work = true;
         st.backlog_delta += ev.handlers.len() as i64;
@@ -1398,15 +1425,19 @@ fn event_from_row(r: &rusqlite::Row<'_>, detail: Detail) -> rusqlite::Result<(i6
 }
 
 fn load_deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, Error> {
-    let mut stmt =
-        conn.prepare_cached("SELECT id, handler, status, attempts, next_at FROM deliveries WHERE event_seq = ?1 ORDER BY handler")?;
-    let rows: Vec<(i64, String, DeliveryStatus, u32, Micros)> =
-        stmt.query_map([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.collect::<Result<_, _>>()?;
+    let mut stmt = conn
+        .prepare_cached("SELECT id, handler, status, attempts, next_at, order_key FROM deliveries WHERE event_seq = ?1 ORDER BY handler")?;
+    let rows: Vec<(i64, String, DeliveryStatus, u32, Micros, Option<String>)> =
+        stmt.query_map([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?.collect::<Result<_, _>>()?;
     let mut att = conn.prepare_cached(
         "SELECT number, started_at, duration_ms, outcome, exit_code, http_status, error, output FROM attempts WHERE delivery_id = ?1 ORDER BY number",
     )?;
     let mut out = Vec::with_capacity(rows.len());
-    for (id, handler, status, attempts, next_at) in rows {
+    for (id, handler, status, attempts, next_at, key) in rows {
+        let blocked_by = match key {
+            Some(key) if rules::waits_for_its_time(status) => blocked_by(conn, &handler, &key, id)?,
+            _ => None,
+        };
         let list = att
             .query_map([id], |r| {
                 Ok(AttemptRecord {
@@ -1426,6 +1457,7 @@ fn load_deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, E
             status,
             attempt_count: attempts,
             next_attempt_at: rules::waits_for_its_time(status).then_some(next_at.0),
+            blocked_by,
             attempts: list,
         });
     }
@@ -1728,7 +1760,39 @@ impl Store for SqliteStore {
         }
         let owner = owner.to_string();
         let handler = handler.to_string();
-        self.write(move |conn, _st| claim(conn, &owner, &handler, limit, lease)).await
+        self.write(move |conn, _st| claim_ordered(conn, &owner, &handler, OnFailure::Continue, limit, lease)).await
+    }
+
+    async fn claim_ordered(
+        &self,
+        owner: &str,
+        handler: &str,
+        on_failure: OnFailure,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        if self.shared.fault.get().is_some() {
+            // As in `claim`: a lost or damaged store hands out no work.
+            return Ok(Vec::new());
+        }
+        let owner = owner.to_string();
+        let handler = handler.to_string();
+        self.write(move |conn, _st| claim_ordered(conn, &owner, &handler, on_failure, limit, lease)).await
+    }
+
+    async fn skip(&self, id: EventId, handler: &str) -> Result<(), SkipError> {
+        let handler = handler.to_string();
+        self.write(move |conn, st| skip(conn, st, id, &handler)).await?
+    }
+
+    async fn blocked_keys(&self) -> Result<Vec<BlockedKeys>, StoreError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT handler, count(*) FROM order_heads WHERE blocked = 1 GROUP BY handler ORDER BY handler")?;
+            let rows = stmt.query_map([], |r| Ok(BlockedKeys { handler: r.get(0)?, keys: r.get(1)? }))?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
     }
 
     async fn finish(&self, f: Finished) -> Result<(), StoreError> {
@@ -1775,6 +1839,7 @@ impl Store for SqliteStore {
                     "UPDATE deliveries SET status = ?2, attempts = ?3, next_at = ?4, lease_owner = NULL, held = 0, updated_at = ?4 WHERE id = ?1",
                 )?
                 .execute(params![id, status.as_str(), attempts, now])?;
+                head_follows(conn, *id, now)?;
                 refresh_event_status(conn, seq)?;
                 n += 1;
             }
@@ -1797,6 +1862,7 @@ impl Store for SqliteStore {
                          WHERE id = ?1",
                     )?
                     .execute(params![d.id, rules::budget_after_replay(d.attempts), now])?;
+                    replay_head(conn, d.id, seq, now)?;
                     if !rules::unfinished(d.status) {
                         st.backlog_delta += 1;
                     }
@@ -1922,24 +1988,47 @@ fn replay_takes(conn: &Connection, seq: i64, handler: Option<&str>, only_failed:
     Ok(all.into_iter().filter(|d| rules::replay_takes(d.status, only_failed)).collect())
 }
 
+/// Claims up to `limit` due deliveries of `handler` that have no ordering
+/// key (those with one are claimed through their key's head,
+/// [`claim_ordered`]).
 fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, Error> {
     let now = now_us();
     let lease_until = now.saturating_add(micros(lease));
     // Due means unfinished (rules::unfinished) with its time come; for a
     // running delivery that time is its lease's end (see rules::claim_step).
-    let due: Vec<(i64, i64, DeliveryStatus, u32, u32, bool)> = conn
+    let due: Vec<DueRow> = conn
         .prepare_cached(concat!(
             "SELECT id, event_seq, status, attempts, budget_from, held FROM deliveries
-             WHERE handler = ?1 AND status IN ",
+             WHERE handler = ?1 AND order_key IS NULL AND status IN ",
             unfinished_sql!(),
             " AND next_at <= ?2 ORDER BY next_at LIMIT ?3"
         ))?
         .query_map(params![handler, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(due.len());
-    for (id, seq, status, attempts, budget_from, held) in due {
+    for row in due {
+        if let Some(c) = claim_due(conn, owner, handler, (now, lease_until), row)? {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// A due delivery as a claim reads it: id, event seq, status, attempts, budget_from, held.
+type DueRow = (i64, i64, DeliveryStatus, u32, u32, bool);
+
+/// Claims one due delivery for `owner` until `lease_until` ([`rules::claim_step`]);
+/// `None` if it is not claimable (finished).
+fn claim_due(
+    conn: &Connection,
+    owner: &str,
+    handler: &str,
+    (now, lease_until): (i64, i64),
+    (id, seq, status, attempts, budget_from, held): DueRow,
+) -> Result<Option<Claimed>, Error> {
+    {
         // Every unfinished status is claimable; a finished one cannot be here.
-        let Some(step) = rules::claim_step(status, held, attempts) else { continue };
+        let Some(step) = rules::claim_step(status, held, attempts) else { return Ok(None) };
         if let Some(number) = step.interrupted {
             conn.prepare_cached(
                 "INSERT OR IGNORE INTO attempts(delivery_id, number, started_at, duration_ms, outcome, error, output)
@@ -1982,9 +2071,8 @@ fn claim(conn: &Connection, owner: &str, handler: &str, limit: usize, lease: Dur
                     payload,
                 })
             })?;
-        out.push(c);
+        Ok(Some(c))
     }
-    Ok(out)
 }
 
 fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), Error> {
@@ -2027,12 +2115,207 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), E
         f.output
     ])?;
     if let Some(seq) = seq {
+        head_follows(conn, f.delivery_id, next_at)?;
         refresh_event_status(conn, seq)?;
         if !rules::unfinished(status) {
             st.backlog_delta -= 1;
         }
     }
     Ok(())
+}
+
+// Ordered processing: the steps of `rules` ("Ordered claims"), in SQL.
+
+/// Most times one head is advanced in one claim: an advance lands on an
+/// unfinished delivery, so the second look claims or waits.
+const HEAD_STEPS: usize = 3;
+
+/// A keyed delivery was inserted: it heads its key unless the key has a
+/// head already (ids grow, so that one is older).
+fn new_keyed_delivery(conn: &Connection, handler: &str, key: &str, delivery_id: i64, seq: i64, now: i64) -> Result<(), Error> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO order_heads(handler, key, delivery_id, event_seq, due, blocked) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+    )?
+    .execute(params![handler, key, delivery_id, seq, now])?;
+    Ok(())
+}
+
+/// The head row of a delivery's key, if it is that key's head, looks at it
+/// again at `due` (its new `next_at`: a retry time, a lease's end, or now
+/// for one that finished, so the next claim advances or blocks the key).
+fn head_follows(conn: &Connection, delivery_id: i64, due: i64) -> Result<(), Error> {
+    conn.prepare_cached(
+        "UPDATE order_heads SET due = ?2
+         WHERE (handler, key) = (SELECT handler, order_key FROM deliveries WHERE id = ?1) AND delivery_id = ?1",
+    )?
+    .execute(params![delivery_id, due])?;
+    Ok(())
+}
+
+/// A keyed delivery was replayed (now pending): where it goes in its key's
+/// line ([`rules::replay_takes_head`]).
+fn replay_head(conn: &Connection, delivery_id: i64, seq: i64, now: i64) -> Result<(), Error> {
+    let keyed: Option<(String, Option<String>)> = conn
+        .prepare_cached("SELECT handler, order_key FROM deliveries WHERE id = ?1")?
+        .query_row([delivery_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((handler, Some(key))) = keyed else { return Ok(()) };
+    let head: Option<(i64, i64, bool)> = conn
+        .prepare_cached("SELECT delivery_id, event_seq, blocked FROM order_heads WHERE handler = ?1 AND key = ?2")?
+        .query_row(params![handler, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let take = match head {
+        None => {
+            return new_keyed_delivery(conn, &handler, &key, delivery_id, seq, now);
+        }
+        // The blocker itself: the key is free to run it again.
+        Some((head, _, _)) if head == delivery_id => true,
+        // Blocked by another: it waits behind the blocker.
+        Some((_, _, true)) => false,
+        Some((head, head_seq, false)) => {
+            let status: Option<DeliveryStatus> =
+                conn.prepare_cached("SELECT status FROM deliveries WHERE id = ?1")?.query_row([head], |r| r.get(0)).optional()?;
+            rules::replay_takes_head(status, head_seq > seq)
+        }
+    };
+    if take {
+        conn.prepare_cached(
+            "UPDATE order_heads SET delivery_id = ?3, event_seq = ?4, due = ?5, blocked = 0 WHERE handler = ?1 AND key = ?2",
+        )?
+        .execute(params![handler, key, delivery_id, seq, now])?;
+    }
+    Ok(())
+}
+
+/// [`Store::claim_ordered`]: heads first (at most one per key, so they
+/// cannot crowd out unkeyed work for long), then unkeyed deliveries.
+fn claim_ordered(
+    conn: &Connection,
+    owner: &str,
+    handler: &str,
+    on_failure: OnFailure,
+    limit: usize,
+    lease: Duration,
+) -> Result<Vec<Claimed>, Error> {
+    let now = now_us();
+    if on_failure == OnFailure::Continue {
+        // A reload may have turned `block` off: what it blocked runs on.
+        conn.prepare_cached("UPDATE order_heads SET blocked = 0, due = ?2 WHERE handler = ?1 AND blocked = 1")?
+            .execute(params![handler, now])?;
+    }
+    let mut out = claim_heads(conn, owner, handler, on_failure, limit, lease, now)?;
+    if out.len() < limit {
+        out.extend(claim(conn, owner, handler, limit - out.len(), lease)?);
+    }
+    Ok(out)
+}
+
+/// Claims the due heads of `handler`'s keys (`rules`, "Ordered claims", step 3).
+fn claim_heads(
+    conn: &Connection,
+    owner: &str,
+    handler: &str,
+    on_failure: OnFailure,
+    limit: usize,
+    lease: Duration,
+    now: i64,
+) -> Result<Vec<Claimed>, Error> {
+    let lease_until = now.saturating_add(micros(lease));
+    let heads: Vec<(String, i64)> = conn
+        .prepare_cached("SELECT key, delivery_id FROM order_heads WHERE handler = ?1 AND blocked = 0 AND due <= ?2 ORDER BY due LIMIT ?3")?
+        .query_map(params![handler, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(heads.len());
+    for (key, mut id) in heads {
+        for _ in 0..HEAD_STEPS {
+            let row: Option<(DueRow, i64)> = conn
+                .prepare_cached("SELECT event_seq, status, attempts, budget_from, held, next_at FROM deliveries WHERE id = ?1")?
+                .query_row([id], |r| Ok(((id, r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?), r.get(5)?)))
+                .optional()?;
+            match (rules::head_step(row.map(|(d, _)| d.2), on_failure), row) {
+                (rules::HeadStep::Claim, Some((due, next_at))) => {
+                    if next_at > now {
+                        // A renewed lease or a retry time: look again then.
+                        set_head_due(conn, handler, &key, next_at)?;
+                    } else if let Some(c) = claim_due(conn, owner, handler, (now, lease_until), due)? {
+                        set_head_due(conn, handler, &key, lease_until)?;
+                        out.push(c);
+                    }
+                    break;
+                }
+                (rules::HeadStep::Block, _) => {
+                    conn.prepare_cached("UPDATE order_heads SET blocked = 1 WHERE handler = ?1 AND key = ?2")?
+                        .execute(params![handler, key])?;
+                    break;
+                }
+                (rules::HeadStep::Advance, _) | (rules::HeadStep::Claim, None) => {
+                    let next: Option<(i64, i64, i64)> = conn
+                        .prepare_cached(concat!(
+                            "SELECT id, event_seq, next_at FROM deliveries WHERE handler = ?1 AND order_key = ?2 AND status IN ",
+                            unfinished_sql!(),
+                            " ORDER BY event_seq LIMIT 1"
+                        ))?
+                        .query_row(params![handler, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .optional()?;
+                    let Some((next, seq, next_at)) = next else {
+                        conn.prepare_cached("DELETE FROM order_heads WHERE handler = ?1 AND key = ?2")?.execute(params![handler, key])?;
+                        break;
+                    };
+                    conn.prepare_cached(
+                        "UPDATE order_heads SET delivery_id = ?3, event_seq = ?4, due = ?5, blocked = 0 WHERE handler = ?1 AND key = ?2",
+                    )?
+                    .execute(params![handler, key, next, seq, next_at])?;
+                    id = next;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn set_head_due(conn: &Connection, handler: &str, key: &str, due: i64) -> Result<(), Error> {
+    conn.prepare_cached("UPDATE order_heads SET due = ?3 WHERE handler = ?1 AND key = ?2")?.execute(params![handler, key, due])?;
+    Ok(())
+}
+
+/// [`Store::skip`]: the one place a delivery becomes `skipped`.
+fn skip(conn: &Connection, st: &mut WriterState, id: EventId, handler: &str) -> Result<Result<(), SkipError>, Error> {
+    let Some(seq) = seq_of(conn, id)? else { return Ok(Err(SkipError::UnknownEvent(id))) };
+    let found: Option<(i64, DeliveryStatus)> = conn
+        .prepare_cached("SELECT id, status FROM deliveries WHERE event_seq = ?1 AND handler = ?2")?
+        .query_row(params![seq, handler], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((delivery_id, status)) = found else { return Ok(Err(SkipError::UnknownHandler(id, handler.to_string()))) };
+    if !rules::skippable(status) {
+        return Ok(Err(SkipError::NotFailed(id, handler.to_string(), status)));
+    }
+    let now = now_us();
+    conn.prepare_cached("UPDATE deliveries SET status = ?2, updated_at = ?3 WHERE id = ?1")?.execute(params![
+        delivery_id,
+        DeliveryStatus::Skipped.as_str(),
+        now
+    ])?;
+    // The key it blocked (if it heads one) is looked at again at once: it advances.
+    conn.prepare_cached(
+        "UPDATE order_heads SET blocked = 0, due = ?2
+         WHERE (handler, key) = (SELECT handler, order_key FROM deliveries WHERE id = ?1) AND delivery_id = ?1",
+    )?
+    .execute(params![delivery_id, now])?;
+    refresh_event_status(conn, seq)?;
+    st.new_work = true;
+    Ok(Ok(()))
+}
+
+/// The event whose failed delivery blocks `handler`'s key `key`, unless it
+/// is delivery `delivery_id` itself.
+fn blocked_by(conn: &Connection, handler: &str, key: &str, delivery_id: i64) -> Result<Option<EventId>, Error> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT e.id FROM order_heads h JOIN events e ON e.seq = h.event_seq
+             WHERE h.handler = ?1 AND h.key = ?2 AND h.blocked = 1 AND h.delivery_id != ?3",
+        )?
+        .query_row(params![handler, key, delivery_id], |r| r.get(0))
+        .optional()?)
 }
 
 #[cfg(test)]
@@ -2053,7 +2336,38 @@ mod tests {
             payload: Payload::Body,
             dedup: None,
             handlers: Vec::new(),
+            order_keys: Vec::new(),
         }
+    }
+
+    #[test]
+    fn ordered_claims_use_the_indexes_not_a_scan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("q.db"), Role::All).expect("open");
+        let conn = open_conn(&dir.path().join("q.db"), OpenFlags::SQLITE_OPEN_READ_WRITE).expect("conn");
+        drop(store);
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).expect("plan");
+            let rows: Vec<String> = stmt.query_map([], |r| r.get::<_, String>(3)).expect("rows").collect::<Result<_, _>>().expect("rows");
+            rows.join("; ")
+        };
+        let unkeyed = plan(concat!(
+            "SELECT id FROM deliveries WHERE handler = 'h' AND order_key IS NULL AND status IN ",
+            unfinished_sql!(),
+            " AND next_at <= 5 ORDER BY next_at LIMIT 9"
+        ));
+        assert!(unkeyed.contains("deliveries_due (handler=? AND order_key=? AND next_at<?)"), "{unkeyed}");
+        assert!(!unkeyed.contains("TEMP B-TREE"), "{unkeyed}");
+        let next = plan(concat!(
+            "SELECT id FROM deliveries WHERE handler = 'h' AND order_key = 'k' AND status IN ",
+            unfinished_sql!(),
+            " ORDER BY event_seq LIMIT 1"
+        ));
+        assert!(next.contains("deliveries_keyed"), "{next}");
+        assert!(!next.contains("TEMP B-TREE"), "{next}");
+        let heads = plan("SELECT key FROM order_heads WHERE handler = 'h' AND blocked = 0 AND due <= 5 ORDER BY due LIMIT 9");
+        assert!(heads.contains("order_heads_due"), "{heads}");
+        assert!(!heads.contains("TEMP B-TREE"), "{heads}");
     }
 
     /// Overwrites the first table leaf page in the second half of the file.
