@@ -203,6 +203,20 @@ pub(super) async fn metrics(ops: &Ops) -> Resp {
             values: vec![(String::new(), ops.store.backlog() as f64)],
         },
     ];
+    // Ordering keys held by a failed delivery (`on_failure = "block"`): a
+    // small indexed read; left out of this scrape when storage is slow.
+    if let Ok(Ok(rows)) = tokio::time::timeout(std::time::Duration::from_secs(1), ops.store.blocked_keys()).await {
+        let mut blocked: BTreeMap<String, u64> =
+            cfg.handlers.values().filter(|h| h.ordering.is_some()).map(|h| (h.name.clone(), 0)).collect();
+        for r in rows {
+            blocked.insert(r.handler, r.keys);
+        }
+        gauges.push(Gauge {
+            name: "hooktrail_blocked_keys",
+            help: "Ordering keys held by a failed delivery (on_failure = \"block\") until it is replayed and succeeds or is skipped, by handler.",
+            values: blocked.into_iter().map(|(h, n)| (label("handler", &h), n as f64)).collect(),
+        });
+    }
     if ops.role.processes() {
         let idle = ops.metrics.since_processor_round().map_or(-1.0, |d| d.as_secs_f64());
         gauges.push(Gauge {
