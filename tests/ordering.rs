@@ -227,6 +227,8 @@ fn with_block_a_failed_head_blocks_its_key_until_replayed_and_succeeded_or_skipp
     assert_eq!(delivery(&api, "crm")["blocked_by"], a1.as_str(), "{api:#}");
     let metrics = reqwest::blocking::get(format!("http://{admin}/metrics")).expect("metrics").text().expect("text");
     assert!(metrics.contains("hooktrail_blocked_keys{handler=\"crm\"} 1"), "{metrics}");
+    let page = reqwest::blocking::get(format!("http://{admin}/events/{a2}")).expect("page").text().expect("text");
+    assert!(page.contains(&format!("Blocked by <a href=\"/events/{a1}\">{a1}</a>")), "the page names the blocker:\n{page}");
     assert!(runs(&parse(&w.lines())).iter().all(|(id, _)| *id != a2 && *id != a3), "nothing later of key a ran");
 
     // Healed and replayed: the head runs again first, then the key runs on, in order.
@@ -306,6 +308,38 @@ fn kill9_mid_attempt_then_after_the_lease_the_same_head_runs_again_before_anythi
     assert_eq!(env.show(&a1)["status"], "done");
     let runs = runs(&parse(&w.lines()));
     assert_eq!(runs, [(a1.clone(), 1), (a1.clone(), 2), (a2.clone(), 1)], "the same head again first, then a2");
+}
+
+#[test]
+fn sighup_taking_ordering_off_keeps_queued_deliveries_of_a_key_in_order_and_new_ones_run_unordered() {
+    let w = Work::new();
+    // Every run waits for `$W/go`: the first run holds its key while the config changes.
+    let body = format!("{LOG}\nlog start\nwhile [ ! -e \"$W/go\" ]; do sleep 0.01; done\nlog end");
+    let handler = w.shell("crm", &body, "concurrency = 4\nordering = { key = \"/key\" }");
+    let env = TestEnv::new(&[fast_retries(3, "200ms", "").as_str(), &open_source("leads"), &handler, &route("leads", "crm")].join("\n"));
+    let d = env.start();
+    let queued: Vec<String> = (0..4).map(|i| post(&d, json!({"key": "a", "n": i}))).collect();
+    wait_for("the head to start", SETTLE, || !w.lines().is_empty());
+    let text = std::fs::read_to_string(env.config_path()).expect("config");
+    env.write_config(&text.replace("ordering = { key = \"/key\" }", ""));
+    signal(d.pid(), libc::SIGHUP);
+    wait_for("the reload", SETTLE, || d.log().contains("SIGHUP: configuration reloaded"));
+    // Received after the reload: not ordered, so they may run beside each other.
+    let fresh: Vec<String> = (0..3).map(|i| post(&d, json!({"key": "a", "n": 10 + i}))).collect();
+    wait_for("the new, unordered events to start together", SETTLE, || {
+        let started = parse(&w.lines()).iter().filter(|l| l.what == "start" && fresh.contains(&l.id)).count();
+        started >= 2
+    });
+    std::fs::write(w.path("go"), "").expect("marker");
+    for id in queued.iter().chain(&fresh) {
+        wait_event(&env, id, "every event to be done", |ev| ev["status"] == "done");
+    }
+    // The deliveries queued before the reload kept their keys: one at a time, in id order.
+    let lines: Vec<Line> = parse(&w.lines()).into_iter().filter(|l| queued.contains(&l.id)).collect();
+    let want: Vec<(String, String)> =
+        queued.iter().flat_map(|id| [("start".to_string(), id.clone()), ("end".to_string(), id.clone())]).collect();
+    let got: Vec<(String, String)> = lines.into_iter().map(|l| (l.what, l.id)).collect();
+    assert_eq!(got, want, "queued deliveries of one key ran one at a time, in id order, across the reload");
 }
 
 #[test]

@@ -42,6 +42,7 @@ pre{background:#fff;border:1px solid #e5e7eb;padding:.6rem;overflow:auto;max-hei
 .s-pending{background:#6b7280}.s-processing,.s-running{background:#2563eb}
 .s-retrying,.s-retry{background:#d97706}.s-done,.s-succeeded,.s-success{background:#16a34a}
 .s-failed,.s-failure{background:#dc2626}
+.s-skipped{background:#6b7280}
 form.filters{display:flex;flex-wrap:wrap;gap:.6rem;align-items:end;margin:.8rem 0;background:#fff;padding:.6rem;border:1px solid #e5e7eb}
 form.filters label{display:flex;flex-direction:column;font-size:12px;color:#475569}
 input,select,button{font:inherit;padding:.25rem .4rem}
@@ -433,7 +434,14 @@ fn delivery(ev: &EventRecord, d: &DeliveryRecord) -> String {
         n = d.attempt_count,
         plural = if d.attempt_count == 1 { "" } else { "s" },
     );
-    if let Some(next) = &d.next_attempt_at {
+    if let Some(blocker) = &d.blocked_by {
+        let _ = write!(
+            s,
+            "<p class=\"blocked-by\">Blocked by <a href=\"/events/{blocker}\">{blocker}</a>: its delivery failed and holds this ordering key \
+             until it is replayed and succeeds, or is skipped (<code>hooktrail events skip {blocker} --handler {h}</code>).</p>",
+            h = esc(&d.handler),
+        );
+    } else if let Some(next) = &d.next_attempt_at {
         let _ = write!(s, "<p class=\"muted\">Next attempt at {}</p>", rfc3339(*next));
     }
     let _ = write!(
