@@ -2115,7 +2115,7 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), E
         f.output
     ])?;
     if let Some(seq) = seq {
-        head_follows(conn, f.delivery_id, next_at)?;
+        st.new_work |= head_follows(conn, f.delivery_id, next_at)? && next_at <= now;
         refresh_event_status(conn, seq)?;
         if !rules::unfinished(status) {
             st.backlog_delta -= 1;
@@ -2143,13 +2143,17 @@ fn new_keyed_delivery(conn: &Connection, handler: &str, key: &str, delivery_id: 
 /// The head row of a delivery's key, if it is that key's head, looks at it
 /// again at `due` (its new `next_at`: a retry time, a lease's end, or now
 /// for one that finished, so the next claim advances or blocks the key).
-fn head_follows(conn: &Connection, delivery_id: i64, due: i64) -> Result<(), Error> {
-    conn.prepare_cached(
-        "UPDATE order_heads SET due = ?2
-         WHERE (handler, key) = (SELECT handler, order_key FROM deliveries WHERE id = ?1) AND delivery_id = ?1",
-    )?
-    .execute(params![delivery_id, due])?;
-    Ok(())
+/// Returns whether it heads a key: then the key's next delivery may be due
+/// now, and the writer wakes the processor (`new_work`) rather than leave it
+/// to the next poll.
+fn head_follows(conn: &Connection, delivery_id: i64, due: i64) -> Result<bool, Error> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE order_heads SET due = ?2
+             WHERE (handler, key) = (SELECT handler, order_key FROM deliveries WHERE id = ?1) AND delivery_id = ?1",
+        )?
+        .execute(params![delivery_id, due])?;
+    Ok(n > 0)
 }
 
 /// A keyed delivery was replayed (now pending): where it goes in its key's

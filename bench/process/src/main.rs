@@ -14,6 +14,9 @@
 //! process-bench post URL N CONCURRENCY
 //!     Posts N webhook events over CONCURRENCY keep-alive connections; every
 //!     answer must be 200. Prints `post_rate <per s>`.
+//! process-bench post-keyed URL N CONCURRENCY
+//!     The same, with `"key_1000":"k<i % 1000>","key_50":"k<i % 50>"` added
+//!     to event i: ordering keys for `bench/ordering.sh`.
 //! process-bench dispatch DB HANDLER N TIMEOUT_S -- CMD...
 //!     Starts CMD (`hooktrail serve --role process`) and polls the database every
 //!     5 ms until N deliveries of HANDLER finished; prints the rate, then SIGTERMs
@@ -50,6 +53,12 @@ fn event_body(i: usize) -> String {
     )
 }
 
+/// [`event_body`] with two ordering keys: 1,000 and 50 distinct values.
+fn keyed_event_body(i: usize) -> String {
+    let body = event_body(i);
+    format!(r#"{{"key_1000":"k{}","key_50":"k{}",{}"#, i % 1000, i % 50, &body[1..])
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -59,7 +68,8 @@ async fn main() {
         ["spawn-rate", n, c, mode] => spawn_rate(n.parse().expect("N"), c.parse().expect("CONCURRENCY"), *mode == "piped").await,
         ["target"] => target("127.0.0.1:0").await,
         ["target", addr] => target(addr).await,
-        ["post", url, n, c] => post(url, n.parse().expect("N"), c.parse().expect("CONCURRENCY")).await,
+        ["post", url, n, c] => post(url, n.parse().expect("N"), c.parse().expect("CONCURRENCY"), event_body).await,
+        ["post-keyed", url, n, c] => post(url, n.parse().expect("N"), c.parse().expect("CONCURRENCY"), keyed_event_body).await,
         ["dispatch", db, handler, n, timeout, "--", cmd @ ..] if !cmd.is_empty() => {
             dispatch(db, handler, n.parse().expect("N"), Duration::from_secs(timeout.parse().expect("TIMEOUT_S")), cmd).await
         }
@@ -243,7 +253,7 @@ async fn send(s: &mut Sender, method: Method, host: &str, path: &str, body: Byte
     Ok((status, body))
 }
 
-async fn post(url: &str, n: usize, concurrency: usize) -> Result<(), Error> {
+async fn post(url: &str, n: usize, concurrency: usize, make_body: fn(usize) -> String) -> Result<(), Error> {
     let u = Arc::new(parse_url(url)?);
     let next = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
@@ -257,7 +267,7 @@ async fn post(url: &str, n: usize, concurrency: usize) -> Result<(), Error> {
                 if i >= n {
                     return Ok::<(), Error>(());
                 }
-                let (status, body) = send(&mut s, Method::POST, &u.host, &u.path, Bytes::from(event_body(i))).await?;
+                let (status, body) = send(&mut s, Method::POST, &u.host, &u.path, Bytes::from(make_body(i))).await?;
                 if status != StatusCode::OK {
                     return Err(format!("event {i}: {status} {}", String::from_utf8_lossy(&body)).into());
                 }

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# hooktrail ordered-processing benchmark (issue 15): one command, run from anywhere:
+#
+#     bench/ordering.sh
+#
+# Builds hooktrail and bench/process (helpers) in release (CARGO_TARGET_DIR=target-bench),
+# then, RUNS times, in one run on one database:
+#
+#   store   `serve --role ingest` on a fresh SQLite DB on disk; EVENTS (100,000) webhook
+#           events posted over 32 keep-alive connections, each with `key_1000` (1,000
+#           distinct values) and `key_50` (50), routed to three HTTP forward handlers:
+#           `plain` (no ordering), `k1000` (ordering on /key_1000) and `k50` (ordering
+#           on /key_50). Each handler has an EVENTS-delivery backlog before it starts.
+#   then, for each handler in turn, `serve --role process` with only that handler
+#           (concurrency HTTP_CONCURRENCY [64]) forwarding to `process-bench target`, a
+#           hyper server on loopback answering 200 at once: timed from spawning the
+#           daemon until the DB says all EVENTS deliveries of it finished.
+#
+# Prints deliveries/s of each, and the ordered rates as a share of `plain` measured in
+# the same run. Targets: k1000 >= 70% of plain, k50 >= 30% of plain.
+#
+# Environment knobs (defaults in brackets):
+#   RUNS [1]  EVENTS [100000]  HTTP_CONCURRENCY [64]
+#   BENCH_TMPDIR [/var/tmp]  where the DBs live (a real disk, not tmpfs)
+#   KEEP=1    keep the temp directory (DBs, configs, logs)
+#   HOOKTRAIL_BIN=PATH  measure this hooktrail binary instead of building one
+# Results: bench/out/<UTC time>-ordering/ (results.tsv, summary.txt, logs).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+RUNS=${RUNS:-1}
+EVENTS=${EVENTS:-100000}
+HTTP_CONC=${HTTP_CONCURRENCY:-64}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target-bench}"
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUT="$ROOT/bench/out/$STAMP-ordering"
+mkdir -p "$OUT" "${BENCH_TMPDIR:-/var/tmp}"
+WORK=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/hooktrail-ordering-bench.XXXXXX")
+DPID=""
+TPID=""
+
+log() { printf '%s\n' "$*" | tee -a "$OUT/summary.txt"; }
+stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+cleanup() {
+    if [ -n "$DPID" ]; then stop "$DPID"; fi
+    if [ -n "$TPID" ]; then stop "$TPID"; fi
+    if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "== building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+if [ -n "${HOOKTRAIL_BIN:-}" ]; then
+    echo "   hooktrail: using HOOKTRAIL_BIN=$HOOKTRAIL_BIN (not built)"
+else
+    cargo build --release --bin hooktrail
+fi
+cargo build --release --locked --manifest-path bench/process/Cargo.toml
+BIN="${HOOKTRAIL_BIN:-$CARGO_TARGET_DIR/release/hooktrail}"
+PB="$CARGO_TARGET_DIR/release/process-bench"
+
+start_daemon() { # start_daemon NAME CONFIG ROLE
+    local name=$1 config=$2 role=$3 ready="$WORK/$1.ready"
+    rm -f "$ready"
+    HOOKTRAIL__SERVER__READY_FILE="$ready" "$BIN" --config "$config" serve --role "$role" 2>"$RUN/$name.log" &
+    DPID=$!
+    for _ in $(seq 300); do [ -s "$ready" ] && break; sleep 0.05; done
+    [ -s "$ready" ] || { echo "$name did not start; log:"; cat "$RUN/$name.log"; exit 1; }
+    DADDR=$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$ready")
+}
+
+common_config() {
+    cat <<CONF
+[server]
+listen = "127.0.0.1:0"
+
+[storage]
+path = "$1"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[processor]
+poll_interval = "1s"
+max_concurrency = $HTTP_CONC
+
+[retry]
+max_attempts = 3
+initial_backoff = "1s"
+max_backoff = "1s"
+
+[sources.bench]
+auth = { type = "none" }
+CONF
+}
+handler() { # handler NAME ORDERING_KEY|""
+    printf '[handlers.%s]\ntype = "http"\nurl = "http://%s/bulk"\nbody = "raw"\nconcurrency = %s\n' "$1" "$TADDR" "$HTTP_CONC"
+    if [ -n "$2" ]; then printf 'ordering = { key = "%s" }\n' "$2"; fi
+    printf '\n'
+}
+route() { printf '[[routes]]\nsource = "bench"\nhandler = "%s"\n\n' "$1"; }
+value() { sed -n "s/^$1 //p" "$2"; }
+
+log "== hooktrail ordered-processing benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+log "   machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(uname -sr)"
+log "   commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+log "   EVENTS=$EVENTS (backlog per handler) HTTP_CONCURRENCY=$HTTP_CONC, DBs in $WORK"
+printf 'run\tplain_per_s\tk1000_per_s\tk50_per_s\tk1000_pct\tk50_pct\n' >"$OUT/results.tsv"
+
+for run in $(seq "$RUNS"); do
+    log "== run $run/$RUNS"
+    RUN="$WORK/run$run"
+    mkdir -p "$RUN"
+    "$PB" target >"$RUN/target.out" 2>&1 &
+    TPID=$!
+    for _ in $(seq 100); do grep -q '^listening on' "$RUN/target.out" && break; sleep 0.05; done
+    TADDR=$(sed -n 's/^listening on //p' "$RUN/target.out")
+    DB="$RUN/bulk.db"
+    { common_config "$DB"; handler plain ""; handler k1000 /key_1000; handler k50 /key_50; route plain; route k1000; route k50; } >"$RUN/ingest.toml"
+    start_daemon ingest "$RUN/ingest.toml" ingest
+    "$PB" post-keyed "http://$DADDR/hooks/bench" "$EVENTS" 32 >"$RUN/post.out" 2>&1 || { cat "$RUN/post.out"; exit 1; }
+    stop "$DPID"; DPID=""
+    log "   stored $EVENTS events, 3 deliveries each ($(value post_rate "$RUN/post.out")/s through --role ingest)"
+    declare -A RATE
+    for h in plain k1000 k50; do
+        key=""; [ "$h" = k1000 ] && key=/key_1000; [ "$h" = k50 ] && key=/key_50
+        { common_config "$DB"; handler "$h" "$key"; } >"$RUN/$h.toml"
+        "$PB" dispatch "$DB" "$h" "$EVENTS" 900 -- "$BIN" --config "$RUN/$h.toml" serve --role process \
+            >"$RUN/$h.out" 2>"$RUN/$h.log" || { tail -5 "$RUN/$h.log"; exit 1; }
+        RATE[$h]=$(value dispatch_rate "$RUN/$h.out")
+        log "   $h: ${RATE[$h]} deliveries/s ($(value dispatch_rate_after_start "$RUN/$h.out")/s from the first attempt)"
+    done
+    P1000=$(( 100 * RATE[k1000] / RATE[plain] ))
+    P50=$(( 100 * RATE[k50] / RATE[plain] ))
+    log "   ordered at 1,000 keys: $P1000% of unordered; at 50 keys: $P50%"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "${RATE[plain]}" "${RATE[k1000]}" "${RATE[k50]}" "$P1000" "$P50" >>"$OUT/results.tsv"
+    for f in "$RUN"/*.log; do cp "$f" "$OUT/run$run-$(basename "$f")"; done
+    stop "$TPID"; TPID=""
+done
+
+median() { awk -F'\t' -v c="$1" 'NR > 1 { print $c }' "$OUT/results.tsv" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+verdict() { if awk "BEGIN { exit !($1) }"; then echo met; else echo MISSED; fi; }
+M_PLAIN=$(median 2); M_K1000=$(median 3); M_K50=$(median 4); M_P1000=$(median 5); M_P50=$(median 6)
+log ""
+log "== medians of $RUNS run(s), backlog $EVENTS deliveries per handler"
+log "   unordered:              $M_PLAIN deliveries/s"
+log "   ordered, 1,000 keys:    $M_K1000 deliveries/s = $M_P1000% of unordered   target >= 70%: $(verdict "$M_P1000 >= 70")"
+log "   ordered, 50 keys:       $M_K50 deliveries/s = $M_P50% of unordered   target >= 30%: $(verdict "$M_P50 >= 30")"
+log "   results: $OUT"
