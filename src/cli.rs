@@ -518,9 +518,10 @@ fn print_event(e: &EventRecord) {
     println!("payload:\n{}", serde_json::to_string_pretty(&e.payload).unwrap_or_default());
     for d in e.deliveries.iter().flatten() {
         print!("delivery {}: {} after {} attempt(s)", d.handler, d.status, d.attempt_count);
-        match d.next_attempt_at {
-            Some(t) => println!(", next at {}", rfc3339(t)),
-            None => println!(),
+        match (d.blocked_by, d.next_attempt_at) {
+            (Some(b), _) => println!(", blocked by {b} (its failed delivery holds the ordering key; replay or skip it)"),
+            (None, Some(t)) => println!(", next at {}", rfc3339(t)),
+            (None, None) => println!(),
         }
         for a in &d.attempts {
             let code = a.exit_code.map(|c| format!("exit {c}")).or(a.http_status.map(|s| format!("HTTP {s}"))).unwrap_or_default();

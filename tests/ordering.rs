@@ -220,6 +220,8 @@ fn with_block_a_failed_head_blocks_its_key_until_replayed_and_succeeded_or_skipp
     assert_eq!(delivery(&ev, "crm")["blocked_by"], a1.as_str());
     assert_eq!(delivery(&ev, "crm")["status"], "pending");
     assert_eq!(ev["status"], "pending");
+    let text = env.cli(&["events", "show", &a2]);
+    assert!(text.stdout.contains(&format!("delivery crm: pending after 0 attempt(s), blocked by {a1}")), "{text:?}");
     wait_event(&env, &b1, "the other key to run on", |ev| ev["status"] == "done");
     // The admin API shows it too, and metrics count the blocked key.
     let admin = admin_addr(&env);

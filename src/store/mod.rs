@@ -531,6 +531,9 @@ pub trait Store: Send + Sync + 'static {
     async fn hourly(&self, since: DateTime<Utc>) -> Result<Vec<HourCounts>, StoreError>;
 
     /// Claims up to `limit` due deliveries of `handler` for `owner`, leased for `lease`.
+    /// Deliveries stored with an ordering key are still claimed one per key
+    /// (as [`Store::claim_ordered`] with `Continue`): a reload that took
+    /// `ordering` off never reorders what was queued under it.
     /// A claimed delivery is *held* until [`Store::started`]: if its lease
     /// expires while held (the processor died before running it), the next
     /// claim neither records an interrupted attempt nor spends one.
