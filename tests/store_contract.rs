@@ -188,6 +188,7 @@ contract!(on_a_store:
     a_replayed_old_delivery_runs_after_the_running_head_and_before_the_waiting_ones,
     a_head_whose_lease_expired_runs_again_before_anything_later_of_its_key,
     skip_refuses_unknown_events_unknown_handlers_and_unfailed_deliveries_and_changes_nothing,
+    a_plain_claim_still_hands_out_keyed_deliveries_one_per_key,
 );
 
 contract!(on_a_database:
@@ -1529,5 +1530,19 @@ mod cases {
         assert!(matches!(e, store::SkipError::NotFailed(_, _, DeliveryStatus::Pending)), "{e}");
         assert_eq!(delivery(&*store, a1, "o").await.status, DeliveryStatus::Pending, "nothing changed");
         assert_eq!(ids(&claim_ordered(&*store, "o", Block).await), BTreeSet::from([a1]), "and it still runs");
+    }
+
+    /// README "Ordered processing", reload: a handler whose `ordering` was
+    /// taken off claims with `claim`; what was stored with a key still runs
+    /// one per key, in order.
+    pub async fn a_plain_claim_still_hands_out_keyed_deliveries_one_per_key(store: Arc<dyn Store>) {
+        let a1 = insert(&*store, to_key("o", Some("a"))).await;
+        let a2 = insert(&*store, to_key("o", Some("a"))).await;
+        let u = insert(&*store, to_key("o", None)).await;
+        let first = claim_due(&*store, OWNER, "o").await;
+        assert_eq!(ids(&first), BTreeSet::from([a1, u]));
+        let c_a1 = first.iter().find(|c| c.event_id == a1).expect("a1");
+        end(&*store, c_a1, Outcome::Success, Next::Succeeded).await;
+        assert_eq!(ids(&claim_due(&*store, OWNER, "o").await), BTreeSet::from([a2]));
     }
 }
