@@ -2126,9 +2126,9 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), E
 
 // Ordered processing: the steps of `rules` ("Ordered claims"), in SQL.
 
-/// Most times one head is advanced in one claim: an advance lands on an
-/// unfinished delivery, so the second look claims or waits.
-const HEAD_STEPS: usize = 3;
+/// Steps per head in one claim: an advance lands on an unfinished
+/// delivery, so the second step claims it or waits for it.
+const HEAD_STEPS: usize = 2;
 
 /// A keyed delivery was inserted: it heads its key unless the key has a
 /// head already (ids grow, so that one is older).
@@ -2225,24 +2225,32 @@ fn claim_heads(
     now: i64,
 ) -> Result<Vec<Claimed>, Error> {
     let lease_until = now.saturating_add(micros(lease));
-    let heads: Vec<(String, i64)> = conn
-        .prepare_cached("SELECT key, delivery_id FROM order_heads WHERE handler = ?1 AND blocked = 0 AND due <= ?2 ORDER BY due LIMIT ?3")?
-        .query_map(params![handler, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+    // Each due head with its delivery (NULLs when it is gone: pruned).
+    let heads: Vec<(String, Option<HeadRow>)> = conn
+        .prepare_cached(
+            "SELECT h.key, d.id, d.event_seq, d.status, d.attempts, d.budget_from, d.held, d.next_at
+             FROM order_heads h LEFT JOIN deliveries d ON d.id = h.delivery_id
+             WHERE h.handler = ?1 AND h.blocked = 0 AND h.due <= ?2 ORDER BY h.due LIMIT ?3",
+        )?
+        .query_map(params![handler, now, limit as i64], |r| {
+            let head = match r.get::<_, Option<i64>>(1)? {
+                Some(id) => Some(((id, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?), r.get(7)?)),
+                None => None,
+            };
+            Ok((r.get(0)?, head))
+        })?
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(heads.len());
-    for (key, mut id) in heads {
+    for (key, mut head) in heads {
         for _ in 0..HEAD_STEPS {
-            let row: Option<(DueRow, i64)> = conn
-                .prepare_cached("SELECT event_seq, status, attempts, budget_from, held, next_at FROM deliveries WHERE id = ?1")?
-                .query_row([id], |r| Ok(((id, r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?), r.get(5)?)))
-                .optional()?;
-            match (rules::head_step(row.map(|(d, _)| d.2), on_failure), row) {
+            match (rules::head_step(head.map(|(d, _)| d.2), on_failure), head) {
                 (rules::HeadStep::Claim, Some((due, next_at))) => {
+                    let (id, seq) = (due.0, due.1);
                     if next_at > now {
                         // A renewed lease or a retry time: look again then.
-                        set_head_due(conn, handler, &key, next_at)?;
+                        set_head(conn, handler, &key, (id, seq), next_at)?;
                     } else if let Some(c) = claim_due(conn, owner, handler, (now, lease_until), due)? {
-                        set_head_due(conn, handler, &key, lease_until)?;
+                        set_head(conn, handler, &key, (id, seq), lease_until)?;
                         out.push(c);
                     }
                     break;
@@ -2253,23 +2261,23 @@ fn claim_heads(
                     break;
                 }
                 (rules::HeadStep::Advance, _) | (rules::HeadStep::Claim, None) => {
-                    let next: Option<(i64, i64, i64)> = conn
+                    // The key's next head: its oldest unfinished delivery (one
+                    // probe of deliveries_keyed), looked at in the next step.
+                    head = conn
                         .prepare_cached(concat!(
-                            "SELECT id, event_seq, next_at FROM deliveries WHERE handler = ?1 AND order_key = ?2 AND status IN ",
+                            "SELECT id, event_seq, status, attempts, budget_from, held, next_at FROM deliveries
+                             WHERE handler = ?1 AND order_key = ?2 AND status IN ",
                             unfinished_sql!(),
                             " ORDER BY event_seq LIMIT 1"
                         ))?
-                        .query_row(params![handler, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .query_row(params![handler, key], head_row)
                         .optional()?;
-                    let Some((next, seq, next_at)) = next else {
+                    if head.is_none() {
                         conn.prepare_cached("DELETE FROM order_heads WHERE handler = ?1 AND key = ?2")?.execute(params![handler, key])?;
                         break;
-                    };
-                    conn.prepare_cached(
-                        "UPDATE order_heads SET delivery_id = ?3, event_seq = ?4, due = ?5, blocked = 0 WHERE handler = ?1 AND key = ?2",
-                    )?
-                    .execute(params![handler, key, next, seq, next_at])?;
-                    id = next;
+                    }
+                    // An unfinished delivery: the next step claims it or
+                    // waits for it, and writes the row either way.
                 }
             }
         }
@@ -2277,8 +2285,17 @@ fn claim_heads(
     Ok(out)
 }
 
-fn set_head_due(conn: &Connection, handler: &str, key: &str, due: i64) -> Result<(), Error> {
-    conn.prepare_cached("UPDATE order_heads SET due = ?3 WHERE handler = ?1 AND key = ?2")?.execute(params![handler, key, due])?;
+/// A delivery as a head step reads it: its [`DueRow`] and its `next_at`.
+type HeadRow = (DueRow, i64);
+
+fn head_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HeadRow> {
+    Ok(((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?), r.get(6)?))
+}
+
+/// Points a key's head row at delivery `id` (of event `seq`), unblocked, looked at again at `due`.
+fn set_head(conn: &Connection, handler: &str, key: &str, (id, seq): (i64, i64), due: i64) -> Result<(), Error> {
+    conn.prepare_cached("UPDATE order_heads SET delivery_id = ?3, event_seq = ?4, due = ?5, blocked = 0 WHERE handler = ?1 AND key = ?2")?
+        .execute(params![handler, key, id, seq, due])?;
     Ok(())
 }
 
@@ -2369,7 +2386,10 @@ mod tests {
         ));
         assert!(next.contains("deliveries_keyed"), "{next}");
         assert!(!next.contains("TEMP B-TREE"), "{next}");
-        let heads = plan("SELECT key FROM order_heads WHERE handler = 'h' AND blocked = 0 AND due <= 5 ORDER BY due LIMIT 9");
+        let heads = plan(
+            "SELECT h.key, d.status FROM order_heads h LEFT JOIN deliveries d ON d.id = h.delivery_id
+             WHERE h.handler = 'h' AND h.blocked = 0 AND h.due <= 5 ORDER BY h.due LIMIT 9",
+        );
         assert!(heads.contains("order_heads_due"), "{heads}");
         assert!(!heads.contains("TEMP B-TREE"), "{heads}");
     }
