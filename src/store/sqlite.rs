@@ -102,6 +102,20 @@ macro_rules! unfinished_sql {
     };
 }
 
+/// How many deliveries are unfinished, read from the two partial indexes
+/// that hold them (`deliveries_due`, `deliveries_keyed`; see migration 4).
+macro_rules! unfinished_count_sql {
+    () => {
+        concat!(
+            "SELECT (SELECT count(*) FROM deliveries WHERE status IN ",
+            unfinished_sql!(),
+            " AND order_key IS NULL) + (SELECT count(*) FROM deliveries WHERE status IN ",
+            unfinished_sql!(),
+            " AND order_key IS NOT NULL)"
+        )
+    };
+}
+
 /// [`rules::prunable`] as SQL (a test checks it agrees with the rule).
 macro_rules! prunable_sql {
     () => {
@@ -213,15 +227,19 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE deliveries ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
     "#,
     // 4: ordered processing (README "Ordered processing"; the claim is
-    // described in `rules`, "Ordered claims"). A delivery's ordering key;
-    // the due index leads with it so a claim's unkeyed part (`order_key IS
-    // NULL`) never walks the keyed backlog; the keyed index finds a key's
-    // next head; `order_heads` holds one row per key with work or blocked.
+    // described in `rules`, "Ordered claims"). A delivery's ordering key.
+    // The unfinished deliveries are split between two partial indexes: the
+    // due index holds the unkeyed ones (so a claim never walks the keyed
+    // backlog, and a keyed delivery maintains one index, not two), the keyed
+    // index the keyed ones, by key then event (a key's next head in one
+    // probe). A count of unfinished deliveries sums the two
+    // (`unfinished_count_sql!`). `order_heads` holds one row per key with
+    // work or blocked.
     r#"
     ALTER TABLE deliveries ADD COLUMN order_key TEXT;
     DROP INDEX deliveries_due;
-    CREATE INDEX deliveries_due ON deliveries(handler, order_key, next_at)
-        WHERE status IN ('pending', 'retrying', 'running');
+    CREATE INDEX deliveries_due ON deliveries(handler, next_at)
+        WHERE status IN ('pending', 'retrying', 'running') AND order_key IS NULL;
     CREATE INDEX deliveries_keyed ON deliveries(handler, order_key, event_seq)
         WHERE order_key IS NOT NULL AND status IN ('pending', 'retrying', 'running');
     CREATE TABLE order_heads (
@@ -673,7 +691,7 @@ impl SqliteStore {
             start_check(&writer, &shared);
         }
         // A damaged deliveries table must not keep `export` from reading what is readable.
-        match writer.query_row(concat!("SELECT count(*) FROM deliveries WHERE status IN ", unfinished_sql!()), [], |r| r.get::<_, u64>(0)) {
+        match writer.query_row(unfinished_count_sql!(), [], |r| r.get::<_, u64>(0)) {
             Ok(n) => shared.backlog.store(n, Ordering::Relaxed),
             Err(e) => {
                 let e = shared.note(e.into());
@@ -1243,9 +1261,7 @@ fn maintenance(conn: &Connection, shared: &Shared) {
         tracing::warn!(error = %e, "dedup cleanup failed");
     }
     // Other processes (a separate --role ingest/process) change the backlog too.
-    if let Ok(n) =
-        conn.query_row::<u64, _, _>(concat!("SELECT count(*) FROM deliveries WHERE status IN ", unfinished_sql!()), [], |r| r.get(0))
-    {
+    if let Ok(n) = conn.query_row::<u64, _, _>(unfinished_count_sql!(), [], |r| r.get(0)) {
         shared.backlog.store(n, Ordering::Relaxed);
     }
 }
@@ -1714,11 +1730,18 @@ impl Store for SqliteStore {
 
     async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError> {
         self.read(|conn| {
-            // Same predicate as the partial index deliveries_due, so only unfinished rows are read.
+            // The predicates of the partial indexes deliveries_due and
+            // deliveries_keyed, so only unfinished rows are read.
             let mut stmt = conn.prepare_cached(concat!(
-                "SELECT handler, status, count(*), min(queued_at) FROM deliveries WHERE status IN ",
+                "SELECT handler, status, sum(n), min(q) FROM (
+                   SELECT handler, status, count(*) AS n, min(queued_at) AS q FROM deliveries WHERE status IN ",
                 unfinished_sql!(),
-                " GROUP BY handler, status"
+                " AND order_key IS NULL GROUP BY handler, status
+                   UNION ALL
+                   SELECT handler, status, count(*), min(queued_at) FROM deliveries WHERE status IN ",
+                unfinished_sql!(),
+                " AND order_key IS NOT NULL GROUP BY handler, status
+                 ) GROUP BY handler, status"
             ))?;
             let rows = stmt
                 .query_map([], |r| {
@@ -2377,7 +2400,9 @@ mod tests {
             unfinished_sql!(),
             " AND next_at <= 5 ORDER BY next_at LIMIT 9"
         ));
-        assert!(unkeyed.contains("deliveries_due (handler=? AND order_key=? AND next_at<?)"), "{unkeyed}");
+        assert!(unkeyed.contains("deliveries_due (handler=? AND next_at<?)"), "{unkeyed}");
+        let count = plan(unfinished_count_sql!());
+        assert!(count.contains("USING INDEX deliveries_due") && count.contains("USING INDEX deliveries_keyed"), "{count}");
         assert!(!unkeyed.contains("TEMP B-TREE"), "{unkeyed}");
         let next = plan(concat!(
             "SELECT id FROM deliveries WHERE handler = 'h' AND order_key = 'k' AND status IN ",

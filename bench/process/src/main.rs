@@ -293,20 +293,28 @@ async fn dispatch(db: &str, handler: &str, n: u64, timeout: Duration, cmd: &[&st
     // probe of the daemon's partial index `deliveries_due` for any unfinished
     // delivery (a scan of every delivery would take a tenth of a core away
     // from the daemon being measured). Finished ones are counted once, at the end.
-    let unfinished = |conn: &rusqlite::Connection| -> rusqlite::Result<u64> {
-        conn.query_row(
+    // Since ordered processing, unfinished deliveries sit in two partial
+    // indexes, unkeyed (`deliveries_due`) and keyed (`deliveries_keyed`);
+    // a database of an older build has only the first.
+    let keyed: bool =
+        conn.query_row("SELECT count(*) > 0 FROM pragma_table_info('deliveries') WHERE name = 'order_key'", [], |r| r.get(0))?;
+    let (unfinished_sql, any_sql) = if keyed {
+        (
+            "SELECT (SELECT count(*) FROM deliveries WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running') AND order_key IS NULL)
+                  + (SELECT count(*) FROM deliveries WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running') AND order_key IS NOT NULL)",
+            "SELECT EXISTS (SELECT 1 FROM deliveries WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running') AND order_key IS NULL)
+                 OR EXISTS (SELECT 1 FROM deliveries WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running') AND order_key IS NOT NULL)",
+        )
+    } else {
+        (
             "SELECT count(*) FROM deliveries WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running')",
-            [handler],
-            |r| r.get::<_, i64>(0).map(|n| n as u64),
-        )
-    };
-    let any_unfinished = |conn: &rusqlite::Connection| -> rusqlite::Result<bool> {
-        conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM deliveries WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running'))",
-            [handler],
-            |r| r.get(0),
         )
     };
+    let unfinished = |conn: &rusqlite::Connection| -> rusqlite::Result<u64> {
+        conn.query_row(unfinished_sql, [handler], |r| r.get::<_, i64>(0).map(|n| n as u64))
+    };
+    let any_unfinished = |conn: &rusqlite::Connection| -> rusqlite::Result<bool> { conn.query_row(any_sql, [handler], |r| r.get(0)) };
     let finished = |conn: &rusqlite::Connection| -> rusqlite::Result<(u64, u64)> {
         conn.query_row(
             "SELECT coalesce(sum(status = 'succeeded'), 0), coalesce(sum(status = 'failed'), 0) FROM deliveries WHERE handler = ?1",
