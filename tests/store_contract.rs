@@ -189,6 +189,7 @@ contract!(on_a_store:
     a_head_whose_lease_expired_runs_again_before_anything_later_of_its_key,
     skip_refuses_unknown_events_unknown_handlers_and_unfailed_deliveries_and_changes_nothing,
     a_plain_claim_still_hands_out_keyed_deliveries_one_per_key,
+    a_blocker_pruned_with_its_event_no_longer_blocks_its_key,
 );
 
 contract!(on_a_database:
@@ -1544,5 +1545,18 @@ mod cases {
         let c_a1 = first.iter().find(|c| c.event_id == a1).expect("a1");
         end(&*store, c_a1, Outcome::Success, Next::Succeeded).await;
         assert_eq!(ids(&claim_due(&*store, OWNER, "o").await), BTreeSet::from([a2]));
+    }
+
+    /// README "Retention": prune deletes a failed event; if its delivery
+    /// blocked a key, the key runs on (nothing is left to replay or skip).
+    pub async fn a_blocker_pruned_with_its_event_no_longer_blocks_its_key(store: Arc<dyn Store>) {
+        let a1 = insert(&*store, to_key("o", Some("a"))).await;
+        let a2 = insert(&*store, to_key("o", Some("a"))).await;
+        let c = claim_ordered(&*store, "o", Block).await;
+        end(&*store, &c[0], Outcome::Failure, Next::Failed).await;
+        assert!(claim_ordered(&*store, "o", Block).await.is_empty());
+        assert_eq!(delivery(&*store, a2, "o").await.blocked_by, Some(a1));
+        assert_eq!(store.prune(Utc::now() + chrono::Duration::hours(1), 100).await.expect("prune"), 1, "only the failed event");
+        assert_eq!(ids(&claim_ordered(&*store, "o", Block).await), BTreeSet::from([a2]));
     }
 }

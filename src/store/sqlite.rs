@@ -2230,6 +2230,12 @@ fn claim_ordered(
         conn.prepare_cached("UPDATE order_heads SET blocked = 0, due = ?2 WHERE handler = ?1 AND blocked = 1")?
             .execute(params![handler, now])?;
     }
+    // A blocker pruned with its event (README "Retention") no longer blocks.
+    conn.prepare_cached(
+        "UPDATE order_heads SET blocked = 0, due = ?2 WHERE handler = ?1 AND blocked = 1
+         AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = order_heads.delivery_id)",
+    )?
+    .execute(params![handler, now])?;
     let mut out = claim_heads(conn, owner, handler, on_failure, limit, lease, now)?;
     if out.len() < limit {
         out.extend(claim(conn, owner, handler, limit - out.len(), lease)?);
