@@ -202,20 +202,26 @@ pub fn replay_takes(status: DeliveryStatus, only_failed: bool) -> bool {
 //
 // Claim (`claim_ordered`, one transaction, `limit` deliveries at most):
 // 1. With `Continue`, clear `blocked` on the handler's rows (a reload may
-//    have turned `Block` off), due now.
-// 2. Candidates: unkeyed deliveries due (`next_at <= now`, unfinished) and
-//    head rows with `blocked = 0 AND due <= now`, both oldest `due` first,
-//    `limit` of each; merged by time and cut at `limit`.
-// 3. A head row: read its delivery. [`head_step`] says what to do:
-//    `Claim` if its `next_at <= now` (else copy its `next_at` into `due`:
-//    a renewed lease or a retry time, and move on); `Advance`: the next
-//    head is the unfinished delivery of the key with the smallest event id
-//    (none: delete the row), `due` = its `next_at`, and it is looked at
-//    again at once (a bounded number of times per claim); `Block`: set
-//    `blocked`, leave `delivery` (it names the blocker).
+//    have turned `Block` off), due now. Rows blocked by a delivery that is
+//    gone (pruned with its event) are cleared too.
+// 2. Head rows with `blocked = 0 AND due <= now`, oldest `due` first, at
+//    most `limit`, each read with its delivery (a LEFT JOIN: gone = NULL).
+// 3. For each, [`head_step`] says what to do: `Claim` if its
+//    `next_at <= now` (else copy its `next_at` into `due`: a renewed lease
+//    or a retry time, and move on); `Advance`: the next head is the
+//    unfinished delivery of the key with the smallest event id (one probe
+//    of the keyed index; none: delete the row), and the next step claims it
+//    or waits for it (2 steps per head at most); `Block`: set `blocked`,
+//    leave `delivery` (it names the blocker).
 // 4. Claiming is what [`claim_step`] says, as for any delivery; the head
-//    row's `due` becomes the lease's end (a renewal moves `next_at` only;
-//    step 3 catches up).
+//    row then points at it with `due` = the lease's end (a renewal moves
+//    `next_at` only; step 3 catches up).
+// 5. Room left: unkeyed deliveries due (`next_at <= now`, unfinished),
+//    oldest first, as an unordered claim takes them. Heads go first: there
+//    is at most one per key, so they cannot crowd the unkeyed out for long.
+// A plain `claim` (a handler without `ordering`) is the same with
+// `Continue`: deliveries stored with a key keep their order after a reload
+// took `ordering` off.
 //
 // Finish, release, retry: set the head row's `due` to the delivery's new
 // `next_at` (now, for a finished one, so the next claim advances or blocks).
