@@ -979,11 +979,17 @@ struct Syncer {
 }
 
 impl Syncer {
-    /// Answers `answers` once a sync covers their commit, or now when none
-    /// of them succeeded (nothing to make durable) or there is no syncer.
+    /// Answers `answers` once a sync covers their commit; now when there is
+    /// no syncer, or when no urgent operation succeeded. Attempt records
+    /// alone (lazy, see [`WriteOp::urgent`]) are answered at commit: nobody
+    /// waits on them, the next sync (or the checkpointer's, within
+    /// [`CHECKPOINT_PAUSE`]) covers them, and one lost to a power cut
+    /// meanwhile only makes its attempt run again (at-least-once), as
+    /// [`LAZY_WAIT`] already accepts. Skipping the hand-over saves a thread
+    /// wake-up per attempt record.
     fn hand_over(syncer: &mut Option<Syncer>, answers: Answers, responder: &Option<tokio::sync::mpsc::UnboundedSender<Answers>>) {
         match syncer {
-            Some(s) if answers.iter().any(|(_, r)| r.is_ok()) => {
+            Some(s) if answers.iter().any(|(op, r)| r.is_ok() && op.urgent()) => {
                 s.seq += 1;
                 s.trace.note("commit", s.seq);
                 s.queue.push(s.seq, answers);
