@@ -133,3 +133,36 @@ fn no_200_precedes_the_completion_of_a_sync_that_covers_its_commit() {
     }
     assert_eq!(stored.len(), acked.len());
 }
+
+/// The `-wal` file is where every commit is until a checkpoint copies it
+/// into the database: once it is deleted (or replaced) under the daemon, a
+/// sync of it makes nothing durable at the configured path, so nothing more
+/// is acknowledged. (What the deleted log held and no checkpoint had copied
+/// yet is lost with it: the daemon can only stop it from getting worse.)
+#[test]
+fn deleting_the_write_ahead_log_while_running_gets_503_and_nothing_more_is_acknowledged() {
+    let env = TestEnv::new(&open_source("lead"));
+    let mut wal = env.db_path().into_os_string();
+    wal.push("-wal");
+    let wal = std::path::PathBuf::from(wal);
+    let d = env.start();
+    let r = d.post_json("/hooks/lead", r#"{"n":"before"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    std::fs::remove_file(&wal).expect("deleting the write-ahead log");
+    let refused = d.post_json("/hooks/lead", r#"{"n":"refused"}"#);
+    assert_eq!(refused.status, 503, "a commit into a log no longer at its path is not acknowledged: {}", refused.text());
+    assert!(refused.error().contains("deleted or replaced"), "{}", refused.text());
+    assert!(refused.header("retry-after").is_some(), "503 carries Retry-After");
+    let again = d.post_json("/hooks/lead", r#"{"n":"refused"}"#);
+    assert_eq!(again.status, 503, "the fault is sticky: {}", again.text());
+    let wal_text = wal.display().to_string();
+    wait_for("an ERROR line naming the write-ahead log", std::time::Duration::from_secs(10), || {
+        d.log().lines().any(|l| l.contains("ERROR") && l.contains(&wal_text))
+    });
+
+    drop(d);
+    let _d = env.start();
+    let stored = env.events();
+    assert!(!stored.iter().any(|e| e["payload"]["n"] == "refused"), "a refused event is stored: {stored:?}");
+}
