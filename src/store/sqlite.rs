@@ -982,11 +982,13 @@ impl Syncer {
     /// Answers `answers` once a sync covers their commit; now when there is
     /// no syncer, or when no urgent operation succeeded. Attempt records
     /// alone (lazy, see [`WriteOp::urgent`]) are answered at commit: nobody
-    /// waits on them, the next sync (or the checkpointer's, within
-    /// [`CHECKPOINT_PAUSE`]) covers them, and one lost to a power cut
-    /// meanwhile only makes its attempt run again (at-least-once), as
-    /// [`LAZY_WAIT`] already accepts. Skipping the hand-over saves a thread
-    /// wake-up per attempt record.
+    /// waits on them, the next sync (or the checkpointer's next pass) covers
+    /// them, and one lost to a power cut meanwhile only makes its attempt
+    /// run again (at-least-once), as [`LAZY_WAIT`] already accepts. Claims
+    /// stay urgent, so a claim is answered only after a sync that also
+    /// covers every attempt record committed before it: work that follows a
+    /// finished attempt never starts on a record a power cut could take
+    /// back. Skipping the hand-over saves a thread wake-up per attempt record.
     fn hand_over(syncer: &mut Option<Syncer>, answers: Answers, responder: &Option<tokio::sync::mpsc::UnboundedSender<Answers>>) {
         match syncer {
             Some(s) if answers.iter().any(|(op, r)| r.is_ok() && op.urgent()) => {
