@@ -56,20 +56,23 @@ fn synced_up_to(steps: &[Step]) -> u64 {
 /// The rule over a whole trace: every `sync begin N` comes after `commit N`
 /// (it began after that commit returned), and every `ack N` after a
 /// `sync end M` with M >= N (a sync covering the commit completed first).
+/// (Syncs may overlap: a sync covering up to M began after commit M
+/// returned, so once it completed every commit up to M is on disk.)
 fn assert_order(steps: &[Step]) {
     let mut committed = 0;
     let mut synced = 0;
-    let mut open_sync = None;
+    let mut open_syncs = Vec::new();
     for (i, s) in steps.iter().enumerate() {
         match *s {
             Step::Commit(n) => committed = committed.max(n),
             Step::SyncBegin(n) => {
                 assert!(n <= committed, "step {i}: sync begin {n} before commit {n} returned: {steps:?}");
-                open_sync = Some(n);
+                open_syncs.push(n);
             }
             Step::SyncEnd(n) => {
-                assert_eq!(open_sync, Some(n), "step {i}: sync end {n} without its begin: {steps:?}");
-                open_sync = None;
+                let at = open_syncs.iter().position(|&b| b == n);
+                assert!(at.is_some(), "step {i}: sync end {n} without its begin: {steps:?}");
+                open_syncs.remove(at.expect("checked"));
                 synced = synced.max(n);
             }
             Step::Ack(n) => {

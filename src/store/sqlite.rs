@@ -967,13 +967,16 @@ fn check_loop(conn: Connection, shared: Arc<Shared>) {
     }
 }
 
+/// Sync loops (threads) sharing the syncer's queue; why two, in `sqlite_sync.rs`.
+const SYNC_LOOPS: usize = 2;
+
 /// The writer's end of the syncer thread (see `sqlite_sync.rs`): committed
 /// batches wait in `queue` until a sync that began after their COMMIT
 /// completed; the syncer thread then answers them.
 struct Syncer {
     queue: Arc<SyncQueue<Answers>>,
     trace: Arc<SyncTrace>,
-    thread: JoinHandle<()>,
+    threads: Vec<JoinHandle<()>>,
     /// Commits handed over so far (the test trace's sequence numbers).
     seq: u64,
 }
@@ -1003,7 +1006,9 @@ impl Syncer {
     /// Lets the syncer cover what waits, answer it and stop.
     fn finish(self) {
         self.queue.close();
-        let _ = self.thread.join();
+        for t in self.threads {
+            let _ = t.join();
+        }
     }
 }
 
@@ -1016,19 +1021,22 @@ fn start_syncer(
     shared: &Arc<Shared>,
     responder: Option<tokio::sync::mpsc::UnboundedSender<Answers>>,
 ) -> Result<Option<Syncer>, Error> {
-    let wal = match WalFile::open(&shared.file.path) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot open the write-ahead log to sync it; committing with synchronous=FULL instead");
-            return Ok(None);
+    let mut wals = Vec::with_capacity(SYNC_LOOPS);
+    for _ in 0..SYNC_LOOPS {
+        match WalFile::open(&shared.file.path) {
+            Ok(w) => wals.push(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the write-ahead log to sync it; committing with synchronous=FULL instead");
+                return Ok(None);
+            }
         }
-    };
+    }
     let queue = Arc::new(SyncQueue::<Answers>::default());
     let trace = Arc::new(SyncTrace::from_env());
-    let (q, tr, sh) = (queue.clone(), trace.clone(), shared.clone());
-    let thread = std::thread::Builder::new()
-        .name("hooktrail-sync".into())
-        .spawn(move || {
+    let mut threads = Vec::with_capacity(SYNC_LOOPS);
+    for wal in wals {
+        let (q, tr, sh, responder) = (queue.clone(), trace.clone(), shared.clone(), responder.clone());
+        let spawned = std::thread::Builder::new().name("hooktrail-sync".into()).spawn(move || {
             sync_loop(&q, &wal, sh.hooks.sync_delay, &tr, |synced, commits| {
                 let verdict = after_sync(&sh, &wal, synced);
                 for (seq, answers) in commits {
@@ -1045,11 +1053,19 @@ fn start_syncer(
                     answer(answers, &responder);
                 }
             })
-        })
-        .map_err(|e| StoreError::Open { path: shared.file.path.display().to_string(), message: e.to_string() })?;
+        });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // The loops already started end once the queue is closed.
+                queue.close();
+                return Err(StoreError::Open { path: shared.file.path.display().to_string(), message: e.to_string() }.into());
+            }
+        }
+    }
     // Only now: until the syncer runs, commits must sync themselves.
     writer.execute_batch("PRAGMA synchronous = NORMAL")?;
-    Ok(Some(Syncer { queue, trace, thread, seq: 0 }))
+    Ok(Some(Syncer { queue, trace, threads, seq: 0 }))
 }
 
 /// Whether the commits a sync covered may be answered 200: the sync
@@ -1062,6 +1078,10 @@ fn after_sync(shared: &Shared, wal: &WalFile, synced: std::io::Result<()>) -> Re
             "fdatasync of the write-ahead log `{}` failed ({e}): what was committed since the last sync may not be on disk; restart hooktrail",
             wal.path().display()
         )));
+        return Err(e.to_string());
+    }
+    // Another loop's sync may have failed meanwhile: nothing more is answered 200.
+    if let Some(e) = shared.fault_error() {
         return Err(e.to_string());
     }
     shared.verify_file()?;
