@@ -15,6 +15,13 @@
 #   hooktrail-info  the same with the default log level (info: one line per event)
 #                   to a file
 #   webhook         adnanh/webhook (Debian package) with a hook running /bin/true
+#   hooktrail-slowsync  (not in the default SERVERS) hooktrail as above with every
+#                   fdatasync of the log made SLOW_SYNC_MS slower (test hook
+#                   HOOKTRAIL_TEST_SYNC_DELAY_MS): a disk that slow, to show the rate
+#                   does not follow the disk's latency
+#
+# It also measures the fdatasync latency of the disk under BENCH_TMPDIR (4 KiB
+# O_DSYNC writes with dd), printed with the machine, so figures compare between machines.
 #
 # and prints a table of medians over the runs plus the issue's targets.
 # For hooktrail it also checks that every 2xx wrk counted is in the database
@@ -23,7 +30,7 @@
 #
 # Environment knobs (defaults in brackets):
 #   RUNS [3]  DURATION [10s]  CONNECTIONS [64]  THREADS [2]
-#   SERVERS ["bare hooktrail hooktrail-info webhook"]
+#   SERVERS ["bare hooktrail hooktrail-info webhook"]  SLOW_SYNC_MS [1]
 #   BENCH_TMPDIR [/var/tmp]  where the temp DBs live (must be a real disk, not tmpfs)
 #   QUIET_MAX_WAIT [120]  seconds to wait before each run for other load to drop
 #                         below QUIET_BUSY_PCT [15] % of the machine (0 = don't wait)
@@ -45,6 +52,7 @@ DURATION=${DURATION:-10s}
 CONNS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 SERVERS=${SERVERS:-"bare hooktrail hooktrail-info webhook"}
+SLOW_SYNC_MS=${SLOW_SYNC_MS:-1}
 QUIET_MAX_WAIT=${QUIET_MAX_WAIT:-120}
 QUIET_BUSY_PCT=${QUIET_BUSY_PCT:-15}
 OTHER_MAX=${OTHER_MAX:-25}
@@ -99,12 +107,22 @@ if [ "$fstype" = tmpfs ]; then
     echo "error: $WORK is on tmpfs; set BENCH_TMPDIR to a directory on a real disk" >&2
     exit 1
 fi
+# Mean latency of a 4 KiB write with O_DSYNC (a write plus fdatasync), in ms.
+fdatasync_ms() {
+    local t0 t1
+    t0=$(date +%s%N)
+    dd if=/dev/zero of="$WORK/.dsync" bs=4k count=1000 oflag=dsync status=none
+    t1=$(date +%s%N)
+    rm -f "$WORK/.dsync"
+    awk -v ns=$((t1 - t0)) 'BEGIN { printf "%.3f", ns / 1000 / 1e6 }'
+}
 {
     echo "hooktrail ingest benchmark, $(date -u +'%Y-%m-%d %H:%M UTC')"
     echo "hooktrail: $HT"
     echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' (src modified)')"
     echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/{printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
     echo "db dir:  $WORK on $(df -P "$WORK" | awk 'NR==2{print $1}') ($fstype, $(findmnt -no OPTIONS -T "$WORK" 2>/dev/null || echo '?'))"
+    echo "fdatasync: $(fdatasync_ms) ms per 4 KiB O_DSYNC write in $WORK (dd, 1000 writes)"
     echo "tools:   $(wrk -v 2>&1 | head -1 | cut -c1-40), $(command -v webhook >/dev/null && webhook -version 2>&1 | head -1)"
     echo "load:    wrk -t$THREADS -c$CONNS -d$DURATION --timeout 10s --latency -s bench/post.lua ($(tr -d '\n' < "$BENCH_BODY" | wc -c)-byte JSON body), $RUNS run(s)"
 } | tee "$OUT/summary.txt"
@@ -152,8 +170,8 @@ start_bare() {
     URL="http://$(sed -n 's/^listening on //p' "$dir/server.log")/hooks/bench"
 }
 
-start_hooktrail() { # dir level
-    local dir=$1 level=$2
+start_hooktrail() { # dir level [sync delay ms]
+    local dir=$1 level=$2 sync_delay=${3:-0}
     cat > "$dir/hooktrail.toml" <<EOF
 [server]
 listen = "127.0.0.1:0"
@@ -173,7 +191,7 @@ EOF
     if [ "$level" = info ]; then
         env -u RUST_LOG "$HT" --config "$dir/hooktrail.toml" serve 2> "$dir/server.log" &
     else
-        RUST_LOG=$level "$HT" --config "$dir/hooktrail.toml" serve 2> "$dir/server.log" &
+        HOOKTRAIL_TEST_SYNC_DELAY_MS=$sync_delay RUST_LOG=$level "$HT" --config "$dir/hooktrail.toml" serve 2> "$dir/server.log" &
     fi
     PID=$!
     wait_until 30 test -s "$dir/ready.json" || { cat "$dir/server.log"; return 1; }
@@ -215,6 +233,7 @@ run_one() { # run server attempt
         bare) start_bare "$dir" ;;
         hooktrail) start_hooktrail "$dir" warn ;;
         hooktrail-info) start_hooktrail "$dir" info ;;
+        hooktrail-slowsync) start_hooktrail "$dir" warn "$SLOW_SYNC_MS" ;;
         webhook) start_webhook "$dir" ;;
         *) echo "unknown server $name" >&2; return 1 ;;
     esac

@@ -9,6 +9,7 @@
 pub mod rules;
 pub mod sqlite;
 mod sqlite_disk;
+mod sqlite_sync;
 
 use std::fmt;
 use std::str::FromStr;

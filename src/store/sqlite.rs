@@ -1,13 +1,17 @@
-//! SQLite backend: WAL, `synchronous=FULL`, one writer thread doing group commit.
+//! SQLite backend: WAL, one writer thread doing group commit, one syncer
+//! thread making commits durable.
 //!
 //! Every write is an operation sent to the writer thread. The writer takes
 //! whatever operations are waiting, runs them in *one* transaction and commits
-//! once, then answers each caller. Callers are answered only after `COMMIT`
-//! returned, so an acknowledged write survives `kill -9` and power loss; the
-//! fsync cost is shared by everyone who was waiting, which is where throughput
-//! under concurrency comes from. Checkpoints run on a separate thread and
-//! connection (`wal_autocheckpoint=0` on the writer) so the writer never stalls
-//! copying pages into the main file.
+//! once (`synchronous=NORMAL`), then hands the batch to the syncer, which
+//! answers each caller only after an `fdatasync` of the write-ahead log that
+//! began after that COMMIT returned; meanwhile the writer goes on with the
+//! next batch. So an acknowledged write survives `kill -9` and power loss
+//! exactly as with `synchronous=FULL` (the argument is in `sqlite_sync.rs`),
+//! each sync is shared by every commit that waited for it, and the rate
+//! follows the CPU rather than the disk's latency. Checkpoints run on a
+//! separate thread and connection (`wal_autocheckpoint=0` on the writer) so
+//! the writer never stalls copying pages into the main file.
 //!
 //! Reads use a small pool of read connections on the blocking thread pool; the
 //! async runtime never touches rusqlite directly.
@@ -41,6 +45,7 @@ use serde_json::Value;
 use tokio::sync::{oneshot, Notify};
 
 use super::sqlite_disk::DiskGuard;
+use super::sqlite_sync::{sync_loop, SyncQueue, SyncTrace, WalFile};
 use super::*;
 
 /// Most operations taken into one transaction. Bounded so one commit's
@@ -417,21 +422,29 @@ where
 
 type Counts = HashMap<(String, RejectReason), u64>;
 
-/// Fault injection for the integration tests (`tests/storage_faults.rs`)
-/// only, not a feature: `HOOKTRAIL_TEST_COMMIT_DELAY_MS` makes the writer
-/// sleep before each COMMIT and `HOOKTRAIL_TEST_READ_DELAY_MS` each read
-/// before it runs, as a frozen filesystem (`fsfreeze`) would. Read once at
-/// open; unset (the only case outside those tests) they cost nothing.
+/// Fault injection for the integration tests (`tests/storage_faults.rs`,
+/// `tests/durability.rs`) and the benchmark's slow-disk run only, not a
+/// feature: `HOOKTRAIL_TEST_COMMIT_DELAY_MS` makes the writer sleep before
+/// each COMMIT and `HOOKTRAIL_TEST_READ_DELAY_MS` each read before it runs,
+/// as a frozen filesystem (`fsfreeze`) would; `HOOKTRAIL_TEST_SYNC_DELAY_MS`
+/// makes the syncer sleep before each `fdatasync` of the log, as a slow disk
+/// would. Read once at open; unset (the only case outside those tests) they
+/// cost nothing.
 #[derive(Debug, Clone, Copy, Default)]
 struct TestHooks {
     commit_delay: Duration,
     read_delay: Duration,
+    sync_delay: Duration,
 }
 
 impl TestHooks {
     fn from_env() -> Self {
         let ms = |var: &str| Duration::from_millis(std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(0));
-        TestHooks { commit_delay: ms("HOOKTRAIL_TEST_COMMIT_DELAY_MS"), read_delay: ms("HOOKTRAIL_TEST_READ_DELAY_MS") }
+        TestHooks {
+            commit_delay: ms("HOOKTRAIL_TEST_COMMIT_DELAY_MS"),
+            read_delay: ms("HOOKTRAIL_TEST_READ_DELAY_MS"),
+            sync_delay: ms("HOOKTRAIL_TEST_SYNC_DELAY_MS"),
+        }
     }
 }
 
@@ -713,12 +726,13 @@ impl SqliteStore {
             tx
         });
         let spawn_err = |e: std::io::Error| open_err(e.to_string());
+        let syncer = start_syncer(&writer, &shared, responder.clone())?;
         let mut threads = Vec::new();
         let sh = shared.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("hooktrail-writer".into())
-                .spawn(move || writer_loop(writer, rx, sh, role, responder))
+                .spawn(move || writer_loop(writer, rx, sh, role, responder, syncer))
                 .map_err(spawn_err)?,
         );
         if role.is_daemon() {
@@ -994,12 +1008,142 @@ fn check_loop(conn: Connection, shared: Arc<Shared>) {
     }
 }
 
+/// Sync loops (threads) sharing the syncer's queue; why two, in `sqlite_sync.rs`.
+const SYNC_LOOPS: usize = 2;
+
+/// The writer's end of the syncer thread (see `sqlite_sync.rs`): committed
+/// batches wait in `queue` until a sync that began after their COMMIT
+/// completed; the syncer thread then answers them.
+struct Syncer {
+    queue: Arc<SyncQueue<Answers>>,
+    trace: Arc<SyncTrace>,
+    threads: Vec<JoinHandle<()>>,
+    /// Commits handed over so far (the test trace's sequence numbers).
+    seq: u64,
+}
+
+impl Syncer {
+    /// Answers `answers` once a sync covers their commit; now when there is
+    /// no syncer, or when no urgent operation succeeded. Attempt records
+    /// alone (lazy, see [`WriteOp::urgent`]) are answered at commit: nobody
+    /// waits on them, the next sync (or the checkpointer's next pass) covers
+    /// them, and one lost to a power cut meanwhile only makes its attempt
+    /// run again (at-least-once), as [`LAZY_WAIT`] already accepts. Claims
+    /// stay urgent, so a claim is answered only after a sync that also
+    /// covers every attempt record committed before it: work that follows a
+    /// finished attempt never starts on a record a power cut could take
+    /// back. Skipping the hand-over saves a thread wake-up per attempt record.
+    fn hand_over(syncer: &mut Option<Syncer>, answers: Answers, responder: &Option<tokio::sync::mpsc::UnboundedSender<Answers>>) {
+        match syncer {
+            Some(s) if answers.iter().any(|(op, r)| r.is_ok() && op.urgent()) => {
+                s.seq += 1;
+                s.trace.note("commit", s.seq);
+                s.queue.push(s.seq, answers);
+            }
+            _ => answer(answers, responder),
+        }
+    }
+
+    /// Lets the syncer cover what waits, answer it and stop.
+    fn finish(self) {
+        self.queue.close();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Switches the writer to `synchronous=NORMAL` and starts the syncer thread
+/// that makes its commits durable before they are answered. Should the
+/// `-wal` file not open (it always exists once WAL mode is on), the writer
+/// keeps `synchronous=FULL` and answers itself, as durable and slower.
+fn start_syncer(
+    writer: &Connection,
+    shared: &Arc<Shared>,
+    responder: Option<tokio::sync::mpsc::UnboundedSender<Answers>>,
+) -> Result<Option<Syncer>, Error> {
+    let mut wals = Vec::with_capacity(SYNC_LOOPS);
+    for _ in 0..SYNC_LOOPS {
+        match WalFile::open(&shared.file.path) {
+            Ok(w) => wals.push(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the write-ahead log to sync it; committing with synchronous=FULL instead");
+                return Ok(None);
+            }
+        }
+    }
+    let queue = Arc::new(SyncQueue::<Answers>::default());
+    let trace = Arc::new(SyncTrace::from_env());
+    let mut threads = Vec::with_capacity(SYNC_LOOPS);
+    for wal in wals {
+        let (q, tr, sh, responder) = (queue.clone(), trace.clone(), shared.clone(), responder.clone());
+        let spawned = std::thread::Builder::new().name("hooktrail-sync".into()).spawn(move || {
+            sync_loop(&q, &wal, sh.hooks.sync_delay, &tr, |synced, commits| {
+                let verdict = after_sync(&sh, &wal, synced);
+                for (seq, answers) in commits {
+                    let answers = match &verdict {
+                        Ok(()) => answers,
+                        Err(why) => answers
+                            .into_iter()
+                            .map(|(op, r)| {
+                                (op, r.and_then(|()| Err(sh.fault_error().unwrap_or_else(|| StoreError::Unavailable(why.clone())))))
+                            })
+                            .collect(),
+                    };
+                    tr.note("ack", seq);
+                    answer(answers, &responder);
+                }
+            })
+        });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // The loops already started end once the queue is closed.
+                queue.close();
+                return Err(StoreError::Open { path: shared.file.path.display().to_string(), message: e.to_string() }.into());
+            }
+        }
+    }
+    // Only now: until the syncer runs, commits must sync themselves.
+    writer.execute_batch("PRAGMA synchronous = NORMAL")?;
+    Ok(Some(Syncer { queue, trace, threads, seq: 0 }))
+}
+
+/// Whether the commits a sync covered may be answered 200: the sync
+/// succeeded, and the configured path still names both the database file
+/// and the log that was synced (README "Storage faults"). A failed sync is
+/// a sticky fault, never retried (see `sqlite_sync.rs`).
+fn after_sync(shared: &Shared, wal: &WalFile, synced: std::io::Result<()>) -> Result<(), String> {
+    if let Err(e) = synced {
+        shared.set_fault(Fault::Damaged(format!(
+            "fdatasync of the write-ahead log `{}` failed ({e}): what was committed since the last sync may not be on disk; restart hooktrail",
+            wal.path().display()
+        )));
+        return Err(e.to_string());
+    }
+    // Another loop's sync may have failed meanwhile: nothing more is answered 200.
+    if let Some(e) = shared.fault_error() {
+        return Err(e.to_string());
+    }
+    shared.verify_file()?;
+    match wal.in_place() {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            tracing::error!(wal = %wal.path().display(), "the write-ahead log was deleted or replaced while open");
+            shared.set_fault(Fault::Lost);
+            Err(shared.fault_error().expect("just set").to_string())
+        }
+        Err(e) => Err(format!("cannot check that the write-ahead log `{}` is still in place: {e}", wal.path().display())),
+    }
+}
+
 fn writer_loop(
     mut conn: Connection,
     rx: Receiver<Box<dyn WriteOp>>,
     shared: Arc<Shared>,
     role: Role,
     responder: Option<tokio::sync::mpsc::UnboundedSender<Answers>>,
+    mut syncer: Option<Syncer>,
 ) {
     let mut st = WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0 };
     let mut last_maintenance = Instant::now();
@@ -1042,7 +1186,7 @@ fn writer_loop(
         }
         let counts = std::mem::take(&mut *shared.rejections.lock().expect("rejection counter lock poisoned"));
         if !batch.is_empty() || !counts.is_empty() {
-            answer(run_batch(&mut conn, &mut st, batch, &counts, &shared), &responder);
+            Syncer::hand_over(&mut syncer, run_batch(&mut conn, &mut st, batch, &counts, &shared), &responder);
         }
         if shared.fault.get().is_some() {
             // Nothing more is written to a lost or damaged file.
@@ -1068,6 +1212,10 @@ fn writer_loop(
             last_maintenance = Instant::now();
             maintenance(&conn, &shared);
         }
+    }
+    // Every commit made is answered before the connection closes.
+    if let Some(s) = syncer {
+        s.finish();
     }
     if shared.lost() {
         // A checkpoint now would fold the log into the lost file and empty
