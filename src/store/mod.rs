@@ -7,6 +7,7 @@
 //! implies the event and everything routed from it survive a crash.
 
 pub mod rules;
+pub mod search;
 pub mod sqlite;
 mod sqlite_disk;
 
@@ -333,6 +334,9 @@ pub struct EventFilter {
     pub since: Option<DateTime<Utc>>,
     /// (JSON pointer, value) pairs the normalized payload must hold.
     pub matches: Vec<(String, String)>,
+    /// Text the event's payload (or raw body) must contain as whole words,
+    /// ignoring case ([`search::contains`]; README "Search").
+    pub search: Option<String>,
     pub limit: Option<usize>,
     /// Only events older (smaller id) than this, for paging newest-first.
     pub before: Option<EventId>,
@@ -516,6 +520,11 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes finished events ([`rules::prunable`]) received before
     /// `before`; at most `batch` per transaction.
     async fn prune(&self, before: DateTime<Utc>, batch: usize) -> Result<u64, StoreError>;
+    /// Hands the space freed by `prune` back to the file system at once
+    /// (`hooktrail compact`, README "Disk space"); says what it did.
+    async fn compact(&self) -> Result<String, StoreError> {
+        Ok("nothing to compact on this backend".to_string())
+    }
     /// Checks the database accepts a write (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
     /// Flushes and stops background work; further writes fail with ShuttingDown.
