@@ -487,3 +487,84 @@ pub(super) fn compact(conn: &Connection) -> Result<String, Error> {
     let after = size(conn)? * page;
     Ok(format!("{how}: {before} bytes before, {after} bytes after"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(source: &str, handlers: &[&str], received_at: DateTime<Utc>) -> NewEvent {
+        NewEvent {
+            source: source.into(),
+            received_at,
+            method: "POST".into(),
+            content_type: "application/json".into(),
+            query: String::new(),
+            headers: "{}".into(),
+            remote_addr: "127.0.0.1".into(),
+            body: Bytes::from_static(br#"{"email":"a@b.c"}"#),
+            payload: Payload::Body,
+            dedup: None,
+            handlers: handlers.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn stats_queue_depth_and_the_chart_never_read_the_events_table() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("db.sqlite");
+        let store = SqliteStore::open(&path, Role::All).expect("creating");
+        let now = Utc::now();
+        for (i, source) in ["a", "b", "a"].into_iter().enumerate() {
+            store.insert_event(event(source, &["h"], now - chrono::Duration::hours(i as i64))).await.expect("inserting");
+        }
+        store.close().await;
+        drop(store);
+        // With the events out of reach, only the counters can answer.
+        Connection::open(&path).expect("opening by hand").execute_batch("ALTER TABLE events RENAME TO out_of_reach").expect("renaming");
+        let store = SqliteStore::open(&path, Role::Client).expect("opening");
+        let rows = store.stats(None, None).await.expect("stats from the counters alone");
+        let a = rows.iter().find(|r| r.source == "a" && r.handler.is_none()).expect("source a");
+        assert_eq!((a.received, a.pending), (2, 2));
+        let whole_hour = DateTime::from_timestamp(rules::tally_hour(now - chrono::Duration::hours(1)) * SECS_PER_HOUR, 0).expect("a time");
+        let since = store.stats(Some("a".into()), Some(whole_hour)).await.expect("stats --since a whole hour");
+        assert_eq!(since.iter().find(|r| r.handler.is_none()).map(|r| r.received), Some(1));
+        let hours = store.hourly(now - chrono::Duration::hours(3)).await.expect("hourly");
+        assert_eq!(hours.iter().map(|h| h.received).sum::<u64>(), 3);
+        let depth = store.queue_depth().await.expect("queue depth");
+        assert_eq!(depth.iter().map(|q| q.count).sum::<u64>(), 3);
+        store.close().await;
+    }
+
+    /// The plan of a listing with `filter`, one line per step.
+    fn plan(conn: &Connection, filter: &EventFilter) -> String {
+        let (mut where_sql, mut args) = filter_sql(filter);
+        let (from, by) = listing_from(filter, &mut where_sql, &mut args);
+        let sql = format!("EXPLAIN QUERY PLAN SELECT {EVENT_COLS} FROM {from} {where_sql} ORDER BY {by} DESC LIMIT 20");
+        let mut stmt = conn.prepare(&sql).expect("planning");
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3)).expect("planning");
+        rows.collect::<Result<Vec<_>, _>>().expect("planning").join("\n")
+    }
+
+    #[tokio::test]
+    async fn search_and_match_are_answered_from_the_search_index_not_a_scan_of_the_events() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("db.sqlite");
+        SqliteStore::open(&path, Role::All).expect("creating").close().await;
+        let conn = open_conn(&path, OpenFlags::SQLITE_OPEN_READ_WRITE).expect("opening");
+        for filter in [
+            EventFilter { search: Some("dgolden@mid-corp.com".into()), ..Default::default() },
+            EventFilter { matches: vec![("/email/0".into(), "dgolden@mid-corp.com".into())], ..Default::default() },
+            EventFilter {
+                search: Some("golden".into()),
+                source: Some("web".into()),
+                before: Some(EventId(ulid::Ulid::new())),
+                ..Default::default()
+            },
+        ] {
+            let plan = plan(&conn, &filter);
+            assert!(plan.contains("VIRTUAL TABLE INDEX"), "{filter:?} uses the search index:\n{plan}");
+            assert!(!plan.lines().any(|l| l == "SCAN e" || l.starts_with("SCAN e ")), "{filter:?} scans no events:\n{plan}");
+            assert!(!plan.contains("TEMP B-TREE"), "{filter:?} comes newest first from the index, unsorted:\n{plan}");
+        }
+    }
+}
