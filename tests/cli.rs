@@ -134,6 +134,27 @@ fn events_list_filters_by_source_status_handler_since_limit_and_match() {
 }
 
 #[test]
+fn events_list_search_finds_a_lead_by_email_name_or_id_in_json_and_form_events() {
+    let p = populated();
+    // Daniel came as Net-Results JSON (0) and as an ONTRAPORT form (1), Ann likewise (2, 3).
+    assert_eq!(p.list(&["--search", "dgolden@mid-corp.com"]), p.newest_first(&[1, 0]));
+    assert_eq!(p.list(&["--search", "ANN@EXAMPLE.COM"]), p.newest_first(&[3, 2]), "ignoring case; a form's decoded value");
+    assert_eq!(p.list(&["--search", "ann"]), p.newest_first(&[3, 2]), "a name");
+    assert_eq!(p.list(&["--search", "4453534"]), p.newest_first(&[0]), "an id");
+    assert_eq!(p.list(&["--search", "golden"]), p.newest_first(&[0]), "the last name, not inside `dgolden`");
+    assert_eq!(p.list(&["--search", "olden"]), Vec::<String>::new(), "whole words only");
+    assert_eq!(p.list(&["--search", "ann", "--source", "ontraport"]), p.newest_first(&[3]), "with other filters");
+    assert_eq!(p.list(&["--search", "ann", "--limit", "1"]), p.newest_first(&[3]));
+
+    let before = p.env.events().len();
+    let out = p.env.cli(&["events", "list", "--search", "@-."]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("--search `@-.` has no letter or digit to search for"), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(p.env.events().len(), before, "nothing stored or changed");
+}
+
+#[test]
 fn events_show_prints_the_whole_event_as_json_and_for_humans() {
     let p = populated();
     let id = &p.ids[0];
