@@ -82,6 +82,16 @@ pub enum Command {
     /// Hand the space freed by prune back to the file system at once
     #[command(after_help = "Examples:\n  hooktrail prune --older-than 30d && hooktrail compact")]
     Compact,
+    /// Fill the database with synthetic events for bench/scale.sh (not for production use)
+    #[command(hide = true)]
+    BenchFill {
+        /// How many events
+        #[arg(long)]
+        events: u64,
+        /// Leave the schema as before migration 4, so the next start back-fills counters and search
+        #[arg(long)]
+        old_schema: bool,
+    },
     /// JSON Lines of events with their deliveries and attempts, oldest first
     #[command(after_help = "Examples:\n  hooktrail export > events.jsonl\n  hooktrail export --source netresults --since 7d")]
     Export {
@@ -255,6 +265,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let said = store.compact().await;
             store.close().await;
             println!("{}", said?);
+            Ok(0)
+        }
+        Command::BenchFill { events, old_schema } => {
+            let storage = config::load_storage(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            store::bench_fill(&storage, events, old_schema)?;
             Ok(0)
         }
         Command::Export { since, source } => {

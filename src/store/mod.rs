@@ -603,6 +603,16 @@ pub fn open(cfg: &crate::config::StorageConfig, role: Role) -> Result<Arc<dyn St
     }
 }
 
+/// Fills the configured database with `events` synthetic form events,
+/// written directly (the hidden `hooktrail bench-fill` behind
+/// `bench/scale.sh`); SQLite only.
+pub fn bench_fill(cfg: &crate::config::StorageConfig, events: u64, old_schema: bool) -> Result<(), StoreError> {
+    match &cfg.backend {
+        crate::config::Backend::Sqlite(db) => sqlite::SqliteStore::bench_fill(&db.path, events, old_schema),
+        crate::config::Backend::Postgres(_) => Err(StoreError::NotBuilt("postgres")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

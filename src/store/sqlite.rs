@@ -709,6 +709,15 @@ impl SqliteStore {
             let sh = shared.clone();
             threads
                 .push(std::thread::Builder::new().name("hooktrail-check".into()).spawn(move || check_loop(check, sh)).map_err(spawn_err)?);
+            // Search indexing, shortly after the insert (see `scale`).
+            let (index, sh, tx) =
+                (open_conn(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?, shared.clone(), tx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("hooktrail-index".into())
+                    .spawn(move || scale::index_loop(tx, index, sh))
+                    .map_err(spawn_err)?,
+            );
         }
         // Samples once here, so the very first request is already guarded.
         let disk = role.ingests().then(|| Arc::new(DiskGuard::new(path)));
@@ -728,6 +737,12 @@ impl SqliteStore {
             disk,
             min_free_bytes: 0,
         })
+    }
+
+    /// Writes `events` synthetic form events straight into the database
+    /// (the hidden `hooktrail bench-fill`, for `bench/scale.sh`; see `scale::fill`).
+    pub fn bench_fill(path: &Path, events: u64, old_schema: bool) -> Result<(), StoreError> {
+        scale::fill(path, events, old_schema).map_err(|e| neutral(e, path))
     }
 
     /// How long [`Store::insert_event`] waits for its commit before it fails
@@ -1329,7 +1344,6 @@ fn insert_event(conn: &Connection, st: &mut WriterState, ev: &NewEvent) -> Resul
         payload
     ])?;
     let seq = conn.last_insert_rowid();
-    scale::index_event(conn, seq, ev)?;
     let key = scale::EventKey::new(&ev.source, ev.received_at);
     scale::count_event(st, &key, None, Some(status));
     if !ev.handlers.is_empty() {
@@ -1458,19 +1472,23 @@ fn load_deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, E
 
 /// One page of a listing, the fast way: a scan in `seq` order.
 fn list_page(conn: &Connection, filter: &EventFilter, detail: Detail) -> Result<Vec<EventRecord>, Error> {
-    let (mut where_sql, mut args) = filter_sql(filter);
-    let (from, by) = scale::listing_from(filter, &mut where_sql, &mut args);
     let order = if filter.ascending { "ASC" } else { "DESC" };
-    let limit = filter.limit.map_or(-1, |l| l as i64);
-    let sql = format!("SELECT {EVENT_COLS} FROM {from} {where_sql} ORDER BY {by} {order} LIMIT {limit}");
-    let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| event_from_row(r, detail))?.collect::<Result<Vec<_>, _>>()?;
-    let mut out = Vec::with_capacity(rows.len());
-    for (seq, mut ev) in rows {
-        if detail == Detail::Full {
-            ev.deliveries = Some(load_deliveries(conn, seq)?);
+    let mut out = Vec::new();
+    for scale::Part { from, where_sql, args, by } in scale::listing_parts(conn, filter)? {
+        let left = filter.limit.map(|l| l.saturating_sub(out.len()));
+        if left == Some(0) {
+            break;
         }
-        out.push(ev);
+        let limit = left.map_or(-1, |l| l as i64);
+        let sql = format!("SELECT {EVENT_COLS} FROM {from} {where_sql} ORDER BY {by} {order} LIMIT {limit}");
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| event_from_row(r, detail))?.collect::<Result<Vec<_>, _>>()?;
+        for (seq, mut ev) in rows {
+            if detail == Detail::Full {
+                ev.deliveries = Some(load_deliveries(conn, seq)?);
+            }
+            out.push(ev);
+        }
     }
     Ok(out)
 }
@@ -1792,12 +1810,20 @@ impl Store for SqliteStore {
 
     async fn find_ids(&self, filter: EventFilter) -> Result<Vec<EventId>, StoreError> {
         self.read(move |conn| {
-            let (mut where_sql, mut args) = filter_sql(&filter);
-            let (from, by) = scale::listing_from(&EventFilter { ascending: true, ..filter.clone() }, &mut where_sql, &mut args);
-            let limit = filter.limit.map_or(-1, |l| l as i64);
-            let sql = format!("SELECT e.id FROM {from} {where_sql} ORDER BY {by} LIMIT {limit}");
-            let mut stmt = conn.prepare(&sql)?;
-            let ids = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, EventId>(0))?.collect::<Result<Vec<_>, _>>()?;
+            let mut ids: Vec<EventId> = Vec::new();
+            for scale::Part { from, where_sql, args, by } in scale::listing_parts(conn, &EventFilter { ascending: true, ..filter.clone() })?
+            {
+                let left = filter.limit.map(|l| l.saturating_sub(ids.len()));
+                if left == Some(0) {
+                    break;
+                }
+                let limit = left.map_or(-1, |l| l as i64);
+                let sql = format!("SELECT e.id FROM {from} {where_sql} ORDER BY {by} LIMIT {limit}");
+                let mut stmt = conn.prepare(&sql)?;
+                for id in stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, EventId>(0))? {
+                    ids.push(id?);
+                }
+            }
             Ok(ids)
         })
         .await
@@ -1815,7 +1841,8 @@ impl Store for SqliteStore {
     }
 
     async fn compact(&self) -> Result<String, StoreError> {
-        self.write(|conn, _| scale::compact(conn)).await
+        // VACUUM cannot run inside the writer's batch transaction: on a connection of its own.
+        self.read(scale::compact).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
