@@ -427,3 +427,30 @@ fn every_flag_and_argument_in_help_has_a_description_and_each_help_ends_with_exa
         assert!(out.stdout[examples..].contains("hooktrail "), "{cmd:?}: the help ends with examples:\n{}", out.stdout);
     }
 }
+
+#[test]
+fn prune_then_compact_gives_the_freed_space_back_to_the_file_system() {
+    // No routes: every event is done at once, so prune may delete it.
+    let env = TestEnv::new(&open_source("bulk"));
+    let mut d = env.start();
+    let pad = "x".repeat(20_000);
+    for n in 0..200 {
+        let r = d.post_json("/hooks/bulk", &format!(r#"{{"n":{n},"pad":"{pad}"}}"#));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    d.sigterm();
+    d.wait_exit(Duration::from_secs(30));
+    let size = || std::fs::metadata(env.db_path()).expect("the database file").len();
+    let full = size();
+    assert!(full > 4_000_000, "200 events of 20 KB: {full} bytes");
+
+    let out = env.cli(&["prune", "--older-than", "0s"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("pruned 200 finished event(s)"), "{out:?}");
+    let out = env.cli(&["compact"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("returned the free pages") && out.stdout.contains("bytes after"), "{out:?}");
+    let compacted = size();
+    assert!(compacted < full / 10, "the file went from {full} to {compacted} bytes");
+    assert_eq!(env.events().len(), 0, "nothing else changed");
+}

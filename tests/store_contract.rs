@@ -1457,6 +1457,10 @@ mod cases {
             ("olden", set(&[])),
             ("email_address", set(&[])),
             ("nobody@example.org", set(&[])),
+            // Search syntax of any index is plain text here, never an operator.
+            ("golden\" OR \"ann", set(&[])),
+            ("ann*", set(&[])),
+            ("NEAR(dgolden mid)", set(&[])),
         ] {
             let got = list(&*store, EventFilter { search: Some(text.into()), ..Default::default() }).await;
             assert_eq!(got.iter().copied().collect::<BTreeSet<_>>(), want, "search {text:?}");

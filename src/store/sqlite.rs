@@ -583,12 +583,6 @@ fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
 
 fn migrate(conn: &mut Connection) -> Result<(), Error> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version == 0 {
-        // Before the first table: freed pages can go back to the file
-        // system (README "Disk space"). An older file keeps its mode until
-        // `hooktrail compact`.
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
-    }
     let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::Corrupt(format!(
@@ -633,6 +627,10 @@ impl SqliteStore {
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut writer = open_conn(path, flags).map_err(|e| damaged_at_open(path, e))?;
+        // Takes effect only on a new, empty file (before WAL mode writes its
+        // first page): freed pages can go back to the file system (README
+        // "Disk space"). An older file keeps its mode until `hooktrail compact`.
+        writer.execute_batch("PRAGMA auto_vacuum = INCREMENTAL").map_err(|e| damaged_at_open(path, e))?;
         let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| damaged_at_open(path, e))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(open_err(format!("cannot use WAL journal (got {mode})")).into());

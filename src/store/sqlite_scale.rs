@@ -567,12 +567,21 @@ pub(super) fn give_back_space(conn: &Connection) {
     match free() {
         Ok(0) => {}
         Ok(_) => {
-            if let Err(e) = conn.execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})")) {
+            if let Err(e) = incremental_vacuum(conn, VACUUM_PAGES) {
                 tracing::warn!(error = %e, "returning free space to the file system failed");
             }
         }
         Err(e) => tracing::warn!(error = %e, "reading the free page count failed"),
     }
+}
+
+/// `PRAGMA incremental_vacuum(pages)` (0: all), stepped to its end: it
+/// frees pages as it is stepped.
+fn incremental_vacuum(conn: &Connection, pages: i64) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
+    let mut rows = stmt.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(())
 }
 
 /// `hooktrail compact`: hands every free page back at once; a database made
@@ -585,7 +594,7 @@ pub(super) fn compact(conn: &Connection) -> Result<String, Error> {
     let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
     conn.execute_batch("INSERT INTO event_search(event_search) VALUES ('optimize')")?;
     let how = if mode == 2 {
-        conn.execute_batch("PRAGMA incremental_vacuum")?;
+        incremental_vacuum(conn, 0)?;
         "returned the free pages"
     } else {
         conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
