@@ -4,24 +4,24 @@
 #     bench/scale.sh            # 10,000,000 events (about 10 GB on disk; the fill takes minutes)
 #     N=200000 bench/scale.sh   # a quick run
 #
-# 1. Ingest at 64 connections into an empty database: unique form posts
-#    (bench/form.lua), wrk -t2 -c64 for $DURATION, one source, no handlers.
-# 2. Fills a second database with N unique Net-Results-like form events,
+# 1. Fills a database with N unique Net-Results-like form events,
 #    written directly (`hooktrail bench-fill`, a hidden command: posting ten
 #    million would take hours), spread over the past year, each with one
 #    succeeded `crm` delivery and its attempt. It is left at the schema before
 #    migration 4, so the first start measures the back-fill of counters and
 #    the search index.
-# 3. Starts the daemon on it (first start: migration; second: plain start-up),
+# 2. Starts the daemon on it (first start: migration; second: plain start-up),
 #    asks every question $REPS times and reports the median: `stats`,
 #    `stats --since 24h`, `events list --limit 20`, `--match` and `--search`
 #    for one lead, `/api/events` with a filter, `/api/events?search=`, the page
 #    with a search, `/api/stats`, `/metrics` (queue depth).
-# 4. Ingest at 64 connections into the full database, the same way as 1.
-# 5. RSS of the daemon, then `prune` of the older half (daemon running),
-#    file size before and after, and `hooktrail compact`.
+# 3. Ingest at 64 connections (unique form posts, bench/form.lua, wrk -t2 -c64
+#    for $DURATION, one source, no handlers), alternately into a fresh empty
+#    database and into the full one, INGEST_RUNS times each; medians.
+# 4. RSS of the daemon on the full database, then `prune` of the older half
+#    (daemon running), file size before and after, and `hooktrail compact`.
 #
-# Environment knobs [defaults]: N [10000000]  DURATION [10s]  REPS [5]
+# Environment knobs [defaults]: N [10000000]  DURATION [10s]  REPS [5]  INGEST_RUNS [3]
 #   BENCH_TMPDIR [/var/tmp] (a real disk)  KEEP=1 keep the databases
 #   HOOKTRAIL_BIN=PATH  measure this binary instead of building one
 # Results: bench/out/scale-<UTC time>/summary.txt
@@ -32,6 +32,7 @@ cd "$ROOT"
 N=${N:-10000000}
 DURATION=${DURATION:-10s}
 REPS=${REPS:-5}
+INGEST_RUNS=${INGEST_RUNS:-3}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target-bench}"
 OUT="$ROOT/bench/out/scale-$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$OUT" "${BENCH_TMPDIR:-/var/tmp}"
@@ -103,13 +104,8 @@ log "hooktrail scale benchmark, $(date -u +'%Y-%m-%d %H:%M UTC'), N=$N"
 log "binary:  $HT ($(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
 log "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'); db dir $WORK; load $(cut -d' ' -f1-3 /proc/loadavg)"
 
-EMPTY="$WORK/empty"; FULL="$WORK/full"
-mkdir -p "$EMPTY" "$FULL"; config "$EMPTY"; config "$FULL"
-
-start "$EMPTY"
-empty_rate=$(ingest "$EMPTY")
-stop
-log "ingest, empty database:        $empty_rate events/s (64 connections, $DURATION, unique form posts)"
+FULL="$WORK/full"
+mkdir -p "$FULL"; config "$FULL"
 
 t0=$(now_ms)
 "$HT" --config "$FULL/hooktrail.toml" bench-fill --events "$N" --old-schema 2>> "$OUT/fill.log"
@@ -138,9 +134,18 @@ q "/metrics (queue depth)" curl -sf "$ADMIN/metrics"
 found=$("$HT" "${C[@]}" events list --json --search "$LEAD" | grep -c '"id"' || true)
 [ "$found" = 1 ] || log "WARNING: --search $LEAD found $found events, expected 1"
 
-full_rate=$(ingest "$FULL")
-log "ingest, $N events:  $full_rate events/s = $(awk -v a="$full_rate" -v b="$empty_rate" 'BEGIN{printf "%.0f", 100*a/b}')% of empty (target >= 95%)"
-log "RSS after questions and ingest: $(( $(rss_kb) / 1024 )) MB (peak $(( $(hwm_kb) / 1024 )) MB; target < 64 MB)"
+stop
+empties=(); fulls=()
+for r in $(seq "$INGEST_RUNS"); do
+    EMPTY="$WORK/empty$r"; mkdir -p "$EMPTY"; config "$EMPTY"
+    start "$EMPTY"; empties+=("$(ingest "$EMPTY")"); stop; rm -rf "$EMPTY"
+    start "$FULL"; fulls+=("$(ingest "$FULL")")
+    [ "$r" = "$INGEST_RUNS" ] || stop
+done
+empty_rate=$(printf '%s\n' "${empties[@]}" | median); full_rate=$(printf '%s\n' "${fulls[@]}" | median)
+log "ingest, empty database:        $empty_rate events/s (median of ${empties[*]}; 64 connections, $DURATION, unique form posts)"
+log "ingest, $N events:  $full_rate events/s (median of ${fulls[*]}) = $(awk -v a="$full_rate" -v b="$empty_rate" 'BEGIN{printf "%.0f", 100*a/b}')% of empty (target >= 95%)"
+log "RSS after the last ingest run: $(( $(rss_kb) / 1024 )) MB (peak $(( $(hwm_kb) / 1024 )) MB; target < 64 MB)"
 
 before=$(size_mb "$FULL")
 t0=$(now_ms)
