@@ -73,6 +73,8 @@ pub(super) const MIGRATION: &str = r#"
 
     -- stats --since: the first, partial hour is counted from the events.
     CREATE INDEX events_received ON events(received_at);
+    -- --handler: the events with a delivery to a handler, newest first.
+    CREATE INDEX deliveries_handler ON deliveries(handler, event_seq);
     -- The queue-depth metrics' oldest waiting delivery per handler and state.
     CREATE INDEX deliveries_waiting ON deliveries(handler, status, queued_at)
         WHERE status IN ('pending', 'retrying', 'running');
@@ -525,7 +527,7 @@ pub(super) struct Part {
 /// candidate first, every other filter checked on its rows.
 pub(super) fn listing_parts(conn: &Connection, f: &EventFilter) -> Result<Vec<Part>, Error> {
     let (where_sql, args) = filter_sql(f);
-    let Some(phrase) = narrowing(f) else { return Ok(vec![Part { from: "events e", where_sql, args, by: "e.seq" }]) };
+    let Some(phrase) = narrowing(f) else { return Ok(vec![by_handler(f, where_sql, args)]) };
     let upto = indexed_upto(conn)?;
     let mut tail = Part { from: "events e", where_sql: where_sql.clone(), args: args.clone(), by: "e.seq" };
     tail.args.push(V::Integer(upto));
@@ -547,6 +549,33 @@ pub(super) fn listing_parts(conn: &Connection, f: &EventFilter) -> Result<Vec<Pa
         w.push_str(&format!(" AND event_search.rowid > coalesce((SELECT seq FROM events WHERE id = ?{}), 0)", a.len()));
     }
     Ok(if f.ascending { vec![indexed, tail] } else { vec![tail, indexed] })
+}
+
+/// A listing without a search: a scan in `seq` order, which the planner
+/// narrows by the source or status index. With `--handler` and neither of
+/// those, the handler's deliveries lead (`deliveries_handler`, newest
+/// first), so a handler with few events is not found by reading them all.
+fn by_handler(f: &EventFilter, mut where_sql: String, mut args: Vec<V>) -> Part {
+    let Some(h) = f.handler.as_ref().filter(|_| f.source.is_none() && f.status.is_none()) else {
+        return Part { from: "events e", where_sql, args, by: "e.seq" };
+    };
+    args.push(V::Text(h.clone()));
+    where_sql.push_str(&format!(" AND dh.handler = ?{}", args.len()));
+    if let Some(b) = f.before {
+        args.push(V::Text(b.to_string()));
+        where_sql
+            .push_str(&format!(" AND dh.event_seq < coalesce((SELECT seq FROM events WHERE id = ?{}), 9223372036854775807)", args.len()));
+    }
+    if let Some(a) = f.after {
+        args.push(V::Text(a.to_string()));
+        where_sql.push_str(&format!(" AND dh.event_seq > coalesce((SELECT seq FROM events WHERE id = ?{}), 0)", args.len()));
+    }
+    Part {
+        from: "deliveries dh INDEXED BY deliveries_handler CROSS JOIN events e ON e.seq = dh.event_seq",
+        where_sql,
+        args,
+        by: "dh.event_seq",
+    }
 }
 
 /// `--search` checked on each candidate row ([`search::contains`]).
@@ -823,7 +852,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn search_and_match_are_answered_from_the_search_index_not_a_scan_of_the_events() {
+    async fn search_match_and_handler_are_answered_from_an_index_not_a_scan_of_the_events() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("db.sqlite");
         SqliteStore::open(&path, Role::All).expect("creating").close().await;
@@ -837,9 +866,11 @@ mod tests {
                 before: Some(EventId(ulid::Ulid::new())),
                 ..Default::default()
             },
+            EventFilter { handler: Some("crm".into()), before: Some(EventId(ulid::Ulid::new())), ..Default::default() },
         ] {
             let plan = plan(&conn, &filter);
-            assert!(plan.contains("VIRTUAL TABLE INDEX"), "{filter:?} uses the search index:\n{plan}");
+            let index = if filter.handler.is_some() { "deliveries_handler" } else { "VIRTUAL TABLE INDEX" };
+            assert!(plan.contains(index), "{filter:?} uses {index}:\n{plan}");
             assert!(!plan.lines().any(|l| l == "SCAN e" || l.starts_with("SCAN e ")), "{filter:?} scans no events:\n{plan}");
             assert!(!plan.contains("TEMP B-TREE"), "{filter:?} comes newest first from the index, unsorted:\n{plan}");
         }
