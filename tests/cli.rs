@@ -454,3 +454,28 @@ fn prune_then_compact_gives_the_freed_space_back_to_the_file_system() {
     assert!(compacted < full / 10, "the file went from {full} to {compacted} bytes");
     assert_eq!(env.events().len(), 0, "nothing else changed");
 }
+
+#[test]
+fn the_daemon_gives_space_freed_by_prune_back_to_the_file_system_by_itself() {
+    let env = TestEnv::new(&open_source("bulk"));
+    let d = env.start();
+    let pad = "x".repeat(20_000);
+    for n in 0..150 {
+        let r = d.post_json("/hooks/bulk", &format!(r#"{{"n":{n},"pad":"{pad}"}}"#));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let size = || std::fs::metadata(env.db_path()).map(|m| m.len()).unwrap_or(0);
+    wait_for("the events to reach the database file", Duration::from_secs(30), || size() > 3_000_000);
+    let full = size();
+    let out = env.cli(&["prune", "--older-than", "0s"]);
+    assert!(out.stdout.contains("pruned 150 finished event(s)"), "{out:?}");
+    // Housekeeping every 5 s returns up to 4 MiB, then the checkpoint cuts the file.
+    let mut now = full;
+    let shrank = wait_until(Duration::from_secs(60), || {
+        now = size();
+        now < full / 4
+    });
+    assert!(shrank, "the file stayed at {now} bytes (was {full}) with the daemon running");
+    assert_eq!(env.events().len(), 0);
+    drop(d);
+}

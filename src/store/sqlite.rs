@@ -1258,7 +1258,12 @@ fn maintenance(conn: &Connection, shared: &Shared) {
     {
         shared.backlog.store(n, Ordering::Relaxed);
     }
-    scale::give_back_space(conn);
+    if scale::give_back_space(conn) {
+        // The file is cut back when the checkpointer copies the freed tail.
+        let (lock, cv) = &shared.wal_dirty;
+        *lock.lock().expect("checkpoint flag lock poisoned") = true;
+        cv.notify_one();
+    }
 }
 
 fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {

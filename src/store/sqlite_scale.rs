@@ -588,7 +588,8 @@ pub(super) fn search_sql(f: &EventFilter, sql: &mut String, args: &mut Vec<V>) {
 
 /// Hands up to [`VACUUM_PAGES`] free pages back to the file system, when
 /// the database was made with `auto_vacuum = INCREMENTAL` (housekeeping).
-pub(super) fn give_back_space(conn: &Connection) {
+/// Returns whether it wrote (the file shrinks at the next checkpoint).
+pub(super) fn give_back_space(conn: &Connection) -> bool {
     let free = || -> rusqlite::Result<i64> {
         let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         if mode != 2 {
@@ -597,13 +598,18 @@ pub(super) fn give_back_space(conn: &Connection) {
         conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))
     };
     match free() {
-        Ok(0) => {}
-        Ok(_) => {
-            if let Err(e) = incremental_vacuum(conn, VACUUM_PAGES) {
+        Ok(0) => false,
+        Ok(_) => match incremental_vacuum(conn, VACUUM_PAGES) {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::warn!(error = %e, "returning free space to the file system failed");
+                false
             }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the free page count failed");
+            false
         }
-        Err(e) => tracing::warn!(error = %e, "reading the free page count failed"),
     }
 }
 
