@@ -79,6 +79,19 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Hand the space freed by prune back to the file system at once
+    #[command(after_help = "Examples:\n  hooktrail prune --older-than 30d && hooktrail compact")]
+    Compact,
+    /// Fill the database with synthetic events for bench/scale.sh (not for production use)
+    #[command(hide = true)]
+    BenchFill {
+        /// How many events
+        #[arg(long)]
+        events: u64,
+        /// Leave the schema as before migration 4, so the next start back-fills counters and search
+        #[arg(long)]
+        old_schema: bool,
+    },
     /// JSON Lines of events with their deliveries and attempts, oldest first
     #[command(after_help = "Examples:\n  hooktrail export > events.jsonl\n  hooktrail export --source netresults --since 7d")]
     Export {
@@ -113,7 +126,7 @@ pub struct Filters {
 pub enum EventsCommand {
     /// Newest first; LEAD is the first email address in the payload
     #[command(
-        after_help = "Examples:\n  hooktrail events list --source netresults --since 2h\n  hooktrail events list --match /submission_values/email_address/0=ann@example.com --json"
+        after_help = "Examples:\n  hooktrail events list --source netresults --since 2h\n  hooktrail events list --match /submission_values/email_address/0=ann@example.com --json\n  hooktrail events list --search dgolden@mid-corp.com"
     )]
     List {
         #[command(flatten)]
@@ -121,6 +134,9 @@ pub enum EventsCommand {
         /// Keep events whose normalized payload has VALUE at JSON pointer PTR (repeatable)
         #[arg(long = "match", value_name = "PTR=VALUE")]
         matches: Vec<String>,
+        /// Keep events whose payload (or raw body) contains TEXT as whole words, ignoring case: an email, a name, an id
+        #[arg(long, value_name = "TEXT")]
+        search: Option<String>,
         /// At most this many events, newest first
         #[arg(long, default_value_t = 50)]
         limit: usize,
@@ -253,6 +269,18 @@ pub async fn run(cli: Cli) -> Result<i32> {
             println!("pruned {n} finished event(s) received before {}", store::rfc3339(before));
             Ok(0)
         }
+        Command::Compact => {
+            let store = open_store(&path)?;
+            let said = store.compact().await;
+            store.close().await;
+            println!("{}", said?);
+            Ok(0)
+        }
+        Command::BenchFill { events, old_schema } => {
+            let storage = config::load_storage(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            store::bench_fill(&storage, events, old_schema)?;
+            Ok(0)
+        }
         Command::Export { since, source } => {
             let store = open_store(&path)?;
             let mut filter = EventFilter { source, since, ascending: true, limit: Some(CLI_BATCH), ..Default::default() };
@@ -321,9 +349,13 @@ fn open_store(path: &std::path::Path) -> Result<std::sync::Arc<dyn Store>> {
 
 async fn events(store: &dyn Store, cmd: EventsCommand) -> Result<i32> {
     match cmd {
-        EventsCommand::List { filters, matches, limit, json } => {
+        EventsCommand::List { filters, matches, search, limit, json } => {
             let mut f = filters.to_filter()?;
             f.matches = parse_matches(&matches)?;
+            if let Some(problem) = search.as_deref().and_then(|t| store::search::check(t).err()) {
+                return usage(&format!("--search {problem}"));
+            }
+            f.search = search;
             f.limit = Some(limit);
             let list = store.list_events(f, Detail::Summary).await?;
             if json {

@@ -134,6 +134,27 @@ fn events_list_filters_by_source_status_handler_since_limit_and_match() {
 }
 
 #[test]
+fn events_list_search_finds_a_lead_by_email_name_or_id_in_json_and_form_events() {
+    let p = populated();
+    // Daniel came as Net-Results JSON (0) and as an ONTRAPORT form (1), Ann likewise (2, 3).
+    assert_eq!(p.list(&["--search", "dgolden@mid-corp.com"]), p.newest_first(&[1, 0]));
+    assert_eq!(p.list(&["--search", "ANN@EXAMPLE.COM"]), p.newest_first(&[3, 2]), "ignoring case; a form's decoded value");
+    assert_eq!(p.list(&["--search", "ann"]), p.newest_first(&[3, 2]), "a name");
+    assert_eq!(p.list(&["--search", "4453534"]), p.newest_first(&[0]), "an id");
+    assert_eq!(p.list(&["--search", "golden"]), p.newest_first(&[0]), "the last name, not inside `dgolden`");
+    assert_eq!(p.list(&["--search", "olden"]), Vec::<String>::new(), "whole words only");
+    assert_eq!(p.list(&["--search", "ann", "--source", "ontraport"]), p.newest_first(&[3]), "with other filters");
+    assert_eq!(p.list(&["--search", "ann", "--limit", "1"]), p.newest_first(&[3]));
+
+    let before = p.env.events().len();
+    let out = p.env.cli(&["events", "list", "--search", "@-."]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("--search `@-.` has no letter or digit to search for"), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(p.env.events().len(), before, "nothing stored or changed");
+}
+
+#[test]
 fn events_show_prints_the_whole_event_as_json_and_for_humans() {
     let p = populated();
     let id = &p.ids[0];
@@ -405,4 +426,56 @@ fn every_flag_and_argument_in_help_has_a_description_and_each_help_ends_with_exa
         let examples = out.stdout.rfind("Examples:").unwrap_or_else(|| panic!("{cmd:?}: no Examples in:\n{}", out.stdout));
         assert!(out.stdout[examples..].contains("hooktrail "), "{cmd:?}: the help ends with examples:\n{}", out.stdout);
     }
+}
+
+#[test]
+fn prune_then_compact_gives_the_freed_space_back_to_the_file_system() {
+    // No routes: every event is done at once, so prune may delete it.
+    let env = TestEnv::new(&open_source("bulk"));
+    let mut d = env.start();
+    let pad = "x".repeat(20_000);
+    for n in 0..200 {
+        let r = d.post_json("/hooks/bulk", &format!(r#"{{"n":{n},"pad":"{pad}"}}"#));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    d.sigterm();
+    d.wait_exit(Duration::from_secs(30));
+    let size = || std::fs::metadata(env.db_path()).expect("the database file").len();
+    let full = size();
+    assert!(full > 4_000_000, "200 events of 20 KB: {full} bytes");
+
+    let out = env.cli(&["prune", "--older-than", "0s"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("pruned 200 finished event(s)"), "{out:?}");
+    let out = env.cli(&["compact"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("returned the free pages") && out.stdout.contains("bytes after"), "{out:?}");
+    let compacted = size();
+    assert!(compacted < full / 10, "the file went from {full} to {compacted} bytes");
+    assert_eq!(env.events().len(), 0, "nothing else changed");
+}
+
+#[test]
+fn the_daemon_gives_space_freed_by_prune_back_to_the_file_system_by_itself() {
+    let env = TestEnv::new(&open_source("bulk"));
+    let d = env.start();
+    let pad = "x".repeat(20_000);
+    for n in 0..150 {
+        let r = d.post_json("/hooks/bulk", &format!(r#"{{"n":{n},"pad":"{pad}"}}"#));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let size = || std::fs::metadata(env.db_path()).map(|m| m.len()).unwrap_or(0);
+    wait_for("the events to reach the database file", Duration::from_secs(30), || size() > 3_000_000);
+    let full = size();
+    let out = env.cli(&["prune", "--older-than", "0s"]);
+    assert!(out.stdout.contains("pruned 150 finished event(s)"), "{out:?}");
+    // Housekeeping every 5 s returns up to 4 MiB, then the checkpoint cuts the file.
+    let mut now = full;
+    let shrank = wait_until(Duration::from_secs(60), || {
+        now = size();
+        now < full / 4
+    });
+    assert!(shrank, "the file stayed at {now} bytes (was {full}) with the daemon running");
+    assert_eq!(env.events().len(), 0);
+    drop(d);
 }

@@ -570,6 +570,39 @@ fn metrics_move_as_events_are_received_rejected_and_delivered() {
 }
 
 #[test]
+fn api_events_search_and_the_page_search_box_find_a_lead_and_plain_text_in_payload_match_searches() {
+    let env = TestEnv::new(CONFIG);
+    let d = env.start();
+    let admin = Admin::of(&env, None);
+    let daniel = d.post_json("/hooks/forms", seeds::NETRESULTS_FORM).id();
+    let ann = d.post("/hooks/bare", "application/x-www-form-urlencoded", "name=Ann+Lee&email=ann%40example.com").id();
+    admin.wait_status(&daniel, "done");
+
+    let ids =
+        |r: &Value| -> Vec<String> { r["events"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_string()).collect() };
+    assert_eq!(ids(&admin.json(&format!("/api/events?search={}", pct("dgolden@mid-corp.com")))), [daniel.as_str()]);
+    assert_eq!(ids(&admin.json(&format!("/api/events?search={}", pct("ann lee")))), [ann.as_str()], "a form's decoded values");
+    assert_eq!(ids(&admin.json("/api/events?search=ANN&source=forms")), Vec::<String>::new(), "with other filters");
+    let cli = env.events_where(&["--search", "dgolden@mid-corp.com"]);
+    assert_eq!(cli.len(), 1);
+    assert_eq!(cli[0]["id"], daniel.as_str(), "the API and `events list --search` agree");
+
+    // The page's search box, and plain text typed into "Payload match".
+    for path in [format!("/?search={}", pct("dgolden@mid-corp.com")), format!("/?match={}", pct("dgolden@mid-corp.com"))] {
+        let r = admin.get(&path);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let page = r.text();
+        assert!(page.contains(&daniel) && !page.contains(&ann), "{path} lists Daniel's event only");
+        assert!(page.contains("name=\"search\" id=\"search\" value=\"dgolden@mid-corp.com\""), "{path}: the search box shows the search");
+    }
+
+    let r = admin.get("/api/events?search=%40-.");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json()["error"].as_str().unwrap().contains("search: `@-.` has no letter or digit to search for"), "{}", r.text());
+    assert_eq!(ids(&admin.json("/api/events")).len(), 2, "nothing stored or changed");
+}
+
+#[test]
 fn api_events_filters_like_the_cli_pages_with_a_cursor_and_replays() {
     let env = TestEnv::new(CONFIG);
     let d = env.start();

@@ -190,6 +190,8 @@ contract!(on_a_store:
     skip_refuses_unknown_events_unknown_handlers_and_unfailed_deliveries_and_changes_nothing,
     a_plain_claim_still_hands_out_keyed_deliveries_one_per_key,
     a_blocker_pruned_with_its_event_no_longer_blocks_its_key,
+    counters_equal_a_full_recount_after_random_inserts_claims_retries_releases_replays_and_prunes,
+    search_finds_exactly_the_events_whose_payload_or_body_contains_the_words,
 );
 
 contract!(on_a_database:
@@ -349,6 +351,13 @@ async fn attempt(store: &dyn Store, handler: &str, outcome: Outcome, next: Next)
     c
 }
 
+/// Runs `handler`'s next due delivery, if any, to `next`.
+async fn succeed_if_due(store: &dyn Store, handler: &str, outcome: Outcome, next: Next) {
+    let Some(c) = store.claim(OWNER, handler, 1, LONG_LEASE).await.expect("claim").pop() else { return };
+    store.started(OWNER, c.delivery_id).await.expect("started");
+    store.finish(finished(OWNER, &c, outcome, next)).await.expect("finish");
+}
+
 async fn succeed(store: &dyn Store, handler: &str) -> Claimed {
     attempt(store, handler, Outcome::Success, Next::Succeeded).await
 }
@@ -406,6 +415,92 @@ async fn stats(store: &dyn Store, source: Option<&str>) -> Vec<Counts> {
     let mut rows: Vec<Counts> = store.stats(source.map(str::to_string), None).await.expect("stats").iter().map(counts).collect();
     rows.sort();
     rows
+}
+
+/// `stats`, the queue depth and the chart as a full recount from every
+/// stored event computes them (README "Counters"): what the counters must
+/// say. `since` as `stats --since` takes it; the chart from `chart_since`.
+struct Recount {
+    stats: Vec<Counts>,
+    depth: BTreeMap<(String, String), u64>,
+    hours: Vec<(DateTime<Utc>, u64, u64, u64)>,
+}
+
+async fn recount(store: &dyn Store, source: Option<&str>, since: Option<DateTime<Utc>>, chart_since: DateTime<Utc>) -> Recount {
+    use hooktrail::store::rules;
+    let all = store.list_events(EventFilter { ascending: true, ..Default::default() }, Detail::Full).await.expect("list_events");
+    let mut rows: BTreeMap<(String, Option<String>), StatsRow> = BTreeMap::new();
+    let mut depth = BTreeMap::new();
+    let mut hours: BTreeMap<DateTime<Utc>, (u64, u64, u64)> = BTreeMap::new();
+    let hour_of = |t: DateTime<Utc>| t.with_minute(0).and_then(|t| t.with_second(0)).and_then(|t| t.with_nanosecond(0)).unwrap();
+    for e in &all {
+        for d in e.deliveries.as_ref().expect("full") {
+            if rules::unfinished(d.status) {
+                *depth.entry((d.handler.clone(), d.status.to_string())).or_default() += 1;
+            }
+        }
+        if hour_of(e.received_at) >= hour_of(chart_since) {
+            let h = hours.entry(hour_of(e.received_at)).or_default();
+            h.0 += 1;
+            h.1 += u64::from(e.status == EventStatus::Done);
+            h.2 += u64::from(e.status == EventStatus::Failed);
+        }
+        if source.is_some_and(|s| s != e.source) || since.is_some_and(|t| e.received_at < t) {
+            continue;
+        }
+        let row = rows.entry((e.source.clone(), None)).or_insert_with(|| StatsRow { source: e.source.clone(), ..Default::default() });
+        row.received += 1;
+        row.add(rules::event_column(e.status), 1);
+        for d in e.deliveries.as_ref().expect("full") {
+            let key = (e.source.clone(), Some(d.handler.clone()));
+            let row = rows.entry(key).or_insert_with(|| StatsRow {
+                source: e.source.clone(),
+                handler: Some(d.handler.clone()),
+                ..Default::default()
+            });
+            row.received += 1;
+            row.add(rules::delivery_column(d.status), 1);
+        }
+    }
+    let mut stats: Vec<Counts> = rows.values().map(counts).collect();
+    stats.sort();
+    Recount { stats, depth, hours: hours.into_iter().map(|(h, (r, d, f))| (h, r, d, f)).collect() }
+}
+
+/// What the counters say, in [`Recount`]'s shape.
+async fn counted(store: &dyn Store, source: Option<&str>, since: Option<DateTime<Utc>>, chart_since: DateTime<Utc>) -> Recount {
+    let mut stats: Vec<Counts> = store.stats(source.map(str::to_string), since).await.expect("stats").iter().map(counts).collect();
+    stats.sort();
+    let depth = store
+        .queue_depth()
+        .await
+        .expect("queue_depth")
+        .into_iter()
+        .filter(|q| q.count > 0)
+        .map(|q| ((q.handler, q.status.to_string()), q.count))
+        .collect();
+    let hours = store.hourly(chart_since).await.expect("hourly").iter().map(|h| (h.hour, h.received, h.done, h.failed)).collect();
+    Recount { stats, depth, hours }
+}
+
+async fn assert_counters_agree(store: &dyn Store, step: &str) {
+    let now = Utc::now();
+    let chart_since = now - chrono::Duration::hours(3);
+    // Whole hours, a partial first hour, and a source of its own.
+    let cases = [
+        (None, None),
+        (Some("s1"), None),
+        (None, Some(now - chrono::Duration::minutes(150))),
+        (None, Some(now - chrono::Duration::hours(5))),
+        (Some("s2"), Some(now - chrono::Duration::minutes(70))),
+    ];
+    for (source, since) in cases {
+        let want = recount(store, source, since, chart_since).await;
+        let got = counted(store, source, since, chart_since).await;
+        assert_eq!(got.stats, want.stats, "{step}: stats --source {source:?} --since {since:?}");
+        assert_eq!(got.depth, want.depth, "{step}: queue depth");
+        assert_eq!(got.hours, want.hours, "{step}: hourly chart");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1305,6 +1400,145 @@ mod cases {
         assert!(matches!(refused, Err(StoreError::ShuttingDown)), "insert after close: {refused:?}");
         let refused = store.ping().await;
         assert!(matches!(refused, Err(StoreError::ShuttingDown)), "ping after close: {refused:?}");
+    }
+
+    /// README "Counters": `stats` (with `--source` and `--since`), the
+    /// queue-depth metrics and the chart are kept in the transaction of every
+    /// change (insert, claim, finish, retry, release, lease expiry, replay,
+    /// prune), and always equal a full recount of the stored events.
+    pub async fn counters_equal_a_full_recount_after_random_inserts_claims_retries_releases_replays_and_prunes(store: Arc<dyn Store>) {
+        use rand::{Rng, SeedableRng};
+        let seed = rand::random::<u64>();
+        eprintln!("random operations from seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let handlers = ["a", "b", "c"];
+        let mut ids = Vec::new();
+        let mut cutoffs = Vec::new();
+        for step in 0..240 {
+            let what = rng.gen_range(0..100);
+            let handler = handlers[rng.gen_range(0..handlers.len())];
+            match what {
+                0..=34 => {
+                    let source = ["s1", "s2", "s3"][rng.gen_range(0..3)];
+                    let routed: Vec<&str> = handlers.iter().copied().filter(|_| rng.gen_bool(0.5)).collect();
+                    let mut ev = event(source, &routed);
+                    // Spread over the last five hours: whole hours and partial ones.
+                    ev.received_at = Utc::now() - chrono::Duration::seconds(rng.gen_range(0..5 * 3600));
+                    ids.push(insert(&*store, ev).await);
+                }
+                35..=49 => {
+                    succeed_if_due(&*store, handler, Outcome::Success, Next::Succeeded).await;
+                }
+                50..=59 => {
+                    succeed_if_due(&*store, handler, Outcome::Failure, Next::Failed).await;
+                }
+                60..=69 => {
+                    // A retry due at once, so it is claimed again later.
+                    succeed_if_due(&*store, handler, Outcome::Retry, Next::RetryAt(Utc::now())).await;
+                }
+                70..=74 => {
+                    if let Some(c) = store.claim(OWNER, handler, 1, LONG_LEASE).await.expect("claim").pop() {
+                        store.release(OWNER, vec![c.delivery_id]).await.expect("release");
+                    }
+                }
+                75..=79 => {
+                    // A processor that dies holding it: the lease expires and another takes over.
+                    let held = store.claim(THIRD, handler, 1, TINY_LEASE).await.expect("claim").pop();
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    if held.is_some() {
+                        store.claim(OTHER, handler, 1, LONG_LEASE).await.expect("claim after the lease expired");
+                    }
+                }
+                80..=91 if !ids.is_empty() => {
+                    let id = ids[rng.gen_range(0..ids.len())];
+                    let only = rng.gen_bool(0.5).then(|| handler.to_string());
+                    store.replay(vec![id], only, rng.gen_bool(0.5)).await.expect("replay");
+                }
+                92..=95 => {
+                    after_millisecond_of(Utc::now()).await;
+                    cutoffs.push(Utc::now());
+                }
+                _ if !cutoffs.is_empty() => {
+                    let before = cutoffs[rng.gen_range(0..cutoffs.len())];
+                    store.prune(before, rng.gen_range(1..5)).await.expect("prune");
+                }
+                _ => {}
+            }
+            if step % 40 == 39 {
+                assert_counters_agree(&*store, &format!("after step {step} (seed {seed})")).await;
+            }
+        }
+        store.prune(Utc::now() + chrono::Duration::days(1), 7).await.expect("prune");
+        assert_counters_agree(&*store, &format!("after pruning everything finished (seed {seed})")).await;
+    }
+
+    /// README "Search": `--search TEXT` finds exactly the events whose
+    /// normalized payload (a form's decoded values too) or, without one, raw
+    /// body contains TEXT as whole words, ignoring case; newest first, and
+    /// with the other filters and paging.
+    pub async fn search_finds_exactly_the_events_whose_payload_or_body_contains_the_words(store: Arc<dyn Store>) {
+        let json =
+            insert(&*store, with_body(event("web", &[]), json!({"lead": {"email": "DGolden@Mid-Corp.com", "name": "Dan Golden"}}))).await;
+        let mut form = event("forms", &[]);
+        form.content_type = "application/x-www-form-urlencoded".into();
+        form.body = Bytes::from_static(b"email_address%5B0%5D=dgolden%40mid-corp.com&first=Ann&contact_id=48213");
+        form.payload = Payload::Json(r#"{"email_address":["dgolden@mid-corp.com"],"first":"Ann","contact_id":"48213"}"#.into());
+        let form = insert(&*store, form).await;
+        let mut raw = event("raw", &[]);
+        raw.content_type = "text/plain".into();
+        raw.body = Bytes::from_static(b"ticket 48213 from golden.retriever@example.org");
+        raw.payload = Payload::Null;
+        let raw = insert(&*store, raw).await;
+        let other = insert(&*store, with_body(event("web", &[]), json!({"email": "xdgolden@mid-corp.company", "n": 482130}))).await;
+
+        let set = |ids: &[EventId]| ids.iter().copied().collect::<BTreeSet<_>>();
+        for (text, want) in [
+            ("dgolden@mid-corp.com", set(&[json, form])),
+            ("DGOLDEN@MID-CORP.COM", set(&[json, form])),
+            ("Dan Golden", set(&[json])),
+            ("golden", set(&[json, raw])),
+            ("48213", set(&[form, raw])),
+            ("mid-corp", set(&[json, form, other])),
+            ("ann", set(&[form])),
+            ("olden", set(&[])),
+            ("email_address", set(&[])),
+            ("nobody@example.org", set(&[])),
+            // Search syntax of any index is plain text here, never an operator.
+            ("golden\" OR \"ann", set(&[])),
+            ("ann*", set(&[])),
+            ("NEAR(dgolden mid)", set(&[])),
+        ] {
+            let got = list(&*store, EventFilter { search: Some(text.into()), ..Default::default() }).await;
+            assert_eq!(got.iter().copied().collect::<BTreeSet<_>>(), want, "search {text:?}");
+            assert_eq!(got.len(), want.len(), "search {text:?}: each once");
+            let mut newest_first = got.clone();
+            newest_first.sort_by(|a, b| b.cmp(a));
+            assert_eq!(got, newest_first, "search {text:?}: newest first");
+        }
+        let web = EventFilter { search: Some("mid-corp".into()), source: Some("web".into()), ..Default::default() };
+        assert_eq!(list(&*store, web.clone()).await, [other, json], "with --source");
+        let mut found = store.find_ids(web).await.expect("find_ids");
+        found.sort();
+        assert_eq!(found, [json, other], "bulk replay selects the same");
+        // One at a time, following the cursor, as the page does.
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = list(&*store, EventFilter { search: Some("mid-corp".into()), limit: Some(1), before, ..Default::default() }).await;
+            let Some(last) = page.last().copied() else { break };
+            assert!(seen.len() < 3, "paging did not end: {seen:?}");
+            seen.push(last);
+            before = Some(last);
+        }
+        assert_eq!(seen, [other, form, json], "every match once, newest first");
+        let oldest_first = list(&*store, EventFilter { search: Some("golden".into()), ascending: true, ..Default::default() }).await;
+        assert_eq!(oldest_first, [json, raw], "export order");
+        // --match narrows by the same index and still checks the pointer.
+        let m = EventFilter { matches: vec![("/email_address/0".into(), "dgolden@mid-corp.com".into())], ..Default::default() };
+        assert_eq!(list(&*store, m).await, [form]);
+        // A pruned event is no longer found.
+        store.prune(Utc::now() + chrono::Duration::days(1), 10).await.expect("prune");
+        assert!(list(&*store, EventFilter { search: Some("golden".into()), ..Default::default() }).await.is_empty(), "pruned");
     }
 
     /// README "What you get": an acknowledged event is committed, so another

@@ -20,10 +20,10 @@ pub(super) const DEFAULT_LIMIT: usize = 50;
 /// Most events one page may ask for.
 const MAX_LIMIT: usize = 1000;
 /// Query parameters `/api/events` and the page understand.
-const EVENT_PARAMS: &[&str] = &["source", "status", "handler", "since", "match", "limit", "cursor"];
+const EVENT_PARAMS: &[&str] = &["source", "status", "handler", "since", "match", "search", "limit", "cursor"];
 /// The filters a bulk replay selects by: those of the list without paging,
 /// since it takes every matching event, not one page of them.
-pub(super) const BULK_PARAMS: &[&str] = &["source", "status", "handler", "since", "match"];
+pub(super) const BULK_PARAMS: &[&str] = &["source", "status", "handler", "since", "match", "search"];
 
 /// Decoded query parameters, in order. Empty values count as absent, as an
 /// untouched field of the page's filter form sends them.
@@ -82,6 +82,8 @@ pub(super) fn event_filter(p: &Params) -> Result<EventFilter, String> {
     let status = p.get("status").map(str::parse::<EventStatus>).transpose().map_err(|e| format!("status: {e}"))?;
     let since = p.get("since").map(store::parse_since).transpose().map_err(|e| format!("since: {e}"))?;
     let matches = p.all("match").map(parse_match).collect::<Result<Vec<_>, _>>()?;
+    let search =
+        p.get("search").map(|t| store::search::check(t).map(|()| t.to_string())).transpose().map_err(|e| format!("search: {e}"))?;
     let limit = match p.get("limit") {
         None => DEFAULT_LIMIT,
         Some(l) => match l.parse::<usize>() {
@@ -96,6 +98,7 @@ pub(super) fn event_filter(p: &Params) -> Result<EventFilter, String> {
         handler: p.get("handler").map(str::to_string),
         since,
         matches,
+        search,
         limit: Some(limit),
         before,
         ..Default::default()

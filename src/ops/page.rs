@@ -190,7 +190,7 @@ async fn bulk_button(ops: &Ops, filters: &Params) -> String {
 /// `GET /`: the filter form, the chart, and one page of events.
 pub(super) async fn list(ops: &Ops, query: &str, logged_in: bool) -> Resp {
     let all = Params::parse(query).unwrap_or_default();
-    let params = all.without(&[FLASH]);
+    let params = plain_matches_search(&all.without(&[FLASH]));
     let mut body = String::new();
     body.push_str("<h1>Events</h1>");
     if let Some(n) = all.get(FLASH).and_then(|n| n.parse::<u64>().ok()) {
@@ -207,7 +207,7 @@ pub(super) async fn list(ops: &Ops, query: &str, logged_in: bool) -> Resp {
         }
     }
     body.push_str(&filter_form(ops, &params));
-    let filter = match Params::parse(query).and_then(|p| api::event_filter(&p.without(&[FLASH]))) {
+    let filter = match Params::parse(query).and_then(|p| api::event_filter(&plain_matches_search(&p.without(&[FLASH])))) {
         Ok(f) => f,
         Err(e) => {
             let _ = write!(body, "<div class=\"error\" id=\"filter-error\">{}</div>", esc(&e));
@@ -224,6 +224,19 @@ pub(super) async fn list(ops: &Ops, query: &str, logged_in: bool) -> Resp {
         let _ = write!(body, "<p><a id=\"older\" href=\"/?{}\">Older events →</a></p>", esc(&with_cursor(&params, cursor)));
     }
     html(StatusCode::OK, "Events", &body, logged_in)
+}
+
+/// Plain text typed into "Payload match" (no `/pointer=`) is a search
+/// (README "The event-log page"): it becomes the `search` filter, unless
+/// the search box already has one, rather than an error that hides the list.
+fn plain_matches_search(p: &Params) -> Params {
+    let plain: Vec<&str> = p.all("match").filter(|m| !m.starts_with('/')).collect();
+    let Some(first) = plain.first() else { return p.clone() };
+    let mut out = Params(p.0.iter().filter(|(k, v)| k != "match" || v.starts_with('/')).cloned().collect());
+    if out.get("search").is_none() {
+        out.0.push(("search".to_string(), first.to_string()));
+    }
+    out
 }
 
 /// The current filters with `cursor` replaced, as a query string.
@@ -261,6 +274,11 @@ fn filter_form(ops: &Ops, p: &Params) -> String {
         f,
         "</datalist><label>Since <input name=\"since\" value=\"{}\" placeholder=\"2h or 2026-01-31T10:00:00Z\" size=\"20\"></label>",
         v("since")
+    );
+    let _ = write!(
+        f,
+        "<label>Search <input name=\"search\" id=\"search\" value=\"{}\" placeholder=\"dgolden@mid-corp.com, a name, an id\" size=\"28\"></label>",
+        v("search")
     );
     // One field per match already applied, plus an empty one to add another.
     for m in p.all("match").chain(std::iter::once("")) {

@@ -7,6 +7,7 @@
 //! implies the event and everything routed from it survive a crash.
 
 pub mod rules;
+pub mod search;
 pub mod sqlite;
 mod sqlite_disk;
 mod sqlite_sync;
@@ -350,6 +351,9 @@ pub struct EventFilter {
     pub since: Option<DateTime<Utc>>,
     /// (JSON pointer, value) pairs the normalized payload must hold.
     pub matches: Vec<(String, String)>,
+    /// Text the event's payload (or raw body) must contain as whole words,
+    /// ignoring case ([`search::contains`]; README "Search").
+    pub search: Option<String>,
     pub limit: Option<usize>,
     /// Only events older (smaller id) than this, for paging newest-first.
     pub before: Option<EventId>,
@@ -588,6 +592,11 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes finished events ([`rules::prunable`]) received before
     /// `before`; at most `batch` per transaction.
     async fn prune(&self, before: DateTime<Utc>, batch: usize) -> Result<u64, StoreError>;
+    /// Hands the space freed by `prune` back to the file system at once
+    /// (`hooktrail compact`, README "Disk space"); says what it did.
+    async fn compact(&self) -> Result<String, StoreError> {
+        Ok("nothing to compact on this backend".to_string())
+    }
     /// Checks the database accepts a write (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
     /// Flushes and stops background work; further writes fail with ShuttingDown.
@@ -662,6 +671,16 @@ pub fn open(cfg: &crate::config::StorageConfig, role: Role) -> Result<Arc<dyn St
         crate::config::Backend::Sqlite(db) => Ok(Arc::new(
             sqlite::SqliteStore::open(&db.path, role)?.with_commit_timeout(cfg.commit_timeout).with_min_free_bytes(db.min_free_bytes),
         )),
+        crate::config::Backend::Postgres(_) => Err(StoreError::NotBuilt("postgres")),
+    }
+}
+
+/// Fills the configured database with `events` synthetic form events,
+/// written directly (the hidden `hooktrail bench-fill` behind
+/// `bench/scale.sh`); SQLite only.
+pub fn bench_fill(cfg: &crate::config::StorageConfig, events: u64, old_schema: bool) -> Result<(), StoreError> {
+    match &cfg.backend {
+        crate::config::Backend::Sqlite(db) => sqlite::SqliteStore::bench_fill(&db.path, events, old_schema),
         crate::config::Backend::Postgres(_) => Err(StoreError::NotBuilt("postgres")),
     }
 }

@@ -363,6 +363,30 @@ pub fn counter_column(reason: RejectReason) -> StatsColumn {
     }
 }
 
+/// How the counters behind `stats`, the queue-depth metrics and the page's
+/// chart move when a row changes state (README "Counters"). Every backend
+/// keeps, per (source, handler or the event itself, receive hour), how many
+/// rows are in each state, and changes them in the same transaction as the
+/// row: a new row adds one to its state (`from` = `None`), a deleted row
+/// (prune, retention) takes one away (`to` = `None`), a change of state
+/// moves one from the old state to the new one; no change moves nothing.
+/// Which `stats` column a state is shown in is [`event_column`] and
+/// [`delivery_column`]; a new state (say, a delivery `skipped`) is counted
+/// under its own name and placed there.
+pub fn tally_moves<S: Copy + PartialEq>(from: Option<S>, to: Option<S>) -> Vec<(S, i64)> {
+    if from == to {
+        return Vec::new();
+    }
+    from.map(|s| (s, -1)).into_iter().chain(to.map(|s| (s, 1))).collect()
+}
+
+/// The hour bucket a row is counted in: its event's receive time, in whole
+/// hours since 1970 (UTC). `stats --since` and the chart read whole buckets
+/// (README "Counters" says how the first, partial hour is counted exactly).
+pub fn tally_hour(received_at: chrono::DateTime<chrono::Utc>) -> i64 {
+    received_at.timestamp().div_euclid(3600)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,6 +488,19 @@ mod tests {
         assert_eq!(all, [Pending, Succeeded, Retrying, Failed, Skipped]);
         let failed: Vec<_> = DeliveryStatus::ALL.iter().copied().filter(|s| replay_takes(*s, true)).collect();
         assert_eq!(failed, [Failed, Skipped], "skipped counts as failed");
+    }
+
+    #[test]
+    fn a_change_of_state_moves_one_count_and_no_change_moves_nothing() {
+        assert_eq!(tally_moves(None, Some(Pending)), [(Pending, 1)], "a new row");
+        assert_eq!(tally_moves(Some(Running), Some(Failed)), [(Running, -1), (Failed, 1)]);
+        assert_eq!(tally_moves(Some(Failed), None), [(Failed, -1)], "a deleted row");
+        assert!(tally_moves(Some(Running), Some(Running)).is_empty(), "a lease taken over stays running");
+        assert!(tally_moves::<DeliveryStatus>(None, None).is_empty());
+        let t = chrono::DateTime::parse_from_rfc3339("1970-01-01T02:59:59Z").expect("a time").with_timezone(&chrono::Utc);
+        assert_eq!(tally_hour(t), 2);
+        let before = chrono::DateTime::parse_from_rfc3339("1969-12-31T23:59:59Z").expect("a time").with_timezone(&chrono::Utc);
+        assert_eq!(tally_hour(before), -1, "whole hours, also before 1970");
     }
 
     #[test]
