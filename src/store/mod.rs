@@ -6,6 +6,7 @@
 //! holding the event *and its deliveries* is durably committed, so a 2xx
 //! implies the event and everything routed from it survive a crash.
 
+pub mod postgres;
 pub mod rules;
 pub mod sqlite;
 mod sqlite_disk;
@@ -590,7 +591,7 @@ pub fn open(cfg: &crate::config::StorageConfig, role: Role) -> Result<Arc<dyn St
         crate::config::Backend::Sqlite(db) => Ok(Arc::new(
             sqlite::SqliteStore::open(&db.path, role)?.with_commit_timeout(cfg.commit_timeout).with_min_free_bytes(db.min_free_bytes),
         )),
-        crate::config::Backend::Postgres(_) => Err(StoreError::NotBuilt("postgres")),
+        crate::config::Backend::Postgres(pg) => Ok(Arc::new(postgres::PostgresStore::open(pg, role, cfg.commit_timeout)?)),
     }
 }
 
