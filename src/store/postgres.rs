@@ -61,6 +61,8 @@ const NOTIFY_EVERY: Duration = Duration::from_millis(50);
 const CHANNEL: &str = "hooktrail_work";
 /// How long a LISTEN connection waits before connecting again.
 const RELISTEN_AFTER: Duration = Duration::from_secs(1);
+/// How often counted rejections are written when no ingest commit takes them along.
+const COUNTS_EVERY: Duration = Duration::from_millis(250);
 /// How often a daemon recounts the backlog (other nodes change it too) and
 /// removes expired dedup keys.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
@@ -245,6 +247,7 @@ impl PostgresStore {
         rt.spawn(cancel.clone().run_until_cancelled_owned(notifier(shared.clone())));
         if role.is_daemon() {
             rt.spawn(cancel.clone().run_until_cancelled_owned(maintenance(shared.clone())));
+            rt.spawn(cancel.clone().run_until_cancelled_owned(count_writer(shared.clone())));
         }
         if role.processes() {
             rt.spawn(cancel.run_until_cancelled_owned(listener(target.config, target.tls, shared.work.clone())));
@@ -577,6 +580,29 @@ async fn listen_once(
     };
     driver.abort();
     result
+}
+
+/// Writes counted rejections that no ingest commit took along (a flood of
+/// refusals and nothing accepted), so `stats` shows them soon.
+async fn count_writer(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(COUNTS_EVERY).await;
+        let counts = shared.take_counts();
+        if counts.is_empty() {
+            continue;
+        }
+        if let Err(e) = write_counts(&shared, &counts).await {
+            tracing::debug!(error = %e, "writing rejection counts failed; kept for the next try");
+            shared.keep_counts(counts);
+        }
+    }
+}
+
+async fn write_counts(shared: &Shared, counts: &Counts) -> Result<(), StoreError> {
+    let mut client = shared.pool.get().await.map_err(connect::pool_error)?;
+    let tx = client.transaction().await.map_err(connect::neutral)?;
+    add_counts(&tx, counts).await.map_err(connect::neutral)?;
+    tx.commit().await.map_err(connect::neutral)
 }
 
 /// A daemon's housekeeping: recounts the backlog (other nodes change it)
@@ -1421,12 +1447,8 @@ impl Store for PostgresStore {
         // Counts not yet written go with a last small transaction.
         let counts = self.shared.take_counts();
         if !counts.is_empty() {
-            if let Ok(mut client) = self.shared.pool.get().await {
-                if let Ok(tx) = client.transaction().await {
-                    if add_counts(&tx, &counts).await.is_ok() {
-                        let _ = tx.commit().await;
-                    }
-                }
+            if let Err(e) = write_counts(&self.shared, &counts).await {
+                tracing::warn!(error = %e, "rejection counts not written at close");
             }
         }
         self.background.cancel();
