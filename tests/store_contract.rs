@@ -29,6 +29,7 @@ use hooktrail::store::{
 use serde_json::{json, Value};
 
 #[path = "common/pg.rs"]
+#[allow(dead_code)] // the multi-node tests use more of it
 mod pg;
 
 // ---------------------------------------------------------------------------

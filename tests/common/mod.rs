@@ -262,6 +262,11 @@ impl TestEnv {
         DaemonBuilder { env: self, vars: Vec::new(), args: Vec::new(), max_file_size: None }
     }
 
+    /// This env's PostgreSQL database, when the suites run on PostgreSQL.
+    pub fn postgres(&self) -> Option<&pg::PgDatabase> {
+        self.pg.as_ref()
+    }
+
     /// The variable holding this env's database URL (PostgreSQL), for a
     /// command built by hand from [`clean_command`].
     pub fn database_env(&self) -> Option<(&'static str, String)> {
@@ -431,6 +436,10 @@ impl DaemonBuilder<'_> {
         });
         assert!(up, "hooktrail serve did not write {} within {START_TIMEOUT:?}; its log:\n{}", ready.display(), d.log());
         let info = parsed.expect("checked above");
+        if self.args.windows(2).any(|w| w[0] == "--role" && w[1] == "process") {
+            // A process node has no public listener.
+            return d;
+        }
         d.addr = info["listen"]
             .as_str()
             .and_then(|s| s.parse().ok())

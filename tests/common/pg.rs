@@ -29,6 +29,22 @@ impl PgDatabase {
         PgDatabase { server, name }
     }
 
+    /// The first column of the first row of `sql` on this database, as text
+    /// (`None` for no row or NULL): for a test that must wait for a state
+    /// only the database shows.
+    pub fn scalar(&self, sql: &str) -> Option<String> {
+        let url = self.url();
+        let sql = format!("SELECT ({sql})::text");
+        on_a_thread(move || async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connecting to the test database");
+            let driver = tokio::spawn(conn);
+            let row = client.query_opt(&sql, &[]).await.unwrap_or_else(|e| panic!("`{sql}`: {e}"));
+            drop(client);
+            let _ = driver.await;
+            row.and_then(|r| r.get::<_, Option<String>>(0))
+        })
+    }
+
     /// The URL hooktrail is given (`storage.url_env`).
     pub fn url(&self) -> String {
         format!("{}/{}?sslmode=disable", self.server, self.name)
@@ -43,14 +59,25 @@ impl Drop for PgDatabase {
     }
 }
 
-/// Runs one statement on the server's `postgres` database, on a thread of
-/// its own (callers may be inside a runtime, or not).
+/// Runs `f`'s future to its end on a thread and runtime of its own (callers
+/// may be inside a runtime, or not).
+fn on_a_thread<T, F, Fut>(f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    std::thread::spawn(move || tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime").block_on(f()))
+        .join()
+        .expect("the PostgreSQL test thread panicked")
+}
+
+/// Runs one statement on the server's `postgres` database.
 fn admin(server: &str, sql: &str) {
     let url = format!("{server}/postgres?sslmode=disable");
     let sql = sql.to_string();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-        rt.block_on(async move {
+    on_a_thread(move || async move {
+        {
             let mut tries = 0;
             let (client, conn) = loop {
                 match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
@@ -67,8 +94,6 @@ fn admin(server: &str, sql: &str) {
             client.batch_execute(&sql).await.unwrap_or_else(|e| panic!("`{sql}` on the test PostgreSQL: {e}"));
             drop(client);
             let _ = driver.await;
-        })
+        }
     })
-    .join()
-    .expect("the PostgreSQL admin thread panicked");
 }

@@ -161,7 +161,12 @@ fn is_transient(code: &str) -> bool {
 /// The driver's error as callers see it (see [`StoreError`]). Its text
 /// never holds the URL: the driver does not know it as text.
 pub fn neutral(e: tokio_postgres::Error) -> StoreError {
-    let message = e.to_string();
+    // The driver's own text for a server error is just "db error"; the
+    // server's message says what is wrong (it never holds the password).
+    let message = match e.as_db_error() {
+        Some(db) => db.to_string(),
+        None => e.to_string(),
+    };
     match e.as_db_error() {
         Some(db) if is_transient(db.code().code()) => StoreError::Unavailable(message),
         Some(db) if db.code().code().starts_with("23") => StoreError::Conflict(message),
