@@ -6,6 +6,8 @@
 #
 #   bash .ci/postgres.sh start [DIR] [PORT]   # prints the URL
 #   bash .ci/postgres.sh stop  [DIR]
+#   bash .ci/postgres.sh halt  [DIR]          # stops the server, keeps its data
+#   bash .ci/postgres.sh resume [DIR] [PORT]  # starts a halted server again
 set -euo pipefail
 cmd=${1:-start}
 dir=${2:-/tmp/hooktrail-test-pg}
@@ -18,7 +20,18 @@ fi
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 password=hooktrail-test-pw
 
+serve() {
+    as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=64MB" start >/dev/null
+}
+
 case "$cmd" in
+halt)
+    as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
+    ;;
+resume)
+    serve
+    ;;
 stop)
     [ -d "$dir/data" ] && as_pg "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$dir"
@@ -32,12 +45,11 @@ start)
     as_pg "$bin/initdb" -D "$dir/data" -U hooktrail --pwfile="$dir/pw" -E UTF8 --locale=C.UTF-8 \
         --auth-local=trust --auth-host=scram-sha-256 >"$dir/initdb.log"
     # fsync and synchronous_commit stay on: the tests check durability.
-    as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=64MB" start >/dev/null
+    serve
     echo "postgres://hooktrail:$password@127.0.0.1:$port"
     ;;
 *)
-    echo "usage: postgres.sh start|stop [DIR] [PORT]" >&2
+    echo "usage: postgres.sh start|stop|halt|resume [DIR] [PORT]" >&2
     exit 2
     ;;
 esac

@@ -181,3 +181,127 @@ fn the_password_is_never_in_an_error_or_log_when_the_database_refuses_it() {
     let out = run(c);
     assert!(!format!("{out:?}").contains("Wr0ng-S3cret-pw"), "check-config: {out:?}");
 }
+
+/// A PostgreSQL server of the test's own (`.ci/postgres.sh`), for a test
+/// that stops it: stopping the shared one would fail every other test.
+/// Stopped and removed on drop.
+struct OwnServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    url: String,
+}
+
+impl OwnServer {
+    fn script(cmd: &str, dir: &std::path::Path, port: u16) -> String {
+        let out = std::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/postgres.sh"))
+            .args([cmd, &dir.join("pg").to_string_lossy(), &port.to_string()])
+            .output()
+            .expect("running .ci/postgres.sh");
+        assert!(out.status.success(), ".ci/postgres.sh {cmd} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn start() -> OwnServer {
+        let dir = tempfile::Builder::new().prefix("hooktrail-own-pg-").tempdir().unwrap();
+        // World-readable, so the server (as `postgres` under root) may enter it.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = Self::script("start", dir.path(), port);
+        OwnServer { dir, port, url }
+    }
+
+    fn halt(&self) {
+        Self::script("halt", self.dir.path(), self.port);
+    }
+
+    fn resume(&self) {
+        Self::script("resume", self.dir.path(), self.port);
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/postgres.sh"))
+            .args(["stop", &self.dir.path().join("pg").to_string_lossy()])
+            .output();
+    }
+}
+
+/// `/readyz` of the daemon whose ready file `env` holds.
+fn readyz(env: &TestEnv) -> u16 {
+    let ready: serde_json::Value = serde_json::from_slice(&std::fs::read(env.ready_file()).unwrap()).unwrap();
+    let admin = ready["admin"].as_str().expect("the ready file names the admin listener");
+    reqwest::blocking::get(format!("http://{admin}/readyz")).map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+#[test]
+fn postgresql_stopped_under_load_gets_503_never_200_loses_nothing_and_processing_resumes() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    if postgres_only() {
+        return;
+    }
+    let server = OwnServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let env = TestEnv::on_postgres_server(
+        &server.url,
+        &format!("[processor]\npoll_interval = \"200ms\"\n[sources.in]\nauth = {{ type = \"none\" }}\n{}", recording_handler(&runs)),
+    );
+    let d = env.start();
+    assert_eq!(readyz(&env), 200);
+
+    let (acks, refused, stop) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicBool::new(false));
+    let acked = Mutex::new(Vec::new());
+    let unexpected = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for client in 0..4 {
+            let (d, acks, refused, stop, acked, unexpected) = (&d, &acks, &refused, &stop, &acked, &unexpected);
+            s.spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let r = d.post_json("/hooks/in", &format!(r#"{{"client":{client},"n":{n}}}"#));
+                    match r.status {
+                        200 => {
+                            acked.lock().unwrap().push(r.id());
+                            acks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        503 => {
+                            assert!(r.header("retry-after").is_some(), "503 carries Retry-After");
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => unexpected.lock().unwrap().push(format!("{other} {}", r.text())),
+                    }
+                }
+            });
+        }
+        wait_for("some events acknowledged", SETTLE_ALL, || acks.load(Ordering::Relaxed) >= 50);
+        server.halt();
+        let before = acks.load(Ordering::Relaxed);
+        wait_for("503s while the database is down", SETTLE_ALL, || refused.load(Ordering::Relaxed) >= 20);
+        assert!(acks.load(Ordering::Relaxed) <= before + 8, "200s while the database was down (at most the in-flight commits)");
+        wait_for("/readyz to fail while the database is down", SETTLE_ALL, || readyz(&env) == 503);
+        server.resume();
+        let back = acks.load(Ordering::Relaxed);
+        wait_for("ingest to resume without a restart", SETTLE_ALL, || acks.load(Ordering::Relaxed) >= back + 50);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let unexpected = unexpected.into_inner().unwrap();
+    assert!(unexpected.is_empty(), "only 200 or 503: {unexpected:?}");
+    wait_for("/readyz to pass again", SETTLE_ALL, || readyz(&env) == 200);
+
+    let acked: BTreeSet<String> = acked.into_inner().unwrap().into_iter().collect();
+    let mut seen = BTreeMap::new();
+    let all_ran = wait_until(SETTLE_ALL, || {
+        seen = runs_of(&runs);
+        acked.iter().all(|id| seen.contains_key(id))
+    });
+    let missing: Vec<_> = acked.iter().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(all_ran, "processing resumed for every acknowledged event; missing {missing:?}\n{}", env.log());
+    let stored: BTreeSet<String> = env.events().iter().map(|e| e["id"].as_str().unwrap().to_string()).collect();
+    assert!(acked.is_subset(&stored), "every acknowledged event is stored");
+    drop(d);
+}

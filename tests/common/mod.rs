@@ -182,10 +182,19 @@ impl TestEnv {
 
     /// Like [`TestEnv::new`], with extra `[server]` keys (e.g. `request_timeout = "1s"`).
     pub fn with_server(server_extra: &str, body: &str) -> Self {
+        let db = (backend() == Backend::Postgres).then(pg::PgDatabase::create);
+        Self::with_database(db, server_extra, body)
+    }
+
+    /// Like [`TestEnv::new`], on a fresh database of the PostgreSQL server
+    /// at `server` (a test that stops its own server).
+    pub fn on_postgres_server(server: &str, body: &str) -> Self {
+        Self::with_database(Some(pg::PgDatabase::create_on(server)), "", body)
+    }
+
+    fn with_database(db: Option<pg::PgDatabase>, server_extra: &str, body: &str) -> Self {
         let mut env = Self::empty();
-        if backend() == Backend::Postgres {
-            env.pg = Some(pg::PgDatabase::create());
-        }
+        env.pg = db;
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nready_file = {ready}\n{server_extra}\n\n\
              {storage}\n\

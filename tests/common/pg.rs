@@ -24,6 +24,12 @@ impl PgDatabase {
                  `bash .ci/postgres.sh start` and export the URL it prints"
             )
         });
+        Self::create_on(&server)
+    }
+
+    /// Creates an empty database on the server at `server`.
+    pub fn create_on(server: &str) -> PgDatabase {
+        let server = server.to_string();
         let name = format!("ht_{}", ulid::Ulid::new().to_string().to_lowercase());
         admin(&server, &format!("CREATE DATABASE {name}"));
         PgDatabase { server, name }
