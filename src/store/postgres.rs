@@ -1057,6 +1057,78 @@ async fn replay_takes<C: tokio_postgres::GenericClient>(
     Ok(out)
 }
 
+/// One imported event with its deliveries and attempts (see
+/// [`Store::import_event`]); false when its id is already stored.
+async fn import_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ev: &EventRecord,
+    body: Vec<u8>,
+    payload: &Payload,
+    statuses: &[DeliveryStatus],
+) -> Result<bool, tokio_postgres::Error> {
+    let (kind, payload) = match payload {
+        Payload::Null => (PAYLOAD_NULL, None),
+        Payload::Body => (PAYLOAD_IS_BODY, None),
+        Payload::Json(s) => (PAYLOAD_JSON, Some(s.as_str())),
+    };
+    let status = rules::event_status(statuses);
+    let headers = ev.headers.as_ref().map_or_else(|| "{}".to_string(), Value::to_string);
+    let inserted = tx
+        .query_opt(
+            "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING RETURNING id",
+            &[
+                &ev.id.to_string(),
+                &ev.source,
+                &status.as_str(),
+                &ev.received_at,
+                &ev.method,
+                &ev.content_type,
+                &ev.query,
+                &headers,
+                &ev.remote_addr,
+                &body,
+                &kind,
+                &payload,
+            ],
+        )
+        .await?;
+    if inserted.is_none() {
+        return Ok(false);
+    }
+    for (d, status) in ev.deliveries.iter().flatten().zip(statuses) {
+        // Waiting ones keep their time; the max_age clock starts at receipt.
+        let next_at = d.next_attempt_at.filter(|_| rules::waits_for_its_time(*status)).unwrap_or_else(Utc::now);
+        let id: i64 = tx
+            .query_one(
+                "INSERT INTO deliveries (event_id, handler, status, attempts, next_at, queued_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, now()) RETURNING id",
+                &[&ev.id.to_string(), &d.handler, &status.as_str(), &(d.attempt_count as i32), &next_at, &ev.received_at],
+            )
+            .await?
+            .get(0);
+        for a in &d.attempts {
+            tx.execute(
+                "INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                &[
+                    &id,
+                    &(a.number as i32),
+                    &a.started_at,
+                    &i64::try_from(a.duration_ms).unwrap_or(i64::MAX),
+                    &a.outcome.as_str(),
+                    &a.exit_code,
+                    &a.http_status.map(i32::from),
+                    &a.error,
+                    &a.output,
+                ],
+            )
+            .await?;
+        }
+    }
+    Ok(true)
+}
+
 /// Boxes a future borrowing a transaction, for [`PostgresStore::in_tx`].
 fn boxed<'a, T>(
     f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
@@ -1434,6 +1506,22 @@ impl Store for PostgresStore {
             return Err(connect::neutral(e));
         }
         Ok(())
+    }
+
+    async fn import_event(&self, ev: EventRecord) -> Result<bool, StoreError> {
+        let (body, payload, statuses) = import_parts(&ev)?;
+        let queued = statuses.iter().filter(|s| rules::unfinished(**s)).count() as i64;
+        let stored = self
+            .in_tx(|tx| {
+                let (ev, body, payload, statuses) = (ev.clone(), body.clone(), payload.clone(), statuses.clone());
+                boxed(async move { import_in(tx, &ev, body, &payload, &statuses).await })
+            })
+            .await?;
+        if stored && queued > 0 {
+            self.shared.add_backlog(queued);
+            self.shared.new_work();
+        }
+        Ok(stored)
     }
 
     async fn close(&self) {

@@ -171,6 +171,16 @@ pub fn replay_takes(status: DeliveryStatus, only_failed: bool) -> bool {
     }
 }
 
+/// The status an imported delivery waits in (`hooktrail import`): one that
+/// was running has no processor here, so it is due again at once, as a
+/// release leaves it; every other status is kept.
+pub fn after_import(status: DeliveryStatus) -> DeliveryStatus {
+    match status {
+        DeliveryStatus::Running => DeliveryStatus::Pending,
+        DeliveryStatus::Pending | DeliveryStatus::Retrying | DeliveryStatus::Succeeded | DeliveryStatus::Failed => status,
+    }
+}
+
 /// A column of `hooktrail stats` (besides `received`, which counts every
 /// event or delivery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

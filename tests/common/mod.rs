@@ -186,6 +186,12 @@ impl TestEnv {
         Self::with_database(db, server_extra, body)
     }
 
+    /// Like [`TestEnv::new`], on SQLite whatever the suites run on (the
+    /// source of an export moved to the configured backend).
+    pub fn on_sqlite(body: &str) -> Self {
+        Self::with_database(None, "", body)
+    }
+
     /// Like [`TestEnv::new`], on a fresh database of the PostgreSQL server
     /// at `server` (a test that stops its own server).
     pub fn on_postgres_server(server: &str, body: &str) -> Self {
