@@ -65,7 +65,7 @@ SERVER=$(bash .ci/postgres.sh start "$WORK/pg" "$PG_PORT")
 PSQL=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/psql
 export HOOKTRAIL_DATABASE_URL
 newdb() { # name -> sets HOOKTRAIL_DATABASE_URL to a fresh database
-    "$PSQL" -q "$SERVER/postgres?sslmode=disable" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1"
+    "$PSQL" -q "$SERVER/postgres?sslmode=disable" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" 2>/dev/null
     HOOKTRAIL_DATABASE_URL="$SERVER/$1?sslmode=disable"
 }
 log "hooktrail on PostgreSQL, $(date -u +'%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -193,7 +193,9 @@ stop_nodes
 # ---------------------------------------------------------------- rescue
 newdb bench_rescue
 # The first attempt notes its pid and hangs; the second returns at once.
-cfg=$(config rescue postgres $'[handlers.slow]\ntype = "shell"\ncommand = ["/bin/sh", "-c", "[ -e '"$WORK"'/rescued ] || { echo $$ > '"$WORK"'/rescued; exec sleep 600; }"]\ntimeout = "15m"\n[[routes]]\nsource = "bench"\nhandler = "slow"')
+slow_cmd="[ -e $WORK/rescued ] || { echo \$\$ > $WORK/rescued; exec sleep 600; }"
+slow=$(printf '[handlers.slow]\ntype = "shell"\ncommand = ["/bin/sh", "-c", "%s"]\ntimeout = "15m"\n[[routes]]\nsource = "bench"\nhandler = "slow"' "$slow_cmd")
+cfg=$(config rescue postgres "$slow")
 start "$cfg" ingest rescue-ingest
 url="http://$(listen_of "$cfg" listen)/hooks/bench"
 start "$cfg" process rescue-a
