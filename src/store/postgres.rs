@@ -115,6 +115,9 @@ struct Waiting {
 struct Shared {
     pool: Pool,
     backlog: AtomicI64,
+    /// Bumped by every local change of `backlog`, so a recount that raced
+    /// one is not stored over it (see [`maintenance`]).
+    backlog_changes: std::sync::atomic::AtomicU64,
     work: Arc<Notify>,
     /// Asks the notifier task to tell other nodes (see [`notifier`]).
     tell_others: Notify,
@@ -151,7 +154,8 @@ impl Shared {
 
     fn add_backlog(&self, delta: i64) {
         if delta != 0 {
-            let _ = self.backlog.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some((n + delta).max(0)));
+            self.backlog_changes.fetch_add(1, Ordering::SeqCst);
+            let _ = self.backlog.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some((n + delta).max(0)));
         }
     }
 
@@ -233,6 +237,7 @@ impl PostgresStore {
         let shared = Arc::new(Shared {
             pool,
             backlog: AtomicI64::new(backlog),
+            backlog_changes: std::sync::atomic::AtomicU64::new(0),
             work: Arc::new(Notify::new()),
             tell_others: Notify::new(),
             rejections: Mutex::new(HashMap::new()),
@@ -556,7 +561,9 @@ async fn listen_once(
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut conn) = config.connect(tls).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Result<(), tokio_postgres::Error>>();
-    let driver = tokio::spawn(async move {
+    // Aborted however this ends (the store closing drops this future), so
+    // the LISTEN connection never outlives it.
+    let _driver = AbortOnDrop(tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
         while let Some(m) = messages.next().await {
             let stop = m.is_err();
@@ -564,7 +571,7 @@ async fn listen_once(
                 return;
             }
         }
-    });
+    }));
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     // Anything queued while no one listened.
     work.notify_one();
@@ -578,8 +585,16 @@ async fn listen_once(
             None => break Ok(()),
         }
     };
-    driver.abort();
     result
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Writes counted rejections that no ingest commit took along (a flood of
@@ -611,8 +626,14 @@ async fn maintenance(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(MAINTENANCE_EVERY).await;
         let Ok(client) = shared.pool.get().await else { continue };
+        // A count taken while this process changed the backlog is stale:
+        // the next pass counts again.
+        let changes = shared.backlog_changes.load(Ordering::SeqCst);
         if let Ok(row) = client.query_one(concat!("SELECT count(*) FROM deliveries WHERE status IN ", unfinished_sql!()), &[]).await {
-            shared.backlog.store(row.get(0), Ordering::Relaxed);
+            let n: i64 = row.get(0);
+            let _ = shared.backlog.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |old| {
+                (shared.backlog_changes.load(Ordering::SeqCst) == changes).then_some(n).or(Some(old))
+            });
         }
         let cleanup = client
             .execute(
