@@ -343,6 +343,12 @@ mod tests {
     }
 
     #[test]
+    fn an_imported_running_delivery_waits_again_and_every_other_status_is_kept() {
+        let imported: Vec<_> = DeliveryStatus::ALL.iter().map(|s| after_import(*s)).collect();
+        assert_eq!(imported, [Pending, Pending, Succeeded, Retrying, Failed]);
+    }
+
+    #[test]
     fn every_state_has_its_stats_column() {
         use StatsColumn as C;
         let events: Vec<_> = EventStatus::ALL.iter().map(|s| event_column(*s)).collect();
