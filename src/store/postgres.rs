@@ -1059,61 +1059,96 @@ async fn refresh_event_status(tx: &deadpool_postgres::Transaction<'_>, event_id:
     Ok(())
 }
 
-/// Records an attempt and moves its delivery on; returns whether this
-/// process still held it (and so decided it).
-async fn finish_in(tx: &deadpool_postgres::Transaction<'_>, f: &Finished) -> Result<Option<DeliveryStatus>, tokio_postgres::Error> {
+/// Records an attempt and moves its delivery on, in two round trips;
+/// returns the delivery's new status when this process still held it (and
+/// so decided it). First `BEGIN`, one statement moving the delivery on and
+/// recording the attempt, the event's lock and its deliveries' statuses go
+/// together; then the event's new status and `COMMIT`. Any error rolls the
+/// whole back.
+///
+/// Only the holder of this attempt moves the delivery on: the same owner
+/// and the same attempt number (a node that lost its lease matches
+/// neither). The holder's record replaces whatever stands for this attempt
+/// (the "interrupted" note of a takeover it outlived); a stale holder's
+/// record is kept only where the trail has none, never over the new
+/// owner's. The event row is locked before its deliveries are read, so of
+/// two nodes finishing deliveries of one event at once, the second reads
+/// the first's committed change.
+async fn finish_pipelined(client: &deadpool_postgres::Object, f: &Finished) -> Result<Option<DeliveryStatus>, tokio_postgres::Error> {
     let status = rules::after_attempt(f.next);
     let retry_at = match f.next {
         Next::RetryAt(t) => Some(t),
         Next::Succeeded | Next::Failed | Next::Released => None,
     };
-    // Only the holder of this attempt moves the delivery on: the same owner
-    // and the same attempt number (see the SQLite backend's `finish`).
-    let moved = tx
-        .query_opt(
-            &tx.prepare_cached(
-                "UPDATE deliveries SET status = $1, next_at = coalesce($2, now()), lease_owner = NULL, held = false, updated_at = now()
-                 WHERE id = $3 AND status = 'running' AND attempts = $4 AND lease_owner = $5 RETURNING event_id",
-            )
-            .await?,
-            &[&status.as_str(), &retry_at, &f.delivery_id, &(f.attempt as i32), &f.owner],
+    let record = client
+        .prepare_cached(
+            "WITH moved AS (
+                UPDATE deliveries SET status = $1, next_at = coalesce($2, now()), lease_owner = NULL, held = false, updated_at = now()
+                WHERE id = $3 AND status = 'running' AND attempts = $4 AND lease_owner = $5 RETURNING event_id
+             ), mine AS (
+                INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
+                SELECT $3::int8, $4::int4, $6::timestamptz, $7::int8, $8::text, $9::int4, $10::int4, $11::text, $12::text
+                WHERE EXISTS (SELECT 1 FROM moved)
+                ON CONFLICT (delivery_id, number) DO UPDATE SET started_at = EXCLUDED.started_at, duration_ms = EXCLUDED.duration_ms,
+                   outcome = EXCLUDED.outcome, exit_code = EXCLUDED.exit_code, http_status = EXCLUDED.http_status,
+                   error = EXCLUDED.error, output = EXCLUDED.output
+             ), stale AS (
+                INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
+                SELECT $3::int8, $4::int4, $6::timestamptz, $7::int8, $8::text, $9::int4, $10::int4, $11::text, $12::text
+                WHERE NOT EXISTS (SELECT 1 FROM moved) AND EXISTS (SELECT 1 FROM deliveries WHERE id = $3)
+                ON CONFLICT (delivery_id, number) DO NOTHING
+             ) SELECT event_id FROM moved",
         )
         .await?;
-    // The holder's record replaces whatever stands for this attempt (the
-    // "interrupted" note of a takeover it outlived); a stale holder's record
-    // is kept only where the trail has none, never over the new owner's.
-    let record = if moved.is_some() {
-        "INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         ON CONFLICT (delivery_id, number) DO UPDATE SET started_at = EXCLUDED.started_at, duration_ms = EXCLUDED.duration_ms,
-            outcome = EXCLUDED.outcome, exit_code = EXCLUDED.exit_code, http_status = EXCLUDED.http_status,
-            error = EXCLUDED.error, output = EXCLUDED.output"
-    } else {
-        "INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (delivery_id, number) DO NOTHING"
+    let lock = client.prepare_cached("SELECT 1 FROM events WHERE id = (SELECT event_id FROM deliveries WHERE id = $1) FOR UPDATE").await?;
+    let statuses = client
+        .prepare_cached("SELECT DISTINCT status FROM deliveries WHERE event_id = (SELECT event_id FROM deliveries WHERE id = $1)")
+        .await?;
+    let attempt = f.attempt as i32;
+    let duration = i64::try_from(f.duration_ms).unwrap_or(i64::MAX);
+    let http = f.http_status.map(i32::from);
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &status.as_str(),
+        &retry_at,
+        &f.delivery_id,
+        &attempt,
+        &f.owner,
+        &f.started_at,
+        &duration,
+        &f.outcome.as_str(),
+        &f.exit_code,
+        &http,
+        &f.error,
+        &f.output,
+    ];
+    let by_id: [&(dyn ToSql + Sync); 1] = [&f.delivery_id];
+    let (begun, moved, locked, seen) = tokio::join!(
+        client.batch_execute("BEGIN"),
+        client.query_opt(&record, &params),
+        client.execute(&lock, &by_id),
+        client.query(&statuses, &by_id),
+    );
+    let firsts = begun.and(moved).and_then(|moved| locked.and(seen).map(|seen| (moved, seen)));
+    let (moved, seen) = match firsts {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
     };
-    // A stale record of a delivery deleted meanwhile (pruned) has nowhere to go.
-    let exists = moved.is_some()
-        || tx.query_opt(&tx.prepare_cached("SELECT 1 FROM deliveries WHERE id = $1").await?, &[&f.delivery_id]).await?.is_some();
-    if exists {
-        tx.execute(
-            &tx.prepare_cached(record).await?,
-            &[
-                &f.delivery_id,
-                &(f.attempt as i32),
-                &f.started_at,
-                &i64::try_from(f.duration_ms).unwrap_or(i64::MAX),
-                &f.outcome.as_str(),
-                &f.exit_code,
-                &f.http_status.map(i32::from),
-                &f.error,
-                &f.output,
-            ],
-        )
-        .await?;
-    }
-    let Some(row) = moved else { return Ok(None) };
-    refresh_event_status(tx, row.get(0)).await?;
+    let Some(row) = moved else {
+        client.batch_execute("COMMIT").await?;
+        return Ok(None);
+    };
+    let event_id: &str = row.get(0);
+    let seen: Vec<DeliveryStatus> = seen.iter().filter_map(|r| r.get::<_, &str>(0).parse().ok()).collect();
+    let event_status = rules::event_status(&seen);
+    let update = client.prepare_cached("UPDATE events SET status = $1 WHERE id = $2 AND status <> $1").await?;
+    let to: [&(dyn ToSql + Sync); 2] = [&event_status.as_str(), &event_id];
+    let (updated, committed) = tokio::join!(client.execute(&update, &to), client.batch_execute("COMMIT"));
+    // On an error in the update, the COMMIT of the aborted transaction rolled it back.
+    updated?;
+    committed?;
     Ok(Some(status))
 }
 
@@ -1426,12 +1461,15 @@ impl Store for PostgresStore {
     }
 
     async fn finish(&self, f: Finished) -> Result<(), StoreError> {
-        let moved = self
-            .in_tx(|tx| {
-                let f = f.clone();
-                boxed(async move { finish_in(tx, &f).await })
-            })
-            .await?;
+        let client = self.shared.client().await?;
+        let mut tries = 0;
+        let moved = loop {
+            match finish_pipelined(&client, &f).await {
+                Ok(moved) => break moved,
+                Err(e) if connect::retryable(&e) && tries < RETRIES => tries += 1,
+                Err(e) => return Err(connect::neutral(e)),
+            }
+        };
         if moved.is_some_and(|s| !rules::unfinished(s)) {
             self.shared.add_backlog(-1);
         }
