@@ -102,6 +102,14 @@ pub enum Command {
         #[arg(long)]
         source: Option<String>,
     },
+    /// Read `export` JSON Lines into the configured store (same ids, times, bodies, deliveries, attempts)
+    #[command(
+        after_help = "Examples:\n  hooktrail import events.jsonl\n  hooktrail export --config old.toml | hooktrail import --config new.toml"
+    )]
+    Import {
+        /// The JSON Lines `export` wrote; stdin when absent or `-`. An id already stored is skipped and counted
+        file: Option<PathBuf>,
+    },
 }
 
 /// The event filters shared by `events list`, bulk `events replay` and `export`.
@@ -281,6 +289,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             store::bench_fill(&storage, events, old_schema)?;
             Ok(0)
         }
+        Command::Import { file } => import(&path, file).await,
         Command::Export { since, source } => {
             let store = open_store(&path)?;
             let mut filter = EventFilter { source, since, ascending: true, limit: Some(CLI_BATCH), ..Default::default() };
@@ -302,6 +311,50 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `hooktrail import`: each line of `export` into the store, in order. A
+/// line that is not an event stops the import there, naming the line; what
+/// was imported before it stays.
+async fn import(path: &std::path::Path, file: Option<PathBuf>) -> Result<i32> {
+    use std::io::BufRead as _;
+    let input: Box<dyn std::io::BufRead> = match file.as_deref().filter(|f| f.as_os_str() != "-") {
+        Some(f) => Box::new(std::io::BufReader::new(std::fs::File::open(f).with_context(|| format!("cannot read `{}`", f.display()))?)),
+        None => Box::new(std::io::stdin().lock()),
+    };
+    // Like a daemon, the import may create (SQLite) or migrate (PostgreSQL)
+    // an empty store: moving a store starts from an empty one.
+    let storage = config::load_storage(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = store::open(&storage, Role::Ingest)?;
+    let (mut imported, mut skipped) = (0u64, 0u64);
+    let mut result = Ok(());
+    for (n, line) in input.lines().enumerate() {
+        let line = line.context("reading the import")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        // Without serde_json's 127-level guard: a stored payload may be 128 deep.
+        let mut de = serde_json::Deserializer::from_str(&line);
+        de.disable_recursion_limit();
+        let ev = match serde::Deserialize::deserialize(&mut de).and_then(|ev: EventRecord| de.end().map(|()| ev)) {
+            Ok(ev) => ev,
+            Err(e) => {
+                result = Err(anyhow::anyhow!("line {}: not an event as `export` writes it: {e}", n + 1));
+                break;
+            }
+        };
+        match store.import_event(ev).await {
+            Ok(true) => imported += 1,
+            Ok(false) => skipped += 1,
+            Err(e) => {
+                result = Err(anyhow::anyhow!("line {}: {e}", n + 1));
+                break;
+            }
+        }
+    }
+    store.close().await;
+    println!("imported {imported} event(s); skipped {skipped} already stored");
+    result.map(|()| 0)
 }
 
 fn check_config(path: &std::path::Path) -> i32 {

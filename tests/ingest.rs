@@ -523,6 +523,9 @@ rate_limit = { per_second = 1, burst = 1 }
 
 #[test]
 fn storage_write_failure_gets_503_never_200_and_the_daemon_recovers_when_space_returns() {
+    if sqlite_only("a write failure of the database file (a file size limit on the daemon)") {
+        return;
+    }
     // The daemon may not grow any file past 1 MiB: once the database and its
     // WAL reach that, writes fail with EFBIG exactly as on a full disk.
     let env = TestEnv::new("[sources.api]\nauth = { type = \"none\" }\n");

@@ -296,11 +296,11 @@ fn generic_hmac_secrets_rotate_and_secret_file_is_read() {
     // A trailing newline (as `echo secret > file` writes) is not part of the secret.
     std::fs::write(&file, "from-a-file\n").unwrap();
     env.write_config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nready_file = {ready}\n[storage]\npath = {db}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nready_file = {ready}\n{storage}[admin]\nlisten = \"127.0.0.1:0\"\n\
          [sources.rot]\nauth = {{ type = \"hmac\", header = \"X-Sig\", secrets = [{{ secret_env = \"A\" }}, {{ secret_env = \"B\" }}] }}\n\
          [sources.file]\nauth = {{ type = \"hmac\", header = \"X-Sig\", secret_file = {file} }}\n",
         ready = toml_str(&env.ready_file().to_string_lossy()),
-        db = toml_str(&env.db_path().to_string_lossy()),
+        storage = env.storage_section(),
         file = toml_str(&file.to_string_lossy()),
     ));
     let d = env.daemon().env("A", "secret-a").env("B", "secret-b").start();

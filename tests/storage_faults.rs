@@ -93,6 +93,9 @@ fn assert_restart_has_every_acked_event(env: &TestEnv, acked: &[String]) {
 
 #[test]
 fn deleting_the_database_file_while_running_gets_503_and_loses_no_acknowledged_event() {
+    if sqlite_only("the database file and the SQLite writer's fault hooks") {
+        return;
+    }
     let env = TestEnv::new(CONFIG);
     let mut d = env.start();
     let acked = post_many(&d, 25);
@@ -127,6 +130,9 @@ fn deleting_the_database_file_while_running_gets_503_and_loses_no_acknowledged_e
 
 #[test]
 fn moving_the_database_file_while_running_gets_503_and_a_restart_is_refused_until_it_is_back() {
+    if sqlite_only("the database file and the SQLite writer's fault hooks") {
+        return;
+    }
     let env = TestEnv::new(CONFIG);
     let mut d = env.start();
     let acked = post_many(&d, 25);
@@ -151,6 +157,9 @@ fn moving_the_database_file_while_running_gets_503_and_a_restart_is_refused_unti
 
 #[test]
 fn a_commit_that_lands_in_a_file_deleted_meanwhile_is_not_acknowledged() {
+    if sqlite_only("the database file and the SQLite writer's fault hooks") {
+        return;
+    }
     let env = TestEnv::new(CONFIG);
     // Every commit waits 2 s before COMMIT: the file is deleted while this
     // request's transaction is open, and its COMMIT lands in the deleted file.
@@ -178,6 +187,9 @@ fn deleted_fd(pid: u32, path: &Path) -> Option<PathBuf> {
 
 #[test]
 fn a_damaged_page_in_the_middle_of_the_file_is_found_at_start_and_ingest_answers_503() {
+    if sqlite_only("the database file and the SQLite writer's fault hooks") {
+        return;
+    }
     let env = TestEnv::new("[sources.forms]\nauth = { type = \"none\" }\n[sources.late]\nauth = { type = \"none\" }\n");
     let mut d = env.start();
     // Rows of ~1.2 KB: three to a 4 KiB page, so the events table spans
@@ -236,6 +248,9 @@ fn damage_a_table_page(db: &Path) -> usize {
 
 #[test]
 fn a_commit_stuck_past_commit_timeout_answers_503_and_metrics_still_answer() {
+    if sqlite_only("the database file and the SQLite writer's fault hooks") {
+        return;
+    }
     let env = TestEnv::new(CONFIG);
     // The test hooks stall every commit and every read far longer than any
     // deadline here, as a frozen filesystem would.

@@ -28,6 +28,10 @@ use hooktrail::store::{
 };
 use serde_json::{json, Value};
 
+#[path = "common/pg.rs"]
+#[allow(dead_code)] // the multi-node tests use more of it
+mod pg;
+
 // ---------------------------------------------------------------------------
 // Backends
 
@@ -51,10 +55,9 @@ struct Backend {
 fn backends() -> Vec<Backend> {
     let all = [
         Backend { name: "sqlite", create: SqliteDb::create },
-        // The PostgreSQL backend plugs in here: a `PostgresDb` whose `create`
-        // makes a fresh schema on `$HOOKTRAIL_TEST_PG_URL`, run with
+        // A fresh database on `$HOOKTRAIL_TEST_PG_URL`; run with
         // `HOOKTRAIL_TEST_BACKEND=postgres` (or `sqlite,postgres`).
-        // Backend { name: "postgres", create: PostgresDb::create },
+        Backend { name: "postgres", create: PostgresDb::create },
     ];
     let wanted = std::env::var("HOOKTRAIL_TEST_BACKEND").unwrap_or_else(|_| "sqlite".to_string());
     wanted
@@ -93,6 +96,38 @@ impl TestDb for SqliteDb {
     fn open(&self) -> Arc<dyn Store> {
         let cfg = hooktrail::config::load_storage(&self.config).expect("the [storage] section is valid");
         store::open(&cfg, Role::All).expect("opening the SQLite store")
+    }
+}
+
+/// A fresh PostgreSQL database, opened the way the daemon opens it: from a
+/// config whose `url_env` names a variable holding its URL.
+struct PostgresDb {
+    _db: pg::PgDatabase,
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    /// The variable the config names (one per database: tests run in parallel).
+    var: String,
+    url: String,
+}
+
+impl PostgresDb {
+    fn create() -> Box<dyn TestDb> {
+        let db = pg::PgDatabase::create();
+        let dir = tempfile::Builder::new().prefix("hooktrail-contract-pg-").tempdir().expect("creating a temp dir");
+        let var = format!("HOOKTRAIL_CONTRACT_PG_{}", ulid::Ulid::new());
+        let config = dir.path().join("hooktrail.toml");
+        std::fs::write(&config, format!("[storage]\nbackend = \"postgres\"\nurl_env = \"{var}\"\n")).expect("writing the config");
+        let url = db.url();
+        Box::new(PostgresDb { _db: db, _dir: dir, config, var, url })
+    }
+}
+
+impl TestDb for PostgresDb {
+    fn open(&self) -> Arc<dyn Store> {
+        // The config is read from the environment, as the daemon reads it.
+        std::env::set_var(&self.var, &self.url);
+        let cfg = hooktrail::config::load_storage(&self.config).expect("the [storage] section is valid");
+        store::open(&cfg, Role::All).expect("opening the PostgreSQL store")
     }
 }
 

@@ -30,8 +30,7 @@ pub struct StorageConfig {
 pub enum Backend {
     /// One file on this host (the default).
     Sqlite(SqliteConfig),
-    /// A database server several nodes share. Checked here; not built yet,
-    /// so `store::open` refuses it.
+    /// A database server several nodes share (README "Several nodes: PostgreSQL").
     Postgres(PostgresConfig),
 }
 
@@ -108,7 +107,6 @@ pub(super) fn storage_config(ck: &mut Checker, value: Option<Value>) -> Option<S
         }
         "postgres" => {
             let what = "storage with backend = \"postgres\"";
-            ck.warn("storage.backend", "\"postgres\" is not built yet: serve and the other commands refuse it; its keys are checked");
             ck.kind_section::<RawPostgres>("storage", t.own, what, "backend", shared_keys)
                 .and_then(|r| postgres(ck, r))
                 .map(Backend::Postgres)

@@ -6,6 +6,7 @@
 //! holding the event *and its deliveries* is durably committed, so a 2xx
 //! implies the event and everything routed from it survive a crash.
 
+pub mod postgres;
 pub mod rules;
 pub mod search;
 pub mod sqlite;
@@ -44,6 +45,14 @@ impl FromStr for EventId {
 impl Serialize for EventId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+/// Read back from `export` (`hooktrail import`).
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -272,7 +281,7 @@ pub mod time_text {
 }
 
 /// One attempt of one delivery.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AttemptRecord {
     /// 1-based; numbers go on across replays.
     pub number: u32,
@@ -280,9 +289,9 @@ pub struct AttemptRecord {
     pub started_at: DateTime<Utc>,
     pub duration_ms: u64,
     pub outcome: Outcome,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_status: Option<u16>,
     pub error: Option<String>,
     /// The first 64 KiB of what the handler wrote or the peer answered.
@@ -290,14 +299,14 @@ pub struct AttemptRecord {
 }
 
 /// One delivery (event × handler) with its attempts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeliveryRecord {
     pub handler: String,
     pub status: DeliveryStatus,
     /// Attempts begun so far (the last may be running).
     pub attempt_count: u32,
     /// When it is due, while it waits ([`rules::waits_for_its_time`]).
-    #[serde(skip_serializing_if = "Option::is_none", with = "time_text::option")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time_text::option")]
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// The event whose failed delivery blocks this one's ordering key
     /// (`on_failure = "block"`, README "Ordered processing"): it waits,
@@ -308,8 +317,8 @@ pub struct DeliveryRecord {
 }
 
 /// An event as `events show --json`, the admin API and `export` show it;
-/// its field names are that contract.
-#[derive(Debug, Clone, Serialize)]
+/// its field names are that contract (and `import` reads them back).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventRecord {
     pub id: EventId,
     pub source: String,
@@ -599,8 +608,33 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Checks the database accepts a write (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Stores an event as `export` wrote it (`hooktrail import`): its id,
+    /// receive time, raw body, deliveries and attempts as they were; a
+    /// delivery that was running waits again, due at once (its processor
+    /// is not here). `Ok(false)`, changing nothing, when the id is already
+    /// stored.
+    async fn import_event(&self, ev: EventRecord) -> Result<bool, StoreError>;
     /// Flushes and stops background work; further writes fail with ShuttingDown.
     async fn close(&self);
+}
+
+/// What an imported event is stored as: its body bytes, its payload, and
+/// each delivery's status as it will wait here (see [`Store::import_event`]).
+pub fn import_parts(ev: &EventRecord) -> Result<(Vec<u8>, Payload, Vec<DeliveryStatus>), StoreError> {
+    use base64::Engine as _;
+    let body = match (&ev.body, &ev.body_base64) {
+        (Some(text), _) => text.as_bytes().to_vec(),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| StoreError::Corrupt(format!("event {}: body_base64 is not base64: {e}", ev.id)))?,
+        (None, None) => Vec::new(),
+    };
+    let payload = match &ev.payload {
+        Value::Null => Payload::Null,
+        v => Payload::Json(v.to_string()),
+    };
+    let statuses = ev.deliveries.iter().flatten().map(|d| rules::after_import(d.status)).collect();
+    Ok((body, payload, statuses))
 }
 
 /// A time as every edge shows it (CLI, admin API, page, handler
@@ -671,7 +705,7 @@ pub fn open(cfg: &crate::config::StorageConfig, role: Role) -> Result<Arc<dyn St
         crate::config::Backend::Sqlite(db) => Ok(Arc::new(
             sqlite::SqliteStore::open(&db.path, role)?.with_commit_timeout(cfg.commit_timeout).with_min_free_bytes(db.min_free_bytes),
         )),
-        crate::config::Backend::Postgres(_) => Err(StoreError::NotBuilt("postgres")),
+        crate::config::Backend::Postgres(pg) => Ok(Arc::new(postgres::PostgresStore::open(pg, role, cfg.commit_timeout)?)),
     }
 }
 

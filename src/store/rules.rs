@@ -304,6 +304,20 @@ pub fn skippable(status: DeliveryStatus) -> bool {
     }
 }
 
+/// The status an imported delivery waits in (`hooktrail import`): one that
+/// was running has no processor here, so it is due again at once, as a
+/// release leaves it; every other status is kept.
+pub fn after_import(status: DeliveryStatus) -> DeliveryStatus {
+    match status {
+        DeliveryStatus::Running => DeliveryStatus::Pending,
+        DeliveryStatus::Pending
+        | DeliveryStatus::Retrying
+        | DeliveryStatus::Succeeded
+        | DeliveryStatus::Failed
+        | DeliveryStatus::Skipped => status,
+    }
+}
+
 /// A column of `hooktrail stats` (besides `received`, which counts every
 /// event or delivery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -501,6 +515,12 @@ mod tests {
         assert_eq!(tally_hour(t), 2);
         let before = chrono::DateTime::parse_from_rfc3339("1969-12-31T23:59:59Z").expect("a time").with_timezone(&chrono::Utc);
         assert_eq!(tally_hour(before), -1, "whole hours, also before 1970");
+    }
+
+    #[test]
+    fn an_imported_running_delivery_waits_again_and_every_other_status_is_kept() {
+        let imported: Vec<_> = DeliveryStatus::ALL.iter().map(|s| after_import(*s)).collect();
+        assert_eq!(imported, [Pending, Pending, Succeeded, Retrying, Failed, Skipped]);
     }
 
     #[test]

@@ -2086,6 +2086,11 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn import_event(&self, ev: EventRecord) -> Result<bool, StoreError> {
+        let parts = import_parts(&ev)?;
+        self.write(move |conn, st| import_event(conn, st, &ev, &parts)).await
+    }
+
     async fn close(&self) {
         self.shared.closing.store(true, Ordering::Relaxed);
         // Dropping the sender lets the writer drain what is queued and stop.
@@ -2501,6 +2506,79 @@ fn blocked_by(conn: &Connection, handler: &str, key: &str, delivery_id: i64) -> 
         )?
         .query_row(params![handler, key, delivery_id], |r| r.get(0))
         .optional()?)
+}
+
+/// One imported event with its deliveries and attempts (see
+/// [`Store::import_event`]); false when its id is already stored.
+fn import_event(
+    conn: &Connection,
+    st: &mut WriterState,
+    ev: &EventRecord,
+    (body, payload, statuses): &(Vec<u8>, Payload, Vec<DeliveryStatus>),
+) -> Result<bool, Error> {
+    if seq_of(conn, ev.id)?.is_some() {
+        return Ok(false);
+    }
+    let (kind, payload) = match payload {
+        Payload::Null => (PAYLOAD_NULL, None),
+        Payload::Body => (PAYLOAD_IS_BODY, None),
+        Payload::Json(s) => (PAYLOAD_JSON, Some(s.as_str())),
+    };
+    let headers = ev.headers.as_ref().map_or_else(|| "{}".to_string(), Value::to_string);
+    conn.prepare_cached(
+        "INSERT INTO events(id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        ev.id.to_string(),
+        ev.source,
+        rules::event_status(statuses).as_str(),
+        ev.received_at.timestamp_micros(),
+        ev.method,
+        ev.content_type,
+        ev.query,
+        headers,
+        ev.remote_addr,
+        body,
+        kind,
+        payload
+    ])?;
+    let seq = conn.last_insert_rowid();
+    let now = now_us();
+    let key = scale::EventKey::new(&ev.source, ev.received_at);
+    scale::count_event(st, &key, None, Some(rules::event_status(statuses)));
+    for (d, status) in ev.deliveries.iter().flatten().zip(statuses) {
+        scale::count_delivery(st, &key, &d.handler, None, Some(*status));
+        // Waiting ones keep their time; the max_age clock starts at receipt.
+        let next_at = d.next_attempt_at.filter(|_| rules::waits_for_its_time(*status)).map_or(now, |t| t.timestamp_micros());
+        conn.prepare_cached(
+            "INSERT INTO deliveries(event_seq, handler, status, attempts, next_at, queued_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![seq, d.handler, status.as_str(), d.attempt_count, next_at, ev.received_at.timestamp_micros(), now])?;
+        let id = conn.last_insert_rowid();
+        for a in &d.attempts {
+            conn.prepare_cached(
+                "INSERT OR IGNORE INTO attempts(delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                id,
+                a.number,
+                a.started_at.timestamp_micros(),
+                i64::try_from(a.duration_ms).unwrap_or(i64::MAX),
+                a.outcome.as_str(),
+                a.exit_code,
+                a.http_status,
+                a.error,
+                a.output
+            ])?;
+        }
+        if rules::unfinished(*status) {
+            st.backlog_delta += 1;
+            st.new_work = true;
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -15,9 +15,15 @@
 //! - [`FakePeer`] (with [`hubspot_ok`]): a recording HTTP peer on loopback.
 //! - [`sign`]: HMAC signatures computed as the providers document them.
 //!
+//! - [`backend`]/[`sqlite_only`]: which database the daemons use
+//!   (`HOOKTRAIL_TEST_BACKEND=postgres` runs every suite on a fresh
+//!   PostgreSQL database per [`TestEnv`], see `pg.rs`), and the tests that
+//!   check what only a SQLite file has.
+//!
 //! Each test binary uses a different subset of this module.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod sign;
 #[allow(unused_imports)] // not every test binary signs
 pub use sign::*;
@@ -127,12 +133,44 @@ pub fn chunked_request(path: &str, body: &str, chunk: usize) -> Vec<u8> {
     req
 }
 
+/// The database the suites run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// `HOOKTRAIL_TEST_BACKEND` (`sqlite`, the default, or `postgres`).
+pub fn backend() -> Backend {
+    match std::env::var("HOOKTRAIL_TEST_BACKEND").as_deref() {
+        Err(_) | Ok("sqlite") | Ok("") => Backend::Sqlite,
+        Ok("postgres") => Backend::Postgres,
+        Ok(other) => panic!("HOOKTRAIL_TEST_BACKEND = `{other}`; the integration suites run on `sqlite` or `postgres`"),
+    }
+}
+
+/// For a test of something only the SQLite backend has (the database file,
+/// its volume's free space, files beside it): true, with the reason on
+/// stderr, when the suites run on PostgreSQL, and the test then returns.
+pub fn sqlite_only(what: &str) -> bool {
+    if backend() == Backend::Sqlite {
+        return false;
+    }
+    eprintln!("skipped on PostgreSQL: this test checks {what}, which only the SQLite backend has");
+    true
+}
+
+/// The variable the daemon's `storage.url_env` names under PostgreSQL.
+pub const PG_URL_VAR: &str = "HOOKTRAIL_DATABASE_URL";
+
 /// A temp dir with a config file and (once a daemon ran) a database.
 pub struct TestEnv {
     dir: tempfile::TempDir,
     config: PathBuf,
     /// Number of daemons started so far (each gets its own log file).
     starts: std::cell::Cell<u32>,
+    /// Under PostgreSQL: this env's own database, dropped with it.
+    pg: Option<pg::PgDatabase>,
 }
 
 impl TestEnv {
@@ -144,17 +182,44 @@ impl TestEnv {
 
     /// Like [`TestEnv::new`], with extra `[server]` keys (e.g. `request_timeout = "1s"`).
     pub fn with_server(server_extra: &str, body: &str) -> Self {
-        let env = Self::empty();
+        let db = (backend() == Backend::Postgres).then(pg::PgDatabase::create);
+        Self::with_database(db, server_extra, body)
+    }
+
+    /// Like [`TestEnv::new`], on SQLite whatever the suites run on (the
+    /// source of an export moved to the configured backend).
+    pub fn on_sqlite(body: &str) -> Self {
+        Self::with_database(None, "", body)
+    }
+
+    /// Like [`TestEnv::new`], on a fresh database of the PostgreSQL server
+    /// at `server` (a test that stops its own server).
+    pub fn on_postgres_server(server: &str, body: &str) -> Self {
+        Self::with_database(Some(pg::PgDatabase::create_on(server)), "", body)
+    }
+
+    fn with_database(db: Option<pg::PgDatabase>, server_extra: &str, body: &str) -> Self {
+        let mut env = Self::empty();
+        env.pg = db;
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nready_file = {ready}\n{server_extra}\n\n\
-             [storage]\npath = {db}\n\n\
+             {storage}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
              {body}\n",
             ready = toml_str(&env.ready_file().to_string_lossy()),
-            db = toml_str(&env.db_path().to_string_lossy()),
+            storage = env.storage_section(),
         );
         env.write_config(&text);
         env
+    }
+
+    /// The `[storage]` section this env's daemons use: the SQLite file in
+    /// the temp dir, or (under PostgreSQL) the env's own database.
+    pub fn storage_section(&self) -> String {
+        match &self.pg {
+            Some(_) => format!("[storage]\nbackend = \"postgres\"\nurl_env = \"{PG_URL_VAR}\"\n"),
+            None => format!("[storage]\npath = {}\n", toml_str(&self.db_path().to_string_lossy())),
+        }
     }
 
     /// A temp dir whose config file is exactly `text` (for check-config tests).
@@ -167,7 +232,7 @@ impl TestEnv {
     fn empty() -> Self {
         let dir = tempfile::Builder::new().prefix("hooktrail-test-").tempdir().expect("creating a temp dir");
         let config = dir.path().join("hooktrail.toml");
-        TestEnv { dir, config, starts: std::cell::Cell::new(0) }
+        TestEnv { dir, config, starts: std::cell::Cell::new(0), pg: None }
     }
 
     pub fn write_config(&self, text: &str) {
@@ -212,10 +277,24 @@ impl TestEnv {
         DaemonBuilder { env: self, vars: Vec::new(), args: Vec::new(), max_file_size: None }
     }
 
+    /// This env's PostgreSQL database, when the suites run on PostgreSQL.
+    pub fn postgres(&self) -> Option<&pg::PgDatabase> {
+        self.pg.as_ref()
+    }
+
+    /// The variable holding this env's database URL (PostgreSQL), for a
+    /// command built by hand from [`clean_command`].
+    pub fn database_env(&self) -> Option<(&'static str, String)> {
+        self.pg.as_ref().map(|db| (PG_URL_VAR, db.url()))
+    }
+
     /// A `hooktrail --config <this config> ARGS…` command with a clean environment.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = clean_command();
         c.arg("--config").arg(&self.config).args(args);
+        if let Some(db) = &self.pg {
+            c.env(PG_URL_VAR, db.url());
+        }
         c
     }
 
@@ -372,6 +451,10 @@ impl DaemonBuilder<'_> {
         });
         assert!(up, "hooktrail serve did not write {} within {START_TIMEOUT:?}; its log:\n{}", ready.display(), d.log());
         let info = parsed.expect("checked above");
+        if self.args.windows(2).any(|w| w[0] == "--role" && w[1] == "process") {
+            // A process node has no public listener.
+            return d;
+        }
         d.addr = info["listen"]
             .as_str()
             .and_then(|s| s.parse().ok())

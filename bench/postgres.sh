@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# hooktrail on PostgreSQL (issue 14): one command, run from anywhere:
+#
+#     bench/postgres.sh
+#
+# Builds hooktrail and bench/bare-hyper in release (CARGO_TARGET_DIR=target-bench),
+# starts a throw-away PostgreSQL cluster (.ci/postgres.sh, fsync and
+# synchronous_commit on) on this machine, so the database competes with
+# hooktrail and the load generator for the same CPUs, and measures in one run:
+#
+#   ingest     durable events/s and p99 at CONNECTIONS [64] connections
+#              (wrk -t2 --latency -s bench/post.lua, the 610-byte body of
+#              bench/ingest.sh), `serve --role ingest`, no handlers: on
+#              SQLite and on PostgreSQL, one after the other;
+#   forward    HTTP-forward deliveries/s with two `--role process` nodes:
+#              EVENTS [20000] events stored first (ingest node), then both
+#              process nodes start and the time until every delivery
+#              succeeded (a bare-hyper sink answering 200) is taken;
+#   dispatch   receive-to-dispatch p50/p90 when idle: SAMPLES [50] events,
+#              one every 100 ms, to an ingest node, run by a separate
+#              process node (LISTEN/NOTIFY); each event's first attempt's
+#              started_at minus its received_at;
+#   rescue     a process node is killed (kill -9) while an attempt runs; the
+#              time until the other node starts the delivery again, against
+#              the lease (LEASE [5s]) + 5 s.
+#
+# Knobs: DURATION [10s] CONNECTIONS [64] EVENTS [20000] SAMPLES [50] LEASE [5s]
+#        PG_PORT [55442] BENCH_TMPDIR [/var/tmp] KEEP=1 (keep the temp dir)
+#        HOOKTRAIL_BIN=PATH (measure this binary instead of building one)
+# Results: bench/out/pg-<UTC time>/summary.txt (and logs).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+DURATION=${DURATION:-10s}
+CONNS=${CONNECTIONS:-64}
+EVENTS=${EVENTS:-20000}
+SAMPLES=${SAMPLES:-50}
+LEASE=${LEASE:-5s}
+PG_PORT=${PG_PORT:-55442}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target-bench}"
+export BENCH_BODY="$ROOT/bench/payload.json"
+OUT="$ROOT/bench/out/pg-$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$OUT" "${BENCH_TMPDIR:-/var/tmp}"
+WORK=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/hooktrail-pgbench.XXXXXX")
+chmod 755 "$WORK"
+PIDS=()
+
+log() { printf '%s\n' "$*" | tee -a "$OUT/summary.txt"; }
+cleanup() {
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    bash "$ROOT/.ci/postgres.sh" stop "$WORK/pg" >/dev/null 2>&1 || true
+    if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+command -v wrk >/dev/null || { apt-get update && apt-get install -y wrk; }
+if [ -z "${HOOKTRAIL_BIN:-}" ]; then cargo build --release --bin hooktrail; fi
+cargo build --release --locked --manifest-path bench/bare-hyper/Cargo.toml
+HT="${HOOKTRAIL_BIN:-$CARGO_TARGET_DIR/release/hooktrail}"
+BARE="$CARGO_TARGET_DIR/release/bare-hyper"
+
+SERVER=$(bash .ci/postgres.sh start "$WORK/pg" "$PG_PORT")
+PSQL=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/psql
+export HOOKTRAIL_DATABASE_URL
+newdb() { # name -> sets HOOKTRAIL_DATABASE_URL to a fresh database
+    "$PSQL" -q "$SERVER/postgres?sslmode=disable" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" 2>/dev/null
+    HOOKTRAIL_DATABASE_URL="$SERVER/$1?sslmode=disable"
+}
+log "hooktrail on PostgreSQL, $(date -u +'%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+log "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')); PostgreSQL $("$PSQL" --version | awk '{print $3}') on the same CPUs; load $(cut -d' ' -f1-3 /proc/loadavg) at start"
+log "hooktrail: $HT"
+
+# config NAME BACKEND EXTRA -> $WORK/NAME/hooktrail.toml
+config() {
+    local dir="$WORK/$1"
+    mkdir -p "$dir"
+    local storage="path = \"$dir/db.sqlite\""
+    [ "$2" = postgres ] && storage=$'backend = "postgres"\nurl_env = "HOOKTRAIL_DATABASE_URL"'
+    cat >"$dir/hooktrail.toml" <<EOF
+[server]
+listen = "127.0.0.1:0"
+ready_file = "$dir/ready.json"
+max_backlog = 10000000
+[storage]
+$storage
+[admin]
+listen = "127.0.0.1:0"
+[processor]
+poll_interval = "1s"
+lease = "$LEASE"
+max_concurrency = 64
+[sources.bench]
+auth = { type = "none" }
+$3
+EOF
+    echo "$dir/hooktrail.toml"
+}
+# start CONFIG ROLE LOGNAME -> pid in $STARTED; waits for the ready file
+start() {
+    local dir; dir=$(dirname "$1")
+    rm -f "$dir/ready.json"
+    RUST_LOG=warn "$HT" --config "$1" serve --role "$2" 2>>"$OUT/$3.log" &
+    STARTED=$!
+    PIDS+=("$STARTED")
+    for _ in $(seq 1 600); do [ -s "$dir/ready.json" ] && return 0; sleep 0.1; done
+    echo "hooktrail ($2) did not start; see $OUT/$3.log" >&2
+    exit 1
+}
+# Stops every hooktrail node started so far (the sink stays).
+stop_nodes() {
+    for p in "${PIDS[@]}"; do [ "$p" = "${SINK:-}" ] || kill -9 "$p" 2>/dev/null || true; done
+}
+listen_of() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$(dirname "$1")/ready.json" "$2"; }
+
+# ---------------------------------------------------------------- ingest
+for backend in sqlite postgres; do
+    [ "$backend" = postgres ] && newdb bench_ingest
+    cfg=$(config "ingest-$backend" "$backend" "")
+    start "$cfg" ingest "ingest-$backend"
+    pid=$STARTED
+    url="http://$(listen_of "$cfg" listen)/hooks/bench"
+    wrk -t2 -c"$CONNS" -d"$DURATION" --timeout 10s --latency -s bench/post.lua "$url" >"$OUT/wrk-$backend.txt"
+    kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+    stored=$("$HT" --config "$cfg" stats --json | python3 -c 'import json,sys; print(sum(r["received"] for r in json.load(sys.stdin) if r["handler"] is None))')
+    python3 - "$OUT/wrk-$backend.txt" "$backend" "$DURATION" "$stored" <<'EOF' | tee -a "$OUT/summary.txt"
+import re, sys
+text = open(sys.argv[1]).read()
+m = dict(kv.split("=") for kv in re.search(r"BENCH (.*)", text).group(1).split())
+secs = int(m["duration_us"]) / 1e6
+ok = int(m["requests"]) - int(m["non2xx"])
+print(f"ingest {sys.argv[2]:8} {ok / secs:9.0f} events/s  p50 {int(m['p50_us'])/1000:6.1f} ms  p99 {int(m['p99_us'])/1000:6.1f} ms  "
+      f"non-2xx {m['non2xx']}  stored {sys.argv[4]} (>= {ok} acknowledged)")
+EOF
+done
+
+# ---------------------------------------------------------------- forward
+"$BARE" 127.0.0.1:0 >"$WORK/sink.addr" 2>"$OUT/sink.log" &
+SINK=$!
+PIDS+=("$SINK")
+for _ in $(seq 1 100); do [ -s "$WORK/sink.addr" ] && break; sleep 0.1; done
+sink=$(grep -oE '127\.0\.0\.1:[0-9]+' "$WORK/sink.addr" | head -1)
+newdb bench_forward
+fwd=$'[handlers.fwd]\ntype = "http"\nurl = "http://'"$sink"$'/sink"\nconcurrency = 64\n[[routes]]\nsource = "bench"\nhandler = "fwd"'
+cfg=$(config forward postgres "$fwd")
+start "$cfg" ingest forward-ingest
+ing=$STARTED
+url="http://$(listen_of "$cfg" listen)/hooks/bench"
+# Store EVENTS first (wrk until that many were acknowledged, roughly).
+wrk -t2 -c"$CONNS" -d"$(( EVENTS / 2000 + 2 ))s" --timeout 10s -s bench/post.lua "$url" >"$OUT/wrk-forward-load.txt"
+kill -TERM "$ing"; wait "$ing" 2>/dev/null || true
+queued=$("$HT" --config "$cfg" stats --json | python3 -c 'import json,sys; print(sum(r["pending"] for r in json.load(sys.stdin) if r["handler"] == "fwd"))')
+t0=$(date +%s.%N)
+start "$cfg" process forward-process-1
+start "$cfg" process forward-process-2
+while :; do
+    left=$("$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT count(*) FROM deliveries WHERE status IN ('pending','retrying','running')")
+    [ "$left" = 0 ] && break
+    sleep 0.2
+done
+t1=$(date +%s.%N)
+ok=$("$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT count(*) FROM deliveries WHERE status = 'succeeded'")
+python3 -c "import sys; q,ok,a,b=map(float,sys.argv[1:]); print(f'forward  2 process nodes: {ok/(b-a):9.0f} deliveries/s ({int(ok)} of {int(q)} queued succeeded in {b-a:.1f} s)')" \
+    "$queued" "$ok" "$t0" "$t1" | tee -a "$OUT/summary.txt"
+stop_nodes
+
+stop_nodes
+
+# ---------------------------------------------------------------- dispatch
+newdb bench_dispatch
+cfg=$(config dispatch postgres $'[handlers.ok]\ntype = "shell"\ncommand = ["/bin/true"]\n[[routes]]\nsource = "bench"\nhandler = "ok"')
+start "$cfg" ingest dispatch-ingest
+url="http://$(listen_of "$cfg" listen)/hooks/bench"
+start "$cfg" process dispatch-process
+sleep 2
+for i in $(seq 1 "$SAMPLES"); do
+    curl -s -o /dev/null -H 'content-type: application/json' -d "{\"i\":$i}" "$url"
+    sleep 0.1
+done
+sleep 2
+"$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT extract(epoch FROM a.started_at - e.received_at) * 1000 FROM attempts a
+    JOIN deliveries d ON d.id = a.delivery_id JOIN events e ON e.id = d.event_id WHERE a.number = 1" >"$WORK/dispatch.ms"
+python3 - "$WORK/dispatch.ms" <<'EOF' | tee -a "$OUT/summary.txt"
+import sys
+ms = sorted(float(l) for l in open(sys.argv[1]) if l.strip())
+q = lambda p: ms[min(len(ms) - 1, int(p * len(ms)))]
+print(f"dispatch idle, ingest node -> process node: p50 {q(0.5):6.1f} ms  p90 {q(0.9):6.1f} ms  ({len(ms)} events)")
+EOF
+
+stop_nodes
+
+# ---------------------------------------------------------------- rescue
+newdb bench_rescue
+# The first attempt notes its pid and hangs; the second returns at once.
+slow_cmd="[ -e $WORK/rescued ] || { echo \$\$ > $WORK/rescued; exec sleep 600; }"
+slow=$(printf '[handlers.slow]\ntype = "shell"\ncommand = ["/bin/sh", "-c", "%s"]\ntimeout = "15m"\n[[routes]]\nsource = "bench"\nhandler = "slow"' "$slow_cmd")
+cfg=$(config rescue postgres "$slow")
+start "$cfg" ingest rescue-ingest
+url="http://$(listen_of "$cfg" listen)/hooks/bench"
+start "$cfg" process rescue-a
+victim=$STARTED
+curl -s -o /dev/null -H 'content-type: application/json' -d '{"rescue":1}' "$url"
+for _ in $(seq 1 300); do [ -s "$WORK/rescued" ] && break; sleep 0.1; done
+sleep 1 # the attempt's begun mark is committed lazily
+start "$cfg" process rescue-b
+killed=$(date +%s.%N)
+kill -9 "$victim"
+for _ in $(seq 1 600); do
+    n=$("$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT count(*) FROM attempts WHERE number = 2")
+    [ "$n" = 1 ] && break
+    sleep 0.1
+done
+rescued=$("$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT extract(epoch FROM started_at) FROM attempts WHERE number = 2")
+python3 -c "import sys; k,r=map(float,sys.argv[1:3]); print(f'rescue after kill -9: {r-k:5.1f} s (lease {sys.argv[3]}; target: lease + 5 s)')" \
+    "$killed" "${rescued:-0}" "$LEASE" | tee -a "$OUT/summary.txt"
+kill -9 "$(cat "$WORK/rescued")" 2>/dev/null || true # the orphaned first attempt
+stop_nodes
+
+log "targets: ingest >= 15000 events/s with p99 < 50 ms; >= 8000 deliveries/s; idle dispatch p50 < 10 ms; rescue within lease + 5 s"
+log "results in $OUT"

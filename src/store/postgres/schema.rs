@@ -1,0 +1,158 @@
+//! The PostgreSQL schema, embedded in the binary and applied at start under
+//! an advisory lock, so ten nodes starting at once migrate once (README
+//! "Several nodes: PostgreSQL").
+//!
+//! The hot table is `deliveries`: claims read it through the partial index
+//! `deliveries_due`, which holds only unfinished rows, so finished
+//! deliveries (the vast majority of the table) are never scanned by a
+//! claim. Its autovacuum thresholds are set low here so the dead row
+//! versions every claim and finish leaves are cleaned up while the table is
+//! still small.
+
+use tokio_postgres::Client;
+
+use super::connect::neutral;
+use crate::store::StoreError;
+
+/// Any 64-bit number the nodes agree on: the advisory lock taken while migrating.
+const MIGRATION_LOCK: i64 = 0x686f_6f6b_7472_6169; // "hooktrai"
+
+/// Each entry is one schema version; never edit one that shipped, add one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema. Times are timestamptz (microseconds); event ids
+    // are ULID text, so ordering by id is ordering by receive time.
+    r#"
+    CREATE TABLE events (
+        id           text PRIMARY KEY,
+        source       text NOT NULL,
+        status       text NOT NULL,
+        received_at  timestamptz NOT NULL,
+        method       text NOT NULL,
+        content_type text NOT NULL,
+        query        text NOT NULL,
+        headers      text NOT NULL,          -- JSON object, secrets redacted
+        remote_addr  text NOT NULL,
+        body         bytea NOT NULL,         -- exactly as received
+        payload_kind smallint NOT NULL,      -- 0 null, 1 the body is the JSON, 2 in payload
+        payload      text
+    );
+    CREATE INDEX events_source ON events (source, id);
+    CREATE INDEX events_unfinished ON events (status, id) WHERE status <> 'done';
+    CREATE INDEX events_received ON events (received_at);
+
+    CREATE TABLE deliveries (
+        id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        event_id     text NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+        handler      text NOT NULL,
+        status       text NOT NULL,
+        attempts     integer NOT NULL DEFAULT 0,
+        budget_from  integer NOT NULL DEFAULT 0,
+        next_at      timestamptz NOT NULL,   -- due time; lease expiry while running
+        lease_owner  text,
+        held         boolean NOT NULL DEFAULT false,
+        queued_at    timestamptz NOT NULL,   -- start of the max_age clock
+        updated_at   timestamptz NOT NULL,
+        UNIQUE (event_id, handler)
+    ) WITH (
+        fillfactor = 80,
+        autovacuum_vacuum_scale_factor = 0.01,
+        autovacuum_vacuum_insert_scale_factor = 0.05,
+        autovacuum_analyze_scale_factor = 0.02
+    );
+    -- rules::unfinished, spelt out so claims touch only unfinished rows.
+    CREATE INDEX deliveries_due ON deliveries (handler, next_at)
+        WHERE status IN ('pending', 'retrying', 'running');
+
+    CREATE TABLE attempts (
+        delivery_id  bigint NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+        number       integer NOT NULL,
+        started_at   timestamptz NOT NULL,
+        duration_ms  bigint NOT NULL,
+        outcome      text NOT NULL,
+        exit_code    integer,
+        http_status  integer,
+        error        text,
+        output       text NOT NULL,
+        PRIMARY KEY (delivery_id, number)
+    );
+
+    -- One row per live dedup key: the unique key is what makes two nodes
+    -- receiving the same key at once store one event (INSERT … ON CONFLICT).
+    CREATE TABLE dedup (
+        source       text NOT NULL,
+        key          text NOT NULL,
+        event_id     text NOT NULL,
+        expires_at   timestamptz NOT NULL,
+        PRIMARY KEY (source, key)
+    ) WITH (autovacuum_vacuum_scale_factor = 0.02);
+    CREATE INDEX dedup_expiry ON dedup (expires_at);
+
+    -- Requests counted but not stored (rejections, duplicates), per hour.
+    CREATE TABLE counters (
+        source       text NOT NULL,
+        kind         text NOT NULL,
+        hour         bigint NOT NULL,        -- unix seconds / 3600
+        n            bigint NOT NULL,
+        PRIMARY KEY (source, kind, hour)
+    );
+
+    CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+    "#,
+];
+
+/// Applies the migrations this database lacks, once however many nodes
+/// start together: the first takes the advisory lock and migrates, the
+/// others wait for it and then find nothing left to do.
+pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(neutral)?;
+    let result = migrate_locked(client).await;
+    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(neutral);
+    result.and(unlocked.map(|_| ()))
+}
+
+async fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS hooktrail_schema (version integer NOT NULL); SET client_min_messages = warning")
+        .await
+        .map_err(neutral)?;
+    let version = current(client).await?.unwrap_or(0);
+    let known = MIGRATIONS.len() as i32;
+    if version > known {
+        return Err(newer(version, known));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = client.transaction().await.map_err(neutral)?;
+        tx.batch_execute(sql).await.map_err(neutral)?;
+        tx.execute("DELETE FROM hooktrail_schema", &[]).await.map_err(neutral)?;
+        tx.execute("INSERT INTO hooktrail_schema (version) VALUES ($1)", &[&(i as i32 + 1)]).await.map_err(neutral)?;
+        tx.commit().await.map_err(neutral)?;
+        tracing::info!(version = i + 1, "database schema migrated");
+    }
+    Ok(())
+}
+
+/// The schema version, `None` before the first migration.
+async fn current(client: &Client) -> Result<Option<i32>, StoreError> {
+    let row = client.query_opt("SELECT max(version) FROM hooktrail_schema", &[]).await.map_err(neutral)?;
+    Ok(row.and_then(|r| r.get::<_, Option<i32>>(0)))
+}
+
+fn newer(version: i32, known: i32) -> StoreError {
+    StoreError::Corrupt(format!("database schema version {version} is newer than this hooktrail understands ({known}); upgrade hooktrail"))
+}
+
+/// For a command (not a daemon): the schema must be there and be one this
+/// version reads; a command never creates or changes it.
+pub async fn check(client: &Client) -> Result<(), String> {
+    let exists: bool =
+        client.query_one("SELECT to_regclass('hooktrail_schema') IS NOT NULL", &[]).await.map_err(|e| neutral(e).to_string())?.get(0);
+    let version = if exists { current(client).await.map_err(|e| e.to_string())? } else { None };
+    match version {
+        None => Err("this database has no hooktrail schema yet; start `hooktrail serve` once (it migrates)".into()),
+        Some(v) if v > MIGRATIONS.len() as i32 => Err(newer(v, MIGRATIONS.len() as i32).to_string()),
+        Some(v) if v < MIGRATIONS.len() as i32 => {
+            Err(format!("the database schema is at version {v}; start `hooktrail serve` of this version once to migrate it"))
+        }
+        Some(_) => Ok(()),
+    }
+}

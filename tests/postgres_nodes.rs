@@ -1,0 +1,307 @@
+//! Several nodes on one PostgreSQL database (README "Several nodes:
+//! PostgreSQL"), with real processes: `serve --role ingest` and `--role
+//! process` daemons sharing one database, killed with `kill -9` mid-work.
+//!
+//! PostgreSQL only: run with `HOOKTRAIL_TEST_BACKEND=postgres` (CI does);
+//! on the default SQLite run each test says it was skipped and returns.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::*;
+
+/// How long events may take to be processed across nodes (debug build, busy 2-core box).
+const SETTLE_ALL: Duration = Duration::from_secs(60);
+
+fn postgres_only() -> bool {
+    if backend() == Backend::Postgres {
+        return false;
+    }
+    eprintln!("skipped: several nodes share a database only on PostgreSQL (run with HOOKTRAIL_TEST_BACKEND=postgres)");
+    true
+}
+
+/// A shell handler appending `$HOOKTRAIL_EVENT_ID` to `runs` (one line per
+/// attempt; O_APPEND writes this short are atomic).
+fn recording_handler(runs: &std::path::Path) -> String {
+    format!(
+        "[handlers.record]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", \"echo $HOOKTRAIL_EVENT_ID >> {}\"]\nconcurrency = 4\n\
+         [[routes]]\nsource = \"in\"\nhandler = \"record\"\n",
+        runs.display()
+    )
+}
+
+fn runs_of(path: &std::path::Path) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        *seen.entry(line.to_string()).or_default() += 1;
+    }
+    seen
+}
+
+#[test]
+fn two_ingest_and_two_process_nodes_run_every_acked_event_exactly_once() {
+    if postgres_only() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"200ms\"\n[sources.in]\nauth = {{ type = \"none\" }}\n{}",
+        recording_handler(&runs)
+    ));
+    let ingest = [env.daemon().arg("--role").arg("ingest").start(), env.daemon().arg("--role").arg("ingest").start()];
+    let _process = [env.daemon().arg("--role").arg("process").start(), env.daemon().arg("--role").arg("process").start()];
+
+    // Both listeners at once, 4 clients each.
+    let acked: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|client| {
+                let d = &ingest[client % 2];
+                s.spawn(move || {
+                    (0..25).map(|n| d.post_json("/hooks/in", &format!(r#"{{"client":{client},"n":{n}}}"#)).id()).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(acked.len(), 200);
+    assert_eq!(acked.iter().collect::<BTreeSet<_>>().len(), 200, "every event got its own id");
+
+    let want: BTreeSet<String> = acked.iter().cloned().collect();
+    let mut seen = BTreeMap::new();
+    let all_ran = wait_until(SETTLE_ALL, || {
+        seen = runs_of(&runs);
+        want.iter().all(|id| seen.contains_key(id))
+    });
+    assert!(all_ran, "{} of 200 acknowledged events ran; log:\n{}", want.iter().filter(|id| seen.contains_key(*id)).count(), env.log());
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "each delivery runs exactly once when nothing crashes: {twice:?}");
+    assert_eq!(seen.keys().cloned().collect::<BTreeSet<_>>(), want, "nothing ran that was not acknowledged");
+    wait_for("every event to show done", SETTLE_ALL, || env.events().iter().all(|e| e["status"] == "done"));
+    assert_eq!(env.events().len(), 200);
+}
+
+#[test]
+fn the_same_dedup_key_posted_to_two_nodes_at_once_stores_one_event() {
+    if postgres_only() {
+        return;
+    }
+    let env = TestEnv::new("[sources.in]\nauth = { type = \"none\" }\ndedup = { key = \"/order\", window = \"1h\" }\n");
+    let nodes = [env.daemon().arg("--role").arg("ingest").start(), env.daemon().arg("--role").arg("ingest").start()];
+    for round in 0..20 {
+        let barrier = Arc::new(Barrier::new(2));
+        let answers: Vec<Resp> = std::thread::scope(|s| {
+            let hs: Vec<_> = nodes
+                .iter()
+                .map(|d| {
+                    let barrier = barrier.clone();
+                    s.spawn(move || {
+                        barrier.wait();
+                        d.post_json("/hooks/in", &format!(r#"{{"order":"o-{round}"}}"#))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let statuses: BTreeSet<String> = answers.iter().map(|r| r.json()["status"].as_str().unwrap_or("?").to_string()).collect();
+        assert!(answers.iter().all(|r| r.status == 200), "round {round}: {:?}", answers.iter().map(Resp::text).collect::<Vec<_>>());
+        assert_eq!(answers[0].id(), answers[1].id(), "round {round}: both nodes answer with the one event's id");
+        assert_eq!(statuses, BTreeSet::from(["accepted".to_string(), "duplicate".to_string()]), "round {round}");
+    }
+    assert_eq!(env.events().len(), 20, "one event per key");
+    assert_eq!(env.stat("in", "duplicates"), 20);
+}
+
+#[test]
+fn kill9_of_a_process_node_mid_attempt_runs_it_on_the_other_after_the_lease_with_the_interrupted_attempt() {
+    if postgres_only() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    let second: PathBuf = dir.path().join("second");
+    // The first attempt marks that it began, then hangs; the next one succeeds.
+    let script = format!(
+        "if [ -e {started} ]; then echo second run > {second}; exit 0; fi; touch {started}; sleep 300",
+        started = started.display(),
+        second = second.display()
+    );
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"200ms\"\nlease = \"2s\"\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [handlers.slow]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", {script}]\ntimeout = \"10m\"\n\
+         [[routes]]\nsource = \"in\"\nhandler = \"slow\"\n",
+        script = toml_str(&script)
+    ));
+    let ingest = env.daemon().arg("--role").arg("ingest").start();
+    let first = env.daemon().arg("--role").arg("process").start();
+    let id = ingest.post_json("/hooks/in", r#"{"n":1}"#).id();
+    wait_for("the first attempt to begin", SETTLE_ALL, || started.exists());
+    // Its mark (`Store::started`) is committed lazily; kill the node only
+    // once it is, so the attempt counts as begun, not merely claimed.
+    let db = env.postgres().expect("a PostgreSQL env");
+    wait_for("the attempt's begun mark", SETTLE_ALL, || db.scalar("SELECT held FROM deliveries").as_deref() == Some("false"));
+    first.kill9();
+
+    let _other = env.daemon().arg("--role").arg("process").start();
+    wait_for("the other node to run the delivery", SETTLE_ALL, || second.exists());
+    let ev = wait_settled(&env, &id);
+    assert_eq!(ev["status"], "done", "{ev:#}");
+    let attempts = delivery(&ev, "slow")["attempts"].as_array().unwrap().clone();
+    assert_eq!(attempts.len(), 2, "{ev:#}");
+    assert_eq!(attempts[0]["outcome"], "retry", "the interrupted attempt is in the history: {ev:#}");
+    assert!(attempts[0]["error"].as_str().is_some_and(|e| e.contains("lease")), "{ev:#}");
+    assert_eq!((attempts[1]["number"].as_u64(), attempts[1]["outcome"].as_str()), (Some(2), Some("success")), "{ev:#}");
+}
+
+#[test]
+fn the_password_is_never_in_an_error_or_log_when_the_database_refuses_it() {
+    if postgres_only() {
+        return;
+    }
+    let env = TestEnv::new("[sources.in]\nauth = { type = \"none\" }\n");
+    let good = env.database_env().expect("a PostgreSQL env").1;
+    let wrong = good.replace("hooktrail-test-pw", "Wr0ng-S3cret-pw");
+    assert_ne!(good, wrong, "the test server's URL carries the password .ci/postgres.sh sets");
+    for args in [&["serve"][..], &["events", "list"][..], &["stats"][..]] {
+        let mut c = env.command(args);
+        c.env(PG_URL_VAR, &wrong).env("RUST_LOG", "trace");
+        let out = run(c);
+        assert_eq!(out.code, 1, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("password authentication failed"), "{args:?} says why: {out:?}");
+        assert!(out.stderr.contains(PG_URL_VAR), "{args:?} names the variable: {out:?}");
+        assert!(!format!("{out:?}").contains("Wr0ng-S3cret-pw"), "{args:?}: the password is never shown: {out:?}");
+    }
+    let mut c = env.command(&["check-config"]);
+    c.env(PG_URL_VAR, &wrong);
+    let out = run(c);
+    assert!(!format!("{out:?}").contains("Wr0ng-S3cret-pw"), "check-config: {out:?}");
+}
+
+/// A PostgreSQL server of the test's own (`.ci/postgres.sh`), for a test
+/// that stops it: stopping the shared one would fail every other test.
+/// Stopped and removed on drop.
+struct OwnServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    url: String,
+}
+
+impl OwnServer {
+    fn script(cmd: &str, dir: &std::path::Path, port: u16) -> String {
+        let out = std::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/postgres.sh"))
+            .args([cmd, &dir.join("pg").to_string_lossy(), &port.to_string()])
+            .output()
+            .expect("running .ci/postgres.sh");
+        assert!(out.status.success(), ".ci/postgres.sh {cmd} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn start() -> OwnServer {
+        let dir = tempfile::Builder::new().prefix("hooktrail-own-pg-").tempdir().unwrap();
+        // World-readable, so the server (as `postgres` under root) may enter it.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = Self::script("start", dir.path(), port);
+        OwnServer { dir, port, url }
+    }
+
+    fn halt(&self) {
+        Self::script("halt", self.dir.path(), self.port);
+    }
+
+    fn resume(&self) {
+        Self::script("resume", self.dir.path(), self.port);
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/postgres.sh"))
+            .args(["stop", &self.dir.path().join("pg").to_string_lossy()])
+            .output();
+    }
+}
+
+/// `/readyz` of the daemon whose ready file `env` holds.
+fn readyz(env: &TestEnv) -> u16 {
+    let ready: serde_json::Value = serde_json::from_slice(&std::fs::read(env.ready_file()).unwrap()).unwrap();
+    let admin = ready["admin"].as_str().expect("the ready file names the admin listener");
+    reqwest::blocking::get(format!("http://{admin}/readyz")).map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+#[test]
+fn postgresql_stopped_under_load_gets_503_never_200_loses_nothing_and_processing_resumes() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    if postgres_only() {
+        return;
+    }
+    let server = OwnServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let env = TestEnv::on_postgres_server(
+        &server.url,
+        &format!("[processor]\npoll_interval = \"200ms\"\n[sources.in]\nauth = {{ type = \"none\" }}\n{}", recording_handler(&runs)),
+    );
+    let d = env.start();
+    assert_eq!(readyz(&env), 200);
+
+    let (acks, refused, stop) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicBool::new(false));
+    let acked = Mutex::new(Vec::new());
+    let unexpected = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for client in 0..4 {
+            let (d, acks, refused, stop, acked, unexpected) = (&d, &acks, &refused, &stop, &acked, &unexpected);
+            s.spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let r = d.post_json("/hooks/in", &format!(r#"{{"client":{client},"n":{n}}}"#));
+                    match r.status {
+                        200 => {
+                            acked.lock().unwrap().push(r.id());
+                            acks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        503 => {
+                            assert!(r.header("retry-after").is_some(), "503 carries Retry-After");
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => unexpected.lock().unwrap().push(format!("{other} {}", r.text())),
+                    }
+                }
+            });
+        }
+        wait_for("some events acknowledged", SETTLE_ALL, || acks.load(Ordering::Relaxed) >= 50);
+        server.halt();
+        let before = acks.load(Ordering::Relaxed);
+        wait_for("503s while the database is down", SETTLE_ALL, || refused.load(Ordering::Relaxed) >= 20);
+        assert!(acks.load(Ordering::Relaxed) <= before + 8, "200s while the database was down (at most the in-flight commits)");
+        wait_for("/readyz to fail while the database is down", SETTLE_ALL, || readyz(&env) == 503);
+        server.resume();
+        let back = acks.load(Ordering::Relaxed);
+        wait_for("ingest to resume without a restart", SETTLE_ALL, || acks.load(Ordering::Relaxed) >= back + 50);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let unexpected = unexpected.into_inner().unwrap();
+    assert!(unexpected.is_empty(), "only 200 or 503: {unexpected:?}");
+    wait_for("/readyz to pass again", SETTLE_ALL, || readyz(&env) == 200);
+
+    let acked: BTreeSet<String> = acked.into_inner().unwrap().into_iter().collect();
+    let mut seen = BTreeMap::new();
+    let all_ran = wait_until(SETTLE_ALL, || {
+        seen = runs_of(&runs);
+        acked.iter().all(|id| seen.contains_key(id))
+    });
+    let missing: Vec<_> = acked.iter().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(all_ran, "processing resumed for every acknowledged event; missing {missing:?}\n{}", env.log());
+    let stored: BTreeSet<String> = env.events().iter().map(|e| e["id"].as_str().unwrap().to_string()).collect();
+    assert!(acked.is_subset(&stored), "every acknowledged event is stored");
+    drop(d);
+}
