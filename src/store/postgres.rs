@@ -26,6 +26,7 @@
 //!   itself when the database is back.
 
 mod connect;
+mod ordering;
 mod schema;
 
 use std::collections::{BTreeMap, HashMap};
@@ -85,6 +86,27 @@ macro_rules! unfinished_sql {
     };
 }
 
+/// The head rows of the keyed deliveries a statement just inserted (a CTE
+/// `dl` returning `id, event_id, handler, order_key`), as `rules`
+/// ("Ordered claims", insert) says: a key without a row gets one; a key
+/// whose head has not begun and is younger (a batch of another node, or of
+/// a writer that made its ids later, committed first) gets the older one.
+/// `ON CONFLICT DO UPDATE` locks the existing row, so an insert racing a
+/// claim that is deleting the row (the key ran dry) waits for it and then
+/// inserts a fresh one: a key's new delivery is never left without a head.
+/// One row per key (the oldest of the batch), in key order, so two batches
+/// lock rows in one order.
+macro_rules! new_heads_from_dl {
+    () => {
+        "INSERT INTO order_heads (handler, key, delivery_id, event_id, due)
+         SELECT DISTINCT ON (handler, order_key) handler, order_key, id, event_id, now() FROM dl
+         WHERE order_key IS NOT NULL ORDER BY handler, order_key, event_id
+         ON CONFLICT (handler, key) DO UPDATE SET delivery_id = EXCLUDED.delivery_id, event_id = EXCLUDED.event_id, due = EXCLUDED.due
+         WHERE order_heads.event_id > EXCLUDED.event_id AND NOT order_heads.blocked
+           AND EXISTS (SELECT 1 FROM deliveries o WHERE o.id = order_heads.delivery_id AND o.status = 'pending')"
+    };
+}
+
 /// [`rules::prunable`] as SQL (a test checks it agrees with the rule).
 macro_rules! prunable_sql {
     () => {
@@ -124,6 +146,11 @@ struct Shared {
     rejections: Mutex<Counts>,
     closing: AtomicBool,
     ids: Mutex<ulid::Generator>,
+    /// Held by a writer storing a batch with ordering keys, from making its
+    /// ids to its commit: keyed events of this node commit in id order, so a
+    /// key's head is never younger than a delivery committed after it
+    /// (see `ordering`).
+    keyed: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -243,6 +270,7 @@ impl PostgresStore {
             rejections: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             ids: Mutex::new(ulid::Generator::new()),
+            keyed: tokio::sync::Mutex::new(()),
         });
         let (tx, rx) = mpsc::channel::<Waiting>(QUEUE_DEPTH);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
@@ -312,6 +340,8 @@ async fn writer(shared: Arc<Shared>, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<W
 /// transaction fails for a reason other than the database being away, each
 /// insert is tried alone so one bad event cannot refuse its neighbours.
 async fn commit_batch(shared: &Shared, batch: Vec<Waiting>) {
+    let keyed = batch.iter().any(|w| w.ev.order_keys.iter().any(Option::is_some));
+    let _in_id_order = if keyed { Some(shared.keyed.lock().await) } else { None };
     let counts = shared.take_counts();
     let events: Vec<&NewEvent> = batch.iter().map(|w| &w.ev).collect();
     let result = store_events(shared, &events, &counts).await;
@@ -393,30 +423,34 @@ async fn insert_pipelined(
     events: &[&NewEvent],
 ) -> Result<(Vec<Inserted>, i64), tokio_postgres::Error> {
     let stmt = client
-        .prepare_cached(
+        .prepare_cached(concat!(
             "WITH ev AS (
                 INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
                                      $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[])
              ), dl AS (
-                INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at)
-                SELECT e, h, 'pending', now(), now(), now() FROM unnest($13::text[], $14::text[]) AS u(e, h)
-             ) SELECT 1",
-        )
+                INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, order_key)
+                SELECT e, h, 'pending', now(), now(), now(), k FROM unnest($13::text[], $14::text[], $15::text[]) AS u(e, h, k)
+                RETURNING id, event_id, handler, order_key
+             ), hd AS (",
+            new_heads_from_dl!(),
+            ") SELECT 1",
+        ))
         .await?;
     let mut cols = EventColumns::default();
-    let (mut d_event, mut d_handler) = (Vec::new(), Vec::new());
+    let (mut d_event, mut d_handler, mut d_key) = (Vec::new(), Vec::new(), Vec::new());
     let mut answers = Vec::with_capacity(events.len());
     for ev in events {
         let id = shared.next_id();
         cols.push(id, ev);
-        for h in &ev.handlers {
+        for (i, h) in ev.handlers.iter().enumerate() {
             d_event.push(id.to_string());
             d_handler.push(h.clone());
+            d_key.push(ev.order_keys.get(i).cloned().flatten());
         }
         answers.push(Inserted { id, duplicate: false });
     }
-    let params: [&(dyn ToSql + Sync); 14] = [
+    let params: [&(dyn ToSql + Sync); 15] = [
         &cols.id,
         &cols.source,
         &cols.status,
@@ -431,6 +465,7 @@ async fn insert_pipelined(
         &cols.payload,
         &d_event,
         &d_handler,
+        &d_key,
     ];
     // The ack means durable, whatever the database's default is.
     let (begun, stored, committed) = tokio::join!(
@@ -484,14 +519,16 @@ async fn insert_in(
     let mut cols = EventColumns::default();
     let mut d_event = Vec::new();
     let mut d_handler = Vec::new();
+    let mut d_key = Vec::new();
     for (ev, a) in events.iter().zip(&answers) {
         if a.duplicate {
             continue;
         }
         cols.push(a.id, ev);
-        for h in &ev.handlers {
+        for (i, h) in ev.handlers.iter().enumerate() {
             d_event.push(a.id.to_string());
             d_handler.push(h.clone());
+            d_key.push(ev.order_keys.get(i).cloned().flatten());
         }
     }
     if !cols.id.is_empty() {
@@ -523,12 +560,17 @@ async fn insert_in(
     }
     if !d_event.is_empty() {
         let stmt = tx
-            .prepare_cached(
-                "INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at)
-                 SELECT e, h, 'pending', now(), now(), now() FROM unnest($1::text[], $2::text[]) AS u(e, h)",
-            )
+            .prepare_cached(concat!(
+                "WITH dl AS (
+                    INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, order_key)
+                    SELECT e, h, 'pending', now(), now(), now(), k FROM unnest($1::text[], $2::text[], $3::text[]) AS u(e, h, k)
+                    RETURNING id, event_id, handler, order_key
+                 ), hd AS (",
+                new_heads_from_dl!(),
+                ") SELECT 1",
+            ))
             .await?;
-        tx.execute(&stmt, &[&d_event, &d_handler]).await?;
+        tx.execute(&stmt, &[&d_event, &d_handler, &d_key]).await?;
     }
     add_counts(tx, &counts).await?;
     Ok((answers, d_event.len() as i64))
@@ -801,7 +843,9 @@ async fn load_deliveries<C: tokio_postgres::GenericClient>(
 ) -> Result<HashMap<String, Vec<DeliveryRecord>>, StoreError> {
     let rows = query_sql(
         client,
-        "SELECT id, event_id, handler, status, attempts, next_at FROM deliveries WHERE event_id = ANY($1) ORDER BY event_id, handler",
+        "SELECT d.id, d.event_id, d.handler, d.status, d.attempts, d.next_at, h.event_id FROM deliveries d
+             LEFT JOIN order_heads h ON h.handler = d.handler AND h.key = d.order_key AND h.blocked AND h.delivery_id <> d.id
+             WHERE d.event_id = ANY($1) ORDER BY d.event_id, d.handler",
         &[&ids],
     )
     .await?;
@@ -840,8 +884,11 @@ async fn load_deliveries<C: tokio_postgres::GenericClient>(
             attempt_count: count.max(0) as u32,
             next_attempt_at: if rules::waits_for_its_time(status) { Some(get(r, 5)?) } else { None },
             attempts: attempts.remove(&id).unwrap_or_default(),
-            // Ordered processing is not built on PostgreSQL yet (README "Ordered processing").
-            blocked_by: None,
+            // The blocked head of its key, if another (README "Ordered processing").
+            blocked_by: match get::<Option<&str>>(r, 6)? {
+                Some(blocker) if rules::waits_for_its_time(status) => Some(parsed(blocker)?),
+                _ => None,
+            },
         });
     }
     Ok(out)
@@ -937,8 +984,15 @@ async fn claim_in(
     lease_us: i64,
 ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
     let rows = tx.query(&tx.prepare_cached(claim_due_sql()).await?, &[&handler, &limit]).await?;
+    let due = due_rows(&rows);
+    claim_rows(tx, owner, handler, due, lease_us).await
+}
+
+/// The claimable deliveries among rows of `id, event_id, status, attempts,
+/// budget_from, held` ([`rules::claim_step`]).
+fn due_rows(rows: &[Row]) -> Vec<Due> {
     let mut due = Vec::with_capacity(rows.len());
-    for r in &rows {
+    for r in rows {
         let status: &str = r.get(2);
         let Ok(status) = status.parse::<DeliveryStatus>() else { continue };
         let attempts: i32 = r.get(3);
@@ -947,6 +1001,17 @@ async fn claim_in(
         let Some(step) = rules::claim_step(status, r.get(5), attempts.max(0) as u32) else { continue };
         due.push(Due { id: r.get(0), event_id: r.get(1), step, budget_from: budget_from.max(0) as u32 });
     }
+    due
+}
+
+/// Claims the due deliveries `due` (locked by the caller) for `owner`.
+async fn claim_rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    owner: &str,
+    handler: &str,
+    due: Vec<Due>,
+    lease_us: i64,
+) -> Result<Vec<Claimed>, tokio_postgres::Error> {
     if due.is_empty() {
         return Ok(Vec::new());
     }
@@ -1013,16 +1078,18 @@ async fn claim_in(
     Ok(out)
 }
 
-/// The due deliveries of a handler, oldest due first, locked for this
-/// claim; rows another node is claiming are skipped, not waited for.
-/// "Due" is [`rules::unfinished`] with its time come (for a running
-/// delivery, its lease's end), on the database's clock.
+/// The due deliveries of a handler without an ordering key (keyed ones
+/// are claimed through their key's head, `ordering`), oldest due first,
+/// locked for this claim; rows another node is claiming are skipped, not
+/// waited for. "Due" is [`rules::unfinished`] with its time come (for a
+/// running delivery, its lease's end), on the database's clock. Spelt as
+/// the partial index `deliveries_unkeyed` spells it.
 fn claim_due_sql() -> &'static str {
     concat!(
         "SELECT id, event_id, status, attempts, budget_from, held FROM deliveries
          WHERE handler = $1 AND status IN ",
         unfinished_sql!(),
-        " AND next_at <= now() ORDER BY next_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+        " AND order_key IS NULL AND next_at <= now() ORDER BY next_at LIMIT $2 FOR UPDATE SKIP LOCKED"
     )
 }
 
@@ -1124,13 +1191,16 @@ async fn finish_pipelined(client: &deadpool_postgres::Object, f: &Finished) -> R
         &f.output,
     ];
     let by_id: [&(dyn ToSql + Sync); 1] = [&f.delivery_id];
-    let (begun, moved, locked, seen) = tokio::join!(
+    let follow = client.prepare_cached(ordering::HEAD_FOLLOWS_FINISH).await?;
+    let head: [&(dyn ToSql + Sync); 4] = [&f.delivery_id, &retry_at, &attempt, &f.owner];
+    let (begun, followed, moved, locked, seen) = tokio::join!(
         client.batch_execute("BEGIN"),
+        client.execute(&follow, &head),
         client.query_opt(&record, &params),
         client.execute(&lock, &by_id),
         client.query(&statuses, &by_id),
     );
-    let firsts = begun.and(moved).and_then(|moved| locked.and(seen).map(|seen| (moved, seen)));
+    let firsts = begun.and(followed).and(moved).and_then(|moved| locked.and(seen).map(|seen| (moved, seen)));
     let (moved, seen) = match firsts {
         Ok(x) => x,
         Err(e) => {
@@ -1430,14 +1500,47 @@ impl Store for PostgresStore {
     }
 
     async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
+        // Deliveries stored with a key keep their order after a reload took `ordering` off.
+        self.claim_ordered(owner, handler, OnFailure::Continue, limit, lease).await
+    }
+
+    async fn claim_ordered(
+        &self,
+        owner: &str,
+        handler: &str,
+        on_failure: OnFailure,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let lease_us = micros(lease);
         let (owner, handler) = (owner.to_string(), handler.to_string());
-        self.in_tx(|tx| {
-            let (owner, handler) = (owner.clone(), handler.clone());
-            boxed(async move { claim_in(tx, &owner, &handler, limit, lease_us).await })
-        })
-        .await
+        let claimed = self
+            .in_tx(|tx| {
+                let (owner, handler) = (owner.clone(), handler.clone());
+                boxed(async move { ordering::claim_ordered_in(tx, &owner, &handler, on_failure, limit, lease_us).await })
+            })
+            .await?;
+        Ok(claimed)
+    }
+
+    async fn skip(&self, id: EventId, handler: &str) -> Result<(), SkipError> {
+        let handler = handler.to_string();
+        let done = self
+            .in_tx(|tx| {
+                let handler = handler.clone();
+                boxed(async move { ordering::skip_in(tx, id, &handler).await })
+            })
+            .await??;
+        self.shared.new_work();
+        Ok(done)
+    }
+
+    async fn blocked_keys(&self) -> Result<Vec<BlockedKeys>, StoreError> {
+        let client = self.shared.client().await?;
+        let rows =
+            query_sql(&**client, "SELECT handler, count(*) FROM order_heads WHERE blocked GROUP BY handler ORDER BY handler", &[]).await?;
+        rows.iter().map(|r| Ok(BlockedKeys { handler: get(r, 0)?, keys: count(r, 1)? })).collect()
     }
 
     async fn started(&self, owner: &str, delivery_id: i64) -> Result<(), StoreError> {
@@ -1523,6 +1626,7 @@ impl Store for PostgresStore {
                             &[id, &status.as_str(), &(attempts as i32)],
                         )
                         .await?;
+                        ordering::head_follows(tx, *id).await?;
                         refresh_event_status(tx, row.get(0)).await?;
                         n += 1;
                     }
@@ -1556,6 +1660,7 @@ impl Store for PostgresStore {
                 )
                 .await
                 .map_err(connect::neutral)?;
+                ordering::replay_head(&tx, d.id).await.map_err(connect::neutral)?;
                 if !rules::unfinished(d.status) {
                     revived += 1;
                 }

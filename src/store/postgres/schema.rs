@@ -98,6 +98,31 @@ const MIGRATIONS: &[&str] = &[
 
     CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
     "#,
+    // 2: ordered processing (README "Ordered processing"; the claim is
+    // described in `rules`, "Ordered claims"). A delivery's ordering key,
+    // stored at insert. `deliveries_unkeyed` holds the unfinished deliveries
+    // without a key, so the unordered part of a claim never walks a keyed
+    // backlog; `deliveries_keyed` finds a key's next head in one probe.
+    // `deliveries_due` stays as it was (every unfinished row) for counts.
+    // `order_heads` holds one row per (handler, key) with work or blocked;
+    // claims take its rows FOR UPDATE SKIP LOCKED, so nodes claim different keys.
+    r#"
+    ALTER TABLE deliveries ADD COLUMN order_key text;
+    CREATE INDEX deliveries_unkeyed ON deliveries (handler, next_at)
+        WHERE status IN ('pending', 'retrying', 'running') AND order_key IS NULL;
+    CREATE INDEX deliveries_keyed ON deliveries (handler, order_key, event_id)
+        WHERE order_key IS NOT NULL AND status IN ('pending', 'retrying', 'running');
+    CREATE TABLE order_heads (
+        handler      text NOT NULL,
+        key          text NOT NULL,
+        delivery_id  bigint NOT NULL,        -- the head: the key's next to run, or its blocker
+        event_id     text NOT NULL,          -- the head's event
+        due          timestamptz NOT NULL,   -- when to look at it again (its next_at as last seen)
+        blocked      boolean NOT NULL DEFAULT false, -- the head failed and the handler blocks
+        PRIMARY KEY (handler, key)
+    ) WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01, autovacuum_analyze_scale_factor = 0.02);
+    CREATE INDEX order_heads_due ON order_heads (handler, blocked, due);
+    "#,
 ];
 
 /// Applies the migrations this database lacks, once however many nodes
