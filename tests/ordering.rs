@@ -300,6 +300,14 @@ fn kill9_mid_attempt_then_after_the_lease_the_same_head_runs_again_before_anythi
     let a1 = post(&d, json!({"key": "a", "fail": "yes"}));
     let a2 = post(&d, json!({"key": "a"}));
     wait_for("the head to start", SETTLE, || w.path("blocked.pid").exists());
+    // Its begun mark (`Store::started`) is committed lazily; on PostgreSQL
+    // kill the node only once it is, so the attempt counts as begun, not
+    // merely claimed (SQLite's lands with the writer's next commit, in time).
+    if let Some(db) = env.postgres() {
+        wait_for("the attempt's begun mark", SETTLE, || {
+            db.scalar("SELECT bool_and(NOT held) FROM deliveries WHERE status = 'running'").as_deref() == Some("true")
+        });
+    }
     d.kill9();
     let pid: i32 = std::fs::read_to_string(w.path("blocked.pid")).expect("pid").trim().parse().expect("a pid");
     // SAFETY: plain kill(2) of the process group the dead daemon's handler left.
