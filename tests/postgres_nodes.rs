@@ -305,3 +305,82 @@ fn postgresql_stopped_under_load_gets_503_never_200_loses_nothing_and_processing
     assert!(acked.is_subset(&stored), "every acknowledged event is stored");
     drop(d);
 }
+
+/// Issue 15 across nodes: events of 20 keys posted to an ingest node, run
+/// by two process nodes at once with `ordering = { key = "/key" }`. Each
+/// run appends `start|end KEY EVENT NODE` (NODE: the daemon that ran it,
+/// the handler's parent process) to one file: per key, one at a time and
+/// in id order, every delivery exactly once, both nodes ran some, and
+/// several keys were in flight at once.
+#[test]
+fn two_process_nodes_run_each_keys_deliveries_one_at_a_time_in_id_order() {
+    if postgres_only() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("run.log");
+    let script = dir.path().join("crm.sh");
+    // Sleeps 0–7 ms, picked from the last character of the event id.
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nlog() {{ printf '%s %s %s %s\\n' \"$1\" \"$KEY\" \"$HOOKTRAIL_EVENT_ID\" \"$PPID\" >> {log}; }}\nlog start\n\
+             c=${{HOOKTRAIL_EVENT_ID#${{HOOKTRAIL_EVENT_ID%?}}}}\nn=$(printf '%d' \"'$c\")\nsleep 0.00$((n % 8))\nlog end\n",
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"200ms\"\nmax_concurrency = 8\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [handlers.crm]\ntype = \"shell\"\ncommand = [\"/bin/sh\", {script}]\nenv = {{ KEY = \"/key\" }}\nconcurrency = 8\n\
+         ordering = {{ key = \"/key\" }}\n[[routes]]\nsource = \"in\"\nhandler = \"crm\"\n",
+        script = toml_str(&script.to_string_lossy())
+    ));
+    let ingest = env.daemon().arg("--role").arg("ingest").start();
+    let nodes = [env.daemon().arg("--role").arg("process").start(), env.daemon().arg("--role").arg("process").start()];
+    const EVENTS: usize = 1000;
+    const KEYS: usize = 20;
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let d = &ingest;
+            s.spawn(move || {
+                for i in (t..EVENTS).step_by(8) {
+                    let r = d.post_json("/hooks/in", &format!(r#"{{"key":"k{:02}","n":{i}}}"#, i % KEYS));
+                    assert_eq!(r.status, 200, "{}", r.text());
+                }
+            });
+        }
+    });
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_string).collect::<Vec<_>>();
+    wait_for("every delivery to end", Duration::from_secs(300), || lines().len() >= 2 * EVENTS);
+    let lines = lines();
+    assert_eq!(lines.len(), 2 * EVENTS, "each delivery ran exactly once");
+    let mut in_flight: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_id: BTreeMap<String, String> = BTreeMap::new();
+    let mut ran_by: BTreeMap<String, usize> = BTreeMap::new();
+    let mut most_keys_in_flight = 0;
+    for l in &lines {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert_eq!(f.len(), 4, "a log line is `what key id node`: {l:?}");
+        let (what, key, id, node) = (f[0], f[1].to_string(), f[2].to_string(), f[3].to_string());
+        match what {
+            "start" => {
+                assert!(!in_flight.contains_key(&key), "{id} started while {} of key {key} ran", in_flight[&key]);
+                if let Some(prev) = last_id.get(&key) {
+                    assert!(*prev < id, "key {key}: {id} ran after {prev}, out of id order");
+                }
+                last_id.insert(key.clone(), id.clone());
+                in_flight.insert(key, id);
+                most_keys_in_flight = most_keys_in_flight.max(in_flight.len());
+                *ran_by.entry(node).or_default() += 1;
+            }
+            "end" => assert_eq!(in_flight.remove(&key), Some(id), "an end without its start"),
+            other => panic!("unexpected line {other}"),
+        }
+    }
+    assert_eq!(last_id.len(), KEYS);
+    assert!(most_keys_in_flight > 1, "keys never ran in parallel (at most {most_keys_in_flight} in flight)");
+    let pids: BTreeSet<String> = nodes.iter().map(|d| d.pid().to_string()).collect();
+    assert_eq!(ran_by.keys().cloned().collect::<BTreeSet<_>>(), pids, "both process nodes ran deliveries: {ran_by:?}");
+    wait_for("every event to show done", SETTLE_ALL, || env.events_where(&["--status", "done"]).len() == EVENTS);
+}
