@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # hooktrail ordered-processing benchmark (issue 15): one command, run from anywhere:
 #
-#     bench/ordering.sh
+#     bench/ordering.sh                    # SQLite
+#     BACKEND=postgres bench/ordering.sh   # PostgreSQL (a throw-away cluster, .ci/postgres.sh)
 #
 # Builds hooktrail and bench/process (helpers) in release (CARGO_TARGET_DIR=target-bench),
 # then, RUNS times, in one run on one database:
 #
-#   store   `serve --role ingest` on a fresh SQLite DB on disk; EVENTS (100,000) webhook
+#   store   `serve --role ingest` on a fresh SQLite DB on disk (or a fresh PostgreSQL
+#           database on a cluster started for the run, on the same CPUs); EVENTS (100,000) webhook
 #           events posted over 32 keep-alive connections, each with `key_1000` (1,000
 #           distinct values) and `key_50` (50), routed to three HTTP forward handlers:
 #           `plain` (no ordering), `k1000` (ordering on /key_1000) and `k50` (ordering
@@ -22,6 +24,8 @@
 #
 # Environment knobs (defaults in brackets):
 #   RUNS [1]  EVENTS [100000]  HTTP_CONCURRENCY [64]
+#   BACKEND [sqlite] or postgres; with postgres: NODES [1] `--role process` nodes per
+#             handler (2: the keys are shared between two nodes), PG_PORT [55452]
 #   BENCH_TMPDIR [/var/tmp]  where the DBs live (a real disk, not tmpfs)
 #   KEEP=1    keep the temp directory (DBs, configs, logs)
 #   HOOKTRAIL_BIN=PATH  measure this hooktrail binary instead of building one
@@ -34,20 +38,27 @@ cd "$ROOT"
 RUNS=${RUNS:-1}
 EVENTS=${EVENTS:-100000}
 HTTP_CONC=${HTTP_CONCURRENCY:-64}
+BACKEND=${BACKEND:-sqlite}
+NODES=${NODES:-1}
+PG_PORT=${PG_PORT:-55452}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target-bench}"
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT="$ROOT/bench/out/$STAMP-ordering"
 mkdir -p "$OUT" "${BENCH_TMPDIR:-/var/tmp}"
 WORK=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/hooktrail-ordering-bench.XXXXXX")
+chmod 755 "$WORK"
 DPID=""
 TPID=""
+PG_NODES=()
 
 log() { printf '%s\n' "$*" | tee -a "$OUT/summary.txt"; }
 stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 cleanup() {
     if [ -n "$DPID" ]; then stop "$DPID"; fi
     if [ -n "$TPID" ]; then stop "$TPID"; fi
+    for p in "${PG_NODES[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    if [ "$BACKEND" = postgres ]; then bash "$ROOT/.ci/postgres.sh" stop "$WORK/pg" >/dev/null 2>&1 || true; fi
     if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -62,6 +73,48 @@ fi
 cargo build --release --locked --manifest-path bench/process/Cargo.toml
 BIN="${HOOKTRAIL_BIN:-$CARGO_TARGET_DIR/release/hooktrail}"
 PB="$CARGO_TARGET_DIR/release/process-bench"
+
+if [ "$BACKEND" = postgres ]; then
+    SERVER=$(bash .ci/postgres.sh start "$WORK/pg" "$PG_PORT")
+    PSQL=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/psql
+    export HOOKTRAIL_DATABASE_URL
+fi
+# newdb NAME: a fresh PostgreSQL database for one run (HOOKTRAIL_DATABASE_URL).
+newdb() {
+    "$PSQL" -q "$SERVER/postgres?sslmode=disable" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" 2>/dev/null
+    HOOKTRAIL_DATABASE_URL="$SERVER/$1?sslmode=disable"
+}
+sql() { "$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "$1"; }
+# CPU seconds (user + system) a live process used so far.
+cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
+# pg_dispatch HANDLER CONFIG: like `process-bench dispatch` on PostgreSQL: NODES process
+# nodes started at once, timed until no delivery of HANDLER is unfinished (polled every
+# 50 ms); prints dispatch_rate and cpu_ms_per_delivery (the nodes' CPU, not the server's).
+pg_dispatch() {
+    local h=$1 config=$2 queued left t0 t1 cpu=0 failed first
+    queued=$(sql "SELECT count(*) FROM deliveries WHERE handler = '$h' AND status = 'pending'")
+    [ "$queued" = "$EVENTS" ] || { echo "$queued deliveries of $h queued, expected $EVENTS" >&2; return 1; }
+    PG_NODES=()
+    t0=$(date +%s.%N)
+    for n in $(seq "$NODES"); do
+        RUST_LOG=warn "$BIN" --config "$config" serve --role process 2>>"$RUN/$h.log" &
+        PG_NODES+=($!)
+    done
+    while :; do
+        left=$(sql "SELECT EXISTS (SELECT 1 FROM deliveries WHERE handler = '$h' AND status IN ('pending', 'retrying', 'running'))")
+        [ "$left" = f ] && break
+        for p in "${PG_NODES[@]}"; do kill -0 "$p" 2>/dev/null || { echo "a process node exited" >&2; return 1; }; done
+        sleep 0.05
+    done
+    t1=$(date +%s.%N)
+    for p in "${PG_NODES[@]}"; do cpu=$(awk "BEGIN { print $cpu + $(cpu_of "$p") }"); done
+    for p in "${PG_NODES[@]}"; do stop "$p"; done
+    PG_NODES=()
+    failed=$(sql "SELECT count(*) FROM deliveries WHERE handler = '$h' AND status <> 'succeeded'")
+    [ "$failed" = 0 ] || { echo "$failed deliveries of $h did not succeed" >&2; return 1; }
+    first=$(sql "SELECT extract(epoch FROM min(a.started_at)) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.handler = '$h'")
+    awk "BEGIN { printf \"dispatch_rate %.0f\\ndispatch_rate_after_start %.0f\\ncpu_ms_per_delivery %.3f\\n\", $EVENTS / ($t1 - $t0), $EVENTS / ($t1 - $first), 1000 * $cpu / $EVENTS }"
+}
 
 start_daemon() { # start_daemon NAME CONFIG ROLE
     local name=$1 config=$2 role=$3 ready="$WORK/$1.ready"
@@ -79,7 +132,7 @@ common_config() {
 listen = "127.0.0.1:0"
 
 [storage]
-path = "$1"
+$(if [ "$BACKEND" = postgres ]; then printf 'backend = "postgres"\nurl_env = "HOOKTRAIL_DATABASE_URL"'; else printf 'path = "%s"' "$1"; fi)
 
 [admin]
 listen = "127.0.0.1:0"
@@ -109,6 +162,7 @@ log "== hooktrail ordered-processing benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 log "   machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(uname -sr)"
 log "   commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
 log "   EVENTS=$EVENTS (backlog per handler) HTTP_CONCURRENCY=$HTTP_CONC, DBs in $WORK"
+log "   backend: $BACKEND$([ "$BACKEND" = postgres ] && echo ", $NODES process node(s) per handler, PostgreSQL $("$PSQL" --version | awk '{print $3}') on the same CPUs")"
 printf 'run\tplain_per_s\tk1000_per_s\tk50_per_s\tk1000_pct\tk50_pct\n' >"$OUT/results.tsv"
 
 for run in $(seq "$RUNS"); do
@@ -120,6 +174,7 @@ for run in $(seq "$RUNS"); do
     for _ in $(seq 100); do grep -q '^listening on' "$RUN/target.out" && break; sleep 0.05; done
     TADDR=$(sed -n 's/^listening on //p' "$RUN/target.out")
     DB="$RUN/bulk.db"
+    if [ "$BACKEND" = postgres ]; then newdb "bench_ordering_$run"; fi
     { common_config "$DB"; handler plain ""; handler k1000 /key_1000; handler k50 /key_50; route plain; route k1000; route k50; } >"$RUN/ingest.toml"
     start_daemon ingest "$RUN/ingest.toml" ingest
     "$PB" post-keyed "http://$DADDR/hooks/bench" "$EVENTS" 32 >"$RUN/post.out" 2>&1 || { cat "$RUN/post.out"; exit 1; }
@@ -129,8 +184,12 @@ for run in $(seq "$RUNS"); do
     for h in plain k1000 k50; do
         key=""; [ "$h" = k1000 ] && key=/key_1000; [ "$h" = k50 ] && key=/key_50
         { common_config "$DB"; handler "$h" "$key"; } >"$RUN/$h.toml"
-        "$PB" dispatch "$DB" "$h" "$EVENTS" 900 -- "$BIN" --config "$RUN/$h.toml" serve --role process \
-            >"$RUN/$h.out" 2>"$RUN/$h.log" || { tail -5 "$RUN/$h.log"; exit 1; }
+        if [ "$BACKEND" = postgres ]; then
+            pg_dispatch "$h" "$RUN/$h.toml" >"$RUN/$h.out" || { tail -5 "$RUN/$h.log"; exit 1; }
+        else
+            "$PB" dispatch "$DB" "$h" "$EVENTS" 900 -- "$BIN" --config "$RUN/$h.toml" serve --role process \
+                >"$RUN/$h.out" 2>"$RUN/$h.log" || { tail -5 "$RUN/$h.log"; exit 1; }
+        fi
         RATE[$h]=$(value dispatch_rate "$RUN/$h.out")
         CPU[$h]=$(value cpu_ms_per_delivery "$RUN/$h.out")
         log "   $h: ${RATE[$h]} deliveries/s ($(value dispatch_rate_after_start "$RUN/$h.out")/s from the first attempt), ${CPU[$h]} ms CPU per delivery"
