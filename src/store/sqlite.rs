@@ -804,6 +804,25 @@ impl SqliteStore {
         self.write_op(f, false).await
     }
 
+    /// Queues a lazy write nobody waits for; only a refusal to queue it is
+    /// returned (the write's own failure is not reported).
+    fn enqueue_lazy<F>(&self, f: F) -> Result<(), StoreError>
+    where
+        F: FnMut(&Connection, &mut WriterState) -> Result<(), Error> + Send + 'static,
+    {
+        if let Some(e) = self.shared.fault_error() {
+            return Err(e);
+        }
+        let (reply, _) = oneshot::channel();
+        let op: Box<dyn WriteOp> = Box::new(Op { f, out: None, reply, urgent: false });
+        let guard = self.tx.lock().expect("writer sender lock poisoned");
+        let Some(tx) = guard.as_ref() else { return Err(StoreError::ShuttingDown) };
+        tx.try_send(op).map_err(|e| match e {
+            TrySendError::Full(_) => StoreError::Overloaded,
+            TrySendError::Disconnected(_) => StoreError::ShuttingDown,
+        })
+    }
+
     async fn write_op<T, F>(&self, f: F, urgent: bool) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -1447,7 +1466,9 @@ fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
 
 /// The event's status from its deliveries' ([`rules::event_status`]).
 fn event_status_of(conn: &Connection, seq: i64) -> Result<EventStatus, Error> {
-    let mut stmt = conn.prepare_cached("SELECT DISTINCT status FROM deliveries WHERE event_seq = ?1")?;
+    // Not DISTINCT: that builds a temporary b-tree per call (on every
+    // finished attempt), and an event has only a few deliveries.
+    let mut stmt = conn.prepare_cached("SELECT status FROM deliveries WHERE event_seq = ?1")?;
     let seen = stmt.query_map([seq], |r| r.get::<_, DeliveryStatus>(0))?.collect::<Result<Vec<_>, _>>()?;
     Ok(rules::event_status(&seen))
 }
@@ -1972,12 +1993,15 @@ impl Store for SqliteStore {
 
     async fn started(&self, owner: &str, delivery_id: i64) -> Result<(), StoreError> {
         let owner = owner.to_string();
-        self.write_lazy(move |conn, _| {
+        // Queued, not waited on: the mark rides with the next commit, and
+        // nothing of the attempt depends on when (README "Processing": it
+        // only decides what a crash leaves in the history). Not answering it
+        // saves a reply and a wake-up of the attempt's task per delivery.
+        self.enqueue_lazy(move |conn, _| {
             conn.prepare_cached("UPDATE deliveries SET held = 0 WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' AND held = 1")?
                 .execute(params![delivery_id, owner])?;
             Ok(())
         })
-        .await
     }
 
     async fn renew(&self, owner: &str, delivery_id: i64, lease: Duration) -> Result<bool, StoreError> {
