@@ -391,6 +391,26 @@ trait WriteOp: Send {
     /// claim that starts work. The others (attempt records) may wait up to
     /// [`LAZY_WAIT`] to share a commit.
     fn urgent(&self) -> bool;
+    /// Only wakes the writer for the lazy writes waiting in [`Shared::lazy`].
+    fn is_nudge(&self) -> bool {
+        false
+    }
+}
+
+/// Wakes the writer for the lazy writes waiting in [`Shared::lazy`].
+struct Nudge;
+
+impl WriteOp for Nudge {
+    fn apply(&mut self, _: &Connection, _: &mut WriterState) -> Result<(), Error> {
+        Ok(())
+    }
+    fn finish(self: Box<Self>, _: Result<(), StoreError>) {}
+    fn urgent(&self) -> bool {
+        false
+    }
+    fn is_nudge(&self) -> bool {
+        true
+    }
 }
 
 struct Op<T, F> {
@@ -497,6 +517,10 @@ struct Shared {
     hooks: TestHooks,
     /// The daemon refuses writes on a fault; a CLI command only reports it.
     role: Role,
+    /// Lazy writes (attempt records) waiting for the writer. They wait here
+    /// rather than in the channel so that each does not wake the writer
+    /// thread: only the first of a [`LAZY_WAIT`] window sends a [`Nudge`].
+    lazy: Mutex<Vec<Box<dyn WriteOp>>>,
 }
 
 impl Shared {
@@ -699,6 +723,7 @@ impl SqliteStore {
             fault: OnceLock::new(),
             hooks: TestHooks::from_env(),
             role,
+            lazy: Mutex::new(Vec::new()),
         });
         if role.is_daemon() {
             start_check(&writer, &shared);
@@ -814,9 +839,32 @@ impl SqliteStore {
             return Err(e);
         }
         let (reply, _) = oneshot::channel();
-        let op: Box<dyn WriteOp> = Box::new(Op { f, out: None, reply, urgent: false });
+        self.submit(Box::new(Op { f, out: None, reply, urgent: false }))
+    }
+
+    /// Hands `op` to the writer: an urgent one through the channel (which
+    /// wakes it), a lazy one into [`Shared::lazy`], with a [`Nudge`] only
+    /// when it is the first waiting there.
+    fn submit(&self, op: Box<dyn WriteOp>) -> Result<(), StoreError> {
         let guard = self.tx.lock().expect("writer sender lock poisoned");
         let Some(tx) = guard.as_ref() else { return Err(StoreError::ShuttingDown) };
+        if !op.urgent() {
+            let mut lazy = self.shared.lazy.lock().expect("lazy write list lock poisoned");
+            if lazy.len() >= QUEUE_DEPTH {
+                return Err(StoreError::Overloaded);
+            }
+            let first = lazy.is_empty();
+            lazy.push(op);
+            drop(lazy);
+            // A full channel means the writer has work and takes the list
+            // with its next batch anyway.
+            if first {
+                if let Err(TrySendError::Disconnected(_)) = tx.try_send(Box::new(Nudge)) {
+                    return Err(StoreError::ShuttingDown);
+                }
+            }
+            return Ok(());
+        }
         tx.try_send(op).map_err(|e| match e {
             TrySendError::Full(_) => StoreError::Overloaded,
             TrySendError::Disconnected(_) => StoreError::ShuttingDown,
@@ -832,16 +880,7 @@ impl SqliteStore {
             return Err(e);
         }
         let (reply, rx) = oneshot::channel();
-        let op: Box<dyn WriteOp> = Box::new(Op { f, out: None, reply, urgent });
-        {
-            let guard = self.tx.lock().expect("writer sender lock poisoned");
-            let Some(tx) = guard.as_ref() else { return Err(StoreError::ShuttingDown) };
-            match tx.try_send(op) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => return Err(StoreError::Overloaded),
-                Err(TrySendError::Disconnected(_)) => return Err(StoreError::ShuttingDown),
-            }
-        }
+        self.submit(Box::new(Op { f, out: None, reply, urgent }))?;
         rx.await.unwrap_or(Err(StoreError::ShuttingDown))
     }
 
@@ -1203,6 +1242,7 @@ fn writer_loop(
             }
             take_waiting(&rx, &mut batch);
         }
+        take_lazy(&shared, &mut batch);
         let counts = std::mem::take(&mut *shared.rejections.lock().expect("rejection counter lock poisoned"));
         if !batch.is_empty() || !counts.is_empty() {
             Syncer::hand_over(&mut syncer, run_batch(&mut conn, &mut st, batch, &counts, &shared), &responder);
@@ -1255,6 +1295,18 @@ fn take_waiting(rx: &Receiver<Box<dyn WriteOp>>, batch: &mut Vec<Box<dyn WriteOp
             Ok(op) => batch.push(op),
             Err(_) => break,
         }
+    }
+}
+
+/// Puts the lazy writes waiting in [`Shared::lazy`] at the head of `batch`
+/// (they were mostly queued before what woke the writer) and drops the
+/// nudges that only woke it.
+fn take_lazy(shared: &Shared, batch: &mut Vec<Box<dyn WriteOp>>) {
+    let mut lazy = std::mem::take(&mut *shared.lazy.lock().expect("lazy write list lock poisoned"));
+    batch.retain(|op| !op.is_nudge());
+    if !lazy.is_empty() {
+        lazy.append(batch);
+        *batch = lazy;
     }
 }
 
