@@ -380,3 +380,44 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Processes of group `pgid` that have not ended (zombies waiting for a
+    /// reaper do not count: they run nothing).
+    fn live_members(pgid: i32) -> usize {
+        let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+        dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+            .filter(|stat| {
+                // pid (comm) state ppid pgrp …: comm may hold spaces, so split after its ')'.
+                let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                fields.len() > 3 && fields[0] != "Z" && fields[2].parse::<i32>() == Ok(pgid)
+            })
+            .count()
+    }
+
+    #[test]
+    fn an_attempt_dropped_before_its_child_ended_kills_the_whole_group() {
+        let child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & sleep 30"])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("/bin/sh starts");
+        let spawned = Spawned(Some(child));
+        let pgid = spawned.pid();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while live_members(pgid) < 2 {
+            assert!(std::time::Instant::now() < deadline, "the script's background sleep never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(spawned);
+        while live_members(pgid) > 0 {
+            assert!(std::time::Instant::now() < deadline, "group {pgid} still runs after the attempt was dropped");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
