@@ -561,6 +561,14 @@ fn kill9_while_a_handler_runs_then_restart_runs_the_delivery_again() {
     let id = d.post_json("/hooks/leads", r#"{"email":"a@b.c"}"#).id();
     let pid_file = w.path("blocked.pid");
     wait_for("the handler to start", SETTLE, || pid_file.exists());
+    // Its begun mark (`Store::started`) is committed lazily; on PostgreSQL
+    // kill the daemon only once it is, so the attempt counts as begun, not
+    // merely claimed (SQLite's lands with the writer's next commit, in time).
+    if let Some(db) = env.postgres() {
+        wait_for("the attempt's begun mark", SETTLE, || {
+            db.scalar("SELECT bool_and(NOT held) FROM deliveries WHERE status = 'running'").as_deref() == Some("true")
+        });
+    }
     d.kill9();
     // The handler's own process group outlives a SIGKILLed daemon; end it.
     let blocked = read_pid(&pid_file).expect("handler pid");

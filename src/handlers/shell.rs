@@ -9,6 +9,7 @@
 //! mark, and the next start clears it (`handlers::leftovers`).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -16,7 +17,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 
 use super::leftovers::{self, DAEMON_VAR};
 use super::{envelope, AttemptResult, Handler, Job, OutputBuf};
@@ -131,6 +131,49 @@ fn payload_file(json: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
     Ok(f)
 }
 
+/// The attempt's child process, reaped by this attempt itself (no tokio
+/// reaper, see `run_shell`). Dropped before it was reaped (the attempt's
+/// future dropped mid-way), it kills the child's group and reaps the child,
+/// so nothing of the attempt runs on and no zombie stays.
+struct Spawned(Option<std::process::Child>);
+
+impl Spawned {
+    fn pid(&self) -> i32 {
+        self.0.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Waits for the child to end and reaps it: when `watch` (its pidfd)
+    /// says it ended, or, without one (Linux before 5.3), looking every few
+    /// milliseconds.
+    async fn reap(&mut self, watch: Option<&tokio::io::unix::AsyncFd<OwnedFd>>) -> std::io::Result<std::process::ExitStatus> {
+        loop {
+            let Some(child) = self.0.as_mut() else { return Err(std::io::Error::other("the process was already reaped")) };
+            if let Some(status) = child.try_wait()? {
+                self.0 = None;
+                return Ok(status);
+            }
+            match watch {
+                // A pidfd stays readable once its process ended.
+                Some(w) => w.readable().await?.retain_ready(),
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let Some(mut child) = self.0.take() else { return };
+        // Not reaped yet: the group id cannot belong to anyone else.
+        kill_group(child.id() as i32);
+        let _ = child.kill();
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            // SIGKILL was sent: the wait is short, but not for a runtime thread.
+            std::thread::spawn(move || child.wait());
+        }
+    }
+}
+
 fn kill_group(pgid: i32) {
     if pgid > 0 {
         // SAFETY: killpg only sends a signal; a stale pgid fails with ESRCH.
@@ -185,8 +228,14 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
         Ok(fd) => fd,
         Err(e) => return AttemptResult::retry(format!("cannot create the output pipe: {e}")),
     };
-    let mut cmd = Command::new(&spec.program);
-    cmd.args(&spec.command[1..]).process_group(0).stdout(Stdio::from(out_write)).stderr(Stdio::from(out_write2)).kill_on_drop(true);
+    // std's `Command`, not tokio's: tokio would open a pidfd of its own to
+    // reap the child, beside the one this attempt needs anyway to kill the
+    // group before the leader is reaped (`exit_watch`). One pidfd, one
+    // registration, per attempt. `process_group` (and no `pre_exec`) keeps
+    // the spawn on the standard library's `posix_spawn` path: no fork of
+    // the whole daemon.
+    let mut cmd = std::process::Command::new(&spec.program);
+    cmd.args(&spec.command[1..]).process_group(0).stdout(Stdio::from(out_write)).stderr(Stdio::from(out_write2));
     let mut feed = None;
     match stdin_bytes {
         None => {
@@ -229,7 +278,7 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
     // child that never reads its stdin cannot leave a writer blocked.
     drop(cmd);
     let mut child = match spawned {
-        Ok(c) => c,
+        Ok(c) => Spawned(Some(c)),
         // Retried, not failed: a deploy may install or fix the script later.
         // The preflight's diagnosis says more than ENOENT does (that a
         // script's interpreter is missing, say); the OS error otherwise.
@@ -238,7 +287,7 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
             return AttemptResult::retry(format!("cannot start the command: {why}"));
         }
     };
-    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let pgid = child.pid();
     if let Some((write, bytes, from)) = feed {
         // More than the pipe holds: the rest goes in the background, and a
         // handler that stops reading (or exits) just ends the write.
@@ -251,7 +300,7 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
             Err(e) => {
                 // The handler would read a cut payload: stop it and retry.
                 kill_group(pgid);
-                let _ = child.wait().await;
+                let _ = child.reap(None).await;
                 return AttemptResult::retry(format!("cannot write the rest of the payload to stdin: {e}"));
             }
         }
@@ -278,7 +327,7 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
         let ended = loop {
             tokio::select! {
                 _ = async { watch.as_ref().expect("guarded").readable().await.map(|mut g| g.retain_ready()) }, if watch.is_some() => break Ok(None),
-                s = child.wait(), if watch.is_none() => break Ok(Some(s)),
+                s = child.reap(None), if watch.is_none() => break Ok(Some(s)),
                 _ = &mut reading, if !drained => drained = true,
                 _ = &mut deadline => break Err(false),
                 _ = job.cancel.cancelled() => break Err(true),
@@ -290,9 +339,9 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
         kill_group(pgid);
         let status = match ended {
             Ok(Some(s)) => Ok(s),
-            Ok(None) => Ok(child.wait().await),
+            Ok(None) => Ok(child.reap(watch.as_ref()).await),
             Err(why) => {
-                let _ = child.wait().await;
+                let _ = child.reap(watch.as_ref()).await;
                 Err(why)
             }
         };
@@ -328,6 +377,47 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
                 (None, Some(sig)) => AttemptResult { output, ..AttemptResult::retry(format!("killed by signal {sig}")) },
                 (None, None) => AttemptResult { output, ..AttemptResult::retry("ended without an exit code") },
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Processes of group `pgid` that have not ended (zombies waiting for a
+    /// reaper do not count: they run nothing).
+    fn live_members(pgid: i32) -> usize {
+        let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+        dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+            .filter(|stat| {
+                // pid (comm) state ppid pgrp …: comm may hold spaces, so split after its ')'.
+                let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                fields.len() > 3 && fields[0] != "Z" && fields[2].parse::<i32>() == Ok(pgid)
+            })
+            .count()
+    }
+
+    #[test]
+    fn an_attempt_dropped_before_its_child_ended_kills_the_whole_group() {
+        let child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & sleep 30"])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("/bin/sh starts");
+        let spawned = Spawned(Some(child));
+        let pgid = spawned.pid();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while live_members(pgid) < 2 {
+            assert!(std::time::Instant::now() < deadline, "the script's background sleep never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(spawned);
+        while live_members(pgid) > 0 {
+            assert!(std::time::Instant::now() < deadline, "group {pgid} still runs after the attempt was dropped");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }

@@ -399,6 +399,26 @@ trait WriteOp: Send {
     /// claim that starts work. The others (attempt records) may wait up to
     /// [`LAZY_WAIT`] to share a commit.
     fn urgent(&self) -> bool;
+    /// Only wakes the writer for the lazy writes waiting in [`Shared::lazy`].
+    fn is_nudge(&self) -> bool {
+        false
+    }
+}
+
+/// Wakes the writer for the lazy writes waiting in [`Shared::lazy`].
+struct Nudge;
+
+impl WriteOp for Nudge {
+    fn apply(&mut self, _: &Connection, _: &mut WriterState) -> Result<(), Error> {
+        Ok(())
+    }
+    fn finish(self: Box<Self>, _: Result<(), StoreError>) {}
+    fn urgent(&self) -> bool {
+        false
+    }
+    fn is_nudge(&self) -> bool {
+        true
+    }
 }
 
 struct Op<T, F> {
@@ -505,6 +525,10 @@ struct Shared {
     hooks: TestHooks,
     /// The daemon refuses writes on a fault; a CLI command only reports it.
     role: Role,
+    /// Lazy writes (attempt records) waiting for the writer. They wait here
+    /// rather than in the channel so that each does not wake the writer
+    /// thread: only the first of a [`LAZY_WAIT`] window sends a [`Nudge`].
+    lazy: Mutex<Vec<Box<dyn WriteOp>>>,
 }
 
 impl Shared {
@@ -713,6 +737,7 @@ impl SqliteStore {
             fault: OnceLock::new(),
             hooks: TestHooks::from_env(),
             role,
+            lazy: Mutex::new(Vec::new()),
         });
         if role.is_daemon() {
             start_check(&writer, &shared);
@@ -833,6 +858,48 @@ impl SqliteStore {
         self.write_op(f, false).await
     }
 
+    /// Queues a lazy write nobody waits for; only a refusal to queue it is
+    /// returned (the write's own failure is not reported).
+    fn enqueue_lazy<F>(&self, f: F) -> Result<(), StoreError>
+    where
+        F: FnMut(&Connection, &mut WriterState) -> Result<(), Error> + Send + 'static,
+    {
+        if let Some(e) = self.shared.fault_error() {
+            return Err(e);
+        }
+        let (reply, _) = oneshot::channel();
+        self.submit(Box::new(Op { f, out: None, reply, urgent: false }))
+    }
+
+    /// Hands `op` to the writer: an urgent one through the channel (which
+    /// wakes it), a lazy one into [`Shared::lazy`], with a [`Nudge`] only
+    /// when it is the first waiting there.
+    fn submit(&self, op: Box<dyn WriteOp>) -> Result<(), StoreError> {
+        let guard = self.tx.lock().expect("writer sender lock poisoned");
+        let Some(tx) = guard.as_ref() else { return Err(StoreError::ShuttingDown) };
+        if !op.urgent() {
+            let mut lazy = self.shared.lazy.lock().expect("lazy write list lock poisoned");
+            if lazy.len() >= QUEUE_DEPTH {
+                return Err(StoreError::Overloaded);
+            }
+            let first = lazy.is_empty();
+            lazy.push(op);
+            drop(lazy);
+            // A full channel means the writer has work and takes the list
+            // with its next batch anyway.
+            if first {
+                if let Err(TrySendError::Disconnected(_)) = tx.try_send(Box::new(Nudge)) {
+                    return Err(StoreError::ShuttingDown);
+                }
+            }
+            return Ok(());
+        }
+        tx.try_send(op).map_err(|e| match e {
+            TrySendError::Full(_) => StoreError::Overloaded,
+            TrySendError::Disconnected(_) => StoreError::ShuttingDown,
+        })
+    }
+
     async fn write_op<T, F>(&self, f: F, urgent: bool) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -842,16 +909,7 @@ impl SqliteStore {
             return Err(e);
         }
         let (reply, rx) = oneshot::channel();
-        let op: Box<dyn WriteOp> = Box::new(Op { f, out: None, reply, urgent });
-        {
-            let guard = self.tx.lock().expect("writer sender lock poisoned");
-            let Some(tx) = guard.as_ref() else { return Err(StoreError::ShuttingDown) };
-            match tx.try_send(op) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => return Err(StoreError::Overloaded),
-                Err(TrySendError::Disconnected(_)) => return Err(StoreError::ShuttingDown),
-            }
-        }
+        self.submit(Box::new(Op { f, out: None, reply, urgent }))?;
         rx.await.unwrap_or(Err(StoreError::ShuttingDown))
     }
 
@@ -1213,6 +1271,7 @@ fn writer_loop(
             }
             take_waiting(&rx, &mut batch);
         }
+        take_lazy(&shared, &mut batch);
         let counts = std::mem::take(&mut *shared.rejections.lock().expect("rejection counter lock poisoned"));
         if !batch.is_empty() || !counts.is_empty() {
             Syncer::hand_over(&mut syncer, run_batch(&mut conn, &mut st, batch, &counts, &shared), &responder);
@@ -1265,6 +1324,18 @@ fn take_waiting(rx: &Receiver<Box<dyn WriteOp>>, batch: &mut Vec<Box<dyn WriteOp
             Ok(op) => batch.push(op),
             Err(_) => break,
         }
+    }
+}
+
+/// Puts the lazy writes waiting in [`Shared::lazy`] at the head of `batch`
+/// (they were mostly queued before what woke the writer) and drops the
+/// nudges that only woke it.
+fn take_lazy(shared: &Shared, batch: &mut Vec<Box<dyn WriteOp>>) {
+    let mut lazy = std::mem::take(&mut *shared.lazy.lock().expect("lazy write list lock poisoned"));
+    batch.retain(|op| !op.is_nudge());
+    if !lazy.is_empty() {
+        lazy.append(batch);
+        *batch = lazy;
     }
 }
 
@@ -1486,7 +1557,9 @@ fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
 
 /// The event's status from its deliveries' ([`rules::event_status`]).
 fn event_status_of(conn: &Connection, seq: i64) -> Result<EventStatus, Error> {
-    let mut stmt = conn.prepare_cached("SELECT DISTINCT status FROM deliveries WHERE event_seq = ?1")?;
+    // Not DISTINCT: that builds a temporary b-tree per call (on every
+    // finished attempt), and an event has only a few deliveries.
+    let mut stmt = conn.prepare_cached("SELECT status FROM deliveries WHERE event_seq = ?1")?;
     let seen = stmt.query_map([seq], |r| r.get::<_, DeliveryStatus>(0))?.collect::<Result<Vec<_>, _>>()?;
     Ok(rules::event_status(&seen))
 }
@@ -1945,12 +2018,15 @@ impl Store for SqliteStore {
 
     async fn started(&self, owner: &str, delivery_id: i64) -> Result<(), StoreError> {
         let owner = owner.to_string();
-        self.write_lazy(move |conn, _| {
+        // Queued, not waited on: the mark rides with the next commit, and
+        // nothing of the attempt depends on when (README "Processing": it
+        // only decides what a crash leaves in the history). Not answering it
+        // saves a reply and a wake-up of the attempt's task per delivery.
+        self.enqueue_lazy(move |conn, _| {
             conn.prepare_cached("UPDATE deliveries SET held = 0 WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' AND held = 1")?
                 .execute(params![delivery_id, owner])?;
             Ok(())
         })
-        .await
     }
 
     async fn renew(&self, owner: &str, delivery_id: i64, lease: Duration) -> Result<bool, StoreError> {

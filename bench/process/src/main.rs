@@ -103,6 +103,18 @@ fn cpu_secs(who: libc::c_int) -> f64 {
     secs(ru.ru_utime) + secs(ru.ru_stime)
 }
 
+/// CPU seconds (user + system, all threads) used so far by process `pid`
+/// itself, from `/proc/<pid>/stat` (its reaped children not included).
+fn own_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid …: comm may hold spaces, so count from its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
 async fn spawn_rate(n: usize, concurrency: usize, piped: bool) -> Result<(), Error> {
     let next = Arc::new(AtomicUsize::new(0));
     let cpu0 = cpu_secs(libc::RUSAGE_SELF) + cpu_secs(libc::RUSAGE_CHILDREN);
@@ -354,6 +366,10 @@ async fn dispatch(db: &str, handler: &str, n: u64, timeout: Duration, cmd: &[&st
         [handler],
         |r| r.get(0),
     )?;
+    // The daemon's own CPU (all its threads, not the handler processes it
+    // reaped): what the deliveries cost beyond their spawns. Read before the
+    // stop, so the shutdown is not counted.
+    let own = own_cpu_secs(child.id());
     // SAFETY: kill(2) on the child we spawned and have not reaped yet.
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
@@ -365,6 +381,9 @@ async fn dispatch(db: &str, handler: &str, n: u64, timeout: Duration, cmd: &[&st
     println!("dispatch_rate {:.0}", n as f64 / secs);
     println!("dispatch_rate_after_start {:.0}", n as f64 / (secs - startup).max(1e-6));
     println!("cpu_ms_per_delivery {:.3}", cpu * 1000.0 / n as f64);
+    if let Some(own) = own {
+        println!("daemon_cpu_ms_per_delivery {:.3}", own * 1000.0 / n as f64);
+    }
     eprintln!(
         "{ok} succeeded, {failed} failed in {secs:.3}s from spawning the daemon ({startup:.3}s until its first attempt); daemon exit {st}"
     );
