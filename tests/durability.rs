@@ -84,6 +84,9 @@ fn assert_order(steps: &[Step]) {
 
 #[test]
 fn no_200_precedes_the_completion_of_a_sync_that_covers_its_commit() {
+    if sqlite_only("the SQLite writer's commit and sync trace") {
+        return;
+    }
     let env = TestEnv::new(&open_source("lead"));
     let trace_path = env.dir().join("sync-trace.txt");
     let d = env
@@ -144,6 +147,9 @@ fn no_200_precedes_the_completion_of_a_sync_that_covers_its_commit() {
 /// yet is lost with it: the daemon can only stop it from getting worse.)
 #[test]
 fn deleting_the_write_ahead_log_while_running_gets_503_and_nothing_more_is_acknowledged() {
+    if sqlite_only("SQLite's write-ahead log file") {
+        return;
+    }
     let env = TestEnv::new(&open_source("lead"));
     let mut wal = env.db_path().into_os_string();
     wal.push("-wal");
