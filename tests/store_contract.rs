@@ -112,13 +112,17 @@ struct PostgresDb {
 
 impl PostgresDb {
     fn create() -> Box<dyn TestDb> {
+        Box::new(Self::create_one())
+    }
+
+    fn create_one() -> PostgresDb {
         let db = pg::PgDatabase::create();
         let dir = tempfile::Builder::new().prefix("hooktrail-contract-pg-").tempdir().expect("creating a temp dir");
         let var = format!("HOOKTRAIL_CONTRACT_PG_{}", ulid::Ulid::new());
         let config = dir.path().join("hooktrail.toml");
         std::fs::write(&config, format!("[storage]\nbackend = \"postgres\"\nurl_env = \"{var}\"\n")).expect("writing the config");
         let url = db.url();
-        Box::new(PostgresDb { _db: db, _dir: dir, config, var, url })
+        PostgresDb { _db: db, _dir: dir, config, var, url }
     }
 }
 
@@ -1484,10 +1488,21 @@ mod cases {
                         store.claim(OTHER, handler, 1, LONG_LEASE).await.expect("claim after the lease expired");
                     }
                 }
-                80..=91 if !ids.is_empty() => {
+                80..=87 if !ids.is_empty() => {
                     let id = ids[rng.gen_range(0..ids.len())];
                     let only = rng.gen_bool(0.5).then(|| handler.to_string());
                     store.replay(vec![id], only, rng.gen_bool(0.5)).await.expect("replay");
+                }
+                88..=91 if !ids.is_empty() => {
+                    // `import` of an exported event under a new id, with its
+                    // deliveries and attempts as they stand.
+                    let id = ids[rng.gen_range(0..ids.len())];
+                    if let Some(mut e) = store.get_event(id).await.expect("get_event") {
+                        let ms = u64::try_from(e.received_at.timestamp_millis()).expect("after 1970");
+                        e.id = EventId(ulid::Ulid::from_parts(ms, rng.gen()));
+                        assert!(store.import_event(e.clone()).await.expect("import"), "a new id is imported");
+                        ids.push(e.id);
+                    }
                 }
                 92..=95 => {
                     after_millisecond_of(Utc::now()).await;
@@ -1828,4 +1843,44 @@ mod cases {
         assert_eq!(store.prune(Utc::now() + chrono::Duration::hours(1), 100).await.expect("prune"), 1, "only the failed event");
         assert_eq!(ids(&claim_ordered(&*store, "o", Block).await), BTreeSet::from([a2]));
     }
+}
+
+/// README "Counters" (PostgreSQL): `stats`, the chart and the queue depth
+/// are answered by the counters, never the events: with the events table
+/// out of reach they still answer. Runs when the suites run on PostgreSQL
+/// (SQLite's twin is the unit test of the same name in `sqlite_scale.rs`).
+#[tokio::test]
+async fn on_postgres_stats_queue_depth_and_the_chart_never_read_the_events_table() {
+    if !backends().iter().any(|b| b.name == "postgres") {
+        eprintln!("skipped: the suites do not run on PostgreSQL (HOOKTRAIL_TEST_BACKEND)");
+        return;
+    }
+    let db = PostgresDb::create_one();
+    let store = db.open();
+    let now = Utc::now();
+    for (i, source) in ["a", "b", "a"].into_iter().enumerate() {
+        let mut ev = event(source, &["h"]);
+        ev.received_at = now - chrono::Duration::hours(i as i64);
+        insert(&*store, ev).await;
+    }
+    store.close().await;
+    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.expect("connecting by hand");
+    let driver = tokio::spawn(conn);
+    client.batch_execute("ALTER TABLE events RENAME TO out_of_reach").await.expect("renaming");
+    let store = db.open();
+    let rows = store.stats(None, None).await.expect("stats from the counters alone");
+    let a = rows.iter().find(|r| r.source == "a" && r.handler.is_none()).expect("source a");
+    assert_eq!((a.received, a.pending), (2, 2));
+    let whole_hour =
+        now.with_minute(0).and_then(|t| t.with_second(0)).and_then(|t| t.with_nanosecond(0)).expect("a time") - chrono::Duration::hours(1);
+    let since = store.stats(Some("a".into()), Some(whole_hour)).await.expect("stats --since a whole hour");
+    assert_eq!(since.iter().find(|r| r.handler.is_none()).map(|r| r.received), Some(1));
+    let hours = store.hourly(now - chrono::Duration::hours(3)).await.expect("hourly");
+    assert_eq!(hours.iter().map(|h| h.received).sum::<u64>(), 3);
+    let depth = store.queue_depth().await.expect("queue depth");
+    assert_eq!(depth.iter().map(|q| q.count).sum::<u64>(), 3);
+    store.close().await;
+    client.batch_execute("ALTER TABLE out_of_reach RENAME TO events").await.expect("renaming back");
+    drop(client);
+    let _ = driver.await;
 }

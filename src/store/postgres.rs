@@ -114,6 +114,9 @@ macro_rules! prunable_sql {
     };
 }
 
+// After the SQL spellings of the rules, which it uses.
+mod scale;
+
 /// The smallest event id that can have been received at or after `t` (ids
 /// are ULIDs made after receipt, and their text sorts by time).
 fn id_floor(t: DateTime<Utc>) -> String {
@@ -281,6 +284,7 @@ impl PostgresStore {
         if role.is_daemon() {
             rt.spawn(cancel.clone().run_until_cancelled_owned(maintenance(shared.clone())));
             rt.spawn(cancel.clone().run_until_cancelled_owned(count_writer(shared.clone())));
+            rt.spawn(cancel.clone().run_until_cancelled_owned(scale::folder(shared.clone())));
         }
         if role.processes() {
             rt.spawn(cancel.run_until_cancelled_owned(listener(target.config, target.tls, shared.work.clone())));
@@ -425,12 +429,16 @@ async fn insert_pipelined(
     let stmt = client
         .prepare_cached(concat!(
             "WITH ev AS (
-                INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
-                                     $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[])
+                INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload,
+                                    search_words)
+                SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, string_to_array(c13, ' ')
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+                            $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[], $15::text[])
+                     AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13)
              ), dl AS (
-                INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, order_key)
-                SELECT e, h, 'pending', now(), now(), now(), k FROM unnest($13::text[], $14::text[], $15::text[]) AS u(e, h, k)
+                INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, source, hour, order_key)
+                SELECT e, h, 'pending', now(), now(), now(), s, hr, k
+                FROM unnest($13::text[], $14::text[], $16::text[], $17::int8[], $18::text[]) AS u(e, h, s, hr, k)
                 RETURNING id, event_id, handler, order_key
              ), hd AS (",
             new_heads_from_dl!(),
@@ -438,19 +446,13 @@ async fn insert_pipelined(
         ))
         .await?;
     let mut cols = EventColumns::default();
-    let (mut d_event, mut d_handler, mut d_key) = (Vec::new(), Vec::new(), Vec::new());
     let mut answers = Vec::with_capacity(events.len());
     for ev in events {
         let id = shared.next_id();
         cols.push(id, ev);
-        for (i, h) in ev.handlers.iter().enumerate() {
-            d_event.push(id.to_string());
-            d_handler.push(h.clone());
-            d_key.push(ev.order_keys.get(i).cloned().flatten());
-        }
         answers.push(Inserted { id, duplicate: false });
     }
-    let params: [&(dyn ToSql + Sync); 15] = [
+    let params: [&(dyn ToSql + Sync); 18] = [
         &cols.id,
         &cols.source,
         &cols.status,
@@ -463,9 +465,12 @@ async fn insert_pipelined(
         &cols.body,
         &cols.payload_kind,
         &cols.payload,
-        &d_event,
-        &d_handler,
-        &d_key,
+        &cols.d_event,
+        &cols.d_handler,
+        &cols.words,
+        &cols.d_source,
+        &cols.d_hour,
+        &cols.d_key,
     ];
     // The ack means durable, whatever the database's default is.
     let (begun, stored, committed) = tokio::join!(
@@ -476,7 +481,7 @@ async fn insert_pipelined(
     begun?;
     stored?;
     committed?;
-    Ok((answers, d_event.len() as i64))
+    Ok((answers, cols.d_event.len() as i64))
 }
 
 /// Returns the answers and the number of deliveries queued.
@@ -517,26 +522,21 @@ async fn insert_in(
     }
 
     let mut cols = EventColumns::default();
-    let mut d_event = Vec::new();
-    let mut d_handler = Vec::new();
-    let mut d_key = Vec::new();
     for (ev, a) in events.iter().zip(&answers) {
         if a.duplicate {
             continue;
         }
         cols.push(a.id, ev);
-        for (i, h) in ev.handlers.iter().enumerate() {
-            d_event.push(a.id.to_string());
-            d_handler.push(h.clone());
-            d_key.push(ev.order_keys.get(i).cloned().flatten());
-        }
     }
     if !cols.id.is_empty() {
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
-                                      $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[])",
+                "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind,
+                                     payload, search_words)
+                 SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, string_to_array(c13, ' ')
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+                             $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[], $13::text[])
+                      AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13)",
             )
             .await?;
         tx.execute(
@@ -554,26 +554,28 @@ async fn insert_in(
                 &cols.body,
                 &cols.payload_kind,
                 &cols.payload,
+                &cols.words,
             ],
         )
         .await?;
     }
-    if !d_event.is_empty() {
+    if !cols.d_event.is_empty() {
         let stmt = tx
             .prepare_cached(concat!(
                 "WITH dl AS (
-                    INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, order_key)
-                    SELECT e, h, 'pending', now(), now(), now(), k FROM unnest($1::text[], $2::text[], $3::text[]) AS u(e, h, k)
+                    INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, source, hour, order_key)
+                    SELECT e, h, 'pending', now(), now(), now(), s, hr, k
+                    FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[]) AS u(e, h, s, hr, k)
                     RETURNING id, event_id, handler, order_key
                  ), hd AS (",
                 new_heads_from_dl!(),
                 ") SELECT 1",
             ))
             .await?;
-        tx.execute(&stmt, &[&d_event, &d_handler, &d_key]).await?;
+        tx.execute(&stmt, &[&cols.d_event, &cols.d_handler, &cols.d_source, &cols.d_hour, &cols.d_key]).await?;
     }
     add_counts(tx, &counts).await?;
-    Ok((answers, d_event.len() as i64))
+    Ok((answers, cols.d_event.len() as i64))
 }
 
 /// The columns of a multi-row event insert.
@@ -591,6 +593,15 @@ struct EventColumns {
     body: Vec<Vec<u8>>,
     payload_kind: Vec<i16>,
     payload: Vec<Option<String>>,
+    /// Each event's search words, as [`scale::index_words`] joins them.
+    words: Vec<String>,
+    /// The deliveries: event, handler, and the event's source and receive hour.
+    d_event: Vec<String>,
+    d_handler: Vec<String>,
+    d_source: Vec<String>,
+    d_hour: Vec<i64>,
+    /// Each delivery's ordering key (README "Ordered processing"), if any.
+    d_key: Vec<Option<String>>,
 }
 
 impl EventColumns {
@@ -612,6 +623,14 @@ impl EventColumns {
         self.body.push(ev.body.to_vec());
         self.payload_kind.push(kind);
         self.payload.push(payload);
+        self.words.push(scale::new_index_words(&ev.payload, &ev.body));
+        for (i, h) in ev.handlers.iter().enumerate() {
+            self.d_event.push(id.to_string());
+            self.d_handler.push(h.clone());
+            self.d_source.push(ev.source.clone());
+            self.d_hour.push(rules::tally_hour(ev.received_at));
+            self.d_key.push(ev.order_keys.get(i).cloned().flatten());
+        }
     }
 }
 
@@ -935,6 +954,10 @@ fn filter_sql(f: &EventFilter) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
     if let Some(h) = &f.handler {
         let p = arg(&mut args, Box::new(h.clone()));
         sql.push_str(&format!(" AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.handler = {p})"));
+    }
+    if let Some(words) = scale::narrowing(f) {
+        let p = arg(&mut args, Box::new(words));
+        sql.push_str(&format!(" AND e.search_words @> {p}::text[]"));
     }
     for (ptr, val) in &f.matches {
         let path = pointer_path(ptr);
@@ -1272,10 +1295,12 @@ async fn import_in(
     };
     let status = rules::event_status(statuses);
     let headers = ev.headers.as_ref().map_or_else(|| "{}".to_string(), Value::to_string);
+    let words = scale::stored_index_words(kind, &body, payload);
     let inserted = tx
         .query_opt(
-            "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING RETURNING id",
+            "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload,
+                                 search_words)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, string_to_array($13, ' ')) ON CONFLICT (id) DO NOTHING RETURNING id",
             &[
                 &ev.id.to_string(),
                 &ev.source,
@@ -1289,6 +1314,7 @@ async fn import_in(
                 &body,
                 &kind,
                 &payload,
+                &words,
             ],
         )
         .await?;
@@ -1300,9 +1326,18 @@ async fn import_in(
         let next_at = d.next_attempt_at.filter(|_| rules::waits_for_its_time(*status)).unwrap_or_else(Utc::now);
         let id: i64 = tx
             .query_one(
-                "INSERT INTO deliveries (event_id, handler, status, attempts, next_at, queued_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, now()) RETURNING id",
-                &[&ev.id.to_string(), &d.handler, &status.as_str(), &(d.attempt_count as i32), &next_at, &ev.received_at],
+                "INSERT INTO deliveries (event_id, handler, status, attempts, next_at, queued_at, updated_at, source, hour)
+                 VALUES ($1, $2, $3, $4, $5, $6, now(), $7, $8) RETURNING id",
+                &[
+                    &ev.id.to_string(),
+                    &d.handler,
+                    &status.as_str(),
+                    &(d.attempt_count as i32),
+                    &next_at,
+                    &ev.received_at,
+                    &ev.source,
+                    &rules::tally_hour(ev.received_at),
+                ],
             )
             .await?
             .get(0);
@@ -1376,11 +1411,16 @@ impl Store for PostgresStore {
 
     async fn list_events(&self, filter: EventFilter, detail: Detail) -> Result<Vec<EventRecord>, StoreError> {
         let client = self.shared.client().await?;
-        let (where_sql, args) = filter_sql(&filter);
-        let order = if filter.ascending { "ASC" } else { "DESC" };
-        let limit = filter.limit.map_or("ALL".to_string(), |l| l.to_string());
-        let sql = format!("SELECT {EVENT_COLS} FROM events e {where_sql} ORDER BY e.id {order} LIMIT {limit}");
-        let rows = client.query(&sql, &arg_refs(&args)).await.map_err(connect::neutral)?;
+        let rows = match &filter.search {
+            Some(needle) => scale::searched(&**client, &filter, needle).await?,
+            None => {
+                let (where_sql, args) = filter_sql(&filter);
+                let order = if filter.ascending { "ASC" } else { "DESC" };
+                let limit = filter.limit.map_or("ALL".to_string(), |l| l.to_string());
+                let sql = format!("SELECT {EVENT_COLS} FROM events e {where_sql} ORDER BY e.id {order} LIMIT {limit}");
+                client.query(&sql, &arg_refs(&args)).await.map_err(connect::neutral)?
+            }
+        };
         let mut out = rows.iter().map(|r| event_from_row(r, detail)).collect::<Result<Vec<_>, _>>()?;
         if detail == Detail::Full && !out.is_empty() {
             let ids: Vec<String> = out.iter().map(|e| e.id.to_string()).collect();
@@ -1403,100 +1443,15 @@ impl Store for PostgresStore {
     }
 
     async fn stats(&self, source: Option<String>, since: Option<DateTime<Utc>>) -> Result<Vec<StatsRow>, StoreError> {
-        let client = self.shared.client().await?;
-        let since_hour = since.map(|t| t.timestamp() / SECS_PER_HOUR);
-        let floor = since.map(id_floor);
-        let mut rows: BTreeMap<(String, Option<String>), StatsRow> = BTreeMap::new();
-        let ev = query_sql(
-            &**client,
-            "SELECT source, status, count(*) FROM events
-                 WHERE ($1::timestamptz IS NULL OR (received_at >= $1 AND id >= $3)) AND ($2::text IS NULL OR source = $2)
-                 GROUP BY source, status",
-            &[&since, &source, &floor],
-        )
-        .await?;
-        for r in &ev {
-            let src: String = get(r, 0)?;
-            let status: EventStatus = parsed(get::<&str>(r, 1)?)?;
-            let n = count(r, 2)?;
-            let row = rows.entry((src.clone(), None)).or_insert_with(|| StatsRow { source: src, ..Default::default() });
-            row.received += n;
-            row.add(rules::event_column(status), n);
-        }
-        let cn = query_sql(
-            &**client,
-            "SELECT source, kind, sum(n)::int8 FROM counters WHERE ($1::int8 IS NULL OR hour >= $1) AND ($2::text IS NULL OR source = $2)
-                 GROUP BY source, kind",
-            &[&since_hour, &source],
-        )
-        .await?;
-        for r in &cn {
-            let src: String = get(r, 0)?;
-            let kind: RejectReason = parsed(get::<&str>(r, 1)?)?;
-            let n = count(r, 2)?;
-            let row = rows.entry((src.clone(), None)).or_insert_with(|| StatsRow { source: src, ..Default::default() });
-            row.add(rules::counter_column(kind), n);
-        }
-        let dl = query_sql(
-            &**client,
-            "SELECT e.source, d.handler, d.status, count(*) FROM deliveries d JOIN events e ON e.id = d.event_id
-                 WHERE ($1::timestamptz IS NULL OR (e.received_at >= $1 AND e.id >= $3)) AND ($2::text IS NULL OR e.source = $2)
-                 GROUP BY e.source, d.handler, d.status",
-            &[&since, &source, &floor],
-        )
-        .await?;
-        for r in &dl {
-            let src: String = get(r, 0)?;
-            let handler: String = get(r, 1)?;
-            let status: DeliveryStatus = parsed(get::<&str>(r, 2)?)?;
-            let n = count(r, 3)?;
-            let row = rows.entry((src.clone(), Some(handler.clone()))).or_insert_with(|| StatsRow {
-                source: src,
-                handler: Some(handler),
-                ..Default::default()
-            });
-            row.received += n;
-            row.add(rules::delivery_column(status), n);
-        }
-        Ok(rows.into_values().collect())
+        scale::stats(&self.shared, source, since).await
     }
 
     async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError> {
-        let client = self.shared.client().await?;
-        // Same predicate as the partial index deliveries_due: only unfinished rows are read.
-        let rows = query_sql(
-            &**client,
-            concat!(
-                "SELECT handler, status, count(*), min(queued_at) FROM deliveries WHERE status IN ",
-                unfinished_sql!(),
-                " GROUP BY 1, 2"
-            ),
-            &[],
-        )
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(QueueDepth {
-                    handler: get(r, 0)?,
-                    status: parsed(get::<&str>(r, 1)?)?,
-                    count: count(r, 2)?,
-                    oldest_queued_at: get(r, 3)?,
-                })
-            })
-            .collect()
+        scale::queue_depth(&self.shared).await
     }
 
     async fn hourly(&self, since: DateTime<Utc>) -> Result<Vec<HourCounts>, StoreError> {
-        let client = self.shared.client().await?;
-        let rows = query_sql(
-            &**client,
-            "SELECT date_trunc('hour', received_at, 'UTC') AS h, count(*), count(*) FILTER (WHERE status = 'done'),
-                        count(*) FILTER (WHERE status = 'failed')
-                 FROM events WHERE received_at >= $1 AND id >= $2 GROUP BY h ORDER BY h",
-            &[&since, &id_floor(since)],
-        )
-        .await?;
-        rows.iter().map(|r| Ok(HourCounts { hour: get(r, 0)?, received: count(r, 1)?, done: count(r, 2)?, failed: count(r, 3)? })).collect()
+        scale::hourly(&self.shared, since).await
     }
 
     async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
@@ -1695,6 +1650,11 @@ impl Store for PostgresStore {
 
     async fn find_ids(&self, filter: EventFilter) -> Result<Vec<EventId>, StoreError> {
         let client = self.shared.client().await?;
+        if let Some(needle) = &filter.search {
+            let filter = EventFilter { ascending: true, ..filter.clone() };
+            let rows = scale::searched(&**client, &filter, needle).await?;
+            return rows.iter().map(|r| parsed(get::<&str>(r, 0)?)).collect();
+        }
         let (where_sql, args) = filter_sql(&filter);
         let limit = filter.limit.map_or("ALL".to_string(), |l| l.to_string());
         let sql = format!("SELECT e.id FROM events e {where_sql} ORDER BY e.id LIMIT {limit}");
@@ -1722,6 +1682,10 @@ impl Store for PostgresStore {
                 return Ok(total);
             }
         }
+    }
+
+    async fn compact(&self) -> Result<String, StoreError> {
+        scale::compact(&self.shared).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -1775,6 +1739,11 @@ impl Store for PostgresStore {
             if let Err(e) = write_counts(&self.shared, &counts).await {
                 tracing::warn!(error = %e, "rejection counts not written at close");
             }
+        }
+        // Deltas counted by this process's last writes (an import) are folded
+        // now rather than left for a daemon.
+        if let Err(e) = scale::fold(&self.shared).await {
+            tracing::debug!(error = %e, "counters not folded at close");
         }
         self.background.cancel();
         self.shared.pool.close();

@@ -315,9 +315,9 @@ pub async fn skip_in(tx: &Tx<'_>, id: EventId, handler: &str) -> PgResult<Result
     }
     tx.execute("UPDATE deliveries SET status = $2, updated_at = now() WHERE id = $1", &[&delivery, &DeliveryStatus::Skipped.as_str()])
         .await?;
-    // COUNTERS (pgscale, issue 14): move this delivery's count from `status`
-    // (failed) to `skipped` here, in this transaction, once the PostgreSQL
-    // counters are on main; the one call site for `skip`.
+    // The counters follow by themselves: the deliveries table's statement
+    // trigger moves the count from failed to skipped in this transaction
+    // (see `schema`, migration 3).
     refresh_event_status(tx, &event).await?;
     Ok(Ok(()))
 }

@@ -123,7 +123,118 @@ const MIGRATIONS: &[&str] = &[
     ) WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01, autovacuum_analyze_scale_factor = 0.02);
     CREATE INDEX order_heads_due ON order_heads (handler, blocked, due);
     "#,
+    // 3: counters and search (README "Counters", "Search").
+    SCALE,
 ];
+
+/// Migration 3 (README "Counters", "Search"):
+///
+/// - **Counters** are kept by statement-level triggers: every statement
+///   that inserts, deletes or updates events or deliveries adds its
+///   changes of state ([`crate::store::rules::tally_moves`], by receive hour
+///   as [`crate::store::rules::tally_hour`]) to `tally_deltas`, summed per
+///   statement, in that statement's transaction. So no way of changing a
+///   state (ingest, claim, finish, release, takeover, replay, skip, prune,
+///   import) can forget to count it. Deltas are rows appended, never a row
+///   updated, so nodes committing side by side never wait on a hot counter
+///   row; a daemon folds them into `tally_hours`/`tally_totals` about once a
+///   second (one node at a time), and readers add the unfolded ones.
+/// - A delivery carries its event's `source` and receive `hour`, so its
+///   counts need no join (and a delivery deleted with its event is still
+///   counted away).
+/// - **Search**: `search_words` is [`crate::store::search::words`] of the
+///   event's searchable text, computed in Rust at insert, under a GIN index;
+///   it finds candidates and [`crate::store::search::contains`] decides.
+pub(super) const SCALE: &str = r#"
+    ALTER TABLE deliveries ADD COLUMN source text, ADD COLUMN hour bigint;
+    UPDATE deliveries d SET source = e.source, hour = floor(extract(epoch FROM e.received_at) / 3600)::bigint
+        FROM events e WHERE e.id = d.event_id;
+    ALTER TABLE deliveries ALTER COLUMN source SET NOT NULL, ALTER COLUMN hour SET NOT NULL;
+    ALTER TABLE events ADD COLUMN search_words text[];
+    CREATE INDEX events_search ON events USING gin (search_words);
+    -- The queue-depth metrics' oldest waiting delivery per handler and state.
+    CREATE INDEX deliveries_waiting ON deliveries (handler, status, queued_at)
+        WHERE status IN ('pending', 'retrying', 'running');
+
+    CREATE TABLE tally_hours (
+        hour    bigint NOT NULL,        -- the event's receive time, unix seconds / 3600, rounded down
+        source  text NOT NULL,
+        handler text NOT NULL,          -- '' counts the events themselves
+        state   text NOT NULL,
+        n       bigint NOT NULL,
+        PRIMARY KEY (hour, source, handler, state)
+    );
+    CREATE TABLE tally_totals (
+        source  text NOT NULL,
+        handler text NOT NULL,
+        state   text NOT NULL,
+        n       bigint NOT NULL,
+        PRIMARY KEY (source, handler, state)
+    );
+    -- Appended by the triggers, folded into the two above and deleted.
+    CREATE TABLE tally_deltas (
+        hour    bigint NOT NULL,
+        source  text NOT NULL,
+        handler text NOT NULL,
+        state   text NOT NULL,
+        n       bigint NOT NULL
+    ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+            autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000);
+
+    INSERT INTO tally_hours
+        SELECT floor(extract(epoch FROM received_at) / 3600)::bigint AS h, source, '', status, count(*)
+        FROM events GROUP BY h, source, status;
+    INSERT INTO tally_hours SELECT hour, source, handler, status, count(*) FROM deliveries GROUP BY 1, 2, 3, 4;
+    INSERT INTO tally_totals SELECT source, handler, state, sum(n) FROM tally_hours GROUP BY 1, 2, 3;
+
+    CREATE FUNCTION hooktrail_tally_events() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO tally_deltas
+                SELECT floor(extract(epoch FROM received_at) / 3600)::bigint, source, '', status, count(*) FROM new_rows GROUP BY 1, 2, 4;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO tally_deltas
+                SELECT floor(extract(epoch FROM received_at) / 3600)::bigint, source, '', status, -count(*) FROM old_rows GROUP BY 1, 2, 4;
+        ELSE
+            INSERT INTO tally_deltas
+                SELECT h, s, '', st, sum(n) FROM (
+                    SELECT floor(extract(epoch FROM received_at) / 3600)::bigint AS h, source AS s, status AS st, 1 AS n FROM new_rows
+                    UNION ALL
+                    SELECT floor(extract(epoch FROM received_at) / 3600)::bigint, source, status, -1 FROM old_rows
+                ) AS m GROUP BY h, s, st HAVING sum(n) <> 0;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER events_tally_insert AFTER INSERT ON events
+        REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION hooktrail_tally_events();
+    CREATE TRIGGER events_tally_update AFTER UPDATE ON events
+        REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION hooktrail_tally_events();
+    CREATE TRIGGER events_tally_delete AFTER DELETE ON events
+        REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION hooktrail_tally_events();
+
+    CREATE FUNCTION hooktrail_tally_deliveries() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO tally_deltas SELECT hour, source, handler, status, count(*) FROM new_rows GROUP BY 1, 2, 3, 4;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO tally_deltas SELECT hour, source, handler, status, -count(*) FROM old_rows GROUP BY 1, 2, 3, 4;
+        ELSE
+            INSERT INTO tally_deltas
+                SELECT hour, source, handler, status, sum(n) FROM (
+                    SELECT hour, source, handler, status, 1 AS n FROM new_rows
+                    UNION ALL
+                    SELECT hour, source, handler, status, -1 FROM old_rows
+                ) AS m GROUP BY 1, 2, 3, 4 HAVING sum(n) <> 0;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER deliveries_tally_insert AFTER INSERT ON deliveries
+        REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION hooktrail_tally_deliveries();
+    CREATE TRIGGER deliveries_tally_update AFTER UPDATE ON deliveries
+        REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION hooktrail_tally_deliveries();
+    CREATE TRIGGER deliveries_tally_delete AFTER DELETE ON deliveries
+        REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION hooktrail_tally_deliveries();
+"#;
 
 /// Applies the migrations this database lacks, once however many nodes
 /// start together: the first takes the advisory lock and migrates, the
@@ -148,6 +259,12 @@ async fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = client.transaction().await.map_err(neutral)?;
         tx.batch_execute(sql).await.map_err(neutral)?;
+        if *sql == SCALE {
+            let n = super::scale::index_stored(&tx).await.map_err(neutral)?;
+            if n > 0 {
+                tracing::info!(events = n, "indexed the stored events for search");
+            }
+        }
         tx.execute("DELETE FROM hooktrail_schema", &[]).await.map_err(neutral)?;
         tx.execute("INSERT INTO hooktrail_schema (version) VALUES ($1)", &[&(i as i32 + 1)]).await.map_err(neutral)?;
         tx.commit().await.map_err(neutral)?;
