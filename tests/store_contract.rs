@@ -1444,7 +1444,7 @@ mod cases {
     /// README "Counters": `stats` (with `--source` and `--since`), the
     /// queue-depth metrics and the chart are kept in the transaction of every
     /// change (insert, claim, finish, retry, release, lease expiry, replay,
-    /// prune), and always equal a full recount of the stored events.
+    /// import, skip, prune), and always equal a full recount of the stored events.
     pub async fn counters_equal_a_full_recount_after_random_inserts_claims_retries_releases_replays_and_prunes(store: Arc<dyn Store>) {
         use rand::{Rng, SeedableRng};
         let seed = rand::random::<u64>();
@@ -1504,7 +1504,19 @@ mod cases {
                         ids.push(e.id);
                     }
                 }
-                92..=95 => {
+                92..=93 if !ids.is_empty() => {
+                    // `events skip` of a failed delivery: failed -> skipped.
+                    let id = ids[rng.gen_range(0..ids.len())];
+                    let failed = store
+                        .get_event(id)
+                        .await
+                        .expect("get_event")
+                        .and_then(|e| e.deliveries?.into_iter().find(|d| d.status == DeliveryStatus::Failed).map(|d| d.handler));
+                    if let Some(h) = failed {
+                        store.skip(id, &h).await.expect("skip a failed delivery");
+                    }
+                }
+                94..=95 => {
                     after_millisecond_of(Utc::now()).await;
                     cutoffs.push(Utc::now());
                 }
