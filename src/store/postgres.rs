@@ -452,26 +452,8 @@ async fn insert_pipelined(
         cols.push(id, ev);
         answers.push(Inserted { id, duplicate: false });
     }
-    let params: [&(dyn ToSql + Sync); 18] = [
-        &cols.id,
-        &cols.source,
-        &cols.status,
-        &cols.received_at,
-        &cols.method,
-        &cols.content_type,
-        &cols.query,
-        &cols.headers,
-        &cols.remote_addr,
-        &cols.body,
-        &cols.payload_kind,
-        &cols.payload,
-        &cols.d_event,
-        &cols.d_handler,
-        &cols.words,
-        &cols.d_source,
-        &cols.d_hour,
-        &cols.d_key,
-    ];
+    let mut params = cols.event_params();
+    params.extend([&cols.d_event as &(dyn ToSql + Sync), &cols.d_handler, &cols.words, &cols.d_source, &cols.d_hour, &cols.d_key]);
     // The ack means durable, whatever the database's default is.
     let (begun, stored, committed) = tokio::join!(
         client.batch_execute("BEGIN; SET LOCAL synchronous_commit = on"),
@@ -539,25 +521,9 @@ async fn insert_in(
                       AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13)",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[
-                &cols.id,
-                &cols.source,
-                &cols.status,
-                &cols.received_at,
-                &cols.method,
-                &cols.content_type,
-                &cols.query,
-                &cols.headers,
-                &cols.remote_addr,
-                &cols.body,
-                &cols.payload_kind,
-                &cols.payload,
-                &cols.words,
-            ],
-        )
-        .await?;
+        let mut params = cols.event_params();
+        params.push(&cols.words);
+        tx.execute(&stmt, &params).await?;
     }
     if !cols.d_event.is_empty() {
         let stmt = tx
@@ -605,6 +571,25 @@ struct EventColumns {
 }
 
 impl EventColumns {
+    /// The events' twelve columns as statement parameters `$1`..`$12`, in
+    /// the order both event inserts (`insert_pipelined`, `insert_in`) name them.
+    fn event_params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.id,
+            &self.source,
+            &self.status,
+            &self.received_at,
+            &self.method,
+            &self.content_type,
+            &self.query,
+            &self.headers,
+            &self.remote_addr,
+            &self.body,
+            &self.payload_kind,
+            &self.payload,
+        ]
+    }
+
     fn push(&mut self, id: EventId, ev: &NewEvent) {
         let (kind, payload) = match &ev.payload {
             Payload::Null => (PAYLOAD_NULL, None),
