@@ -192,7 +192,9 @@ pub fn replay_takes(status: DeliveryStatus, only_failed: bool) -> bool {
 //   head, `due` when it may next be looked at (its `next_at` as last seen),
 //   `blocked` set while a failed head holds the key ([`head_step`]).
 //   Indexed by `(handler, blocked, due)`.
-// * An index on unfinished keyed deliveries `(handler, key, event)`, to find
+// * An index on unfinished keyed deliveries `(handler, key, event)` (on
+//   SQLite over a column holding the key only while unfinished, so claims
+//   do not rewrite it), to find
 //   a key's next head in one probe, and one on unfinished *unkeyed*
 //   deliveries `(handler, next_at)`, so the unordered part of a claim never
 //   walks the keyed backlog.
@@ -225,6 +227,11 @@ pub fn replay_takes(status: DeliveryStatus, only_failed: bool) -> bool {
 //
 // Finish, release, retry: set the head row's `due` to the delivery's new
 // `next_at` (now, for a finished one, so the next claim advances or blocks).
+// A backend may advance at once a head that succeeded (SQLite does): the
+// key's next unfinished delivery becomes the head, due at its own
+// `next_at` (for a pending one, when it was queued), or the row goes. Ready
+// heads are then claimed in about event order rather than in the order
+// their predecessors finished, so a claim's rows sit close together.
 // Replay of a keyed delivery D: no row: D becomes the head. A row whose
 // head is D (blocked): unblocked, due now. A row whose head is `pending`
 // and younger than D: D becomes the head (it goes back in event-id order
