@@ -384,3 +384,119 @@ fn two_process_nodes_run_each_keys_deliveries_one_at_a_time_in_id_order() {
     assert_eq!(ran_by.keys().cloned().collect::<BTreeSet<_>>(), pids, "both process nodes ran deliveries: {ran_by:?}");
     wait_for("every event to show done", SETTLE_ALL, || env.events_where(&["--status", "done"]).len() == EVENTS);
 }
+
+/// One acknowledged post: which client sent it, its number, and the dedup
+/// key it carried (`None` for the source without dedup).
+#[derive(Debug, Clone)]
+struct Acked {
+    client: usize,
+    n: u64,
+    key: Option<String>,
+}
+
+/// Issue 14: two ingest nodes and two process nodes on one database; eight
+/// clients post to both listeners at once (half of them with a dedup key,
+/// so both ingest paths are loaded); one ingest node is killed with
+/// `kill -9` while its clients are mid-request. The other keeps answering,
+/// and every event either node acknowledged is stored with the payload that
+/// was posted, keeps its dedup key, and is processed exactly once.
+#[test]
+fn kill9_of_one_ingest_node_under_load_loses_no_acked_event() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    if postgres_only() {
+        return;
+    }
+    const CLIENTS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"200ms\"\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [sources.keyed]\nauth = {{ type = \"none\" }}\ndedup = {{ key = \"/key\", window = \"1h\" }}\n\
+         {}[[routes]]\nsource = \"keyed\"\nhandler = \"record\"\n",
+        recording_handler(&runs)
+    ));
+    let ingest = [env.daemon().arg("--role").arg("ingest").start(), env.daemon().arg("--role").arg("ingest").start()];
+    let _process = [env.daemon().arg("--role").arg("process").start(), env.daemon().arg("--role").arg("process").start()];
+    let (victim, survivor) = (&ingest[0], &ingest[1]);
+
+    // Acknowledgements per node; id -> what was posted.
+    let acks = [AtomicUsize::new(0), AtomicUsize::new(0)];
+    let (stop, killed) = (AtomicBool::new(false), AtomicBool::new(false));
+    let acked: Mutex<BTreeMap<String, Acked>> = Mutex::new(BTreeMap::new());
+    let unexpected = Mutex::new(Vec::new());
+    let cut_off = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for client in 0..CLIENTS {
+            let node = client % 2;
+            let (d, acks, stop, killed, acked, unexpected, cut_off) = (&ingest[node], &acks, &stop, &killed, &acked, &unexpected, &cut_off);
+            s.spawn(move || {
+                for n in 0u64.. {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let key = (client % 4 >= 2).then(|| format!("c{client}-n{n}"));
+                    let (path, body) = match &key {
+                        Some(k) => ("/hooks/keyed", format!(r#"{{"client":{client},"n":{n},"key":"{k}"}}"#)),
+                        None => ("/hooks/in", format!(r#"{{"client":{client},"n":{n}}}"#)),
+                    };
+                    match d.request("POST", path).header("content-type", "application/json").body(body).try_send() {
+                        Ok(r) if r.status == 200 => {
+                            acked.lock().unwrap().insert(r.id(), Acked { client, n, key });
+                            acks[node].fetch_add(1, Ordering::Relaxed);
+                        }
+                        // An honest "not stored" (overload); never after a kill, which refuses.
+                        Ok(r) if r.status == 503 => {}
+                        Ok(r) => unexpected.lock().unwrap().push(format!("node {node}: {} {}", r.status, r.text())),
+                        Err(e) => {
+                            if node == 0 && killed.load(Ordering::Relaxed) {
+                                // The killed node's clients stop at their first refused or cut request.
+                                cut_off.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                            unexpected.lock().unwrap().push(format!("node {node}: transport error {e}"));
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        wait_for("load on both ingest nodes", SETTLE_ALL, || acks.iter().all(|a| a.load(Ordering::Relaxed) >= 300));
+        killed.store(true, Ordering::Relaxed);
+        signal(victim.pid(), libc::SIGKILL);
+        let before = acks[1].load(Ordering::Relaxed);
+        wait_for("the other ingest node to keep answering", SETTLE_ALL, || acks[1].load(Ordering::Relaxed) >= before + 300);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let unexpected = unexpected.into_inner().unwrap();
+    assert!(unexpected.is_empty(), "only 200 or 503 (and a cut connection to the killed node): {unexpected:?}");
+    assert_eq!(cut_off.load(Ordering::Relaxed), CLIENTS / 2, "every client of the killed node was still posting when it died");
+    let acked = acked.into_inner().unwrap();
+
+    // Stored, with what was posted.
+    let stored: BTreeMap<String, serde_json::Value> =
+        env.events().into_iter().map(|e| (e["id"].as_str().unwrap().to_string(), e["payload"].clone())).collect();
+    let lost: Vec<&String> = acked.keys().filter(|id| !stored.contains_key(*id)).collect();
+    assert!(lost.is_empty(), "{} of {} acknowledged events were lost: {:?}", lost.len(), acked.len(), &lost[..lost.len().min(10)]);
+    for (id, a) in &acked {
+        let p = &stored[id];
+        assert_eq!((p["client"].as_u64(), p["n"].as_u64()), (Some(a.client as u64), Some(a.n)), "{id}");
+    }
+    // The dedup keys the killed node acknowledged are kept: the survivor
+    // answers each again with the first event's id.
+    for (id, a) in acked.iter().filter(|(_, a)| a.client % 2 == 0) {
+        let Some(key) = &a.key else { continue };
+        let r = survivor.post_json("/hooks/keyed", &format!(r#"{{"client":{},"n":{},"key":"{key}"}}"#, a.client, a.n));
+        assert_eq!(r.json(), serde_json::json!({"id": id, "status": "duplicate"}), "key {key}");
+    }
+    // Processed, each once (no process node crashed).
+    let mut seen = BTreeMap::new();
+    let all_ran = wait_until(SETTLE_ALL, || {
+        seen = runs_of(&runs);
+        acked.keys().all(|id| seen.contains_key(id))
+    });
+    let missing = acked.keys().filter(|id| !seen.contains_key(*id)).count();
+    assert!(all_ran, "{missing} of {} acknowledged events never ran; log:\n{}", acked.len(), env.log());
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "each delivery runs exactly once when no process node crashes: {twice:?}");
+}
