@@ -500,3 +500,180 @@ fn kill9_of_one_ingest_node_under_load_loses_no_acked_event() {
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "each delivery runs exactly once when no process node crashes: {twice:?}");
 }
+
+/// Issue 14: `events replay` and `events skip` run while two process nodes
+/// claim and finish the same keys, events and deliveries. They lock rows in
+/// the order claims and finishes do (key head, delivery, event; events in
+/// id order), and try again after a deadlock PostgreSQL broke, so no
+/// operator command and no node ever reports one.
+#[test]
+fn replays_and_skips_beside_two_busy_process_nodes_never_deadlock() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    if postgres_only() {
+        return;
+    }
+    // Events with `"fail": "1"` fail for good (exit 3) in both handlers, each time they run.
+    let fails = toml_str("[ \"$FAIL\" = 1 ] && exit 3; exit 0");
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"100ms\"\nmax_concurrency = 16\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [handlers.ord]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", {fails}]\nenv = {{ FAIL = \"/fail\" }}\n\
+         permanent_exit_codes = [3]\nconcurrency = 8\nordering = {{ key = \"/key\", on_failure = \"block\" }}\n\
+         [handlers.plain]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", {fails}]\nenv = {{ FAIL = \"/fail\" }}\n\
+         permanent_exit_codes = [3]\nconcurrency = 8\n\
+         [[routes]]\nsource = \"in\"\nhandler = \"ord\"\n[[routes]]\nsource = \"in\"\nhandler = \"plain\"\n"
+    ));
+    let ingest = env.daemon().arg("--role").arg("ingest").start();
+    let _nodes = [env.daemon().arg("--role").arg("process").start(), env.daemon().arg("--role").arg("process").start()];
+    const ROUNDS: usize = 12;
+    let stop = AtomicBool::new(false);
+    let (replays, skips) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let trouble = Mutex::new(Vec::new());
+    // `TestEnv` stays on this thread: the operators build their commands from its parts.
+    let (config, (url_var, url)) = (env.config_path().to_path_buf(), env.database_env().expect("a PostgreSQL env"));
+    let cli = |args: &[&str]| {
+        let mut c = clean_command();
+        c.arg("--config").arg(&config).args(args).env(url_var, &url);
+        run(c)
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for n in 0u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let fail = if n % 3 == 0 { "1" } else { "0" };
+                let r = ingest.post_json("/hooks/in", &format!(r#"{{"key":"k{}","fail":"{fail}","n":{n}}}"#, n % 5));
+                assert_eq!(r.status, 200, "{}", r.text());
+            }
+        });
+        // Bulk replays of every failed event, over and over.
+        s.spawn(|| {
+            for _ in 0..ROUNDS {
+                let out = cli(&["events", "replay", "--status", "failed"]);
+                if out.code != 0 || format!("{out:?}").contains("deadlock") {
+                    trouble.lock().unwrap().push(format!("replay: {out:?}"));
+                }
+                replays.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        // Skips of failed (blocking) deliveries, as an operator would.
+        s.spawn(|| {
+            for _ in 0..ROUNDS {
+                let listed = cli(&["events", "list", "--json", "--status", "failed", "--limit", "5"]);
+                let failed: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout).unwrap_or_else(|e| panic!("{e}: {listed:?}"));
+                for e in failed {
+                    let id = e["id"].as_str().unwrap();
+                    let out = cli(&["events", "skip", id, "--handler", "ord"]);
+                    // A replay may have re-queued it since it was listed: an honest refusal.
+                    let raced = out.code == 1 && out.stderr.contains(", not failed; only a failed delivery can be skipped");
+                    if (out.code != 0 && !raced) || format!("{out:?}").contains("deadlock") {
+                        trouble.lock().unwrap().push(format!("skip {id}: {out:?}"));
+                    }
+                    skips.fetch_add(usize::from(out.code == 0), Ordering::Relaxed);
+                }
+            }
+        });
+        wait_for("the replays and skips", Duration::from_secs(300), || replays.load(Ordering::Relaxed) == ROUNDS);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let trouble = trouble.into_inner().unwrap();
+    assert!(trouble.is_empty(), "operator commands failed beside the processing nodes: {trouble:#?}");
+    assert!(skips.load(Ordering::Relaxed) > 0, "some failed deliveries were skipped");
+    let log = env.log();
+    let deadlocks: Vec<&str> = log.lines().filter(|l| l.contains("deadlock")).collect();
+    assert!(deadlocks.is_empty(), "the nodes hit deadlocks: {deadlocks:#?}");
+    assert!(env.stat("in", "received") > 0);
+}
+
+/// A transaction of the test's own on `url`, on a thread with a runtime of
+/// its own, run statement by statement: what a node's claim does, step by
+/// step, while a command runs beside it.
+struct Session {
+    tx: std::sync::mpsc::Sender<(String, std::sync::mpsc::Sender<Result<u64, String>>)>,
+}
+
+impl Session {
+    fn open(url: String) -> Session {
+        let (tx, rx) = std::sync::mpsc::channel::<(String, std::sync::mpsc::Sender<Result<u64, String>>)>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connecting to the test database");
+                tokio::spawn(conn);
+                while let Ok((sql, reply)) = rx.recv() {
+                    let done = client.execute(sql.as_str(), &[]).await.map_err(|e| match e.as_db_error() {
+                        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+                        None => e.to_string(),
+                    });
+                    let _ = reply.send(done);
+                }
+            })
+        });
+        Session { tx }
+    }
+
+    /// Runs `sql`; the rows it touched, or the server's message and SQLSTATE.
+    fn run(&self, sql: &str) -> Result<u64, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.tx.send((sql.to_string(), reply)).expect("the session thread is alive");
+        answer.recv().expect("the session thread answers")
+    }
+}
+
+/// Issue 14, the lock order of `events replay` and `events skip`: a node's
+/// claim locks a key's head row, then the head's delivery, then its event.
+/// This test's own transaction does exactly that, step by step, while the
+/// command runs beside it: the command waits for the head row instead of
+/// taking the event first, so neither side meets a deadlock (PostgreSQL
+/// would abort one of them, 40P01) and both succeed.
+#[test]
+fn replay_and_skip_lock_a_keys_head_before_its_delivery_and_event_as_claims_do() {
+    if postgres_only() {
+        return;
+    }
+    let env = TestEnv::new(
+        "[sources.in]\nauth = { type = \"none\" }\n\
+         [handlers.ord]\ntype = \"shell\"\ncommand = [\"/bin/true\"]\nordering = { key = \"/key\", on_failure = \"block\" }\n\
+         [[routes]]\nsource = \"in\"\nhandler = \"ord\"\n",
+    );
+    let db = env.postgres().expect("a PostgreSQL env");
+    // An ingest node alone: the deliveries stay pending, each event heads its key.
+    let ingest = env.daemon().arg("--role").arg("ingest").start();
+    let replayed = ingest.post_json("/hooks/in", r#"{"key":"k1"}"#).id();
+    let skipped = ingest.post_json("/hooks/in", r#"{"key":"k2"}"#).id();
+    // Only a failed delivery can be skipped: the second one failed for good.
+    let fail = format!("UPDATE deliveries SET status = 'failed', attempts = 1 WHERE event_id = '{skipped}'");
+    assert_eq!(Session::open(db.url()).run(&fail), Ok(1));
+
+    let waiting = || db.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'");
+    for (event, key, args) in [
+        (&replayed, "k1", vec!["events", "replay", replayed.as_str()]),
+        (&skipped, "k2", vec!["events", "skip", skipped.as_str(), "--handler", "ord"]),
+    ] {
+        // A claim on another node: the head row, the delivery, and (below) the event.
+        let claim = Session::open(db.url());
+        // Were there a cycle, this side would find it first (10 ms against the
+        // command's 1 s) and be the one aborted: each side must keep the order.
+        claim.run("SET deadlock_timeout = '10ms'").unwrap();
+        claim.run("BEGIN").unwrap();
+        assert_eq!(claim.run(&format!("SELECT 1 FROM order_heads WHERE handler = 'ord' AND key = '{key}' FOR UPDATE")), Ok(1));
+        assert_eq!(claim.run(&format!("SELECT 1 FROM deliveries WHERE event_id = '{event}' FOR UPDATE")), Ok(1));
+        let mut cmd = env.command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        wait_for(&format!("`{}` to wait for the claim's locks", args.join(" ")), SETTLE_ALL, || waiting().as_deref() == Some("1"));
+        let locked = claim.run(&format!("SELECT 1 FROM events WHERE id = '{event}' FOR UPDATE"));
+        assert_eq!(locked, Ok(1), "the claim locks the event (no deadlock on the node's side)");
+        assert_eq!(claim.run("COMMIT"), Ok(0));
+        let mut out = String::new();
+        let mut err = String::new();
+        std::io::Read::read_to_string(cmd.stdout.as_mut().unwrap(), &mut out).unwrap();
+        std::io::Read::read_to_string(cmd.stderr.as_mut().unwrap(), &mut err).unwrap();
+        let status = cmd.wait().unwrap();
+        assert!(status.success(), "`{}` failed beside a claim: {status}\n{out}\n{err}", args.join(" "));
+        assert!(!err.contains("deadlock"), "{err}");
+    }
+    let ev = env.show(&skipped);
+    assert_eq!(delivery(&ev, "ord")["status"], "skipped", "{ev:#}");
+    let ev = env.show(&replayed);
+    assert_eq!(delivery(&ev, "ord")["status"], "pending", "{ev:#}");
+}
