@@ -27,6 +27,7 @@
 
 mod connect;
 mod ordering;
+pub use connect::check_url;
 mod schema;
 
 use std::collections::{BTreeMap, HashMap};
