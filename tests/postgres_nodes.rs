@@ -677,3 +677,77 @@ fn replay_and_skip_lock_a_keys_head_before_its_delivery_and_event_as_claims_do()
     let ev = env.show(&replayed);
     assert_eq!(delivery(&ev, "ord")["status"], "pending", "{ev:#}");
 }
+
+/// Whether process `pid` still runs (a zombie waiting for its reaper does not).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().to_string()))
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+/// Kills a leftover handler process when a test fails before hooktrail did.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if running(self.0) {
+            // SAFETY: kill(2) only sends a signal, to a process this test's handler started.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Issue 14, handlers left running on PostgreSQL: a process node killed
+/// with `kill -9` mid-attempt leaves its shell handler running (nothing
+/// enforces its timeout any more) and its payload file (lead data) behind.
+/// Nodes note themselves beside the config file (README "Several nodes:
+/// PostgreSQL"), so the next node started on this machine with that config
+/// kills the handler's process group and removes the file; the delivery
+/// then runs again, once, after the lease.
+#[test]
+fn a_process_node_restarted_after_kill9_stops_the_handler_its_predecessor_left_and_removes_its_payload_file() {
+    if postgres_only() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pid_file, payload_file) = (dir.path().join("pid"), dir.path().join("payload"));
+    // The first attempt notes its pid and payload file, then hangs; the next one succeeds.
+    let script = format!(
+        "if [ -e {pid} ]; then exit 0; fi; echo \"$HOOKTRAIL_PAYLOAD_FILE\" > {payload}; echo $$ > {pid}.new; mv {pid}.new {pid}; exec sleep 300",
+        pid = pid_file.display(),
+        payload = payload_file.display()
+    );
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"200ms\"\nlease = \"2s\"\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [handlers.slow]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", {script}]\ntimeout = \"10m\"\n\
+         [[routes]]\nsource = \"in\"\nhandler = \"slow\"\n",
+        script = toml_str(&script)
+    ));
+    let ingest = env.daemon().arg("--role").arg("ingest").start();
+    let first = env.daemon().arg("--role").arg("process").start();
+    let id = ingest.post_json("/hooks/in", r#"{"email":"lead@example.com"}"#).id();
+    wait_for("the first attempt to begin", SETTLE_ALL, || pid_file.exists());
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let _cleanup = KillOnDrop(pid);
+    let payload = PathBuf::from(std::fs::read_to_string(&payload_file).unwrap().trim());
+    assert!(payload.is_file(), "the handler's payload file {} exists while it runs", payload.display());
+    // Its begun mark is committed lazily: kill once it is, so the history shows the attempt.
+    let db = env.postgres().expect("a PostgreSQL env");
+    wait_for("the attempt's begun mark", SETTLE_ALL, || db.scalar("SELECT held FROM deliveries").as_deref() == Some("false"));
+
+    first.kill9();
+    assert!(running(pid), "kill -9 of the node leaves its handler running (what the next start must stop)");
+    assert!(payload.is_file(), "and its payload file");
+
+    let _next = env.daemon().arg("--role").arg("process").start();
+    wait_for("the restarted node to stop the handler left running", SETTLE_ALL, || !running(pid));
+    wait_for("the restarted node to remove the payload file left behind", SETTLE_ALL, || !payload.exists());
+    // The log is written by a background thread: the line may land a little later.
+    let logged = wait_until(SETTLE_ALL, || env.log().contains("killed a handler's process group left running by a daemon that died"));
+    assert!(logged, "{}", env.log());
+    let ev = wait_settled(&env, &id);
+    assert_eq!(ev["status"], "done", "{ev:#}");
+    let attempts = delivery(&ev, "slow")["attempts"].as_array().unwrap().clone();
+    assert_eq!(attempts.len(), 2, "the interrupted attempt, then the one that succeeded: {ev:#}");
+}
