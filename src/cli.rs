@@ -365,7 +365,11 @@ fn check_config(path: &std::path::Path) -> i32 {
             }
             let c = &l.config;
             // Handlers that cannot run (README, "Shell handler"): errors here, though `serve` still starts.
-            let unrunnable = c.preflight();
+            let mut unrunnable = c.preflight();
+            // The database URL as `serve` would read it, without connecting.
+            if let config::Backend::Postgres(pg) = &c.storage.backend {
+                unrunnable.extend(store::postgres::check_url(pg).err());
+            }
             for p in &unrunnable {
                 println!("error: {p}");
             }

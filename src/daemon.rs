@@ -28,6 +28,7 @@ use crate::tls;
 /// has stopped and the store is closed, so nothing acknowledged is in flight.
 pub async fn run(path: &Path, role: Role) -> Result<()> {
     let loaded = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::handlers::leftovers::note_config_file(path);
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
     }

@@ -242,6 +242,46 @@ fn postgres_storage_needs_its_url_env_set_and_never_shows_the_url() {
     }
 }
 
+/// `check-config` reads the PostgreSQL URL as `serve` would (without
+/// connecting): a bad `sslmode`, a bad port or an unreadable `sslrootcert`
+/// is an error naming the key and the variable, never showing the
+/// password, and nothing is made (no database is reached, no file written).
+#[test]
+fn check_config_refuses_a_bad_sslmode_or_url_naming_the_key_never_the_password() {
+    let env = TestEnv::raw(
+        "[storage]\nbackend = \"postgres\"\nurl_env = \"HT_TEST_PG_URL\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [sources.a]\nauth = { type = \"none\" }\n",
+    );
+    let missing_root = env.dir().join("no-such-root.pem");
+    let cases = [
+        (
+            "postgres://hooktrail:s3cret-pw@127.0.0.1:1/hooktrail?sslmode=verify-fulll".to_string(),
+            "error: storage.url_env: the URL in `HT_TEST_PG_URL` has sslmode=verify-fulll; expected disable, prefer, require or verify-full",
+        ),
+        (
+            "postgres://hooktrail:s3cret-pw@127.0.0.1:notaport/hooktrail".to_string(),
+            "error: storage.url_env: the URL in `HT_TEST_PG_URL` is not a valid postgres:// URL (invalid connection string: invalid value for option `port`)",
+        ),
+        (
+            format!("postgres://hooktrail:s3cret-pw@127.0.0.1:1/hooktrail?sslmode=verify-full&sslrootcert={}", missing_root.display()),
+            "error: storage.url_env: the URL in `HT_TEST_PG_URL` names sslrootcert",
+        ),
+    ];
+    let before: Vec<_> = std::fs::read_dir(env.dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    for (url, want) in &cases {
+        let out = check(&env, &[("HT_TEST_PG_URL", url)]);
+        assert_eq!(out.code, 1, "{url}: {out:?}");
+        assert!(out.stdout.lines().any(|l| l.starts_with(want)), "{url}: want a line starting {want:?}: {}", out.stdout);
+        assert!(out.stdout.contains("1 problem(s)"), "{}", out.stdout);
+        assert!(!format!("{out:?}").contains("s3cret-pw"), "the password is never shown: {out:?}");
+    }
+    let after: Vec<_> = std::fs::read_dir(env.dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before, after, "check-config made nothing");
+    // A good sslmode passes (nothing listens on port 1: check-config does not connect).
+    let out = check(&env, &[("HT_TEST_PG_URL", "postgres://hooktrail:s3cret-pw@127.0.0.1:1/hooktrail?sslmode=verify-full")]);
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
 /// `auth` is tagged by `type` the same way: a key of another auth type (a
 /// `param` on header_token, a `header` on a preset), a secret on `none`, or
 /// a key of no type at all is refused with its key path, and the path of a

@@ -384,3 +384,370 @@ fn two_process_nodes_run_each_keys_deliveries_one_at_a_time_in_id_order() {
     assert_eq!(ran_by.keys().cloned().collect::<BTreeSet<_>>(), pids, "both process nodes ran deliveries: {ran_by:?}");
     wait_for("every event to show done", SETTLE_ALL, || env.events_where(&["--status", "done"]).len() == EVENTS);
 }
+
+/// One acknowledged post: which client sent it, its number, and the dedup
+/// key it carried (`None` for the source without dedup).
+#[derive(Debug, Clone)]
+struct Acked {
+    client: usize,
+    n: u64,
+    key: Option<String>,
+}
+
+/// Issue 14: two ingest nodes and two process nodes on one database; eight
+/// clients post to both listeners at once (half of them with a dedup key,
+/// so both ingest paths are loaded); one ingest node is killed with
+/// `kill -9` while its clients are mid-request. The other keeps answering,
+/// and every event either node acknowledged is stored with the payload that
+/// was posted, keeps its dedup key, and is processed exactly once.
+#[test]
+fn kill9_of_one_ingest_node_under_load_loses_no_acked_event() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    if postgres_only() {
+        return;
+    }
+    const CLIENTS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"200ms\"\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [sources.keyed]\nauth = {{ type = \"none\" }}\ndedup = {{ key = \"/key\", window = \"1h\" }}\n\
+         {}[[routes]]\nsource = \"keyed\"\nhandler = \"record\"\n",
+        recording_handler(&runs)
+    ));
+    let ingest = [env.daemon().arg("--role").arg("ingest").start(), env.daemon().arg("--role").arg("ingest").start()];
+    let _process = [env.daemon().arg("--role").arg("process").start(), env.daemon().arg("--role").arg("process").start()];
+    let (victim, survivor) = (&ingest[0], &ingest[1]);
+
+    // Acknowledgements per node; id -> what was posted.
+    let acks = [AtomicUsize::new(0), AtomicUsize::new(0)];
+    let (stop, killed) = (AtomicBool::new(false), AtomicBool::new(false));
+    let acked: Mutex<BTreeMap<String, Acked>> = Mutex::new(BTreeMap::new());
+    let unexpected = Mutex::new(Vec::new());
+    let cut_off = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for client in 0..CLIENTS {
+            let node = client % 2;
+            let (d, acks, stop, killed, acked, unexpected, cut_off) = (&ingest[node], &acks, &stop, &killed, &acked, &unexpected, &cut_off);
+            s.spawn(move || {
+                for n in 0u64.. {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let key = (client % 4 >= 2).then(|| format!("c{client}-n{n}"));
+                    let (path, body) = match &key {
+                        Some(k) => ("/hooks/keyed", format!(r#"{{"client":{client},"n":{n},"key":"{k}"}}"#)),
+                        None => ("/hooks/in", format!(r#"{{"client":{client},"n":{n}}}"#)),
+                    };
+                    match d.request("POST", path).header("content-type", "application/json").body(body).try_send() {
+                        Ok(r) if r.status == 200 => {
+                            acked.lock().unwrap().insert(r.id(), Acked { client, n, key });
+                            acks[node].fetch_add(1, Ordering::Relaxed);
+                        }
+                        // An honest "not stored" (overload); never after a kill, which refuses.
+                        Ok(r) if r.status == 503 => {}
+                        Ok(r) => unexpected.lock().unwrap().push(format!("node {node}: {} {}", r.status, r.text())),
+                        Err(e) => {
+                            if node == 0 && killed.load(Ordering::Relaxed) {
+                                // The killed node's clients stop at their first refused or cut request.
+                                cut_off.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                            unexpected.lock().unwrap().push(format!("node {node}: transport error {e}"));
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        wait_for("load on both ingest nodes", SETTLE_ALL, || acks.iter().all(|a| a.load(Ordering::Relaxed) >= 300));
+        killed.store(true, Ordering::Relaxed);
+        signal(victim.pid(), libc::SIGKILL);
+        let before = acks[1].load(Ordering::Relaxed);
+        wait_for("the other ingest node to keep answering", SETTLE_ALL, || acks[1].load(Ordering::Relaxed) >= before + 300);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let unexpected = unexpected.into_inner().unwrap();
+    assert!(unexpected.is_empty(), "only 200 or 503 (and a cut connection to the killed node): {unexpected:?}");
+    assert_eq!(cut_off.load(Ordering::Relaxed), CLIENTS / 2, "every client of the killed node was still posting when it died");
+    let acked = acked.into_inner().unwrap();
+
+    // Stored, with what was posted.
+    let stored: BTreeMap<String, serde_json::Value> =
+        env.events().into_iter().map(|e| (e["id"].as_str().unwrap().to_string(), e["payload"].clone())).collect();
+    let lost: Vec<&String> = acked.keys().filter(|id| !stored.contains_key(*id)).collect();
+    assert!(lost.is_empty(), "{} of {} acknowledged events were lost: {:?}", lost.len(), acked.len(), &lost[..lost.len().min(10)]);
+    for (id, a) in &acked {
+        let p = &stored[id];
+        assert_eq!((p["client"].as_u64(), p["n"].as_u64()), (Some(a.client as u64), Some(a.n)), "{id}");
+    }
+    // The dedup keys the killed node acknowledged are kept: the survivor
+    // answers each again with the first event's id.
+    for (id, a) in acked.iter().filter(|(_, a)| a.client % 2 == 0) {
+        let Some(key) = &a.key else { continue };
+        let r = survivor.post_json("/hooks/keyed", &format!(r#"{{"client":{},"n":{},"key":"{key}"}}"#, a.client, a.n));
+        assert_eq!(r.json(), serde_json::json!({"id": id, "status": "duplicate"}), "key {key}");
+    }
+    // Processed, each once (no process node crashed).
+    let mut seen = BTreeMap::new();
+    let all_ran = wait_until(SETTLE_ALL, || {
+        seen = runs_of(&runs);
+        acked.keys().all(|id| seen.contains_key(id))
+    });
+    let missing = acked.keys().filter(|id| !seen.contains_key(*id)).count();
+    assert!(all_ran, "{missing} of {} acknowledged events never ran; log:\n{}", acked.len(), env.log());
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "each delivery runs exactly once when no process node crashes: {twice:?}");
+}
+
+/// Issue 14: `events replay` and `events skip` run while two process nodes
+/// claim and finish the same keys, events and deliveries. They lock rows in
+/// the order claims and finishes do (key head, delivery, event; events in
+/// id order), and try again after a deadlock PostgreSQL broke, so no
+/// operator command and no node ever reports one.
+#[test]
+fn replays_and_skips_beside_two_busy_process_nodes_never_deadlock() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    if postgres_only() {
+        return;
+    }
+    // Events with `"fail": "1"` fail for good (exit 3) in both handlers, each time they run.
+    let fails = toml_str("[ \"$FAIL\" = 1 ] && exit 3; exit 0");
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"100ms\"\nmax_concurrency = 16\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [handlers.ord]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", {fails}]\nenv = {{ FAIL = \"/fail\" }}\n\
+         permanent_exit_codes = [3]\nconcurrency = 8\nordering = {{ key = \"/key\", on_failure = \"block\" }}\n\
+         [handlers.plain]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", {fails}]\nenv = {{ FAIL = \"/fail\" }}\n\
+         permanent_exit_codes = [3]\nconcurrency = 8\n\
+         [[routes]]\nsource = \"in\"\nhandler = \"ord\"\n[[routes]]\nsource = \"in\"\nhandler = \"plain\"\n"
+    ));
+    let ingest = env.daemon().arg("--role").arg("ingest").start();
+    let _nodes = [env.daemon().arg("--role").arg("process").start(), env.daemon().arg("--role").arg("process").start()];
+    const ROUNDS: usize = 12;
+    let stop = AtomicBool::new(false);
+    let (replays, skips) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let trouble = Mutex::new(Vec::new());
+    // `TestEnv` stays on this thread: the operators build their commands from its parts.
+    let (config, (url_var, url)) = (env.config_path().to_path_buf(), env.database_env().expect("a PostgreSQL env"));
+    let cli = |args: &[&str]| {
+        let mut c = clean_command();
+        c.arg("--config").arg(&config).args(args).env(url_var, &url);
+        run(c)
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for n in 0u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let fail = if n % 3 == 0 { "1" } else { "0" };
+                let r = ingest.post_json("/hooks/in", &format!(r#"{{"key":"k{}","fail":"{fail}","n":{n}}}"#, n % 5));
+                assert_eq!(r.status, 200, "{}", r.text());
+            }
+        });
+        // Bulk replays of every failed event, over and over.
+        s.spawn(|| {
+            for _ in 0..ROUNDS {
+                let out = cli(&["events", "replay", "--status", "failed"]);
+                if out.code != 0 || format!("{out:?}").contains("deadlock") {
+                    trouble.lock().unwrap().push(format!("replay: {out:?}"));
+                }
+                replays.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        // Skips of failed (blocking) deliveries, as an operator would.
+        s.spawn(|| {
+            for _ in 0..ROUNDS {
+                let listed = cli(&["events", "list", "--json", "--status", "failed", "--limit", "5"]);
+                let failed: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout).unwrap_or_else(|e| panic!("{e}: {listed:?}"));
+                for e in failed {
+                    let id = e["id"].as_str().unwrap();
+                    let out = cli(&["events", "skip", id, "--handler", "ord"]);
+                    // A replay may have re-queued it since it was listed: an honest refusal.
+                    let raced = out.code == 1 && out.stderr.contains(", not failed; only a failed delivery can be skipped");
+                    if (out.code != 0 && !raced) || format!("{out:?}").contains("deadlock") {
+                        trouble.lock().unwrap().push(format!("skip {id}: {out:?}"));
+                    }
+                    skips.fetch_add(usize::from(out.code == 0), Ordering::Relaxed);
+                }
+            }
+        });
+        wait_for("the replays and skips", Duration::from_secs(300), || replays.load(Ordering::Relaxed) == ROUNDS);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let trouble = trouble.into_inner().unwrap();
+    assert!(trouble.is_empty(), "operator commands failed beside the processing nodes: {trouble:#?}");
+    assert!(skips.load(Ordering::Relaxed) > 0, "some failed deliveries were skipped");
+    let log = env.log();
+    let deadlocks: Vec<&str> = log.lines().filter(|l| l.contains("deadlock")).collect();
+    assert!(deadlocks.is_empty(), "the nodes hit deadlocks: {deadlocks:#?}");
+    assert!(env.stat("in", "received") > 0);
+}
+
+/// A transaction of the test's own on `url`, on a thread with a runtime of
+/// its own, run statement by statement: what a node's claim does, step by
+/// step, while a command runs beside it.
+struct Session {
+    tx: std::sync::mpsc::Sender<(String, std::sync::mpsc::Sender<Result<u64, String>>)>,
+}
+
+impl Session {
+    fn open(url: String) -> Session {
+        let (tx, rx) = std::sync::mpsc::channel::<(String, std::sync::mpsc::Sender<Result<u64, String>>)>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connecting to the test database");
+                tokio::spawn(conn);
+                while let Ok((sql, reply)) = rx.recv() {
+                    let done = client.execute(sql.as_str(), &[]).await.map_err(|e| match e.as_db_error() {
+                        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+                        None => e.to_string(),
+                    });
+                    let _ = reply.send(done);
+                }
+            })
+        });
+        Session { tx }
+    }
+
+    /// Runs `sql`; the rows it touched, or the server's message and SQLSTATE.
+    fn run(&self, sql: &str) -> Result<u64, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.tx.send((sql.to_string(), reply)).expect("the session thread is alive");
+        answer.recv().expect("the session thread answers")
+    }
+}
+
+/// Issue 14, the lock order of `events replay` and `events skip`: a node's
+/// claim locks a key's head row, then the head's delivery, then its event.
+/// This test's own transaction does exactly that, step by step, while the
+/// command runs beside it: the command waits for the head row instead of
+/// taking the event first, so neither side meets a deadlock (PostgreSQL
+/// would abort one of them, 40P01) and both succeed.
+#[test]
+fn replay_and_skip_lock_a_keys_head_before_its_delivery_and_event_as_claims_do() {
+    if postgres_only() {
+        return;
+    }
+    let env = TestEnv::new(
+        "[sources.in]\nauth = { type = \"none\" }\n\
+         [handlers.ord]\ntype = \"shell\"\ncommand = [\"/bin/true\"]\nordering = { key = \"/key\", on_failure = \"block\" }\n\
+         [[routes]]\nsource = \"in\"\nhandler = \"ord\"\n",
+    );
+    let db = env.postgres().expect("a PostgreSQL env");
+    // An ingest node alone: the deliveries stay pending, each event heads its key.
+    let ingest = env.daemon().arg("--role").arg("ingest").start();
+    let replayed = ingest.post_json("/hooks/in", r#"{"key":"k1"}"#).id();
+    let skipped = ingest.post_json("/hooks/in", r#"{"key":"k2"}"#).id();
+    // Only a failed delivery can be skipped: the second one failed for good.
+    let fail = format!("UPDATE deliveries SET status = 'failed', attempts = 1 WHERE event_id = '{skipped}'");
+    assert_eq!(Session::open(db.url()).run(&fail), Ok(1));
+
+    let waiting = || db.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'");
+    for (event, key, args) in [
+        (&replayed, "k1", vec!["events", "replay", replayed.as_str()]),
+        (&skipped, "k2", vec!["events", "skip", skipped.as_str(), "--handler", "ord"]),
+    ] {
+        // A claim on another node: the head row, the delivery, and (below) the event.
+        let claim = Session::open(db.url());
+        // Were there a cycle, this side would find it first (10 ms against the
+        // command's 1 s) and be the one aborted: each side must keep the order.
+        claim.run("SET deadlock_timeout = '10ms'").unwrap();
+        claim.run("BEGIN").unwrap();
+        assert_eq!(claim.run(&format!("SELECT 1 FROM order_heads WHERE handler = 'ord' AND key = '{key}' FOR UPDATE")), Ok(1));
+        assert_eq!(claim.run(&format!("SELECT 1 FROM deliveries WHERE event_id = '{event}' FOR UPDATE")), Ok(1));
+        let mut cmd = env.command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        wait_for(&format!("`{}` to wait for the claim's locks", args.join(" ")), SETTLE_ALL, || waiting().as_deref() == Some("1"));
+        let locked = claim.run(&format!("SELECT 1 FROM events WHERE id = '{event}' FOR UPDATE"));
+        assert_eq!(locked, Ok(1), "the claim locks the event (no deadlock on the node's side)");
+        assert_eq!(claim.run("COMMIT"), Ok(0));
+        let mut out = String::new();
+        let mut err = String::new();
+        std::io::Read::read_to_string(cmd.stdout.as_mut().unwrap(), &mut out).unwrap();
+        std::io::Read::read_to_string(cmd.stderr.as_mut().unwrap(), &mut err).unwrap();
+        let status = cmd.wait().unwrap();
+        assert!(status.success(), "`{}` failed beside a claim: {status}\n{out}\n{err}", args.join(" "));
+        assert!(!err.contains("deadlock"), "{err}");
+    }
+    let ev = env.show(&skipped);
+    assert_eq!(delivery(&ev, "ord")["status"], "skipped", "{ev:#}");
+    let ev = env.show(&replayed);
+    assert_eq!(delivery(&ev, "ord")["status"], "pending", "{ev:#}");
+}
+
+/// Whether process `pid` still runs (a zombie waiting for its reaper does not).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().to_string()))
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+/// Kills a leftover handler process when a test fails before hooktrail did.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if running(self.0) {
+            // SAFETY: kill(2) only sends a signal, to a process this test's handler started.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Issue 14, handlers left running on PostgreSQL: a process node killed
+/// with `kill -9` mid-attempt leaves its shell handler running (nothing
+/// enforces its timeout any more) and its payload file (lead data) behind.
+/// Nodes note themselves beside the config file (README "Several nodes:
+/// PostgreSQL"), so the next node started on this machine with that config
+/// kills the handler's process group and removes the file; the delivery
+/// then runs again, once, after the lease.
+#[test]
+fn a_process_node_restarted_after_kill9_stops_the_handler_its_predecessor_left_and_removes_its_payload_file() {
+    if postgres_only() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pid_file, payload_file) = (dir.path().join("pid"), dir.path().join("payload"));
+    // The first attempt notes its pid and payload file, then hangs; the next one succeeds.
+    let script = format!(
+        "if [ -e {pid} ]; then exit 0; fi; echo \"$HOOKTRAIL_PAYLOAD_FILE\" > {payload}; echo $$ > {pid}.new; mv {pid}.new {pid}; exec sleep 300",
+        pid = pid_file.display(),
+        payload = payload_file.display()
+    );
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"200ms\"\nlease = \"2s\"\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [handlers.slow]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", {script}]\ntimeout = \"10m\"\n\
+         [[routes]]\nsource = \"in\"\nhandler = \"slow\"\n",
+        script = toml_str(&script)
+    ));
+    let ingest = env.daemon().arg("--role").arg("ingest").start();
+    let first = env.daemon().arg("--role").arg("process").start();
+    let id = ingest.post_json("/hooks/in", r#"{"email":"lead@example.com"}"#).id();
+    wait_for("the first attempt to begin", SETTLE_ALL, || pid_file.exists());
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let _cleanup = KillOnDrop(pid);
+    let payload = PathBuf::from(std::fs::read_to_string(&payload_file).unwrap().trim());
+    assert!(payload.is_file(), "the handler's payload file {} exists while it runs", payload.display());
+    // Its begun mark is committed lazily: kill once it is, so the history shows the attempt.
+    let db = env.postgres().expect("a PostgreSQL env");
+    wait_for("the attempt's begun mark", SETTLE_ALL, || db.scalar("SELECT held FROM deliveries").as_deref() == Some("false"));
+
+    first.kill9();
+    assert!(running(pid), "kill -9 of the node leaves its handler running (what the next start must stop)");
+    assert!(payload.is_file(), "and its payload file");
+
+    let _next = env.daemon().arg("--role").arg("process").start();
+    wait_for("the restarted node to stop the handler left running", SETTLE_ALL, || !running(pid));
+    wait_for("the restarted node to remove the payload file left behind", SETTLE_ALL, || !payload.exists());
+    // The log is written by a background thread: the line may land a little later.
+    let logged = wait_until(SETTLE_ALL, || env.log().contains("killed a handler's process group left running by a daemon that died"));
+    assert!(logged, "{}", env.log());
+    let ev = wait_settled(&env, &id);
+    assert_eq!(ev["status"], "done", "{ev:#}");
+    let attempts = delivery(&ev, "slow")["attempts"].as_array().unwrap().clone();
+    assert_eq!(attempts.len(), 2, "the interrupted attempt, then the one that succeeded: {ev:#}");
+}

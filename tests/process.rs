@@ -1137,7 +1137,7 @@ fn after_kill9_the_next_start_kills_the_handler_process_group_the_dead_daemon_le
 
 #[test]
 fn after_kill9_the_next_start_removes_the_payload_files_the_dead_daemon_left() {
-    if sqlite_only("the marks daemons leave beside the database file (PostgreSQL keeps none yet)") {
+    if sqlite_only("the marks daemons leave beside the database file (PostgreSQL: tests/postgres_nodes.rs)") {
         return;
     }
     // Issue 11 item 10: `hooktrail-payload-*.json` (lead data) stayed in

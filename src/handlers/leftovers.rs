@@ -11,8 +11,9 @@
 //! `hooktrail-payload-<pid>.<start>-….json`.
 //!
 //! Each daemon that runs handlers also leaves an empty file named by its id
-//! in `<storage.path>.handlers/`. At start, [`clear`] finds there the daemons
-//! of this database that are gone, kills the process group of every process
+//! in `<storage.path>.handlers/` (on PostgreSQL, where the database is not
+//! on this host, in the directory [`marks_dir`] names). At start, [`clear`]
+//! finds there the daemons of this database that are gone, kills the process group of every process
 //! whose environment names one of them, and removes their files; then it
 //! removes the payload files of any daemon that is gone. What a live daemon
 //! made (another `serve --role process` on this database or this host) is
@@ -26,7 +27,7 @@
 //! cgroup is killed whole when the daemon dies (`systemd/hooktrail.service`),
 //! so this matters most elsewhere.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// The handler environment variable naming the daemon that started it.
@@ -81,8 +82,12 @@ fn gone(id: &str) -> bool {
 pub fn clear(db_path: &Path, payload_dirs: &[&Path]) {
     let mut root = db_path.as_os_str().to_owned();
     root.push(".handlers");
-    let root = std::path::PathBuf::from(root);
-    let dead: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(&root)
+    clear_in(Path::new(&root), payload_dirs);
+}
+
+/// [`clear`] for the daemons noted in `root`, whatever their database.
+fn clear_in(root: &Path, payload_dirs: &[&Path]) {
+    let dead: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
@@ -96,10 +101,53 @@ pub fn clear(db_path: &Path, payload_dirs: &[&Path]) {
         }
     }
     let mine = root.join(daemon_id());
-    if let Err(e) = std::fs::create_dir_all(&root).and_then(|()| std::fs::File::create(&mine).map(drop)) {
-        tracing::warn!(path = %mine.display(), error = %e, "cannot note this daemon beside the database; if it is killed, the next start will not stop the handlers it leaves running");
+    if let Err(e) = std::fs::create_dir_all(root).and_then(|()| std::fs::File::create(&mine).map(drop)) {
+        tracing::warn!(path = %mine.display(), error = %e, "cannot note this daemon on this host; if it is killed, the next start will not stop the handlers it leaves running");
     }
     remove_stale_payload_files(payload_dirs);
+}
+
+/// The config file `serve` was started with (see [`note_config_file`]).
+static CONFIG_FILE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Remembers the config file `serve` loaded: on PostgreSQL, nodes note
+/// themselves beside it ([`marks_dir`]).
+pub fn note_config_file(path: &Path) {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let _ = CONFIG_FILE.set(path);
+}
+
+/// Where the nodes of a database server on this host note themselves
+/// (README "Several nodes: PostgreSQL"): `handlers/` in the directory
+/// systemd gives the unit (`$RUNTIME_DIRECTORY`, else `$STATE_DIRECTORY`),
+/// else `<config file>.handlers/` beside the config file, so the nodes
+/// started with one config on one machine clear each other's leftovers.
+fn marks_dir() -> Option<PathBuf> {
+    for var in ["RUNTIME_DIRECTORY", "STATE_DIRECTORY"] {
+        let dirs = std::env::var_os(var).filter(|v| !v.is_empty());
+        if let Some(first) = dirs.as_ref().and_then(|v| std::env::split_paths(v).next()) {
+            return Some(first.join("handlers"));
+        }
+    }
+    let mut beside = CONFIG_FILE.get()?.as_os_str().to_owned();
+    beside.push(".handlers");
+    Some(PathBuf::from(beside))
+}
+
+/// Run once at start, before any attempt: [`clear`] for the daemons that
+/// shared this host's note for `storage` (the SQLite file, or on a
+/// database server [`marks_dir`]).
+pub fn clear_for(storage: &crate::config::StorageConfig, payload_dirs: &[&Path]) {
+    match (storage.sqlite(), marks_dir()) {
+        (Some(db), _) => clear(&db.path, payload_dirs),
+        (None, Some(root)) => clear_in(&root, payload_dirs),
+        (None, None) => {
+            tracing::warn!(
+                "no place to note this node on this host; if it is killed, the next start will not stop the handlers it leaves running"
+            );
+            remove_stale_payload_files(payload_dirs);
+        }
+    }
 }
 
 /// SIGKILL to the process group of every process whose environment names one

@@ -130,11 +130,9 @@ impl Processor {
     /// Builds the processor; first clears what handlers of a daemon that died left behind.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<Self> {
         // Before any attempt runs: what daemons that died left behind goes.
-        // Daemons note themselves beside a SQLite file; a database server
-        // (not built yet) will need another place.
-        if let Some(db) = config.storage.sqlite() {
-            handlers::leftovers::clear(&db.path, &handlers::shell::payload_dirs());
-        }
+        // Daemons note themselves beside a SQLite file, or on a database
+        // server beside the config file (README "Several nodes: PostgreSQL").
+        handlers::leftovers::clear_for(&config.storage, &handlers::shell::payload_dirs());
         let client = handlers::http_client();
         let owner = format!("{}-{}", std::process::id(), ulid::Ulid::new());
         let state = ArcSwap::from_pointee(build_state(config, &client, None));

@@ -27,6 +27,7 @@
 
 mod connect;
 mod ordering;
+pub use connect::check_url;
 mod schema;
 
 use std::collections::{BTreeMap, HashMap};
@@ -1232,9 +1233,8 @@ async fn finish_pipelined(client: &deadpool_postgres::Object, f: &Finished) -> R
     Ok(Some(status))
 }
 
-/// A delivery a replay takes.
+/// A delivery a replay would take (`--dry-run`; the replay itself is `ordering::replay_in`).
 struct Replayed {
-    id: i64,
     handler: String,
     status: DeliveryStatus,
     attempts: u32,
@@ -1258,7 +1258,7 @@ async fn replay_takes<C: tokio_postgres::GenericClient>(
         let status: DeliveryStatus = parsed(get::<&str>(r, 2)?)?;
         let attempts: i32 = get(r, 3)?;
         if rules::replay_takes(status, only_failed) {
-            out.push(Replayed { id: get(r, 0)?, handler: get(r, 1)?, status, attempts: attempts.max(0) as u32 });
+            out.push(Replayed { handler: get(r, 1)?, status, attempts: attempts.max(0) as u32 });
         }
     }
     Ok(out)
@@ -1581,36 +1581,13 @@ impl Store for PostgresStore {
     }
 
     async fn replay(&self, ids: Vec<EventId>, handler: Option<String>, only_failed: bool) -> Result<u64, StoreError> {
-        let mut client = self.shared.client().await?;
-        let tx = client.transaction().await.map_err(connect::neutral)?;
-        let (mut n, mut revived) = (0u64, 0i64);
-        for id in &ids {
-            let key = id.to_string();
-            // Locks the event, so a finish on another node waits and then sees the replay.
-            let found = tx.query_opt("SELECT 1 FROM events WHERE id = $1 FOR UPDATE", &[&key]).await.map_err(connect::neutral)?;
-            if found.is_none() {
-                continue;
-            }
-            let taken = replay_takes(&*tx, &key, handler.as_deref(), only_failed).await?;
-            for d in &taken {
-                tx.execute(
-                    "UPDATE deliveries SET status = 'pending', budget_from = $2, next_at = now(), queued_at = now(), lease_owner = NULL,
-                            held = false, updated_at = now() WHERE id = $1",
-                    &[&d.id, &(rules::budget_after_replay(d.attempts) as i32)],
-                )
-                .await
-                .map_err(connect::neutral)?;
-                ordering::replay_head(&tx, d.id).await.map_err(connect::neutral)?;
-                if !rules::unfinished(d.status) {
-                    revived += 1;
-                }
-            }
-            if !taken.is_empty() {
-                refresh_event_status(&tx, &key).await.map_err(connect::neutral)?;
-                n += taken.len() as u64;
-            }
-        }
-        tx.commit().await.map_err(connect::neutral)?;
+        // Again after a deadlock with a node's claim or finish (`in_tx`).
+        let (n, revived) = self
+            .in_tx(|tx| {
+                let (ids, handler) = (ids.clone(), handler.clone());
+                boxed(async move { ordering::replay_in(tx, &ids, handler.as_deref(), only_failed).await })
+            })
+            .await?;
         self.shared.add_backlog(revived);
         if n > 0 {
             self.shared.new_work();

@@ -20,6 +20,9 @@ use crate::store::StoreError;
 /// How long connecting may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The config key problems with the URL are reported under.
+const URL_KEY: &str = "storage.url_env";
+
 /// What TLS the URL asks for (libpq's `sslmode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
@@ -44,7 +47,7 @@ pub struct Target {
 
 /// Reads the URL held in `url_env`. Errors name the variable, never the value.
 pub fn target(url: &str, url_env: &str) -> Result<Target, String> {
-    let bad = |what: String| format!("storage.url_env: the URL in `{url_env}` {what}");
+    let bad = |what: String| format!("{URL_KEY}: the URL in `{url_env}` {what}");
     let (base, query) = url.split_once('?').unwrap_or((url, ""));
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query).map_err(|_| bad("has a query string that is not key=value pairs".into()))?;
@@ -68,7 +71,7 @@ pub fn target(url: &str, url_env: &str) -> Result<Target, String> {
     let rest = serde_urlencoded::to_string(&rest).map_err(|e| bad(format!("cannot be rewritten: {e}")))?;
     let driver_url = if rest.is_empty() { base.to_string() } else { format!("{base}?{rest}") };
     let mut config: tokio_postgres::Config =
-        driver_url.parse().map_err(|e: tokio_postgres::Error| bad(format!("is not a valid postgres:// URL ({e})")))?;
+        driver_url.parse().map_err(|e: tokio_postgres::Error| bad(format!("is not a valid postgres:// URL ({})", parse_problem(&e))))?;
     config.ssl_mode(match mode {
         TlsMode::Disable => SslMode::Disable,
         TlsMode::Prefer => SslMode::Prefer,
@@ -84,6 +87,28 @@ pub fn target(url: &str, url_env: &str) -> Result<Target, String> {
     config.keepalives(true).keepalives_idle(Duration::from_secs(30));
     let tls = tls_config(mode, root_file.as_deref()).map_err(bad)?;
     Ok(Target { config, tls: tokio_postgres_rustls::MakeRustlsConnect::new(tls), mode })
+}
+
+/// What `check-config` says of the URL in `cfg`: every problem [`target`]
+/// would refuse at start (an unknown `sslmode`, a URL the driver cannot
+/// read, an unreadable `sslrootcert`), without connecting. Like every
+/// message here, it names the variable and the key, never the URL.
+pub fn check_url(cfg: &crate::config::PostgresConfig) -> Result<(), crate::config::Problem> {
+    let url = String::from_utf8_lossy(cfg.url.expose()).into_owned();
+    target(&url, &cfg.url_env).map(drop).map_err(|e| {
+        let message = e.strip_prefix(URL_KEY).and_then(|m| m.strip_prefix(": ")).unwrap_or(&e).to_string();
+        crate::config::Problem { path: URL_KEY.to_string(), message }
+    })
+}
+
+/// The driver's reason a URL does not parse, with the key it names (its
+/// cause, e.g. "invalid value for parameter `port`"): the driver's causes
+/// name keys, never values, so the password cannot be in it.
+fn parse_problem(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 fn tls_config(mode: TlsMode, root_file: Option<&str>) -> Result<rustls::ClientConfig, String> {
