@@ -228,6 +228,35 @@ fn a_damaged_page_in_the_middle_of_the_file_is_found_at_start_and_ingest_answers
     assert!(!env.log().contains("panicked") && !out.stderr.contains("panicked"), "{}", env.log());
 }
 
+#[test]
+fn a_start_up_check_cut_short_is_finished_by_the_background_check_at_once() {
+    if sqlite_only("the database file and the SQLite integrity checks") {
+        return;
+    }
+    let env = TestEnv::new("[sources.forms]\nauth = { type = \"none\" }\n");
+    let mut d = env.start();
+    let pad = "x".repeat(1200);
+    for i in 0..400 {
+        d.post_json("/hooks/forms", &format!(r#"{{"n":{i},"pad":"{pad}"}}"#));
+    }
+    d.sigterm();
+    assert!(d.wait_exit(Duration::from_secs(30)).success());
+    damage_a_table_page(&env.db_path());
+
+    // As on a database too large for the start-up budget: the daemon starts
+    // without having read the damaged page, and the background check (not
+    // the hourly one) finds it.
+    let d = env.daemon().env("HOOKTRAIL_TEST_START_CHECK", "off").start();
+    assert!(d.log().contains("start-up integrity check skipped"), "{}", d.log());
+    wait_for("the background check to report the damage on /readyz", Duration::from_secs(60), || {
+        let ready = admin_get(&env, "/readyz");
+        ready.status == 503 && ready.json()["storage"].as_str().unwrap_or_default().contains("is damaged (quick_check:")
+    });
+    let r = d.post_json("/hooks/forms", r#"{"n":"late"}"#);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.error().contains("the database is damaged"), "{}", r.text());
+}
+
 /// Overwrites with garbage the first table b-tree leaf page (type 0x0D) at
 /// or after the middle of the file; returns its number (1-based).
 fn damage_a_table_page(db: &Path) -> usize {
