@@ -117,6 +117,17 @@ fn the_same_dedup_key_posted_to_two_nodes_at_once_stores_one_event() {
     assert_eq!(env.stat("in", "duplicates"), 20);
 }
 
+/// A 2 s lease, a 200 ms poll and one shell handler `slow` running `script`
+/// (with a 10 min timeout) for source `in`.
+fn slow_shell_env(script: &str) -> TestEnv {
+    TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"200ms\"\nlease = \"2s\"\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [handlers.slow]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", {script}]\ntimeout = \"10m\"\n\
+         [[routes]]\nsource = \"in\"\nhandler = \"slow\"\n",
+        script = toml_str(script)
+    ))
+}
+
 #[test]
 fn kill9_of_a_process_node_mid_attempt_runs_it_on_the_other_after_the_lease_with_the_interrupted_attempt() {
     if postgres_only() {
@@ -131,12 +142,7 @@ fn kill9_of_a_process_node_mid_attempt_runs_it_on_the_other_after_the_lease_with
         started = started.display(),
         second = second.display()
     );
-    let env = TestEnv::new(&format!(
-        "[processor]\npoll_interval = \"200ms\"\nlease = \"2s\"\n[sources.in]\nauth = {{ type = \"none\" }}\n\
-         [handlers.slow]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", {script}]\ntimeout = \"10m\"\n\
-         [[routes]]\nsource = \"in\"\nhandler = \"slow\"\n",
-        script = toml_str(&script)
-    ));
+    let env = slow_shell_env(&script);
     let ingest = env.daemon().arg("--role").arg("ingest").start();
     let first = env.daemon().arg("--role").arg("process").start();
     let id = ingest.post_json("/hooks/in", r#"{"n":1}"#).id();
@@ -718,12 +724,7 @@ fn a_process_node_restarted_after_kill9_stops_the_handler_its_predecessor_left_a
         pid = pid_file.display(),
         payload = payload_file.display()
     );
-    let env = TestEnv::new(&format!(
-        "[processor]\npoll_interval = \"200ms\"\nlease = \"2s\"\n[sources.in]\nauth = {{ type = \"none\" }}\n\
-         [handlers.slow]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", {script}]\ntimeout = \"10m\"\n\
-         [[routes]]\nsource = \"in\"\nhandler = \"slow\"\n",
-        script = toml_str(&script)
-    ));
+    let env = slow_shell_env(&script);
     let ingest = env.daemon().arg("--role").arg("ingest").start();
     let first = env.daemon().arg("--role").arg("process").start();
     let id = ingest.post_json("/hooks/in", r#"{"email":"lead@example.com"}"#).id();

@@ -191,15 +191,7 @@ fn a_damaged_page_in_the_middle_of_the_file_is_found_at_start_and_ingest_answers
         return;
     }
     let env = TestEnv::new("[sources.forms]\nauth = { type = \"none\" }\n[sources.late]\nauth = { type = \"none\" }\n");
-    let mut d = env.start();
-    // Rows of ~1.2 KB: three to a 4 KiB page, so the events table spans
-    // over a hundred pages and one in the middle holds only events.
-    let pad = "x".repeat(1200);
-    let ids: Vec<String> = (0..400).map(|i| d.post_json("/hooks/forms", &format!(r#"{{"n":{i},"pad":"{pad}"}}"#)).id()).collect();
-    d.sigterm();
-    assert!(d.wait_exit(Duration::from_secs(30)).success());
-
-    let page = damage_a_table_page(&env.db_path());
+    let (ids, page) = stored_then_damaged(&env);
     let d = env.start();
     let r = d.post_json("/hooks/late", r#"{"n":"late"}"#);
     assert_eq!(r.status, 503, "page {page} is damaged, yet: {}", r.text());
@@ -234,14 +226,7 @@ fn a_start_up_check_cut_short_is_finished_by_the_background_check_at_once() {
         return;
     }
     let env = TestEnv::new("[sources.forms]\nauth = { type = \"none\" }\n");
-    let mut d = env.start();
-    let pad = "x".repeat(1200);
-    for i in 0..400 {
-        d.post_json("/hooks/forms", &format!(r#"{{"n":{i},"pad":"{pad}"}}"#));
-    }
-    d.sigterm();
-    assert!(d.wait_exit(Duration::from_secs(30)).success());
-    damage_a_table_page(&env.db_path());
+    stored_then_damaged(&env);
 
     // As on a database too large for the start-up budget: the daemon starts
     // without having read the damaged page, and the background check (not
@@ -255,6 +240,20 @@ fn a_start_up_check_cut_short_is_finished_by_the_background_check_at_once() {
     let r = d.post_json("/hooks/forms", r#"{"n":"late"}"#);
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.error().contains("the database is damaged"), "{}", r.text());
+}
+
+/// Stores 400 events to source `forms`, stops the daemon and damages a page
+/// in the middle of the file; returns the ids and the page's number.
+fn stored_then_damaged(env: &TestEnv) -> (Vec<String>, usize) {
+    let mut d = env.start();
+    // Rows of ~1.2 KB: three to a 4 KiB page, so the events table spans
+    // over a hundred pages and one in the middle holds only events.
+    let pad = "x".repeat(1200);
+    let ids: Vec<String> = (0..400).map(|i| d.post_json("/hooks/forms", &format!(r#"{{"n":{i},"pad":"{pad}"}}"#)).id()).collect();
+    d.sigterm();
+    assert!(d.wait_exit(Duration::from_secs(30)).success());
+    let page = damage_a_table_page(&env.db_path());
+    (ids, page)
 }
 
 /// Overwrites with garbage the first table b-tree leaf page (type 0x0D) at
