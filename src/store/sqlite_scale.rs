@@ -651,13 +651,22 @@ const FILL_BATCH: u64 = 10_000;
 /// `path`, spread evenly over the past year, each with one succeeded
 /// delivery to `crm` and its attempt, counted and indexed as ingest would.
 /// Posting ten million events would take hours; this takes minutes.
-/// `old_schema` then drops what migration 4 adds, so the next start
-/// measures that migration's back-fill.
+/// `old_schema` leaves the file at schema version 4 (what migrations 5 and 6
+/// add is dropped: 6 before the fill, while the table is empty, 5 after it),
+/// so the next start measures migration 5's back-fill of the counters and
+/// the search index.
 pub(super) fn fill(path: &Path, events: u64, old_schema: bool) -> Result<(), Error> {
     let mut conn = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)?;
     conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
     migrate(&mut conn)?;
     conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -64000;")?;
+    if old_schema {
+        conn.execute_batch(
+            "DROP INDEX deliveries_keyed; ALTER TABLE deliveries DROP COLUMN order_live;
+             CREATE INDEX deliveries_keyed ON deliveries(handler, order_key, event_seq)
+                 WHERE order_key IS NOT NULL AND status IN ('pending', 'retrying', 'running');",
+        )?;
+    }
     let mut st = WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0, tallies: Tallies::new() };
     let now = Utc::now();
     let span = chrono::Duration::days(365);
@@ -684,7 +693,8 @@ pub(super) fn fill(path: &Path, events: u64, old_schema: bool) -> Result<(), Err
     if old_schema {
         conn.execute_batch(
             "DROP TABLE tally_totals; DROP TABLE tally_hours; DROP TABLE event_search;
-             DROP INDEX events_received; DROP INDEX deliveries_waiting; PRAGMA user_version = 3;",
+             DROP INDEX events_received; DROP INDEX deliveries_waiting; DROP INDEX deliveries_handler;
+             PRAGMA user_version = 4;",
         )?;
     }
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
@@ -796,6 +806,27 @@ mod tests {
         assert_eq!(hours.iter().map(|h| h.received).sum::<u64>(), 3);
         let depth = store.queue_depth().await.expect("queue depth");
         assert_eq!(depth.iter().map(|q| q.count).sum::<u64>(), 3);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_bench_fill_left_at_the_old_schema_migrates_to_the_same_counters_and_search() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("db.sqlite");
+        fill(&path, 40, true).expect("filling at the old schema");
+        let version: i64 = Connection::open(&path).expect("opening").query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!(version, 4, "left before the counters and search migration");
+        let store = SqliteStore::open(&path, Role::All).expect("migrating");
+        let rows = store.stats(None, None).await.expect("stats");
+        let events = rows.iter().find(|r| r.handler.is_none()).expect("the events' row");
+        assert_eq!(events.received, 40, "{rows:?}");
+        let crm = rows.iter().find(|r| r.handler.as_deref() == Some("crm")).expect("the crm row");
+        assert_eq!(crm.succeeded, 40, "{rows:?}");
+        let found = store
+            .list_events(EventFilter { search: Some("lead7@example7.com".into()), ..Default::default() }, Detail::Summary)
+            .await
+            .expect("searching");
+        assert_eq!(found.len(), 1, "one lead, one event");
         store.close().await;
     }
 
