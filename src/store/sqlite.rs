@@ -1276,9 +1276,9 @@ fn writer_loop(
         take_lazy(&shared, &mut batch);
         let counts = std::mem::take(&mut *shared.rejections.lock().expect("rejection counter lock poisoned"));
         if !batch.is_empty() || !counts.is_empty() {
-            let urgent = batch.iter().any(|op| op.urgent());
+            let (urgent, until) = (batch.iter().any(|op| op.urgent()), Instant::now() + HOLD_MAX);
             let answers = {
-                let mut more = |len: usize| gather(&rx, &shared, syncer.as_ref().filter(|_| urgent), len, &mut disconnected);
+                let mut more = |len: usize| gather(&rx, &shared, syncer.as_ref().filter(|_| urgent), len, until, &mut disconnected);
                 run_batch(&mut conn, &mut st, batch, &counts, &shared, &mut more)
             };
             Syncer::hand_over(&mut syncer, answers, &responder);
@@ -1325,14 +1325,17 @@ fn writer_loop(
 }
 
 /// Longest the writer holds a transaction open for a sync loop to come free
-/// before it commits anyway (a backstop: the loop's wake-up ends the wait).
+/// before it commits anyway (a backstop: the loop's wake-up ends the wait),
+/// so that a slow disk never keeps the write lock from other processes (a
+/// CLI command) for longer than this.
 const HOLD_MAX: Duration = Duration::from_millis(50);
 
 /// More operations for the open transaction of `len` operations, while
 /// every sync loop is busy ([`SyncQueue::hold`]); none when it is time to
 /// commit: a loop is free (or there is no syncer, or the batch holds no
 /// urgent operation, which is answered at commit), the batch is full, or
-/// the channel closed. Holding costs an answer little: a commit made now
+/// the channel closed, or the transaction has been open until `until`
+/// ([`HOLD_MAX`]). Holding costs an answer little: a commit made now
 /// would wait in the sync queue until a loop comes free anyway; holding
 /// adds only the COMMIT's own time before that loop's sync begins. What is
 /// acknowledged still waits for a sync that began after its COMMIT
@@ -1342,17 +1345,19 @@ fn gather(
     shared: &Shared,
     syncer: Option<&Syncer>,
     len: usize,
+    until: Instant,
     disconnected: &mut bool,
 ) -> Vec<Box<dyn WriteOp>> {
     let mut more: Vec<Box<dyn WriteOp>> = Vec::new();
     let Some(syncer) = syncer else { return more };
+    let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { return more };
     if *disconnected || len >= MAX_BATCH || !syncer.queue.hold() {
         return more;
     }
     // Waiting here rather than in the channel, the writer is not woken by
     // each arriving operation, only by the free loop; it then takes every
     // operation that arrived meanwhile.
-    syncer.queue.wait_free(HOLD_MAX);
+    syncer.queue.wait_free(left);
     while len + more.len() < MAX_BATCH {
         match rx.try_recv() {
             Ok(op) => more.push(op),
