@@ -6,7 +6,9 @@
 //! once (`synchronous=NORMAL`), then hands the batch to the syncer, which
 //! answers each caller only after an `fdatasync` of the write-ahead log that
 //! began after that COMMIT returned; meanwhile the writer goes on with the
-//! next batch. So an acknowledged write survives `kill -9` and power loss
+//! next batch. While every sync loop is busy the writer keeps its
+//! transaction open and adds to it what arrives, committing once a loop is
+//! free ([`gather`]). So an acknowledged write survives `kill -9` and power loss
 //! exactly as with `synchronous=FULL` (the argument is in `sqlite_sync.rs`),
 //! each sync is shared by every commit that waited for it, and the rate
 //! follows the CPU rather than the disk's latency. Checkpoints run on a
@@ -28,7 +30,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -1313,7 +1315,12 @@ fn writer_loop(
         take_lazy(&shared, &mut batch);
         let counts = std::mem::take(&mut *shared.rejections.lock().expect("rejection counter lock poisoned"));
         if !batch.is_empty() || !counts.is_empty() {
-            Syncer::hand_over(&mut syncer, run_batch(&mut conn, &mut st, batch, &counts, &shared), &responder);
+            let (urgent, until) = (batch.iter().any(|op| op.urgent()), Instant::now() + HOLD_MAX);
+            let answers = {
+                let mut more = |len: usize| gather(&rx, &shared, syncer.as_ref().filter(|_| urgent), len, until, &mut disconnected);
+                run_batch(&mut conn, &mut st, batch, &counts, &shared, &mut more)
+            };
+            Syncer::hand_over(&mut syncer, answers, &responder);
         }
         if shared.fault.get().is_some() {
             // Nothing more is written to a lost or damaged file.
@@ -1354,6 +1361,58 @@ fn writer_loop(
     }
     // Leave the WAL folded into the main file on a clean stop.
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+}
+
+/// Longest the writer holds a transaction open for a sync loop to come free
+/// before it commits anyway (a backstop: the loop's wake-up ends the wait),
+/// so that a slow disk never keeps the write lock from other processes (a
+/// CLI command) for longer than this.
+const HOLD_MAX: Duration = Duration::from_millis(50);
+
+/// More operations for the open transaction of `len` operations, while
+/// every sync loop is busy ([`SyncQueue::hold`]); none when it is time to
+/// commit: a loop is free (or there is no syncer, or the batch holds no
+/// urgent operation, which is answered at commit), the batch is full, or
+/// the channel closed, or the transaction has been open until `until`
+/// ([`HOLD_MAX`]). Holding costs an answer little: a commit made now
+/// would wait in the sync queue until a loop comes free anyway; holding
+/// adds only the COMMIT's own time before that loop's sync begins. What is
+/// acknowledged still waits for a sync that began after its COMMIT
+/// (`sqlite_sync.rs`).
+fn gather(
+    rx: &Receiver<Box<dyn WriteOp>>,
+    shared: &Shared,
+    syncer: Option<&Syncer>,
+    len: usize,
+    until: Instant,
+    disconnected: &mut bool,
+) -> Vec<Box<dyn WriteOp>> {
+    let mut more: Vec<Box<dyn WriteOp>> = Vec::new();
+    let Some(syncer) = syncer else { return more };
+    let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { return more };
+    if *disconnected || len >= MAX_BATCH || !syncer.queue.hold() {
+        return more;
+    }
+    // Waiting here rather than in the channel, the writer is not woken by
+    // each arriving operation, only by the free loop; it then takes every
+    // operation that arrived meanwhile.
+    syncer.queue.wait_free(left);
+    while len + more.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(op) => more.push(op),
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Disconnected) => {
+                *disconnected = true;
+                break;
+            }
+        }
+    }
+    if more.iter().any(|op| op.is_nudge()) {
+        // Lazy writes are waiting (see `Shared::lazy`).
+        more.retain(|op| !op.is_nudge());
+        more.append(&mut shared.lazy.lock().expect("lazy write list lock poisoned"));
+    }
+    more
 }
 
 /// Adds the operations already waiting to `batch`, up to [`MAX_BATCH`].
@@ -1411,7 +1470,17 @@ fn commit(conn: &Connection, shared: &Shared) -> rusqlite::Result<()> {
     conn.execute_batch("COMMIT")
 }
 
-fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn WriteOp>>, counts: &Counts, shared: &Shared) -> Answers {
+/// Runs `batch` in one transaction, with whatever `more` adds while it is
+/// open (see [`gather`]), and commits it; each operation's outcome, to be
+/// answered once a sync covers the commit.
+fn run_batch(
+    conn: &mut Connection,
+    st: &mut WriterState,
+    mut batch: Vec<Box<dyn WriteOp>>,
+    counts: &Counts,
+    shared: &Shared,
+    more: &mut dyn FnMut(usize) -> Vec<Box<dyn WriteOp>>,
+) -> Answers {
     st.new_work = false;
     st.backlog_delta = 0;
     if shared.fault.get().is_some() {
@@ -1421,11 +1490,20 @@ fn run_batch(conn: &mut Connection, st: &mut WriterState, mut batch: Vec<Box<dyn
     st.tallies.clear();
     let whole = (|| -> Result<(), Error> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
-        for op in batch.iter_mut() {
-            if let Err(e) = op.apply(conn, st) {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e);
+        let mut applied = 0;
+        loop {
+            for op in batch[applied..].iter_mut() {
+                if let Err(e) = op.apply(conn, st) {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Err(e);
+                }
             }
+            applied = batch.len();
+            let extra = more(applied);
+            if extra.is_empty() {
+                break;
+            }
+            batch.extend(extra);
         }
         scale::flush(conn, st)?;
         add_counts(conn, counts)?;

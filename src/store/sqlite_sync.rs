@@ -125,16 +125,26 @@ impl WalFile {
 pub struct SyncQueue<T> {
     state: Mutex<Waiting<T>>,
     wake: Condvar,
+    /// Tells the writer that a sync loop is free (see [`SyncQueue::hold`]).
+    free: Condvar,
 }
 
 struct Waiting<T> {
     commits: Vec<(u64, T)>,
     closed: bool,
+    /// Sync loops waiting for a commit.
+    idle: usize,
+    /// The writer holds its transaction open until a loop is free.
+    armed: bool,
 }
 
 impl<T> Default for SyncQueue<T> {
     fn default() -> Self {
-        SyncQueue { state: Mutex::new(Waiting { commits: Vec::new(), closed: false }), wake: Condvar::new() }
+        SyncQueue {
+            state: Mutex::new(Waiting { commits: Vec::new(), closed: false, idle: 0, armed: false }),
+            wake: Condvar::new(),
+            free: Condvar::new(),
+        }
     }
 }
 
@@ -150,18 +160,60 @@ impl<T> SyncQueue<T> {
     pub fn close(&self) {
         self.state.lock().expect("sync queue lock poisoned").closed = true;
         self.wake.notify_all();
+        self.free.notify_all();
+    }
+
+    /// Whether a commit made now would wait for a sync loop: every loop is
+    /// syncing (or about to take commits already waiting). Then the writer
+    /// keeps its transaction open, waits in [`SyncQueue::wait_free`] and
+    /// adds to it what arrived meanwhile. A commit
+    /// made while every loop is busy would only wait in this queue; made
+    /// when a loop is free it is synced at once and carries everything that
+    /// arrived meanwhile: fewer, larger commits (each commit rewrites the
+    /// index and counter pages it touches), the same waits.
+    pub fn hold(&self) -> bool {
+        let mut st = self.state.lock().expect("sync queue lock poisoned");
+        if st.closed || (st.idle > 0 && st.commits.is_empty()) {
+            return false;
+        }
+        st.armed = true;
+        true
+    }
+
+    /// After [`SyncQueue::hold`] said yes: waits until a sync loop is free,
+    /// at most `timeout`.
+    pub fn wait_free(&self, timeout: Duration) {
+        let st = self.state.lock().expect("sync queue lock poisoned");
+        let _ = self.free.wait_timeout_while(st, timeout, |st| st.armed && !st.closed).expect("sync queue lock poisoned");
+    }
+
+    /// Wakes the writer if it holds a transaction for a free loop.
+    fn wake_writer(&self, st: &mut Waiting<T>) {
+        if std::mem::take(&mut st.armed) {
+            self.free.notify_one();
+        }
     }
 
     /// Every commit waiting now (never none), or `None` once closed and drained.
     fn take(&self) -> Option<Vec<(u64, T)>> {
         let mut st = self.state.lock().expect("sync queue lock poisoned");
+        st.idle += 1;
         while st.commits.is_empty() {
             if st.closed {
+                st.idle -= 1;
                 return None;
             }
+            // Free, and nothing to sync: the writer may commit now.
+            self.wake_writer(&mut st);
             st = self.wake.wait(st).expect("sync queue lock poisoned");
         }
-        Some(std::mem::take(&mut st.commits))
+        st.idle -= 1;
+        let commits = std::mem::take(&mut st.commits);
+        if st.idle > 0 {
+            // Another loop is free for the writer's next commit.
+            self.wake_writer(&mut st);
+        }
+        Some(commits)
     }
 }
 
@@ -232,6 +284,48 @@ mod tests {
             released.push(commits);
         });
         assert_eq!(released, vec![vec![(1, 10), (2, 20), (3, 30)]], "one sync for everything waiting, then the loop ends");
+    }
+
+    #[test]
+    fn the_writer_holds_its_commit_while_every_loop_syncs_and_is_woken_when_one_comes_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        std::fs::write(dir.path().join("db.sqlite-wal"), b"").unwrap();
+        let wal = WalFile::open(&db).unwrap();
+        let queue = Arc::new(SyncQueue::<u64>::default());
+        assert!(queue.hold(), "no loop running: a commit now would wait");
+        let (released_tx, released) = std::sync::mpsc::channel();
+        let (gate_tx, gate) = std::sync::mpsc::channel::<()>();
+        let q = queue.clone();
+        let syncer = std::thread::spawn(move || {
+            sync_loop(&q, &wal, Duration::ZERO, &SyncTrace::default(), |r, commits| {
+                assert!(r.is_ok());
+                released_tx.send(commits).unwrap();
+                // The loop stays busy (as in a slow sync) until the test opens the gate.
+                let _ = gate.recv();
+            })
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while queue.hold() {
+            assert!(std::time::Instant::now() < deadline, "the loop never came free");
+            std::thread::yield_now();
+        }
+        queue.push(1, 10);
+        assert_eq!(released.recv_timeout(Duration::from_secs(10)).unwrap(), vec![(1, 10)]);
+        assert!(queue.hold(), "the only loop is busy: the writer holds its transaction");
+        let (freed_tx, freed) = std::sync::mpsc::channel();
+        let q = queue.clone();
+        let writer = std::thread::spawn(move || {
+            q.wait_free(Duration::from_secs(60));
+            freed_tx.send(()).unwrap();
+        });
+        gate_tx.send(()).unwrap();
+        freed.recv_timeout(Duration::from_secs(10)).expect("the loop that came free woke the writer");
+        assert!(!queue.hold(), "a loop is free: commit now");
+        writer.join().unwrap();
+        queue.close();
+        drop(gate_tx);
+        syncer.join().unwrap();
     }
 
     #[test]
