@@ -220,28 +220,6 @@ fn a_damaged_page_in_the_middle_of_the_file_is_found_at_start_and_ingest_answers
     assert!(!env.log().contains("panicked") && !out.stderr.contains("panicked"), "{}", env.log());
 }
 
-#[test]
-fn a_start_up_check_cut_short_is_finished_by_the_background_check_at_once() {
-    if sqlite_only("the database file and the SQLite integrity checks") {
-        return;
-    }
-    let env = TestEnv::new("[sources.forms]\nauth = { type = \"none\" }\n");
-    stored_then_damaged(&env);
-
-    // As on a database too large for the start-up budget: the daemon starts
-    // without having read the damaged page, and the background check (not
-    // the hourly one) finds it.
-    let d = env.daemon().env("HOOKTRAIL_TEST_START_CHECK", "off").start();
-    assert!(d.log().contains("start-up integrity check skipped"), "{}", d.log());
-    wait_for("the background check to report the damage on /readyz", Duration::from_secs(60), || {
-        let ready = admin_get(&env, "/readyz");
-        ready.status == 503 && ready.json()["storage"].as_str().unwrap_or_default().contains("is damaged (quick_check:")
-    });
-    let r = d.post_json("/hooks/forms", r#"{"n":"late"}"#);
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert!(r.error().contains("the database is damaged"), "{}", r.text());
-}
-
 /// Stores 400 events to source `forms`, stops the daemon and damages a page
 /// in the middle of the file; returns the ids and the page's number.
 fn stored_then_damaged(env: &TestEnv) -> (Vec<String>, usize) {

@@ -137,10 +137,13 @@ mod scale;
 /// restarts on its own.
 const WAL_FINISH_FRAMES: u64 = 1024;
 /// How long the daemon's start-up integrity check may run before the daemon
-/// starts anyway, so start-up stays under a second at any size. A small
-/// database (a few hundred MB) is checked whole; a larger one only in part,
-/// and then the background check reads all of it at once, beside the
-/// running daemon (README "Storage").
+/// starts anyway, so start-up stays under a second at any size (README
+/// "Storage faults"). A database of a few hundred MB in the page cache is
+/// checked whole; a larger one only in part, and the hourly background
+/// check reads all of it later. Not at once: on a large database the check
+/// competes with ingest for the CPUs and the disk, and its read transaction
+/// keeps the WAL from starting over while it runs (measured at ten million
+/// events: ingest fell to a third during the check, BENCHMARKS.md "Scale").
 const START_CHECK_BUDGET: Duration = Duration::from_millis(500);
 /// How often the daemon checks the whole database in the background, on a
 /// read connection of its own (it never holds up a write).
@@ -480,9 +483,6 @@ struct TestHooks {
     commit_delay: Duration,
     read_delay: Duration,
     sync_delay: Duration,
-    /// `HOOKTRAIL_TEST_START_CHECK=off`: the start-up check reads nothing,
-    /// as if a huge database had used up its budget.
-    start_check_off: bool,
 }
 
 impl TestHooks {
@@ -492,7 +492,6 @@ impl TestHooks {
             commit_delay: ms("HOOKTRAIL_TEST_COMMIT_DELAY_MS"),
             read_delay: ms("HOOKTRAIL_TEST_READ_DELAY_MS"),
             sync_delay: ms("HOOKTRAIL_TEST_SYNC_DELAY_MS"),
-            start_check_off: std::env::var("HOOKTRAIL_TEST_START_CHECK").is_ok_and(|v| v == "off"),
         }
     }
 }
@@ -760,7 +759,9 @@ impl SqliteStore {
             role,
             lazy: Mutex::new(Vec::new()),
         });
-        let checked_whole = !role.is_daemon() || start_check(&writer, &shared);
+        if role.is_daemon() {
+            start_check(&writer, &shared);
+        }
         // A damaged deliveries table must not keep `export` from reading what is readable.
         match writer.query_row(unfinished_count_sql!(), [], |r| r.get::<_, u64>(0)) {
             Ok(n) => shared.backlog.store(n, Ordering::Relaxed),
@@ -804,12 +805,8 @@ impl SqliteStore {
             );
             let check = open_conn(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
             let sh = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("hooktrail-check".into())
-                    .spawn(move || check_loop(check, sh, checked_whole))
-                    .map_err(spawn_err)?,
-            );
+            threads
+                .push(std::thread::Builder::new().name("hooktrail-check".into()).spawn(move || check_loop(check, sh)).map_err(spawn_err)?);
             // Search indexing, shortly after the insert (see `scale`).
             let (index, sh, tx) =
                 (open_conn(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?, shared.clone(), tx.clone());
@@ -1085,48 +1082,32 @@ fn quick_check(conn: &Connection, budget: Duration, shared: &Arc<Shared>) -> Res
 }
 
 /// The daemon's start-up check, before the first write is accepted.
-/// Returns whether it read the whole database (or found damage, which
-/// stops the writes anyway).
-fn start_check(conn: &Connection, shared: &Arc<Shared>) -> bool {
+fn start_check(conn: &Connection, shared: &Arc<Shared>) {
     let started = Instant::now();
-    let budget = if shared.hooks.start_check_off { Duration::ZERO } else { START_CHECK_BUDGET };
-    if budget.is_zero() {
-        tracing::info!("start-up integrity check skipped (test hook); the background check reads the database now");
-        return false;
-    }
-    match quick_check(conn, budget, shared) {
+    match quick_check(conn, START_CHECK_BUDGET, shared) {
         Ok(Integrity::Clean) => tracing::info!(took_ms = started.elapsed().as_millis() as u64, "start-up integrity check: clean"),
-        Ok(Integrity::Unfinished) => {
-            tracing::info!(
-                budget_ms = START_CHECK_BUDGET.as_millis() as u64,
-                "start-up integrity check stopped at its time budget (large database); the background check reads all of it now"
-            );
-            return false;
-        }
+        Ok(Integrity::Unfinished) => tracing::warn!(
+            budget_ms = START_CHECK_BUDGET.as_millis() as u64,
+            "start-up integrity check stopped at its time budget (large database); the background check reads all of it within the hour"
+        ),
         Ok(Integrity::Damaged(detail)) => shared.set_fault(Fault::Damaged(detail)),
-        Err(e) => {
-            tracing::warn!(error = %e, "start-up integrity check could not run; the background check runs now");
-            return false;
-        }
+        Err(e) => tracing::warn!(error = %e, "start-up integrity check could not run"),
     }
-    true
 }
 
-/// The daemon's periodic integrity check, on its own read connection: the
-/// first one at once when the start-up check did not read everything
-/// (`checked_whole` false), then hourly.
-fn check_loop(conn: Connection, shared: Arc<Shared>, checked_whole: bool) {
-    // None: a check is due now.
-    let mut last = checked_whole.then(Instant::now);
+/// The daemon's periodic integrity check, on its own read connection.
+fn check_loop(conn: Connection, shared: Arc<Shared>) {
+    let mut last = Instant::now();
     while !shared.closing.load(Ordering::Relaxed) {
         std::thread::sleep(CHECK_LOOP_TICK);
-        if last.is_some_and(|t| t.elapsed() < CHECK_EVERY) || shared.fault.get().is_some() {
+        if last.elapsed() < CHECK_EVERY || shared.fault.get().is_some() {
             continue;
         }
-        let began = Instant::now();
-        last = Some(began);
+        last = Instant::now();
         match quick_check(&conn, CHECK_BUDGET, &shared) {
-            Ok(Integrity::Clean) => tracing::info!(took_s = began.elapsed().as_secs(), "integrity check: clean"),
+            Ok(Integrity::Clean) => tracing::info!(took_s = last.elapsed().as_secs(), "integrity check: clean"),
+            // Stopped because the store closes: nothing to say.
+            Ok(Integrity::Unfinished) if shared.closing.load(Ordering::Relaxed) => {}
             Ok(Integrity::Unfinished) => {
                 tracing::warn!(budget_s = CHECK_BUDGET.as_secs(), "integrity check stopped at its time budget; what it read was clean")
             }
