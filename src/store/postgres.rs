@@ -108,6 +108,21 @@ macro_rules! new_heads_from_dl {
     };
 }
 
+/// Stores events' search words (`scale::index_words`, joined by spaces):
+/// the event ids and the words are the statement parameters named. An
+/// event without a word gets no row (a search always has one).
+macro_rules! event_words_insert {
+    ($ids:literal, $words:literal) => {
+        concat!(
+            "INSERT INTO event_words (event_id, words) SELECT i, string_to_array(w, ' ') FROM unnest(",
+            $ids,
+            "::text[], ",
+            $words,
+            "::text[]) AS u(i, w) WHERE w <> ''"
+        )
+    };
+}
+
 /// [`rules::prunable`] as SQL (a test checks it agrees with the rule).
 macro_rules! prunable_sql {
     () => {
@@ -444,13 +459,14 @@ async fn insert_pipelined(
     let stmt = client
         .prepare_cached(concat!(
             "WITH ev AS (
-                INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload,
-                                    search_words)
-                SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, string_to_array(c13, ' ')
+                INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
+                SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12
                 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
-                            $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[], $15::text[])
-                     AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13)
-             ), dl AS (
+                            $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[])
+                     AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12)
+             ), wd AS (",
+            event_words_insert!("$1", "$15"),
+            "), dl AS (
                 INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, source, hour, order_key)
                 SELECT e, h, 'pending', now(), now(), now(), s, hr, k
                 FROM unnest($13::text[], $14::text[], $16::text[], $17::int8[], $18::text[]) AS u(e, h, s, hr, k)
@@ -527,14 +543,17 @@ async fn insert_in(
     }
     if !cols.id.is_empty() {
         let stmt = tx
-            .prepare_cached(
-                "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind,
-                                     payload, search_words)
-                 SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, string_to_array(c13, ' ')
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
-                             $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[], $13::text[])
-                      AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13)",
-            )
+            .prepare_cached(concat!(
+                "WITH ev AS (
+                    INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind,
+                                        payload)
+                    SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12
+                    FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+                                $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[])
+                         AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12)
+                 ) ",
+                event_words_insert!("$1", "$13"),
+            ))
             .await?;
         let mut params = cols.event_params();
         params.push(&cols.words);
@@ -957,7 +976,7 @@ fn filter_sql(f: &EventFilter) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
     }
     if let Some(words) = scale::narrowing(f) {
         let p = arg(&mut args, Box::new(words));
-        sql.push_str(&format!(" AND e.search_words @> {p}::text[]"));
+        sql.push_str(&format!(" AND e.id IN (SELECT event_id FROM event_words WHERE words @> {p}::text[])"));
     }
     for (ptr, val) in &f.matches {
         let path = pointer_path(ptr);
@@ -1202,9 +1221,8 @@ async fn import_in(
     let words = scale::stored_index_words(kind, &body, payload);
     let inserted = tx
         .query_opt(
-            "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload,
-                                 search_words)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, string_to_array($13, ' ')) ON CONFLICT (id) DO NOTHING RETURNING id",
+            "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING RETURNING id",
             &[
                 &ev.id.to_string(),
                 &ev.source,
@@ -1218,13 +1236,14 @@ async fn import_in(
                 &body,
                 &kind,
                 &payload,
-                &words,
             ],
         )
         .await?;
     if inserted.is_none() {
         return Ok(false);
     }
+    let (ids, words) = (vec![ev.id.to_string()], vec![words]);
+    tx.execute(concat!(event_words_insert!("$1", "$2"), " ON CONFLICT (event_id) DO NOTHING"), &[&ids, &words]).await?;
     for (d, status) in ev.deliveries.iter().flatten().zip(statuses) {
         // Waiting ones keep their time; the max_age clock starts at receipt.
         let next_at = d.next_attempt_at.filter(|_| rules::waits_for_its_time(*status)).unwrap_or_else(Utc::now);
@@ -1557,17 +1576,21 @@ impl Store for PostgresStore {
         let client = self.shared.client().await?;
         let stmt = client
             .prepare_cached(concat!(
-                // One small transaction per batch: no long lock on the hot tables.
-                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id < $3 AND status IN ",
+                // One small transaction per batch: no long lock on the hot
+                // tables. The events' search words go in the same statement.
+                "WITH gone AS (DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id < $3 AND status IN ",
                 prunable_sql!(),
-                " AND received_at < $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                " AND received_at < $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id),
+                 words AS (DELETE FROM event_words WHERE event_id IN (SELECT id FROM gone))
+                 SELECT count(*) FROM gone"
             ))
             .await
             .map_err(connect::neutral)?;
         let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
         let mut total = 0;
         loop {
-            let n = client.execute(&stmt, &[&before, &batch, &id_floor(before)]).await.map_err(connect::neutral)?;
+            let row = client.query_one(&stmt, &[&before, &batch, &id_floor(before)]).await.map_err(connect::neutral)?;
+            let n = count(&row, 0)?;
             total += n;
             if n < batch as u64 {
                 return Ok(total);
