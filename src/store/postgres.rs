@@ -298,7 +298,7 @@ impl PostgresStore {
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let writers = (0..WRITERS).map(|_| rt.spawn(writer(shared.clone(), rx.clone()))).collect();
         let (finishes, finish_rx) = mpsc::unbounded_channel();
-        let finish_rx = Arc::new(tokio::sync::Mutex::new(finish_rx));
+        let finish_rx = Arc::new(tokio::sync::Mutex::new(finish::Inbox::new(finish_rx)));
         let finishers = (0..finish::FINISHERS).map(|_| rt.spawn(finish::finisher(shared.clone(), finish_rx.clone()))).collect();
         let background = CancellationToken::new();
         let cancel = background.clone();
@@ -1436,9 +1436,11 @@ impl Store for PostgresStore {
     }
 
     async fn started(&self, owner: &str, delivery_id: i64) -> Result<(), StoreError> {
-        // Queued at the first poll, so the mark is written (with the next
-        // batch of this process's finishes) even if the caller stops
-        // waiting; it only shapes the history after a crash (see the trait).
+        // Queued at the first poll, so the mark is written even if the
+        // caller stops waiting: within `finish::MARK_WITHIN`, with a batch
+        // of this process's finishes, unless the attempt's own finish comes
+        // first and clears it. It only shapes the history after a crash
+        // (see the trait).
         let answer = self.queue_write(finish::Write::Started { owner: owner.to_string(), delivery_id })?;
         answer.await.map_err(|_| StoreError::ShuttingDown)?.map(|_| ())
     }

@@ -52,26 +52,85 @@ pub(super) struct Queued {
     pub reply: oneshot::Sender<Result<Option<DeliveryStatus>, StoreError>>,
 }
 
-/// A finisher: takes everything queued (up to [`MAX_FINISH_BATCH`]) and
-/// commits it in one transaction; until the channel closes (`close`) and is
-/// drained.
-pub(super) async fn finisher(shared: Arc<Shared>, rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Queued>>>) {
+/// How long a begun mark may wait for a batch. An attempt that ends
+/// sooner never has its mark written (its finish clears it in the same
+/// transaction); a longer one has it within this, along with the finishes
+/// of other attempts, or alone.
+pub(super) const MARK_WITHIN: Duration = Duration::from_millis(50);
+
+/// What the finishers take their batches from: the queue, and the begun
+/// marks waiting for their time (oldest first).
+pub(super) struct Inbox {
+    rx: mpsc::UnboundedReceiver<Queued>,
+    marks: Vec<(tokio::time::Instant, Queued)>,
+}
+
+impl Inbox {
+    pub(super) fn new(rx: mpsc::UnboundedReceiver<Queued>) -> Inbox {
+        Inbox { rx, marks: Vec::new() }
+    }
+}
+
+/// A finisher: takes everything queued (up to [`MAX_FINISH_BATCH`]
+/// finishes) and commits it in one transaction; until the channel closes
+/// (`close`) and is drained.
+pub(super) async fn finisher(shared: Arc<Shared>, inbox: Arc<tokio::sync::Mutex<Inbox>>) {
+    while let Some(batch) = next_batch(&inbox).await {
+        commit_finishes(&shared, batch).await;
+    }
+}
+
+/// The next batch: the finishes queued, with the begun marks that are due
+/// or whose delivery finishes in it. `None` once the queue closed and
+/// everything in it went.
+async fn next_batch(inbox: &tokio::sync::Mutex<Inbox>) -> Option<Vec<Queued>> {
+    let mut inbox = inbox.lock().await;
+    let inbox = &mut *inbox;
+    let mut batch: Vec<Queued> = Vec::new();
     loop {
-        let mut batch = Vec::new();
-        {
-            let mut rx = rx.lock().await;
-            match rx.recv().await {
-                Some(q) => batch.push(q),
-                None => return,
-            }
-            while batch.len() < MAX_FINISH_BATCH {
-                match rx.try_recv() {
-                    Ok(q) => batch.push(q),
-                    Err(_) => break,
-                }
+        let due = inbox.marks.first().map(|(at, _)| *at + MARK_WITHIN);
+        // `None`: a mark's time came first; `Some(None)`: the queue closed.
+        let got = match due {
+            None => Some(inbox.rx.recv().await),
+            Some(due) => tokio::time::timeout_at(due, inbox.rx.recv()).await.ok(),
+        };
+        let closed = matches!(got, Some(None));
+        if let Some(Some(q)) = got {
+            sort_in(q, &mut batch, &mut inbox.marks);
+        }
+        while batch.len() < MAX_FINISH_BATCH {
+            match inbox.rx.try_recv() {
+                Ok(q) => sort_in(q, &mut batch, &mut inbox.marks),
+                Err(_) => break,
             }
         }
-        commit_finishes(&shared, batch).await;
+        let finishing: std::collections::HashSet<i64> = batch
+            .iter()
+            .filter_map(|q| match &q.write {
+                Write::Finish(f) => Some(f.delivery_id),
+                Write::Started { .. } => None,
+            })
+            .collect();
+        let now = tokio::time::Instant::now();
+        let (go, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut inbox.marks).into_iter().partition(|(at, q)| {
+            closed || *at + MARK_WITHIN <= now || matches!(&q.write, Write::Started { delivery_id, .. } if finishing.contains(delivery_id))
+        });
+        inbox.marks = wait;
+        batch.extend(go.into_iter().map(|(_, q)| q));
+        if !batch.is_empty() {
+            return Some(batch);
+        }
+        if closed {
+            return None;
+        }
+    }
+}
+
+/// A finish goes into the batch, a begun mark among those waiting.
+fn sort_in(q: Queued, batch: &mut Vec<Queued>, marks: &mut Vec<(tokio::time::Instant, Queued)>) {
+    match q.write {
+        Write::Started { .. } => marks.push((tokio::time::Instant::now(), q)),
+        Write::Finish(_) => batch.push(q),
     }
 }
 
