@@ -900,7 +900,9 @@ mod cases {
             store.finish(finished(OWNER, &fresh[0], Outcome::Success, Next::Succeeded)),
             store.finish(finished(OWNER, &fresh[1], Outcome::Failure, Next::Failed)),
         );
-        (a.expect("finish"), b.expect("finish"), c.expect("finish"));
+        for r in [a, b, c] {
+            r.expect("finish");
+        }
         let d = delivery(&*store, taken, "a").await;
         assert_eq!(d.status, DeliveryStatus::Running, "still the new holder's");
         assert_eq!(d.attempts.len(), 1, "only the interrupted attempt: {:?}", d.attempts);
