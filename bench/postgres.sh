@@ -179,9 +179,17 @@ cfg=$(config forward postgres "$fwd")
 start "$cfg" ingest forward-ingest
 ing=$STARTED
 url="http://$(listen_of "$cfg" listen)/hooks/bench"
-# Store EVENTS first (each of wrk's two threads stops after half as many
-# answers; a few more are in flight when they stop).
-BENCH_STOP_AFTER=$(( EVENTS / 2 )) wrk -t2 -c"$CONNS" -d"$(( EVENTS / 1000 + 10 ))s" --timeout 10s -s bench/post.lua "$url" >"$OUT/wrk-forward-load.txt"
+# Store EVENTS first (each of wrk's two threads stops sending after half as
+# many answers; a few more are in flight when they stop). wrk itself runs to
+# its -d, so it is stopped once EVENTS are stored.
+BENCH_STOP_AFTER=$(( EVENTS / 2 )) wrk -t2 -c"$CONNS" -d"$(( EVENTS / 1000 + 10 ))s" --timeout 10s -s bench/post.lua "$url" >"$OUT/wrk-forward-load.txt" &
+loader=$!
+while kill -0 "$loader" 2>/dev/null; do
+    n=$("$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT count(*) FROM events")
+    if [ "$n" -ge "$EVENTS" ]; then kill -INT "$loader" 2>/dev/null || true; break; fi
+    sleep 0.2
+done
+wait "$loader" 2>/dev/null || true
 kill -TERM "$ing"; wait "$ing" 2>/dev/null || true
 queued=$("$HT" --config "$cfg" stats --json | python3 -c 'import json,sys; print(sum(r["pending"] for r in json.load(sys.stdin) if r["handler"] == "fwd"))')
 xacts() { "$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"; }
