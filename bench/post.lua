@@ -10,6 +10,17 @@ local f = assert(io.open(path, "rb"))
 wrk.body = (f:read("*a"):gsub("%s+$", ""))
 f:close()
 
+-- BENCH_STOP_AFTER=N: each wrk thread stops after N responses (a fixed
+-- number of events stored rather than a fixed time; bench/postgres.sh).
+local stop_after = tonumber(os.getenv("BENCH_STOP_AFTER") or "")
+if stop_after then
+  local seen = 0
+  function response(status, headers, body)
+    seen = seen + 1
+    if seen >= stop_after then wrk.thread:stop() end
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

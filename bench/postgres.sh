@@ -13,7 +13,7 @@
 #              bench/ingest.sh), `serve --role ingest`, no handlers: on
 #              SQLite and on PostgreSQL, one after the other;
 #   forward    HTTP-forward deliveries/s with two `--role process` nodes:
-#              EVENTS [20000] events stored first (ingest node), then both
+#              EVENTS [50000] events stored first (ingest node), then both
 #              process nodes start and the time until every delivery
 #              succeeded (a bare-hyper sink answering 200) is taken;
 #   dispatch   receive-to-dispatch p50/p90 when idle: SAMPLES [50] events,
@@ -24,9 +24,11 @@
 #              time until the other node starts the delivery again, against
 #              the lease (LEASE [5s]) + 5 s.
 #
-# Knobs: DURATION [10s] CONNECTIONS [64] EVENTS [20000] SAMPLES [50] LEASE [5s]
+# Knobs: DURATION [10s] CONNECTIONS [64] EVENTS [50000] SAMPLES [50] LEASE [5s]
 #        PG_PORT [55442] BENCH_TMPDIR [/var/tmp] KEEP=1 (keep the temp dir)
 #        HOOKTRAIL_BIN=PATH (measure this binary instead of building one)
+#        PHASES ["ingest forward dispatch rescue"] (the phases to run, e.g. PHASES=forward)
+#        PG_STATS=1 (pg_stat_statements over the forward phase, to pg-statements.txt)
 # Results: bench/out/pg-<UTC time>/summary.txt (and logs).
 set -euo pipefail
 
@@ -34,10 +36,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 DURATION=${DURATION:-10s}
 CONNS=${CONNECTIONS:-64}
-EVENTS=${EVENTS:-20000}
+EVENTS=${EVENTS:-50000}
 SAMPLES=${SAMPLES:-50}
 LEASE=${LEASE:-5s}
 PG_PORT=${PG_PORT:-55442}
+PHASES=" ${PHASES:-ingest forward dispatch rescue} "
+phase() { [[ "$PHASES" == *" $1 "* ]]; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target-bench}"
 export BENCH_BODY="$ROOT/bench/payload.json"
 OUT="$ROOT/bench/out/pg-$(date -u +%Y%m%dT%H%M%SZ)"
@@ -62,6 +66,12 @@ HT="${HOOKTRAIL_BIN:-$CARGO_TARGET_DIR/release/hooktrail}"
 BARE="$CARGO_TARGET_DIR/release/bare-hyper"
 
 SERVER=$(bash .ci/postgres.sh start "$WORK/pg" "$PG_PORT")
+if [ "${PG_STATS:-0}" = 1 ]; then
+    # pg_stat_statements for the forward phase: loaded at server start.
+    "$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/psql" -q "$SERVER/postgres?sslmode=disable" \
+        -c "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'"
+    bash .ci/postgres.sh halt "$WORK/pg" && bash .ci/postgres.sh resume "$WORK/pg" "$PG_PORT"
+fi
 PSQL=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/psql
 export HOOKTRAIL_DATABASE_URL
 newdb() { # name -> sets HOOKTRAIL_DATABASE_URL to a fresh database
@@ -112,10 +122,31 @@ start() {
 stop_nodes() {
     for p in "${PIDS[@]}"; do [ "$p" = "${SINK:-}" ] || kill -9 "$p" 2>/dev/null || true; done
 }
+# CPU seconds (user + system) a process used, with its reaped children
+# (the postmaster reaps every backend, so its figure covers closed ones).
+cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15 + $16 + $17) / t }' "/proc/$1/stat"; }
+# PostgreSQL's CPU seconds: the postmaster, its live children (backends,
+# WAL writer, checkpointer, autovacuum) and the ones it reaped.
+pg_cpu() {
+    python3 - "$(head -1 "$WORK/pg/data/postmaster.pid")" "$(getconf CLK_TCK)" <<'EOF'
+import os, sys
+pm, tick = sys.argv[1], int(sys.argv[2])
+total = 0
+for pid in os.listdir("/proc"):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, NotADirectoryError):
+        continue
+    if pid == pm or fields[1] == pm:  # fields[1]: the parent's pid
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+print(f"{total / tick:.2f}")
+EOF
+}
 listen_of() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$(dirname "$1")/ready.json" "$2"; }
 
 # ---------------------------------------------------------------- ingest
-for backend in sqlite postgres; do
+phase ingest && for backend in sqlite postgres; do
     [ "$backend" = postgres ] && newdb bench_ingest
     cfg=$(config "ingest-$backend" "$backend" "")
     start "$cfg" ingest "ingest-$backend"
@@ -136,6 +167,7 @@ EOF
 done
 
 # ---------------------------------------------------------------- forward
+if phase forward; then
 "$BARE" 127.0.0.1:0 >"$WORK/sink.addr" 2>"$OUT/sink.log" &
 SINK=$!
 PIDS+=("$SINK")
@@ -147,27 +179,56 @@ cfg=$(config forward postgres "$fwd")
 start "$cfg" ingest forward-ingest
 ing=$STARTED
 url="http://$(listen_of "$cfg" listen)/hooks/bench"
-# Store EVENTS first (wrk until that many were acknowledged, roughly).
-wrk -t2 -c"$CONNS" -d"$(( EVENTS / 2000 + 2 ))s" --timeout 10s -s bench/post.lua "$url" >"$OUT/wrk-forward-load.txt"
+# Store EVENTS first (each of wrk's two threads stops sending after half as
+# many answers; a few more are in flight when they stop). wrk itself runs to
+# its -d, so it is stopped once EVENTS are stored.
+BENCH_STOP_AFTER=$(( EVENTS / 2 )) wrk -t2 -c"$CONNS" -d"$(( EVENTS / 1000 + 10 ))s" --timeout 10s -s bench/post.lua "$url" >"$OUT/wrk-forward-load.txt" &
+loader=$!
+while kill -0 "$loader" 2>/dev/null; do
+    n=$("$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT count(*) FROM events")
+    if [ "$n" -ge "$EVENTS" ]; then kill -INT "$loader" 2>/dev/null || true; break; fi
+    sleep 0.2
+done
+wait "$loader" 2>/dev/null || true
 kill -TERM "$ing"; wait "$ing" 2>/dev/null || true
 queued=$("$HT" --config "$cfg" stats --json | python3 -c 'import json,sys; print(sum(r["pending"] for r in json.load(sys.stdin) if r["handler"] == "fwd"))')
+xacts() { "$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"; }
+if [ "${PG_STATS:-0}" = 1 ]; then
+    "$PSQL" -qtA "$HOOKTRAIL_DATABASE_URL" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "SELECT pg_stat_statements_reset()" >/dev/null
+fi
+x0=$(xacts)
+pg0=$(pg_cpu)
 t0=$(date +%s.%N)
 start "$cfg" process forward-process-1
+p1=$STARTED
 start "$cfg" process forward-process-2
+p2=$STARTED
 while :; do
     left=$("$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT count(*) FROM deliveries WHERE status IN ('pending','retrying','running')")
     [ "$left" = 0 ] && break
     sleep 0.2
 done
 t1=$(date +%s.%N)
+ht_cpu=$(echo "$(cpu_of "$p1") + $(cpu_of "$p2")" | bc)
+pg1=$(pg_cpu)
+x1=$(xacts)
 ok=$("$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT count(*) FROM deliveries WHERE status = 'succeeded'")
-python3 -c "import sys; q,ok,a,b=map(float,sys.argv[1:]); print(f'forward  2 process nodes: {ok/(b-a):9.0f} deliveries/s ({int(ok)} of {int(q)} queued succeeded in {b-a:.1f} s)')" \
+python3 -c "import sys; q,ok,a,b=map(float,sys.argv[1:5]); print(f'forward  2 process nodes: {ok/(b-a):9.0f} deliveries/s ({int(ok)} of {int(q)} queued succeeded in {b-a:.1f} s)')" \
     "$queued" "$ok" "$t0" "$t1" | tee -a "$OUT/summary.txt"
+python3 -c "import sys; ok,h,p0,p1=map(float,sys.argv[1:5]); print(f'         CPU per delivery: hooktrail {h/ok*1e6:5.0f} us, PostgreSQL {(p1-p0)/ok*1e6:5.0f} us (both process nodes; every backend)')" \
+    "$ok" "$ht_cpu" "$pg0" "$pg1" | tee -a "$OUT/summary.txt"
+python3 -c "import sys; ok,a,b=map(float,sys.argv[1:4]); print(f'         transactions: {(b-a)/ok:.2f} per delivery')" "$ok" "$x0" "$x1" | tee -a "$OUT/summary.txt"
+if [ "${PG_STATS:-0}" = 1 ]; then
+    "$PSQL" "$HOOKTRAIL_DATABASE_URL" -c "SELECT calls, round(total_exec_time) AS ms, round((total_exec_time / $ok * 1000)::numeric, 1) AS us_per_delivery,
+        rows, left(regexp_replace(query, '\s+', ' ', 'g'), 150) AS query FROM pg_stat_statements
+        WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT 30" >"$OUT/pg-statements.txt"
+    echo "         statements: $OUT/pg-statements.txt"
+fi
 stop_nodes
-
-stop_nodes
+fi
 
 # ---------------------------------------------------------------- dispatch
+if phase dispatch; then
 newdb bench_dispatch
 cfg=$(config dispatch postgres $'[handlers.ok]\ntype = "shell"\ncommand = ["/bin/true"]\n[[routes]]\nsource = "bench"\nhandler = "ok"')
 start "$cfg" ingest dispatch-ingest
@@ -189,8 +250,10 @@ print(f"dispatch idle, ingest node -> process node: p50 {q(0.5):6.1f} ms  p90 {q
 EOF
 
 stop_nodes
+fi
 
 # ---------------------------------------------------------------- rescue
+if phase rescue; then
 newdb bench_rescue
 # The first attempt notes its pid and hangs; the second returns at once.
 slow_cmd="[ -e $WORK/rescued ] || { echo \$\$ > $WORK/rescued; exec sleep 600; }"
@@ -216,6 +279,7 @@ python3 -c "import sys; k,r=map(float,sys.argv[1:3]); print(f'rescue after kill 
     "$killed" "${rescued:-0}" "$LEASE" | tee -a "$OUT/summary.txt"
 kill -9 "$(cat "$WORK/rescued")" 2>/dev/null || true # the orphaned first attempt
 stop_nodes
+fi
 
 log "targets: ingest >= 15000 events/s with p99 < 50 ms; >= 8000 deliveries/s; idle dispatch p50 < 10 ms; rescue within lease + 5 s"
 log "results in $OUT"

@@ -196,6 +196,7 @@ contract!(on_a_store:
     a_retrying_delivery_is_not_claimed_before_its_next_attempt_time,
     a_late_finish_of_a_taken_over_attempt_does_not_overwrite_the_new_one,
     a_late_finish_of_a_held_delivery_taken_over_with_the_same_number_does_not_decide_it,
+    finishes_recorded_together_each_decide_only_what_their_holder_still_holds,
     release_makes_a_delivery_pending_with_no_attempt_and_the_same_number_next,
     a_delivery_held_by_a_crashed_processor_runs_again_as_if_never_claimed,
     an_attempt_interrupted_by_a_crash_is_recorded_and_the_next_claim_gets_the_next_number,
@@ -236,6 +237,7 @@ contract!(on_a_store:
 contract!(on_a_database:
     a_second_handle_sees_every_acknowledged_write_at_once,
     two_processors_on_one_database_never_hold_the_same_delivery,
+    two_processors_finishing_deliveries_of_the_same_events_at_once_leave_each_event_its_status,
     closing_and_reopening_keeps_events_deliveries_and_attempts,
 );
 
@@ -875,6 +877,49 @@ mod cases {
         store.finish(finished(OWNER, &held, Outcome::Success, Next::Succeeded)).await.expect("finish");
         let d = delivery(&*store, id, "a").await;
         assert_eq!((d.status, d.attempts[0].outcome), (DeliveryStatus::Failed, Outcome::Failure), "a stale record never replaces it");
+    }
+
+    /// README "Leases, crashes and stopping", "Several nodes: PostgreSQL":
+    /// finishes sent at once are recorded together (one transaction on
+    /// PostgreSQL, the writer's next on SQLite); a stale holder's finish
+    /// among them still decides nothing, and the others each move their own
+    /// delivery and event.
+    pub async fn finishes_recorded_together_each_decide_only_what_their_holder_still_holds(store: Arc<dyn Store>) {
+        let taken = insert(&*store, event("s", &["a"])).await;
+        let ok = insert(&*store, event("s", &["a"])).await;
+        let bad = insert(&*store, event("s", &["a"])).await;
+        let stale = claim_one(&*store, OWNER, "a", SHORT_LEASE).await;
+        assert_eq!(stale.event_id, taken, "the oldest first");
+        let fresh = store.claim(OWNER, "a", 10, LONG_LEASE).await.expect("claim");
+        assert_eq!(fresh.iter().map(|c| c.event_id).collect::<Vec<_>>(), [ok, bad]);
+        store.started(OWNER, stale.delivery_id).await.expect("started");
+        let new = claim_when_due(&*store, OTHER, "a", LONG_LEASE).await;
+        assert_eq!((new.delivery_id, new.attempt), (stale.delivery_id, 2), "taken over after the lease expired");
+        let (a, b, c) = tokio::join!(
+            store.finish(finished(OWNER, &stale, Outcome::Success, Next::Succeeded)),
+            store.finish(finished(OWNER, &fresh[0], Outcome::Success, Next::Succeeded)),
+            store.finish(finished(OWNER, &fresh[1], Outcome::Failure, Next::Failed)),
+        );
+        for r in [a, b, c] {
+            r.expect("finish");
+        }
+        let d = delivery(&*store, taken, "a").await;
+        assert_eq!(d.status, DeliveryStatus::Running, "still the new holder's");
+        assert_eq!(d.attempts.len(), 1, "only the interrupted attempt: {:?}", d.attempts);
+        assert_eq!(d.attempts[0].outcome, Outcome::Retry, "the takeover's note stands, not the stale record");
+        assert_eq!(status(&*store, taken).await, EventStatus::Processing);
+        let d = delivery(&*store, ok, "a").await;
+        assert_eq!((d.status, d.attempts.len(), d.attempts[0].outcome), (DeliveryStatus::Succeeded, 1, Outcome::Success));
+        assert_eq!(status(&*store, ok).await, EventStatus::Done);
+        let d = delivery(&*store, bad, "a").await;
+        assert_eq!((d.status, d.attempts.len(), d.attempts[0].outcome), (DeliveryStatus::Failed, 1, Outcome::Failure));
+        assert_eq!(status(&*store, bad).await, EventStatus::Failed);
+        assert_eq!(store.backlog(), 1, "the taken-over delivery alone is unfinished");
+        store.finish(finished(OTHER, &new, Outcome::Success, Next::Succeeded)).await.expect("finish");
+        let d = delivery(&*store, taken, "a").await;
+        assert_eq!(d.status, DeliveryStatus::Succeeded, "the new holder's result decides");
+        assert_eq!(d.attempts.iter().map(|a| (a.number, a.outcome)).collect::<Vec<_>>(), [(1, Outcome::Retry), (2, Outcome::Success)]);
+        assert_eq!(status(&*store, taken).await, EventStatus::Done);
     }
 
     /// README "Leases, crashes and stopping": deliveries held for a slot that
@@ -1648,6 +1693,59 @@ mod cases {
             assert!(seen.insert(c.delivery_id), "delivery {} claimed twice", c.delivery_id);
         }
         assert_eq!(a.iter().chain(&b).map(|c| c.event_id).collect::<BTreeSet<_>>(), ids, "every delivery claimed");
+        one.close().await;
+        two.close().await;
+    }
+
+    /// README "Several nodes: PostgreSQL": two processors finishing the
+    /// deliveries of the same events at the same moment (each its own
+    /// handler, its finishes recorded together) never deadlock for good and
+    /// never leave an event with a status its deliveries do not give it; the
+    /// counters agree.
+    pub async fn two_processors_finishing_deliveries_of_the_same_events_at_once_leave_each_event_its_status(db: Arc<dyn TestDb>) {
+        const EVENTS: usize = 40;
+        let one = db.open();
+        let two = db.open();
+        let mut ids = Vec::new();
+        for _ in 0..EVENTS {
+            ids.push(insert(&*one, event("s", &["a", "b"])).await);
+        }
+        let a = one.claim(OWNER, "a", EVENTS, LONG_LEASE).await.expect("claim");
+        let b = two.claim(OTHER, "b", EVENTS, LONG_LEASE).await.expect("claim");
+        assert_eq!((a.len(), b.len()), (EVENTS, EVENTS));
+        // Every other event's delivery to `b` fails: that event ends failed, the rest done.
+        let fails = |c: &Claimed| ids.iter().position(|id| *id == c.event_id).expect("a claimed event") % 2 == 1;
+        let finish_all = |store: Arc<dyn Store>, owner: &'static str, claimed: Vec<Claimed>, fail: bool| {
+            let finishes: Vec<Finished> = claimed
+                .iter()
+                .map(|c| match fail && fails(c) {
+                    true => finished(owner, c, Outcome::Failure, Next::Failed),
+                    false => finished(owner, c, Outcome::Success, Next::Succeeded),
+                })
+                .collect();
+            async move {
+                let all = finishes.into_iter().map(|f| {
+                    let store = store.clone();
+                    async move { store.finish(f).await }
+                });
+                futures_util::future::join_all(all).await
+            }
+        };
+        let (done_a, done_b) = tokio::join!(finish_all(one.clone(), OWNER, a, false), finish_all(two.clone(), OTHER, b, true));
+        for r in done_a.into_iter().chain(done_b) {
+            r.expect("finish");
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let want = if i % 2 == 1 { EventStatus::Failed } else { EventStatus::Done };
+            for store in [&one, &two] {
+                assert_eq!(status(&**store, *id).await, want, "event {i} ({id})");
+            }
+            let ds = deliveries(&*one, *id).await;
+            assert!(ds.iter().all(|d| d.attempts.len() == 1), "one attempt each: {ds:?}");
+        }
+        let stats = one.stats(Some("s".into()), None).await.expect("stats");
+        let events = stats.iter().find(|r| r.handler.is_none()).expect("the source's row");
+        assert_eq!((events.succeeded, events.failed), (EVENTS as u64 / 2, EVENTS as u64 / 2), "{events:?}");
         one.close().await;
         two.close().await;
     }

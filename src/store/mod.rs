@@ -552,9 +552,10 @@ pub trait Store: Send + Sync + 'static {
     /// expires while held (the processor died before running it), the next
     /// claim neither records an interrupted attempt nor spends one.
     async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError>;
-    /// Marks a claimed delivery's attempt as begun. Recorded lazily (with the
-    /// next commit, within a few milliseconds): it only shapes the history
-    /// after a crash.
+    /// Marks a claimed delivery's attempt as begun. Recorded lazily (SQLite:
+    /// with the next commit, within a few milliseconds; PostgreSQL: within
+    /// 50 ms, or never if the attempt's finish comes first): it only shapes
+    /// the history after a crash.
     async fn started(&self, owner: &str, delivery_id: i64) -> Result<(), StoreError>;
     /// Records an attempt and moves its delivery (and event) on.
     async fn finish(&self, f: Finished) -> Result<(), StoreError>;

@@ -26,6 +26,7 @@
 //!   itself when the database is back.
 
 mod connect;
+mod finish;
 mod ordering;
 pub use connect::check_url;
 mod schema;
@@ -105,6 +106,21 @@ macro_rules! new_heads_from_dl {
          ON CONFLICT (handler, key) DO UPDATE SET delivery_id = EXCLUDED.delivery_id, event_id = EXCLUDED.event_id, due = EXCLUDED.due
          WHERE order_heads.event_id > EXCLUDED.event_id AND NOT order_heads.blocked
            AND EXISTS (SELECT 1 FROM deliveries o WHERE o.id = order_heads.delivery_id AND o.status = 'pending')"
+    };
+}
+
+/// Stores events' search words (`scale::index_words`, joined by spaces):
+/// the event ids and the words are the statement parameters named. An
+/// event without a word gets no row (a search always has one).
+macro_rules! event_words_insert {
+    ($ids:literal, $words:literal) => {
+        concat!(
+            "INSERT INTO event_words (event_id, words) SELECT i, string_to_array(w, ' ') FROM unnest(",
+            $ids,
+            "::text[], ",
+            $words,
+            "::text[]) AS u(i, w) WHERE w <> ''"
+        )
     };
 }
 
@@ -209,6 +225,9 @@ pub struct PostgresStore {
     shared: Arc<Shared>,
     ingest: Mutex<Option<mpsc::Sender<Waiting>>>,
     writers: Mutex<Vec<JoinHandle<()>>>,
+    /// Finishes and begun marks waiting for a finisher (see `finish`).
+    finishes: Mutex<Option<mpsc::UnboundedSender<finish::Queued>>>,
+    finishers: Mutex<Vec<JoinHandle<()>>>,
     background: CancellationToken,
     commit_timeout: Duration,
 }
@@ -279,6 +298,9 @@ impl PostgresStore {
         let (tx, rx) = mpsc::channel::<Waiting>(QUEUE_DEPTH);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let writers = (0..WRITERS).map(|_| rt.spawn(writer(shared.clone(), rx.clone()))).collect();
+        let (finishes, finish_rx) = mpsc::unbounded_channel();
+        let finish_rx = Arc::new(tokio::sync::Mutex::new(finish::Inbox::new(finish_rx)));
+        let finishers = (0..finish::FINISHERS).map(|_| rt.spawn(finish::finisher(shared.clone(), finish_rx.clone()))).collect();
         let background = CancellationToken::new();
         let cancel = background.clone();
         rt.spawn(cancel.clone().run_until_cancelled_owned(notifier(shared.clone())));
@@ -290,7 +312,15 @@ impl PostgresStore {
         if role.processes() {
             rt.spawn(cancel.run_until_cancelled_owned(listener(target.config, target.tls, shared.work.clone())));
         }
-        Ok(PostgresStore { shared, ingest: Mutex::new(Some(tx)), writers: Mutex::new(writers), background, commit_timeout })
+        Ok(PostgresStore {
+            shared,
+            ingest: Mutex::new(Some(tx)),
+            writers: Mutex::new(writers),
+            finishes: Mutex::new(Some(finishes)),
+            finishers: Mutex::new(finishers),
+            background,
+            commit_timeout,
+        })
     }
 
     /// Runs `f` in a transaction, again after a deadlock or serialization
@@ -430,13 +460,14 @@ async fn insert_pipelined(
     let stmt = client
         .prepare_cached(concat!(
             "WITH ev AS (
-                INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload,
-                                    search_words)
-                SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, string_to_array(c13, ' ')
+                INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
+                SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12
                 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
-                            $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[], $15::text[])
-                     AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13)
-             ), dl AS (
+                            $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[])
+                     AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12)
+             ), wd AS (",
+            event_words_insert!("$1", "$15"),
+            "), dl AS (
                 INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, source, hour, order_key)
                 SELECT e, h, 'pending', now(), now(), now(), s, hr, k
                 FROM unnest($13::text[], $14::text[], $16::text[], $17::int8[], $18::text[]) AS u(e, h, s, hr, k)
@@ -513,14 +544,17 @@ async fn insert_in(
     }
     if !cols.id.is_empty() {
         let stmt = tx
-            .prepare_cached(
-                "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind,
-                                     payload, search_words)
-                 SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, string_to_array(c13, ' ')
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
-                             $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[], $13::text[])
-                      AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13)",
-            )
+            .prepare_cached(concat!(
+                "WITH ev AS (
+                    INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind,
+                                        payload)
+                    SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12
+                    FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+                                $8::text[], $9::text[], $10::bytea[], $11::int2[], $12::text[])
+                         AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12)
+                 ) ",
+                event_words_insert!("$1", "$13"),
+            ))
             .await?;
         let mut params = cols.event_params();
         params.push(&cols.words);
@@ -943,7 +977,7 @@ fn filter_sql(f: &EventFilter) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
     }
     if let Some(words) = scale::narrowing(f) {
         let p = arg(&mut args, Box::new(words));
-        sql.push_str(&format!(" AND e.search_words @> {p}::text[]"));
+        sql.push_str(&format!(" AND e.id IN (SELECT event_id FROM event_words WHERE words @> {p}::text[])"));
     }
     for (ptr, val) in &f.matches {
         let path = pointer_path(ptr);
@@ -1137,102 +1171,6 @@ async fn refresh_event_status(tx: &deadpool_postgres::Transaction<'_>, event_id:
     Ok(())
 }
 
-/// Records an attempt and moves its delivery on, in two round trips;
-/// returns the delivery's new status when this process still held it (and
-/// so decided it). First `BEGIN`, one statement moving the delivery on and
-/// recording the attempt, the event's lock and its deliveries' statuses go
-/// together; then the event's new status and `COMMIT`. Any error rolls the
-/// whole back.
-///
-/// Only the holder of this attempt moves the delivery on: the same owner
-/// and the same attempt number (a node that lost its lease matches
-/// neither). The holder's record replaces whatever stands for this attempt
-/// (the "interrupted" note of a takeover it outlived); a stale holder's
-/// record is kept only where the trail has none, never over the new
-/// owner's. The event row is locked before its deliveries are read, so of
-/// two nodes finishing deliveries of one event at once, the second reads
-/// the first's committed change.
-async fn finish_pipelined(client: &deadpool_postgres::Object, f: &Finished) -> Result<Option<DeliveryStatus>, tokio_postgres::Error> {
-    let status = rules::after_attempt(f.next);
-    let retry_at = match f.next {
-        Next::RetryAt(t) => Some(t),
-        Next::Succeeded | Next::Failed | Next::Released => None,
-    };
-    let record = client
-        .prepare_cached(
-            "WITH moved AS (
-                UPDATE deliveries SET status = $1, next_at = coalesce($2, now()), lease_owner = NULL, held = false, updated_at = now()
-                WHERE id = $3 AND status = 'running' AND attempts = $4 AND lease_owner = $5 RETURNING event_id
-             ), mine AS (
-                INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
-                SELECT $3::int8, $4::int4, $6::timestamptz, $7::int8, $8::text, $9::int4, $10::int4, $11::text, $12::text
-                WHERE EXISTS (SELECT 1 FROM moved)
-                ON CONFLICT (delivery_id, number) DO UPDATE SET started_at = EXCLUDED.started_at, duration_ms = EXCLUDED.duration_ms,
-                   outcome = EXCLUDED.outcome, exit_code = EXCLUDED.exit_code, http_status = EXCLUDED.http_status,
-                   error = EXCLUDED.error, output = EXCLUDED.output
-             ), stale AS (
-                INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
-                SELECT $3::int8, $4::int4, $6::timestamptz, $7::int8, $8::text, $9::int4, $10::int4, $11::text, $12::text
-                WHERE NOT EXISTS (SELECT 1 FROM moved) AND EXISTS (SELECT 1 FROM deliveries WHERE id = $3)
-                ON CONFLICT (delivery_id, number) DO NOTHING
-             ) SELECT event_id FROM moved",
-        )
-        .await?;
-    let lock = client.prepare_cached("SELECT 1 FROM events WHERE id = (SELECT event_id FROM deliveries WHERE id = $1) FOR UPDATE").await?;
-    let statuses = client
-        .prepare_cached("SELECT DISTINCT status FROM deliveries WHERE event_id = (SELECT event_id FROM deliveries WHERE id = $1)")
-        .await?;
-    let attempt = f.attempt as i32;
-    let duration = i64::try_from(f.duration_ms).unwrap_or(i64::MAX);
-    let http = f.http_status.map(i32::from);
-    let params: [&(dyn ToSql + Sync); 12] = [
-        &status.as_str(),
-        &retry_at,
-        &f.delivery_id,
-        &attempt,
-        &f.owner,
-        &f.started_at,
-        &duration,
-        &f.outcome.as_str(),
-        &f.exit_code,
-        &http,
-        &f.error,
-        &f.output,
-    ];
-    let by_id: [&(dyn ToSql + Sync); 1] = [&f.delivery_id];
-    let follow = client.prepare_cached(ordering::HEAD_FOLLOWS_FINISH).await?;
-    let head: [&(dyn ToSql + Sync); 4] = [&f.delivery_id, &retry_at, &attempt, &f.owner];
-    let (begun, followed, moved, locked, seen) = tokio::join!(
-        client.batch_execute("BEGIN"),
-        client.execute(&follow, &head),
-        client.query_opt(&record, &params),
-        client.execute(&lock, &by_id),
-        client.query(&statuses, &by_id),
-    );
-    let firsts = begun.and(followed).and(moved).and_then(|moved| locked.and(seen).map(|seen| (moved, seen)));
-    let (moved, seen) = match firsts {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(e);
-        }
-    };
-    let Some(row) = moved else {
-        client.batch_execute("COMMIT").await?;
-        return Ok(None);
-    };
-    let event_id: &str = row.get(0);
-    let seen: Vec<DeliveryStatus> = seen.iter().filter_map(|r| r.get::<_, &str>(0).parse().ok()).collect();
-    let event_status = rules::event_status(&seen);
-    let update = client.prepare_cached("UPDATE events SET status = $1 WHERE id = $2 AND status <> $1").await?;
-    let to: [&(dyn ToSql + Sync); 2] = [&event_status.as_str(), &event_id];
-    let (updated, committed) = tokio::join!(client.execute(&update, &to), client.batch_execute("COMMIT"));
-    // On an error in the update, the COMMIT of the aborted transaction rolled it back.
-    updated?;
-    committed?;
-    Ok(Some(status))
-}
-
 /// A delivery a replay would take (`--dry-run`; the replay itself is `ordering::replay_in`).
 struct Replayed {
     handler: String,
@@ -1283,9 +1221,8 @@ async fn import_in(
     let words = scale::stored_index_words(kind, &body, payload);
     let inserted = tx
         .query_opt(
-            "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload,
-                                 search_words)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, string_to_array($13, ' ')) ON CONFLICT (id) DO NOTHING RETURNING id",
+            "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING RETURNING id",
             &[
                 &ev.id.to_string(),
                 &ev.source,
@@ -1299,13 +1236,14 @@ async fn import_in(
                 &body,
                 &kind,
                 &payload,
-                &words,
             ],
         )
         .await?;
     if inserted.is_none() {
         return Ok(false);
     }
+    let (ids, words) = (vec![ev.id.to_string()], vec![words]);
+    tx.execute(concat!(event_words_insert!("$1", "$2"), " ON CONFLICT (event_id) DO NOTHING"), &[&ids, &words]).await?;
     for (d, status) in ev.deliveries.iter().flatten().zip(statuses) {
         // Waiting ones keep their time; the max_age clock starts at receipt.
         let next_at = d.next_attempt_at.filter(|_| rules::waits_for_its_time(*status)).unwrap_or_else(Utc::now);
@@ -1346,6 +1284,20 @@ async fn import_in(
         }
     }
     Ok(true)
+}
+
+impl PostgresStore {
+    /// Queues a finish or a begun mark for this process's finishers (see
+    /// `finish`); the answer comes after the commit of its batch.
+    #[allow(clippy::type_complexity)]
+    fn queue_write(&self, write: finish::Write) -> Result<oneshot::Receiver<Result<Option<DeliveryStatus>, StoreError>>, StoreError> {
+        self.shared.check_open()?;
+        let (reply, answer) = oneshot::channel();
+        let finishes = self.finishes.lock().expect("finish sender lock poisoned");
+        let Some(tx) = finishes.as_ref() else { return Err(StoreError::ShuttingDown) };
+        tx.send(finish::Queued { write, reply }).map_err(|_| StoreError::ShuttingDown)?;
+        Ok(answer)
+    }
 }
 
 /// Boxes a future borrowing a transaction, for [`PostgresStore::in_tx`].
@@ -1484,44 +1436,19 @@ impl Store for PostgresStore {
     }
 
     async fn started(&self, owner: &str, delivery_id: i64) -> Result<(), StoreError> {
-        // Only shapes the history after a crash (see the trait): no need to
-        // wait for the flush to disk.
-        let owner = owner.to_string();
-        self.in_tx(|tx| {
-            let owner = owner.clone();
-            boxed(async move {
-                tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
-                tx.execute(
-                    &tx.prepare_cached(
-                        "UPDATE deliveries SET held = false WHERE id = $1 AND lease_owner = $2 AND status = 'running' AND held",
-                    )
-                    .await?,
-                    &[&delivery_id, &owner],
-                )
-                .await?;
-                Ok(())
-            })
-        })
-        .await
+        // Queued at the first poll, so the mark is written even if the
+        // caller stops waiting: within `finish::MARK_WITHIN`, with a batch
+        // of this process's finishes, unless the attempt's own finish comes
+        // first and clears it. It only shapes the history after a crash
+        // (see the trait).
+        let answer = self.queue_write(finish::Write::Started { owner: owner.to_string(), delivery_id })?;
+        answer.await.map_err(|_| StoreError::ShuttingDown)?.map(|_| ())
     }
 
     async fn finish(&self, f: Finished) -> Result<(), StoreError> {
-        let client = self.shared.client().await?;
-        let mut tries = 0;
-        let moved = loop {
-            match finish_pipelined(&client, &f).await {
-                Ok(moved) => break moved,
-                Err(e) if connect::retryable(&e) && tries < RETRIES => tries += 1,
-                Err(e) => return Err(connect::neutral(e)),
-            }
-        };
-        if moved.is_some_and(|s| !rules::unfinished(s)) {
-            self.shared.add_backlog(-1);
-        }
-        if moved == Some(DeliveryStatus::Pending) {
-            self.shared.new_work();
-        }
-        Ok(())
+        // Answered after the commit of the batch that holds it (see `finish`).
+        let answer = self.queue_write(finish::Write::Finish(f))?;
+        answer.await.map_err(|_| StoreError::ShuttingDown)?.map(|_| ())
     }
 
     async fn renew(&self, owner: &str, delivery_id: i64, lease: Duration) -> Result<bool, StoreError> {
@@ -1628,17 +1555,21 @@ impl Store for PostgresStore {
         let client = self.shared.client().await?;
         let stmt = client
             .prepare_cached(concat!(
-                // One small transaction per batch: no long lock on the hot tables.
-                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id < $3 AND status IN ",
+                // One small transaction per batch: no long lock on the hot
+                // tables. The events' search words go in the same statement.
+                "WITH gone AS (DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id < $3 AND status IN ",
                 prunable_sql!(),
-                " AND received_at < $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                " AND received_at < $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id),
+                 words AS (DELETE FROM event_words WHERE event_id IN (SELECT id FROM gone))
+                 SELECT count(*) FROM gone"
             ))
             .await
             .map_err(connect::neutral)?;
         let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
         let mut total = 0;
         loop {
-            let n = client.execute(&stmt, &[&before, &batch, &id_floor(before)]).await.map_err(connect::neutral)?;
+            let row = client.query_one(&stmt, &[&before, &batch, &id_floor(before)]).await.map_err(connect::neutral)?;
+            let n = count(&row, 0)?;
             total += n;
             if n < batch as u64 {
                 return Ok(total);
@@ -1694,6 +1625,12 @@ impl Store for PostgresStore {
         let writers = std::mem::take(&mut *self.writers.lock().expect("writer list lock poisoned"));
         for w in writers {
             let _ = w.await;
+        }
+        // Finishes already queued are committed before the pool closes.
+        self.finishes.lock().expect("finish sender lock poisoned").take();
+        let finishers = std::mem::take(&mut *self.finishers.lock().expect("finisher list lock poisoned"));
+        for f in finishers {
+            let _ = f.await;
         }
         // Counts not yet written go with a last small transaction.
         let counts = self.shared.take_counts();

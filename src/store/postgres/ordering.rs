@@ -23,16 +23,6 @@ use crate::store::{rules, DeliveryStatus, EventId, OnFailure, SkipError};
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
 type PgResult<T> = Result<T, tokio_postgres::Error>;
 
-/// Finish's head follow-up, first in its transaction (the head row is
-/// locked before the delivery, as a claim locks them): the head row of the
-/// delivery `$1`, if it heads its key, is looked at again at its new
-/// `next_at` (`$2`, a retry time, or now for a finished one so the next
-/// claim advances or blocks the key). Only the holder of the attempt (`$3`,
-/// `$4`) moves it, as finish itself.
-pub const HEAD_FOLLOWS_FINISH: &str = "UPDATE order_heads h SET due = coalesce($2::timestamptz, now()) FROM deliveries d
-     WHERE d.id = $1 AND d.status = 'running' AND d.attempts = $3 AND d.lease_owner = $4
-       AND h.handler = d.handler AND h.key = d.order_key AND h.delivery_id = $1";
-
 /// The head row of delivery `id`, if it heads its key, is looked at again now
 /// (a release: it is due again at once).
 pub async fn head_follows(tx: &Tx<'_>, id: i64) -> PgResult<u64> {

@@ -8,7 +8,7 @@
 //!   chart read the folded counters plus the deltas not yet folded, in one
 //!   snapshot, never the events (but for the first, partial hour of
 //!   `stats --since`, read through `events_received`).
-//! - **Search**: `events.search_words` (under a GIN index) finds candidate
+//! - **Search**: `event_words.words` (under a GIN index) finds candidate
 //!   events; [`search::contains`] on each candidate's text decides, so the
 //!   answer is exactly SQLite's.
 
@@ -331,7 +331,8 @@ pub(super) async fn compact(shared: &Shared) -> Result<String, StoreError> {
 }
 
 /// Migration 2's work beyond its SQL, in its transaction: indexes every
-/// stored event for search.
+/// stored event for search (in `events.search_words`, which migration 4
+/// moves to `event_words`).
 pub(super) async fn index_stored(tx: &tokio_postgres::Transaction<'_>) -> Result<u64, tokio_postgres::Error> {
     let mut n = 0u64;
     loop {

@@ -125,6 +125,22 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 3: counters and search (README "Counters", "Search").
     SCALE,
+    // 4: an event's search words in a table of their own. Under the GIN
+    // index in `events`, every change of an event's status (a claim, a
+    // finish: a new row version, as `status` is indexed) inserted all its
+    // words into the GIN index again, the most costly part of forwarding
+    // (README "Several nodes: PostgreSQL"). Written once at insert, deleted
+    // with the event (prune deletes both in one statement).
+    r#"
+    CREATE TABLE event_words (
+        event_id text PRIMARY KEY,
+        words    text[] NOT NULL
+    );
+    INSERT INTO event_words SELECT id, search_words FROM events WHERE search_words IS NOT NULL;
+    CREATE INDEX event_words_search ON event_words USING gin (words);
+    DROP INDEX events_search;
+    ALTER TABLE events DROP COLUMN search_words;
+    "#,
 ];
 
 /// Migration 3 (README "Counters", "Search"):

@@ -1,0 +1,435 @@
+//! Group commit of attempt records on PostgreSQL (README "Several nodes:
+//! PostgreSQL"): every [`Store::finish`] and [`Store::started`] waiting in
+//! this process goes into one transaction, a few statements over arrays
+//! (`unnest`) whatever their number, rather than a transaction each.
+//!
+//! Nobody waits on these writes but the attempt's own task, and a
+//! transaction costs the database the same few statements (and the counter
+//! triggers one run per statement) for one delivery as for a hundred.
+//!
+//! Durability, and why this keeps at-least-once: a finish answers only
+//! after the `COMMIT` of the batch that holds it returned, with
+//! `synchronous_commit = on`; until then nothing in this process treats the
+//! delivery as done (the backlog, the wake-up of other work, the caller's
+//! retries all follow the answer). If the process or the database dies
+//! before that commit, the delivery is still `running` under this
+//! process's lease: the lease expires, another claim takes it over and runs
+//! it again, with the lost attempt recorded as interrupted. A batch that
+//! fails is answered with its error for every finish in it (each caller
+//! retries), never with success. Begun marks only shape the history after a
+//! crash: a batch of marks alone commits with `synchronous_commit = off`.
+//!
+//! The rules of a finish are those of a single one: only the lease holder
+//! of the same attempt (owner and attempt number) moves a delivery; its
+//! record replaces what stands for that attempt (a takeover's
+//! "interrupted" note it outlived); a stale holder's record is kept only
+//! where none stands. Deadlocks with other nodes are avoided by taking
+//! locks in one order: a key's head row before its delivery (as claims
+//! do), deliveries by id, then events by id.
+
+use super::*;
+
+/// Finishes (and begun marks) committed in one transaction at most.
+const MAX_FINISH_BATCH: usize = 256;
+/// Batches of one process committing side by side: while one waits for its
+/// commit, the next gathers what arrives meanwhile.
+pub(super) const FINISHERS: usize = 2;
+
+/// A write waiting for a finisher.
+pub(super) enum Write {
+    /// [`Store::started`]: the attempt of `delivery_id` (held by `owner`) began.
+    Started {
+        owner: String,
+        delivery_id: i64,
+    },
+    Finish(Finished),
+}
+
+/// A write and who waits for its answer: for a finish, the delivery's new
+/// status when this process still held it (and so decided it).
+pub(super) struct Queued {
+    pub write: Write,
+    pub reply: oneshot::Sender<Result<Option<DeliveryStatus>, StoreError>>,
+}
+
+/// How long a begun mark may wait for a batch. An attempt that ends
+/// sooner never has its mark written (its finish clears it in the same
+/// transaction); a longer one has it within this, along with the finishes
+/// of other attempts, or alone.
+pub(super) const MARK_WITHIN: Duration = Duration::from_millis(50);
+
+/// What the finishers take their batches from: the queue, and the begun
+/// marks waiting for their time (oldest first).
+pub(super) struct Inbox {
+    rx: mpsc::UnboundedReceiver<Queued>,
+    marks: Vec<(tokio::time::Instant, Queued)>,
+}
+
+impl Inbox {
+    pub(super) fn new(rx: mpsc::UnboundedReceiver<Queued>) -> Inbox {
+        Inbox { rx, marks: Vec::new() }
+    }
+}
+
+/// A finisher: takes everything queued (up to [`MAX_FINISH_BATCH`]
+/// finishes) and commits it in one transaction; until the channel closes
+/// (`close`) and is drained.
+pub(super) async fn finisher(shared: Arc<Shared>, inbox: Arc<tokio::sync::Mutex<Inbox>>) {
+    while let Some(batch) = next_batch(&inbox).await {
+        commit_finishes(&shared, batch).await;
+    }
+}
+
+/// The next batch: the finishes queued, with the begun marks that are due
+/// or whose delivery finishes in it. `None` once the queue closed and
+/// everything in it went.
+async fn next_batch(inbox: &tokio::sync::Mutex<Inbox>) -> Option<Vec<Queued>> {
+    let mut inbox = inbox.lock().await;
+    let inbox = &mut *inbox;
+    let mut batch: Vec<Queued> = Vec::new();
+    loop {
+        let due = inbox.marks.first().map(|(at, _)| *at + MARK_WITHIN);
+        // `None`: a mark's time came first; `Some(None)`: the queue closed.
+        let got = match due {
+            None => Some(inbox.rx.recv().await),
+            Some(due) => tokio::time::timeout_at(due, inbox.rx.recv()).await.ok(),
+        };
+        let closed = matches!(got, Some(None));
+        if let Some(Some(q)) = got {
+            sort_in(q, &mut batch, &mut inbox.marks);
+        }
+        while batch.len() < MAX_FINISH_BATCH {
+            match inbox.rx.try_recv() {
+                Ok(q) => sort_in(q, &mut batch, &mut inbox.marks),
+                Err(_) => break,
+            }
+        }
+        let finishing: std::collections::HashSet<i64> = batch
+            .iter()
+            .filter_map(|q| match &q.write {
+                Write::Finish(f) => Some(f.delivery_id),
+                Write::Started { .. } => None,
+            })
+            .collect();
+        let now = tokio::time::Instant::now();
+        let (go, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut inbox.marks).into_iter().partition(|(at, q)| {
+            closed || *at + MARK_WITHIN <= now || matches!(&q.write, Write::Started { delivery_id, .. } if finishing.contains(delivery_id))
+        });
+        inbox.marks = wait;
+        batch.extend(go.into_iter().map(|(_, q)| q));
+        if !batch.is_empty() {
+            return Some(batch);
+        }
+        if closed {
+            return None;
+        }
+    }
+}
+
+/// A finish goes into the batch, a begun mark among those waiting.
+fn sort_in(q: Queued, batch: &mut Vec<Queued>, marks: &mut Vec<(tokio::time::Instant, Queued)>) {
+    match q.write {
+        Write::Started { .. } => marks.push((tokio::time::Instant::now(), q)),
+        Write::Finish(_) => batch.push(q),
+    }
+}
+
+/// Commits a batch and answers everyone in it. If it fails for a reason
+/// other than the database being away, each write is tried alone, so one
+/// bad record cannot refuse its neighbours.
+async fn commit_finishes(shared: &Shared, batch: Vec<Queued>) {
+    let writes: Vec<&Write> = batch.iter().map(|q| &q.write).collect();
+    let answers = match store_finishes(shared, &writes).await {
+        Ok(moved) => moved.into_iter().map(Ok).collect::<Vec<_>>(),
+        Err(e) if batch.len() == 1 || matches!(e, StoreError::Unavailable(_) | StoreError::ShuttingDown) => {
+            let message = e.to_string();
+            batch.iter().map(|_| Err(super::again(&e, &message))).collect()
+        }
+        Err(_) => {
+            let mut answers = Vec::with_capacity(batch.len());
+            for w in &writes {
+                answers.push(store_finishes(shared, &[*w]).await.map(|mut m| m.remove(0)));
+            }
+            answers
+        }
+    };
+    for (q, answer) in batch.into_iter().zip(answers) {
+        // The caller may have gone (a begun mark dropped when its attempt
+        // ended first); the write stands either way.
+        let _ = q.reply.send(answer);
+    }
+}
+
+/// One transaction for `writes`, again after a deadlock or serialization
+/// failure; the new status of each finish's delivery where it moved (in
+/// the order of `writes`), and the backlog and wake-ups that follow.
+async fn store_finishes(shared: &Shared, writes: &[&Write]) -> Result<Vec<Option<DeliveryStatus>>, StoreError> {
+    let batch = Batch::new(writes);
+    let client = shared.pool.get().await.map_err(connect::pool_error)?;
+    let mut tries = 0;
+    let moved = loop {
+        match batch.commit(&client).await {
+            Ok(moved) => break moved,
+            Err(e) if connect::retryable(&e) && tries < RETRIES => tries += 1,
+            Err(e) => return Err(connect::neutral(e)),
+        }
+    };
+    let finished = moved.values().filter(|s| !rules::unfinished(**s)).count() as i64;
+    shared.add_backlog(-finished);
+    if moved.values().any(|s| *s == DeliveryStatus::Pending) {
+        shared.new_work();
+    }
+    Ok(writes
+        .iter()
+        .map(|w| match w {
+            Write::Started { .. } => None,
+            Write::Finish(f) => moved.get(&(f.delivery_id, f.attempt as i32)).copied(),
+        })
+        .collect())
+}
+
+/// A batch as the columns of its statements, each sorted by delivery id.
+#[derive(Default)]
+struct Batch {
+    /// Begun marks whose finish is not in the same batch (a finish clears
+    /// the mark anyway): delivery and owner.
+    mark_id: Vec<i64>,
+    mark_owner: Vec<String>,
+    id: Vec<i64>,
+    attempt: Vec<i32>,
+    owner: Vec<String>,
+    status: Vec<&'static str>,
+    retry_at: Vec<Option<DateTime<Utc>>>,
+    started_at: Vec<DateTime<Utc>>,
+    duration_ms: Vec<i64>,
+    outcome: Vec<&'static str>,
+    exit_code: Vec<Option<i32>>,
+    http_status: Vec<Option<i32>>,
+    error: Vec<Option<String>>,
+    output: Vec<String>,
+}
+
+impl Batch {
+    fn new(writes: &[&Write]) -> Batch {
+        let mut finishes: Vec<&Finished> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Finish(f) => Some(f),
+                Write::Started { .. } => None,
+            })
+            .collect();
+        finishes.sort_by_key(|f| (f.delivery_id, f.attempt));
+        // One record per attempt: a statement may not write a row twice.
+        finishes.dedup_by_key(|f| (f.delivery_id, f.attempt));
+        let finishing: std::collections::HashSet<i64> = finishes.iter().map(|f| f.delivery_id).collect();
+        let mut marks: Vec<(i64, &str)> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Started { owner, delivery_id } if !finishing.contains(delivery_id) => Some((*delivery_id, owner.as_str())),
+                _ => None,
+            })
+            .collect();
+        marks.sort_unstable();
+        marks.dedup();
+        let mut b = Batch::default();
+        for (id, owner) in marks {
+            b.mark_id.push(id);
+            b.mark_owner.push(owner.to_string());
+        }
+        for f in finishes {
+            b.id.push(f.delivery_id);
+            b.attempt.push(f.attempt as i32);
+            b.owner.push(f.owner.clone());
+            b.status.push(rules::after_attempt(f.next).as_str());
+            b.retry_at.push(match f.next {
+                Next::RetryAt(t) => Some(t),
+                Next::Succeeded | Next::Failed | Next::Released => None,
+            });
+            b.started_at.push(f.started_at);
+            b.duration_ms.push(i64::try_from(f.duration_ms).unwrap_or(i64::MAX));
+            b.outcome.push(f.outcome.as_str());
+            b.exit_code.push(f.exit_code);
+            b.http_status.push(f.http_status.map(i32::from));
+            b.error.push(f.error.clone());
+            b.output.push(f.output.clone());
+        }
+        b
+    }
+
+    /// The transaction, in two round trips when some delivery moved (one
+    /// otherwise): `BEGIN`, the head rows' follow-up, the begun marks, the
+    /// deliveries moved on with their attempts recorded, the events locked
+    /// and their deliveries' statuses read, all sent together; then each
+    /// event's new status ([`rules::event_status`]) and `COMMIT`. Any error
+    /// rolls the whole back. Returns the new status of each (delivery,
+    /// attempt) that moved.
+    async fn commit(&self, client: &deadpool_postgres::Object) -> Result<HashMap<(i64, i32), DeliveryStatus>, tokio_postgres::Error> {
+        let finishing = !self.id.is_empty();
+        // What a finish waits for must survive a crash; marks alone need not.
+        let begin = if finishing { "BEGIN; SET LOCAL synchronous_commit = on" } else { "BEGIN; SET LOCAL synchronous_commit = off" };
+        let follow = client.prepare_cached(HEAD_FOLLOWS_FINISHES).await?;
+        let mark = client.prepare_cached(MARK_BEGUN).await?;
+        let record = client.prepare_cached(RECORD_FINISHES).await?;
+        let lock = client.prepare_cached(LOCK_EVENTS).await?;
+        let statuses = client.prepare_cached(EVENT_DELIVERY_STATUSES).await?;
+        let by_id: [&(dyn ToSql + Sync); 1] = [&self.id];
+        let head: [&(dyn ToSql + Sync); 4] = [&self.id, &self.retry_at, &self.attempt, &self.owner];
+        let marks: [&(dyn ToSql + Sync); 2] = [&self.mark_id, &self.mark_owner];
+        let params: [&(dyn ToSql + Sync); 12] = [
+            &self.id,
+            &self.attempt,
+            &self.owner,
+            &self.status,
+            &self.retry_at,
+            &self.started_at,
+            &self.duration_ms,
+            &self.outcome,
+            &self.exit_code,
+            &self.http_status,
+            &self.error,
+            &self.output,
+        ];
+        let (begun, followed, marked, moved, locked, seen) = tokio::join!(
+            client.batch_execute(begin),
+            async {
+                if finishing {
+                    client.execute(&follow, &head).await
+                } else {
+                    Ok(0)
+                }
+            },
+            async {
+                if self.mark_id.is_empty() {
+                    Ok(0)
+                } else {
+                    client.execute(&mark, &marks).await
+                }
+            },
+            async {
+                if finishing {
+                    client.query(&record, &params).await
+                } else {
+                    Ok(Vec::new())
+                }
+            },
+            async {
+                if finishing {
+                    client.execute(&lock, &by_id).await
+                } else {
+                    Ok(0)
+                }
+            },
+            async {
+                if finishing {
+                    client.query(&statuses, &by_id).await
+                } else {
+                    Ok(Vec::new())
+                }
+            },
+        );
+        let firsts = begun.and(followed).and(marked).and(moved).and_then(|moved| locked.and(seen).map(|seen| (moved, seen)));
+        let (moved, seen) = match firsts {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        let mut out = HashMap::with_capacity(moved.len());
+        let mut events: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+        for r in &moved {
+            let (id, attempt, status): (i64, i32, &str) = (r.get(0), r.get(1), r.get(3));
+            if let Ok(status) = status.parse::<DeliveryStatus>() {
+                out.insert((id, attempt), status);
+            }
+            events.insert(r.get(2));
+        }
+        if events.is_empty() {
+            client.batch_execute("COMMIT").await?;
+            return Ok(out);
+        }
+        // Each moved delivery's event, from the statuses of all its deliveries.
+        let mut by_event: HashMap<&str, Vec<DeliveryStatus>> = HashMap::new();
+        for r in &seen {
+            if let Ok(s) = r.get::<_, &str>(1).parse() {
+                by_event.entry(r.get(0)).or_default().push(s);
+            }
+        }
+        let (mut ids, mut event_statuses): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+        for id in events {
+            let seen = by_event.get(id).map(Vec::as_slice).unwrap_or_default();
+            ids.push(id);
+            event_statuses.push(rules::event_status(seen).as_str());
+        }
+        let update = client.prepare_cached(SET_EVENT_STATUSES).await?;
+        let to: [&(dyn ToSql + Sync); 2] = [&ids, &event_statuses];
+        let (updated, committed) = tokio::join!(client.execute(&update, &to), client.batch_execute("COMMIT"));
+        // On an error in the update, the COMMIT of the aborted transaction rolled it back.
+        updated?;
+        committed?;
+        Ok(out)
+    }
+}
+
+/// The head follow-up of a batch (`$1` delivery ids, `$2` retry times, `$3`
+/// attempts, `$4` owners), first in its transaction: the head row of each
+/// delivery this batch moves on (its lease holder's attempt), if it heads
+/// its key, is looked at again at the delivery's new `next_at` (a retry
+/// time, or now for a finished one so the next claim advances or blocks
+/// the key; see `ordering`). Head rows are locked in key order, before the
+/// deliveries, as a claim locks them.
+const HEAD_FOLLOWS_FINISHES: &str = "WITH h AS (
+        SELECT h.handler, h.key, u.t FROM unnest($1::int8[], $2::timestamptz[], $3::int4[], $4::text[]) AS u(id, t, a, o)
+        JOIN deliveries d ON d.id = u.id AND d.status = 'running' AND d.attempts = u.a AND d.lease_owner = u.o
+        JOIN order_heads h ON h.handler = d.handler AND h.key = d.order_key AND h.delivery_id = u.id
+        ORDER BY h.handler, h.key FOR UPDATE OF h
+     ) UPDATE order_heads o SET due = coalesce(h.t, now()) FROM h WHERE o.handler = h.handler AND o.key = h.key";
+
+/// Begun marks (`$1` delivery ids, `$2` owners; see [`Store::started`]):
+/// only while the owner still holds the delivery's lease.
+const MARK_BEGUN: &str = "UPDATE deliveries d SET held = false FROM unnest($1::int8[], $2::text[]) AS u(id, o)
+     WHERE d.id = u.id AND d.lease_owner = u.o AND d.status = 'running' AND d.held";
+
+/// Moves on each delivery whose lease holder's attempt this is and records
+/// the attempts (see the module doc for whose record stands); returns the
+/// moved deliveries: `id, attempt, event_id, status`. Deliveries are locked
+/// in id order.
+const RECORD_FINISHES: &str = "WITH u AS (
+        SELECT * FROM unnest($1::int8[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::int8[],
+                             $8::text[], $9::int4[], $10::int4[], $11::text[], $12::text[])
+            AS u(id, attempt, owner, status, retry_at, started_at, duration_ms, outcome, exit_code, http_status, error, output)
+     ), held AS (
+        SELECT d.id FROM deliveries d JOIN u ON d.id = u.id AND d.status = 'running' AND d.attempts = u.attempt AND d.lease_owner = u.owner
+        ORDER BY d.id FOR UPDATE OF d
+     ), moved AS (
+        UPDATE deliveries d SET status = u.status, next_at = coalesce(u.retry_at, now()), lease_owner = NULL, held = false, updated_at = now()
+        FROM u WHERE d.id = u.id AND d.id IN (SELECT id FROM held)
+          AND d.status = 'running' AND d.attempts = u.attempt AND d.lease_owner = u.owner
+        RETURNING d.id, d.attempts, d.event_id, d.status
+     ), mine AS (
+        INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
+        SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.outcome, u.exit_code, u.http_status, u.error, u.output
+        FROM u JOIN moved m ON m.id = u.id AND m.attempts = u.attempt
+        ON CONFLICT (delivery_id, number) DO UPDATE SET started_at = EXCLUDED.started_at, duration_ms = EXCLUDED.duration_ms,
+           outcome = EXCLUDED.outcome, exit_code = EXCLUDED.exit_code, http_status = EXCLUDED.http_status,
+           error = EXCLUDED.error, output = EXCLUDED.output
+     ), stale AS (
+        INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
+        SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.outcome, u.exit_code, u.http_status, u.error, u.output
+        FROM u WHERE NOT EXISTS (SELECT 1 FROM moved m WHERE m.id = u.id AND m.attempts = u.attempt)
+          AND EXISTS (SELECT 1 FROM deliveries d WHERE d.id = u.id)
+        ON CONFLICT (delivery_id, number) DO NOTHING
+     ) SELECT id, attempts, event_id, status FROM moved";
+
+/// Locks the events of the batch's deliveries (`$1`) in id order, after
+/// the deliveries: of two nodes finishing deliveries of one event at once,
+/// the second reads the first's committed change.
+const LOCK_EVENTS: &str = "SELECT 1 FROM events WHERE id IN (SELECT event_id FROM deliveries WHERE id = ANY($1)) ORDER BY id FOR UPDATE";
+
+/// `event_id, status` of every delivery of the batch's deliveries' events.
+const EVENT_DELIVERY_STATUSES: &str =
+    "SELECT event_id, status FROM deliveries WHERE event_id IN (SELECT event_id FROM deliveries WHERE id = ANY($1))";
+
+/// Events' new statuses (`$1` ids, `$2` statuses), written where they change.
+const SET_EVENT_STATUSES: &str = "UPDATE events e SET status = u.s FROM unnest($1::text[], $2::text[]) AS u(id, s)
+     WHERE e.id = u.id AND e.status <> u.s";
