@@ -112,7 +112,7 @@ t0=$(now_ms)
 log "fill (written directly):       $N events in $(( ($(now_ms) - t0) / 1000 )) s, $(size_mb "$FULL") MB"
 
 start "$FULL"; stop
-log "first start (migration 4):     $START_MS ms (back-fills counters and the search index of $N events)"
+log "first start (migration 5):     $START_MS ms (back-fills counters and the search index of $N events)"
 start "$FULL"
 log "start-up:                      $START_MS ms"
 

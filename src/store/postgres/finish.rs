@@ -167,16 +167,19 @@ async fn store_finishes(shared: &Shared, writes: &[&Write]) -> Result<Vec<Option
     let batch = Batch::new(writes);
     let client = shared.pool.get().await.map_err(connect::pool_error)?;
     let mut tries = 0;
-    let moved = loop {
+    let (moved, heads) = loop {
         match batch.commit(&client).await {
-            Ok(moved) => break moved,
+            Ok(done) => break done,
             Err(e) if connect::retryable(&e) && tries < RETRIES => tries += 1,
             Err(e) => return Err(connect::neutral(e)),
         }
     };
     let finished = moved.values().filter(|s| !rules::unfinished(**s)).count() as i64;
     shared.add_backlog(-finished);
-    if moved.values().any(|s| *s == DeliveryStatus::Pending) {
+    // A delivery due again, or a key whose head moved on: its next delivery
+    // may be due now, and nothing else would wake a processor for it (the
+    // slot it freed was offered before this commit).
+    if heads > 0 || moved.values().any(|s| *s == DeliveryStatus::Pending) {
         shared.new_work();
     }
     Ok(writes
@@ -262,8 +265,8 @@ impl Batch {
     /// and their deliveries' statuses read, all sent together; then each
     /// event's new status ([`rules::event_status`]) and `COMMIT`. Any error
     /// rolls the whole back. Returns the new status of each (delivery,
-    /// attempt) that moved.
-    async fn commit(&self, client: &deadpool_postgres::Object) -> Result<HashMap<(i64, i32), DeliveryStatus>, tokio_postgres::Error> {
+    /// attempt) that moved, and how many key heads it moved on.
+    async fn commit(&self, client: &deadpool_postgres::Object) -> Result<(HashMap<(i64, i32), DeliveryStatus>, u64), tokio_postgres::Error> {
         let finishing = !self.id.is_empty();
         // What a finish waits for must survive a crash; marks alone need not.
         let begin = if finishing { "BEGIN; SET LOCAL synchronous_commit = on" } else { "BEGIN; SET LOCAL synchronous_commit = off" };
@@ -327,6 +330,7 @@ impl Batch {
                 }
             },
         );
+        let heads = *followed.as_ref().unwrap_or(&0);
         let firsts = begun.and(followed).and(marked).and(moved).and_then(|moved| locked.and(seen).map(|seen| (moved, seen)));
         let (moved, seen) = match firsts {
             Ok(x) => x,
@@ -346,7 +350,7 @@ impl Batch {
         }
         if events.is_empty() {
             client.batch_execute("COMMIT").await?;
-            return Ok(out);
+            return Ok((out, heads));
         }
         // Each moved delivery's event, from the statuses of all its deliveries.
         let mut by_event: HashMap<&str, Vec<DeliveryStatus>> = HashMap::new();
@@ -367,7 +371,7 @@ impl Batch {
         // On an error in the update, the COMMIT of the aborted transaction rolled it back.
         updated?;
         committed?;
-        Ok(out)
+        Ok((out, heads))
     }
 }
 
