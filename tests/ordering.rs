@@ -192,6 +192,31 @@ fn a_head_failing_twice_before_success_holds_only_its_key() {
     }
 }
 
+/// With a poll interval of an hour, only wake-ups move a key on: a head's
+/// finish must wake the processor for the key's next delivery (on
+/// PostgreSQL the finishes are committed in batches after the slot that ran
+/// the head was offered again).
+#[test]
+fn a_keys_next_delivery_runs_after_its_head_without_waiting_for_the_poll() {
+    let w = Work::new();
+    let body = format!("{LOG}\nlog run\nsleep 0.2");
+    let config = [
+        fast_retries(3, "200ms", "").replace("poll_interval = \"100ms\"", "poll_interval = \"1h\"").as_str(),
+        &open_source("leads"),
+        &w.shell("crm", &body, "concurrency = 4\nordering = { key = \"/key\" }"),
+        &route("leads", "crm"),
+    ]
+    .join("\n");
+    let env = TestEnv::new(&config);
+    let d = env.start();
+    let ids: Vec<String> = (0..4).map(|n| post(&d, json!({"key": "a", "n": n}))).collect();
+    for id in &ids {
+        wait_event(&env, id, "the event to be done without a poll", |ev| ev["status"] == "done");
+    }
+    let ran: Vec<String> = runs(&parse(&w.lines())).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ran, ids, "one at a time, in id order");
+}
+
 /// `on_failure = "block"` with permanent exit code 3: payloads with
 /// `"fail": "yes"` fail for good until `$W/healed` exists.
 fn blocking(w: &Work) -> TestEnv {

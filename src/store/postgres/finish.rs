@@ -266,7 +266,10 @@ impl Batch {
     /// event's new status ([`rules::event_status`]) and `COMMIT`. Any error
     /// rolls the whole back. Returns the new status of each (delivery,
     /// attempt) that moved, and how many key heads it moved on.
-    async fn commit(&self, client: &deadpool_postgres::Object) -> Result<(HashMap<(i64, i32), DeliveryStatus>, u64), tokio_postgres::Error> {
+    async fn commit(
+        &self,
+        client: &deadpool_postgres::Object,
+    ) -> Result<(HashMap<(i64, i32), DeliveryStatus>, u64), tokio_postgres::Error> {
         let finishing = !self.id.is_empty();
         // What a finish waits for must survive a crash; marks alone need not.
         let begin = if finishing { "BEGIN; SET LOCAL synchronous_commit = on" } else { "BEGIN; SET LOCAL synchronous_commit = off" };
