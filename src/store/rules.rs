@@ -192,9 +192,7 @@ pub fn replay_takes(status: DeliveryStatus, only_failed: bool) -> bool {
 //   head, `due` when it may next be looked at (its `next_at` as last seen),
 //   `blocked` set while a failed head holds the key ([`head_step`]).
 //   Indexed by `(handler, blocked, due)`.
-// * An index on unfinished keyed deliveries `(handler, key, event)` (on
-//   SQLite over a column holding the key only while unfinished, so claims
-//   do not rewrite it), to find
+// * An index on unfinished keyed deliveries `(handler, key, event)`, to find
 //   a key's next head in one probe, and one on unfinished *unkeyed*
 //   deliveries `(handler, next_at)`, so the unordered part of a claim never
 //   walks the keyed backlog.

@@ -110,14 +110,15 @@ macro_rules! unfinished_sql {
 }
 
 /// How many deliveries are unfinished, read from the two partial indexes
-/// that hold them (`deliveries_due`, `deliveries_keyed`; see migrations 4
-/// and 6: a keyed delivery has `order_live` while it is unfinished).
+/// that hold them (`deliveries_due`, `deliveries_keyed`; see migration 4).
 macro_rules! unfinished_count_sql {
     () => {
         concat!(
             "SELECT (SELECT count(*) FROM deliveries WHERE status IN ",
             unfinished_sql!(),
-            " AND order_key IS NULL) + (SELECT count(*) FROM deliveries WHERE order_live IS NOT NULL)"
+            " AND order_key IS NULL) + (SELECT count(*) FROM deliveries WHERE status IN ",
+            unfinished_sql!(),
+            " AND order_key IS NOT NULL)"
         )
     };
 }
@@ -269,21 +270,6 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 5: counters, the indexes filters need, and search (see `scale`).
     scale::MIGRATION,
-    // 6: the keyed index no longer names the status. SQLite rewrites an
-    // index entry whenever a column its WHERE names changes, so with
-    // `status` there a claim (pending -> running) rewrote the entry of each
-    // claimed head: one page in a random place of the index per delivery,
-    // about half the extra WAL an ordered delivery cost. `order_live` is the
-    // key while the delivery is unfinished and NULL once it is finished
-    // (set at insert, replay, finish and skip; claims and releases move
-    // between unfinished statuses and leave it alone).
-    r#"
-    ALTER TABLE deliveries ADD COLUMN order_live TEXT;
-    UPDATE deliveries SET order_live = order_key
-        WHERE order_key IS NOT NULL AND status IN ('pending', 'retrying', 'running');
-    DROP INDEX deliveries_keyed;
-    CREATE INDEX deliveries_keyed ON deliveries(handler, order_live, event_seq) WHERE order_live IS NOT NULL;
-    "#,
 ];
 
 /// The smallest event id that can have been received at or after `t`: ids are
@@ -1709,7 +1695,7 @@ fn insert_event(conn: &Connection, st: &mut WriterState, ev: &NewEvent) -> Resul
     scale::count_event(st, &key, None, Some(status));
     if !ev.handlers.is_empty() {
         let mut stmt = conn.prepare_cached(
-            "INSERT INTO deliveries(event_seq, handler, status, next_at, queued_at, updated_at, order_key, order_live) VALUES (?1, ?2, 'pending', ?3, ?3, ?3, ?4, ?4)",
+            "INSERT INTO deliveries(event_seq, handler, status, next_at, queued_at, updated_at, order_key) VALUES (?1, ?2, 'pending', ?3, ?3, ?3, ?4)",
         )?;
         for (i, h) in ev.handlers.iter().enumerate() {
             let order_key = ev.order_keys.get(i).and_then(Option::as_deref);
@@ -2177,8 +2163,7 @@ impl Store for SqliteStore {
                 let taken = replay_takes(conn, seq, handler.as_deref(), only_failed)?;
                 for d in &taken {
                     conn.prepare_cached(
-                        "UPDATE deliveries SET status = 'pending', budget_from = ?2, next_at = ?3, queued_at = ?3, lease_owner = NULL, updated_at = ?3,
-                                order_live = order_key
+                        "UPDATE deliveries SET status = 'pending', budget_from = ?2, next_at = ?3, queued_at = ?3, lease_owner = NULL, updated_at = ?3
                          WHERE id = ?1",
                     )?
                     .execute(params![d.id, rules::budget_after_replay(d.attempts), now])?;
@@ -2423,13 +2408,10 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), E
     // processor took the delivery over (with the same number, when it was
     // only held), its own result will count.
     let seq: Option<(i64, String, Option<String>)> = conn
-        .prepare_cached(concat!(
-            "UPDATE deliveries SET status = ?1, next_at = ?2, lease_owner = NULL, held = 0, updated_at = ?3,
-                        order_live = CASE WHEN ?1 IN ",
-            unfinished_sql!(),
-            " THEN order_live END
-             WHERE id = ?4 AND status = 'running' AND attempts = ?5 AND lease_owner = ?6 RETURNING event_seq, handler, order_key"
-        ))?
+        .prepare_cached(
+            "UPDATE deliveries SET status = ?1, next_at = ?2, lease_owner = NULL, held = 0, updated_at = ?3
+             WHERE id = ?4 AND status = 'running' AND attempts = ?5 AND lease_owner = ?6 RETURNING event_seq, handler, order_key",
+        )?
         .query_row(params![status.as_str(), next_at, now, f.delivery_id, f.attempt, f.owner], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     // The holder's record replaces whatever stands for this attempt (the
@@ -2518,7 +2500,11 @@ fn head_passes_on(conn: &Connection, handler: &str, key: &str, delivery_id: i64)
         return Ok(false);
     }
     let next: Option<(i64, i64, i64)> = conn
-        .prepare_cached("SELECT id, event_seq, next_at FROM deliveries WHERE handler = ?1 AND order_live = ?2 ORDER BY event_seq LIMIT 1")?
+        .prepare_cached(concat!(
+            "SELECT id, event_seq, next_at FROM deliveries WHERE handler = ?1 AND order_key = ?2 AND status IN ",
+            unfinished_sql!(),
+            " ORDER BY event_seq LIMIT 1"
+        ))?
         .query_row(params![handler, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     match next {
@@ -2647,10 +2633,12 @@ fn claim_heads(
                     // The key's next head: its oldest unfinished delivery (one
                     // probe of deliveries_keyed), looked at in the next step.
                     head = conn
-                        .prepare_cached(
+                        .prepare_cached(concat!(
                             "SELECT id, event_seq, status, attempts, budget_from, held, next_at FROM deliveries
-                             WHERE handler = ?1 AND order_live = ?2 ORDER BY event_seq LIMIT 1",
-                        )?
+                             WHERE handler = ?1 AND order_key = ?2 AND status IN ",
+                            unfinished_sql!(),
+                            " ORDER BY event_seq LIMIT 1"
+                        ))?
                         .query_row(params![handler, key], head_row)
                         .optional()?;
                     if head.is_none() {
@@ -2692,7 +2680,7 @@ fn skip(conn: &Connection, st: &mut WriterState, id: EventId, handler: &str) -> 
         return Ok(Err(SkipError::NotFailed(id, handler.to_string(), status)));
     }
     let now = now_us();
-    conn.prepare_cached("UPDATE deliveries SET status = ?2, updated_at = ?3, order_live = NULL WHERE id = ?1")?.execute(params![
+    conn.prepare_cached("UPDATE deliveries SET status = ?2, updated_at = ?3 WHERE id = ?1")?.execute(params![
         delivery_id,
         DeliveryStatus::Skipped.as_str(),
         now
@@ -2838,7 +2826,11 @@ mod tests {
         assert!(count.matches("SCAN deliveries").count() == count.matches("SCAN deliveries USING").count(), "{count}");
         assert!(count.contains("USING INDEX deliveries_"), "{count}");
         assert!(!unkeyed.contains("TEMP B-TREE"), "{unkeyed}");
-        let next = plan("SELECT id FROM deliveries WHERE handler = 'h' AND order_live = 'k' ORDER BY event_seq LIMIT 1");
+        let next = plan(concat!(
+            "SELECT id FROM deliveries WHERE handler = 'h' AND order_key = 'k' AND status IN ",
+            unfinished_sql!(),
+            " ORDER BY event_seq LIMIT 1"
+        ));
         assert!(next.contains("deliveries_keyed"), "{next}");
         assert!(!next.contains("TEMP B-TREE"), "{next}");
         let heads = plan(

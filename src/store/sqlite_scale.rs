@@ -651,22 +651,14 @@ const FILL_BATCH: u64 = 10_000;
 /// `path`, spread evenly over the past year, each with one succeeded
 /// delivery to `crm` and its attempt, counted and indexed as ingest would.
 /// Posting ten million events would take hours; this takes minutes.
-/// `old_schema` leaves the file at schema version 4 (what migrations 5 and 6
-/// add is dropped: 6 before the fill, while the table is empty, 5 after it),
-/// so the next start measures migration 5's back-fill of the counters and
-/// the search index.
+/// `old_schema` leaves the file at schema version 4 (what migration 5 adds
+/// is dropped after the fill), so the next start measures migration 5's
+/// back-fill of the counters and the search index.
 pub(super) fn fill(path: &Path, events: u64, old_schema: bool) -> Result<(), Error> {
     let mut conn = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)?;
     conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
     migrate(&mut conn)?;
     conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -64000;")?;
-    if old_schema {
-        conn.execute_batch(
-            "DROP INDEX deliveries_keyed; ALTER TABLE deliveries DROP COLUMN order_live;
-             CREATE INDEX deliveries_keyed ON deliveries(handler, order_key, event_seq)
-                 WHERE order_key IS NOT NULL AND status IN ('pending', 'retrying', 'running');",
-        )?;
-    }
     let mut st = WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0, tallies: Tallies::new() };
     let now = Utc::now();
     let span = chrono::Duration::days(365);
