@@ -17,6 +17,12 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
+/// A daemon config: `processor_and_retry` (see `fast_retries`), an open
+/// source `leads` routed to the handler `crm` (its TOML).
+fn leads_to_crm(processor_and_retry: &str, crm: &str) -> TestEnv {
+    TestEnv::new(&[processor_and_retry, &open_source("leads"), crm, &route("leads", "crm")].join("\n"))
+}
+
 /// A scratch directory for handler scripts and what they write.
 struct Work {
     dir: tempfile::TempDir,
@@ -102,14 +108,10 @@ fn two_thousand_events_over_twenty_keys_run_one_at_a_time_per_key_in_id_order_an
     let body = format!(
         "{LOG}\nlog start\nc=${{HOOKTRAIL_EVENT_ID#${{HOOKTRAIL_EVENT_ID%?}}}}\nn=$(printf '%d' \"'$c\")\nsleep 0.00$((n % 8))\nlog end"
     );
-    let config = [
-        fast_retries(3, "200ms", "max_concurrency = 8").as_str(),
-        &open_source("leads"),
+    let env = leads_to_crm(
+        &fast_retries(3, "200ms", "max_concurrency = 8"),
         &w.shell("crm", &body, "concurrency = 8\nordering = { key = \"/key\" }"),
-        &route("leads", "crm"),
-    ]
-    .join("\n");
-    let env = TestEnv::new(&config);
+    );
     let d = env.start();
     const EVENTS: usize = 2000;
     const KEYS: usize = 20;
@@ -159,14 +161,7 @@ fn a_head_failing_twice_before_success_holds_only_its_key() {
     let body = format!(
         "{LOG}\nlog run\nif [ \"$FAIL\" = yes ]; then\n  if [ \"$HOOKTRAIL_ATTEMPT\" -lt 3 ] || [ ! -e \"$W/b-done\" ]; then exit 1; fi\nfi\n[ \"$KEY\" = b ] && [ \"$(grep -c '^run b ' \"$W/run.log\")\" -ge 3 ] && touch \"$W/b-done\"\nexit 0"
     );
-    let config = [
-        fast_retries(30, "200ms", "").as_str(),
-        &open_source("leads"),
-        &w.shell("crm", &body, "concurrency = 4\nordering = { key = \"/key\" }"),
-        &route("leads", "crm"),
-    ]
-    .join("\n");
-    let env = TestEnv::new(&config);
+    let env = leads_to_crm(&fast_retries(30, "200ms", ""), &w.shell("crm", &body, "concurrency = 4\nordering = { key = \"/key\" }"));
     let d = env.start();
     let a1 = post(&d, json!({"key": "a", "fail": "yes"}));
     let a2 = post(&d, json!({"key": "a"}));
@@ -200,14 +195,10 @@ fn a_head_failing_twice_before_success_holds_only_its_key() {
 fn a_keys_next_delivery_runs_after_its_head_without_waiting_for_the_poll() {
     let w = Work::new();
     let body = format!("{LOG}\nlog run\nsleep 0.2");
-    let config = [
-        fast_retries(3, "200ms", "").replace("poll_interval = \"100ms\"", "poll_interval = \"1h\"").as_str(),
-        &open_source("leads"),
+    let env = leads_to_crm(
+        &fast_retries(3, "200ms", "").replace("poll_interval = \"100ms\"", "poll_interval = \"1h\""),
         &w.shell("crm", &body, "concurrency = 4\nordering = { key = \"/key\" }"),
-        &route("leads", "crm"),
-    ]
-    .join("\n");
-    let env = TestEnv::new(&config);
+    );
     let d = env.start();
     let ids: Vec<String> = (0..4).map(|n| post(&d, json!({"key": "a", "n": n}))).collect();
     for id in &ids {
@@ -221,14 +212,10 @@ fn a_keys_next_delivery_runs_after_its_head_without_waiting_for_the_poll() {
 /// `"fail": "yes"` fail for good until `$W/healed` exists.
 fn blocking(w: &Work) -> TestEnv {
     let body = format!("{LOG}\nlog run\nif [ \"$FAIL\" = yes ] && [ ! -e \"$W/healed\" ]; then exit 3; fi\nexit 0");
-    let config = [
-        fast_retries(3, "200ms", "").as_str(),
-        &open_source("leads"),
+    leads_to_crm(
+        &fast_retries(3, "200ms", ""),
         &w.shell("crm", &body, "permanent_exit_codes = [3]\nordering = { key = \"/key\", on_failure = \"block\" }"),
-        &route("leads", "crm"),
-    ]
-    .join("\n");
-    TestEnv::new(&config)
+    )
 }
 
 #[test]
@@ -313,14 +300,10 @@ fn kill9_mid_attempt_then_after_the_lease_the_same_head_runs_again_before_anythi
     let body = format!(
         "{LOG}\nlog run\nif [ \"$FAIL\" = yes ] && [ ! -e \"$W/first-run\" ]; then\n  touch \"$W/first-run\"\n  echo $$ > \"$W/blocked.tmp\" && mv \"$W/blocked.tmp\" \"$W/blocked.pid\"\n  exec sleep 600\nfi\nexit 0"
     );
-    let config = [
-        fast_retries(3, "200ms", "lease = \"2s\"").as_str(),
-        &open_source("leads"),
+    let env = leads_to_crm(
+        &fast_retries(3, "200ms", "lease = \"2s\""),
         &w.shell("crm", &body, "timeout = \"60s\"\nordering = { key = \"/key\" }"),
-        &route("leads", "crm"),
-    ]
-    .join("\n");
-    let env = TestEnv::new(&config);
+    );
     let d = env.start();
     let a1 = post(&d, json!({"key": "a", "fail": "yes"}));
     let a2 = post(&d, json!({"key": "a"}));
@@ -351,7 +334,7 @@ fn sighup_taking_ordering_off_keeps_queued_deliveries_of_a_key_in_order_and_new_
     // Every run waits for `$W/go`: the first run holds its key while the config changes.
     let body = format!("{LOG}\nlog start\nwhile [ ! -e \"$W/go\" ]; do sleep 0.01; done\nlog end");
     let handler = w.shell("crm", &body, "concurrency = 4\nordering = { key = \"/key\" }");
-    let env = TestEnv::new(&[fast_retries(3, "200ms", "").as_str(), &open_source("leads"), &handler, &route("leads", "crm")].join("\n"));
+    let env = leads_to_crm(&fast_retries(3, "200ms", ""), &handler);
     let d = env.start();
     let queued: Vec<String> = (0..4).map(|i| post(&d, json!({"key": "a", "n": i}))).collect();
     wait_for("the head to start", SETTLE, || !w.lines().is_empty());
