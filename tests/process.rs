@@ -195,6 +195,29 @@ fn shell_exit_codes_decide_success_permanent_failure_and_retry() {
     assert!(a[1]["error"].as_str().is_some_and(|e| e.contains("max_attempts")), "the last attempt says why it gave up: {flaky:#}");
 }
 
+/// A script may print a NUL byte: the attempt is recorded (with U+FFFD in
+/// its place) on every backend, and the delivery does not run again.
+#[test]
+fn a_nul_byte_in_handler_output_is_recorded_and_the_delivery_runs_once() {
+    let w = Work::new();
+    let config = [
+        fast("").as_str(),
+        &open_source("leads"),
+        &w.shell("nul", r#"printf 'before\000after\n'; echo run >> "$W/runs"; exit 0"#, ""),
+        &route("leads", "nul"),
+    ]
+    .concat();
+    let env = TestEnv::new(&config);
+    let d = env.start();
+    let id = d.post_json("/hooks/leads", r#"{"email":"a@b.c"}"#).id();
+    let ev = wait_settled(&env, &id);
+    assert_eq!(ev["status"], "done", "{ev:#}");
+    let a = attempts(delivery(&ev, "nul"));
+    assert_eq!(a.len(), 1, "{ev:#}");
+    assert_eq!(a[0]["output"].as_str().expect("output").trim_end(), "before\u{FFFD}after");
+    assert_eq!(w.read_string("runs"), "run\n", "the attempt ran once");
+}
+
 #[test]
 fn shell_timeout_kills_the_whole_process_group() {
     let w = Work::new();

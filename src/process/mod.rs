@@ -360,8 +360,8 @@ impl Processor {
             outcome,
             exit_code: result.exit_code,
             http_status: result.http_status,
-            error,
-            output: result.output,
+            error: error.map(storable),
+            output: storable(result.output),
             next,
         };
         // The store may be briefly unavailable; if it stays so, the lease
@@ -374,6 +374,18 @@ impl Processor {
             }
         }
         tracing::error!(event_id = %c.event_id, handler = %c.handler, "could not record the attempt; it will run again when its lease expires");
+    }
+}
+
+/// A handler's text as every store can keep it: a NUL character (a script
+/// may print one) becomes U+FFFD, as bytes that are not UTF-8 already do.
+/// PostgreSQL's `text` refuses NUL, and a record it refuses would make the
+/// delivery run again after every lease.
+fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
     }
 }
 
@@ -469,6 +481,12 @@ mod tests {
         assert_eq!(claim_room(3, 0, 4, 0), 1, "three already wait for the global limit");
         assert_eq!(claim_room(4, 0, 4, 0), 0);
         assert_eq!(claim_room(2, 0, 4, 1), 3, "one could start, plus concurrency, minus two waiting");
+    }
+
+    #[test]
+    fn a_nul_in_handler_text_is_stored_as_the_replacement_character() {
+        assert_eq!(super::storable("a\0b\0".into()), "a\u{FFFD}b\u{FFFD}");
+        assert_eq!(super::storable("plain".into()), "plain");
     }
 
     #[test]
