@@ -17,7 +17,7 @@
 
 use serde_json::Value;
 
-use super::{DeliveryStatus, EventStatus, Next, OnFailure, RejectReason};
+use super::{DeliveryStatus, EventStatus, HourCounts, Next, OnFailure, RejectReason};
 
 /// An event's status from the statuses of its deliveries (README "States"):
 /// `processing` while one runs, or while some finished and others still
@@ -404,6 +404,24 @@ pub fn tally_moves<S: Copy + PartialEq>(from: Option<S>, to: Option<S>) -> Vec<(
 /// (README "Counters" says how the first, partial hour is counted exactly).
 pub fn tally_hour(received_at: chrono::DateTime<chrono::Utc>) -> i64 {
     received_at.timestamp().div_euclid(3600)
+}
+
+/// The chart's rows from the events' hour counters `(hour, state, n)` (a
+/// bucket of [`tally_hour`] may come in several rows): one per hour with
+/// events, oldest first. `Err(hour)`: a bucket no time can be made of.
+pub fn hourly_counts(rows: impl IntoIterator<Item = (i64, EventStatus, u64)>) -> Result<Vec<HourCounts>, i64> {
+    let mut hours: std::collections::BTreeMap<i64, HourCounts> = std::collections::BTreeMap::new();
+    for (hour, status, n) in rows {
+        let at = chrono::DateTime::from_timestamp(hour.saturating_mul(3600), 0).ok_or(hour)?;
+        let h = hours.entry(hour).or_insert(HourCounts { hour: at, received: 0, done: 0, failed: 0 });
+        h.received += n;
+        match status {
+            EventStatus::Done => h.done += n,
+            EventStatus::Failed => h.failed += n,
+            EventStatus::Pending | EventStatus::Processing | EventStatus::Retrying => {}
+        }
+    }
+    Ok(hours.into_values().filter(|h| h.received > 0).collect())
 }
 
 #[cfg(test)]

@@ -452,23 +452,12 @@ pub(super) fn stats(conn: &Connection, source: Option<String>, since: Option<Dat
 pub(super) fn hourly(conn: &Connection, since: DateTime<Utc>) -> Result<Vec<HourCounts>, Error> {
     let mut stmt =
         conn.prepare_cached("SELECT hour, state, sum(n) FROM tally_hours WHERE hour >= ?1 AND handler = '' GROUP BY hour, state")?;
-    let mut hours: BTreeMap<i64, HourCounts> = BTreeMap::new();
-    let mut q = stmt.query([rules::tally_hour(since)])?;
-    while let Some(r) = q.next()? {
-        let hour: i64 = r.get(0)?;
-        let status: EventStatus = r.get(1)?;
-        let n = u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0);
-        let at = DateTime::from_timestamp(hour.saturating_mul(SECS_PER_HOUR), 0)
-            .ok_or_else(|| Error::Store(StoreError::Corrupt(format!("counter hour {hour} is out of range"))))?;
-        let h = hours.entry(hour).or_insert(HourCounts { hour: at, received: 0, done: 0, failed: 0 });
-        h.received += n;
-        match status {
-            EventStatus::Done => h.done += n,
-            EventStatus::Failed => h.failed += n,
-            EventStatus::Pending | EventStatus::Processing | EventStatus::Retrying => {}
-        }
-    }
-    Ok(hours.into_values().filter(|h| h.received > 0).collect())
+    let rows = stmt
+        .query_map([rules::tally_hour(since)], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, EventStatus>(1)?, u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0)))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rules::hourly_counts(rows).map_err(|hour| Error::Store(StoreError::Corrupt(format!("counter hour {hour} is out of range"))))
 }
 
 /// Queue depth from the counters; the oldest of each (handler, state) from

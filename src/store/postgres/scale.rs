@@ -230,22 +230,12 @@ pub(super) async fn hourly(shared: &Shared, since: DateTime<Utc>) -> Result<Vec<
         &[&rules::tally_hour(since)],
     )
     .await?;
-    let mut hours: BTreeMap<i64, HourCounts> = BTreeMap::new();
+    let mut rows = Vec::with_capacity(found.len());
     for r in &found {
-        let hour: i64 = get(r, 0)?;
-        let status: EventStatus = parsed(get::<&str>(r, 1)?)?;
         let n = u64::try_from(get::<i64>(r, 2)?).unwrap_or(0);
-        let at = DateTime::from_timestamp(hour.saturating_mul(SECS_PER_HOUR), 0)
-            .ok_or_else(|| StoreError::Corrupt(format!("counter hour {hour} is out of range")))?;
-        let h = hours.entry(hour).or_insert(HourCounts { hour: at, received: 0, done: 0, failed: 0 });
-        h.received += n;
-        match status {
-            EventStatus::Done => h.done += n,
-            EventStatus::Failed => h.failed += n,
-            EventStatus::Pending | EventStatus::Processing | EventStatus::Retrying => {}
-        }
+        rows.push((get::<i64>(r, 0)?, parsed::<EventStatus>(get::<&str>(r, 1)?)?, n));
     }
-    Ok(hours.into_values().filter(|h| h.received > 0).collect())
+    rules::hourly_counts(rows).map_err(|hour| StoreError::Corrupt(format!("counter hour {hour} is out of range")))
 }
 
 /// Queue depth from the counters; the oldest of each (handler, state) from
