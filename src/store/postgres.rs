@@ -109,6 +109,35 @@ macro_rules! new_heads_from_dl {
     };
 }
 
+/// The CTEs `dl` and `hd` and the final `SELECT` of a statement that stores
+/// pending deliveries from arrays (the statement parameters named: event
+/// ids, handlers, sources, hours, ordering keys) and gives their keys head
+/// rows ([`new_heads_from_dl`]).
+macro_rules! deliveries_with_heads {
+    ($events:literal, $handlers:literal, $sources:literal, $hours:literal, $keys:literal) => {
+        concat!(
+            "dl AS (
+                INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, source, hour, order_key)
+                SELECT e, h, 'pending', now(), now(), now(), s, hr, k
+                FROM unnest(",
+            $events,
+            "::text[], ",
+            $handlers,
+            "::text[], ",
+            $sources,
+            "::text[], ",
+            $hours,
+            "::int8[], ",
+            $keys,
+            "::text[]) AS u(e, h, s, hr, k)
+                RETURNING id, event_id, handler, order_key
+             ), hd AS (",
+            new_heads_from_dl!(),
+            ") SELECT 1"
+        )
+    };
+}
+
 /// Stores events' search words (`scale::index_words`, joined by spaces):
 /// the event ids and the words are the statement parameters named. An
 /// event without a word gets no row (a search always has one).
@@ -467,14 +496,8 @@ async fn insert_pipelined(
                      AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12)
              ), wd AS (",
             event_words_insert!("$1", "$15"),
-            "), dl AS (
-                INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, source, hour, order_key)
-                SELECT e, h, 'pending', now(), now(), now(), s, hr, k
-                FROM unnest($13::text[], $14::text[], $16::text[], $17::int8[], $18::text[]) AS u(e, h, s, hr, k)
-                RETURNING id, event_id, handler, order_key
-             ), hd AS (",
-            new_heads_from_dl!(),
-            ") SELECT 1",
+            "), ",
+            deliveries_with_heads!("$13", "$14", "$16", "$17", "$18"),
         ))
         .await?;
     let mut cols = EventColumns::default();
@@ -561,18 +584,7 @@ async fn insert_in(
         tx.execute(&stmt, &params).await?;
     }
     if !cols.d_event.is_empty() {
-        let stmt = tx
-            .prepare_cached(concat!(
-                "WITH dl AS (
-                    INSERT INTO deliveries (event_id, handler, status, next_at, queued_at, updated_at, source, hour, order_key)
-                    SELECT e, h, 'pending', now(), now(), now(), s, hr, k
-                    FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[]) AS u(e, h, s, hr, k)
-                    RETURNING id, event_id, handler, order_key
-                 ), hd AS (",
-                new_heads_from_dl!(),
-                ") SELECT 1",
-            ))
-            .await?;
+        let stmt = tx.prepare_cached(concat!("WITH ", deliveries_with_heads!("$1", "$2", "$3", "$4", "$5"))).await?;
         tx.execute(&stmt, &[&cols.d_event, &cols.d_handler, &cols.d_source, &cols.d_hour, &cols.d_key]).await?;
     }
     add_counts(tx, &counts).await?;
