@@ -2499,24 +2499,31 @@ fn head_passes_on(conn: &Connection, handler: &str, key: &str, delivery_id: i64)
         // Not the head (a replayed delivery waiting behind it): the head moves on its own.
         return Ok(false);
     }
-    let next: Option<(i64, i64, i64)> = conn
-        .prepare_cached(concat!(
-            "SELECT id, event_seq, next_at FROM deliveries WHERE handler = ?1 AND order_key = ?2 AND status IN ",
-            unfinished_sql!(),
-            " ORDER BY event_seq LIMIT 1"
-        ))?
-        .query_row(params![handler, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    match next {
-        Some((id, seq, due)) => {
+    match next_head(conn, handler, key)? {
+        Some(((id, seq, ..), due)) => {
             set_head(conn, handler, key, (id, seq), due)?;
             Ok(due <= now_us())
         }
-        None => {
-            conn.prepare_cached("DELETE FROM order_heads WHERE handler = ?1 AND key = ?2")?.execute(params![handler, key])?;
-            Ok(false)
-        }
+        None => Ok(false),
     }
+}
+
+/// A key's next head: its oldest unfinished delivery (one probe of
+/// `deliveries_keyed`); none left, and its head row goes.
+fn next_head(conn: &Connection, handler: &str, key: &str) -> Result<Option<HeadRow>, Error> {
+    let next = conn
+        .prepare_cached(concat!(
+            "SELECT id, event_seq, status, attempts, budget_from, held, next_at FROM deliveries
+             WHERE handler = ?1 AND order_key = ?2 AND status IN ",
+            unfinished_sql!(),
+            " ORDER BY event_seq LIMIT 1"
+        ))?
+        .query_row(params![handler, key], head_row)
+        .optional()?;
+    if next.is_none() {
+        conn.prepare_cached("DELETE FROM order_heads WHERE handler = ?1 AND key = ?2")?.execute(params![handler, key])?;
+    }
+    Ok(next)
 }
 
 /// A keyed delivery was replayed (now pending): where it goes in its key's
@@ -2630,19 +2637,9 @@ fn claim_heads(
                     break;
                 }
                 (rules::HeadStep::Advance, _) | (rules::HeadStep::Claim, None) => {
-                    // The key's next head: its oldest unfinished delivery (one
-                    // probe of deliveries_keyed), looked at in the next step.
-                    head = conn
-                        .prepare_cached(concat!(
-                            "SELECT id, event_seq, status, attempts, budget_from, held, next_at FROM deliveries
-                             WHERE handler = ?1 AND order_key = ?2 AND status IN ",
-                            unfinished_sql!(),
-                            " ORDER BY event_seq LIMIT 1"
-                        ))?
-                        .query_row(params![handler, key], head_row)
-                        .optional()?;
+                    // The key's next head, looked at in the next step.
+                    head = next_head(conn, handler, &key)?;
                     if head.is_none() {
-                        conn.prepare_cached("DELETE FROM order_heads WHERE handler = ?1 AND key = ?2")?.execute(params![handler, key])?;
                         break;
                     }
                     // An unfinished delivery: the next step claims it or
