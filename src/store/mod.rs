@@ -565,8 +565,6 @@ pub trait Store: Send + Sync + 'static {
     /// processing"): deliveries without a key as `claim` does, and of each
     /// key only its head, as [`rules`] ("Ordered claims") describes; a
     /// failed head is passed (`Continue`) or holds its key (`Block`).
-    /// A backend that cannot order claims yet says so rather than claim
-    /// out of order.
     async fn claim_ordered(
         &self,
         owner: &str,
@@ -574,20 +572,12 @@ pub trait Store: Send + Sync + 'static {
         on_failure: OnFailure,
         limit: usize,
         lease: Duration,
-    ) -> Result<Vec<Claimed>, StoreError> {
-        let _ = (owner, handler, on_failure, limit, lease);
-        Err(StoreError::Backend("this backend does not order claims yet (handlers.*.ordering)".into()))
-    }
+    ) -> Result<Vec<Claimed>, StoreError>;
     /// Marks the failed delivery of event `id` to `handler` `skipped`,
     /// releasing the ordering key it blocks (`hooktrail events skip`).
-    async fn skip(&self, id: EventId, handler: &str) -> Result<(), SkipError> {
-        let _ = (id, handler);
-        Err(SkipError::Store(StoreError::Backend("this backend cannot skip deliveries yet".into())))
-    }
+    async fn skip(&self, id: EventId, handler: &str) -> Result<(), SkipError>;
     /// Ordering keys held by a failed delivery, per handler (metrics).
-    async fn blocked_keys(&self) -> Result<Vec<BlockedKeys>, StoreError> {
-        Ok(Vec::new())
-    }
+    async fn blocked_keys(&self) -> Result<Vec<BlockedKeys>, StoreError>;
     /// Gives back deliveries leased by `owner` without recording an attempt (shutdown).
     async fn release(&self, owner: &str, delivery_ids: Vec<i64>) -> Result<u64, StoreError>;
     /// Re-queues deliveries of the given events: those to `handler` (all
@@ -604,9 +594,7 @@ pub trait Store: Send + Sync + 'static {
     async fn prune(&self, before: DateTime<Utc>, batch: usize) -> Result<u64, StoreError>;
     /// Hands the space freed by `prune` back to the file system at once
     /// (`hooktrail compact`, README "Disk space"); says what it did.
-    async fn compact(&self) -> Result<String, StoreError> {
-        Ok("nothing to compact on this backend".to_string())
-    }
+    async fn compact(&self) -> Result<String, StoreError>;
     /// Checks the database accepts a write (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
     /// Stores an event as `export` wrote it (`hooktrail import`): its id,
