@@ -262,12 +262,12 @@ impl Ingest {
             let msg = format!("no source is configured at {}", req.uri().path());
             return error_response(StatusCode::NOT_FOUND, &msg);
         };
-        let name = src.cfg.name.clone();
         match self.accept(&routing, &src, req, peer, received_at).await {
             Ok(resp) => resp,
             Err(rej) => {
-                self.store.count_rejection(&name, rej.reason);
-                self.metrics.rejected(Some(&name), rej.reason);
+                let name = &src.cfg.name;
+                self.store.count_rejection(name, rej.reason);
+                self.metrics.rejected(Some(name), rej.reason);
                 tracing::info!(source = %name, status = rej.status.as_u16(), reason = %rej.reason, error = %rej.message, "request rejected");
                 rej.into_response()
             }
@@ -427,7 +427,7 @@ impl Ingest {
         let ev = NewEvent {
             source: cfg.name.clone(),
             received_at,
-            method: method.to_string(),
+            method: method.as_str().to_owned(),
             content_type: content_type.unwrap_or_default(),
             query: redact_query(&query, secret_param),
             headers: stored_headers(&parts.headers, &src.secret_headers),
@@ -444,15 +444,28 @@ impl Ingest {
         if inserted.duplicate {
             self.metrics.received(&cfg.name, Received::Duplicate);
             tracing::info!(event_id = %inserted.id, source = %cfg.name, "duplicate within the dedup window; nothing queued");
-            return Ok(json_response(StatusCode::OK, format!(r#"{{"id":"{}","status":"duplicate"}}"#, inserted.id)));
+            return Ok(json_response(StatusCode::OK, answer_body(inserted.id, "duplicate")));
         }
         self.metrics.received(&cfg.name, Received::Accepted);
         tracing::info!(event_id = %inserted.id, source = %cfg.name, bytes = body.len(), remote = %remote, "event stored");
         Ok(match &cfg.response {
-            None => json_response(StatusCode::OK, format!(r#"{{"id":"{}","status":"accepted"}}"#, inserted.id)),
+            None => json_response(StatusCode::OK, answer_body(inserted.id, "accepted")),
             Some(spec) => templated_response(spec, &inserted.id.to_string(), &view),
         })
     }
+}
+
+/// `{"id":"evt_…","status":…}`, the answer to a stored event, written
+/// straight into one buffer (every accepted request builds one).
+fn answer_body(id: crate::store::EventId, status: &str) -> String {
+    let mut ulid = [0u8; ulid::ULID_LEN];
+    let mut out = String::with_capacity(40 + ulid::ULID_LEN + status.len());
+    out.push_str(r#"{"id":"evt_"#);
+    out.push_str(id.0.array_to_str(&mut ulid));
+    out.push_str(r#"","status":""#);
+    out.push_str(status);
+    out.push_str(r#""}"#);
+    out
 }
 
 fn json_payload(v: Value) -> (Payload, Value) {
@@ -542,8 +555,16 @@ const REDACTED: &str = "[redacted]";
 
 /// Header or parameter names that carry credentials, whatever the source's auth.
 fn is_sensitive_name(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    matches!(n.as_str(), "authorization" | "proxy-authorization" | "cookie" | "set-cookie" | "key")
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return is_sensitive_lower(&name.to_ascii_lowercase());
+    }
+    is_sensitive_lower(name)
+}
+
+/// [`is_sensitive_name`] of a name already in lower case (a header name as
+/// hyper gives it): no copy for every header of every request.
+fn is_sensitive_lower(n: &str) -> bool {
+    matches!(n, "authorization" | "proxy-authorization" | "cookie" | "set-cookie" | "key")
         || ["token", "secret", "password", "passwd", "api-key", "api_key", "apikey", "auth", "session", "signature", "hmac"]
             .iter()
             .any(|p| n.contains(p))
@@ -559,7 +580,8 @@ pub fn stored_headers(headers: &HeaderMap, secret_headers: &[String]) -> String 
     json_seq(&mut out, b'{', b'}', names.iter(), |out, n| {
         write_json_str(out, n);
         out.push(b':');
-        let secret = is_sensitive_name(n) || secret_headers.iter().any(|s| s == n);
+        // Header names are lower case (hyper's `HeaderName`).
+        let secret = is_sensitive_lower(n) || secret_headers.iter().any(|s| s == n);
         let value = |out: &mut Vec<u8>, v: &HeaderValue| {
             if secret {
                 write_json_str(out, REDACTED)
@@ -724,6 +746,15 @@ mod tests {
         h.insert("x-hub-signature-256", "sha256=abc".parse().unwrap());
         h.insert("x-shopify-hmac-sha256", "abc".parse().unwrap());
         assert!(!stored_headers(&h, &[]).contains("abc"), "signature headers are redacted: {}", stored_headers(&h, &[]));
+    }
+
+    #[test]
+    fn the_answer_is_the_json_it_always_was_and_upper_case_parameters_are_still_redacted() {
+        let id = crate::store::EventId(ulid::Ulid::new());
+        for status in ["accepted", "duplicate"] {
+            assert_eq!(answer_body(id, status), format!(r#"{{"id":"{id}","status":"{status}"}}"#));
+        }
+        assert_eq!(redact_query("Api_Key=k&X-Token=t&a=1", None), "Api_Key=[redacted]&X-Token=[redacted]&a=1");
     }
 
     #[test]

@@ -540,8 +540,10 @@ struct Shared {
 impl Shared {
     /// The error every write gets once a fault is known.
     fn fault_error(&self) -> Option<StoreError> {
+        // Asked before every write: the path is only formatted for a fault.
+        let fault = self.fault.get()?;
         let path = self.file.path.display().to_string();
-        self.fault.get().map(|f| match f {
+        Some(match fault {
             Fault::Lost => StoreError::Lost(path),
             Fault::Damaged(detail) => StoreError::Damaged { path, detail: detail.clone() },
         })
