@@ -246,6 +246,15 @@ impl Conn {
         let Conn { name, peer, state, refusals, builder, watcher, _permit, _registered } = self;
         let io = Socket { io: TokioIo::new(io), state: state.clone(), refusals, peer, replacement: None };
         let conn = watcher.watch(builder.serve_connection(io, svc));
+        if _registered.is_none() {
+            // Never closed for room (public listener): no second future to
+            // poll (a lock of the token's node) at every wake-up of the
+            // connection, several per request.
+            if let Err(e) = conn.await {
+                tracing::debug!(listener = name, error = %e, %peer, "connection ended with an error");
+            }
+            return;
+        }
         tokio::select! {
             r = conn => if let Err(e) = r {
                 tracing::debug!(listener = name, error = %e, %peer, "connection ended with an error");
