@@ -23,7 +23,10 @@
 # It also measures the fdatasync latency of the disk under BENCH_TMPDIR (4 KiB
 # O_DSYNC writes with dd), printed with the machine, so figures compare between machines.
 #
-# and prints a table of medians over the runs plus the issue's targets.
+# and prints a table of medians over the runs plus the issue's targets. After
+# each run it prints the server's CPU per request by thread name (from
+# /proc/PID/task/*/schedstat: for hooktrail the tokio workers, the writer, the
+# sync loops, the checkpointer), where a change to one of them shows.
 # For hooktrail it also checks that every 2xx wrk counted is in the database
 # (`hooktrail stats --json` after a clean stop): db >= 2xx, and db - 2xx is at most
 # the requests still in flight when wrk stopped (<= connections).
@@ -138,6 +141,15 @@ children_cpu() {
     awk 'NR==2{ s=0; for (i=1;i<=2;i++){ split($i,a,"m"); sub("s","",a[2]); s+=a[1]*60+a[2] } print s }' "$1"
 }
 
+# Run time (ns) of each live thread of the server, by thread name: the
+# per-thread split of its CPU per request (threads that end meanwhile drop out).
+thread_cpu() {
+    local t
+    for t in /proc/"$PID"/task/*; do
+        printf '%s %s\n' "$(tr ' ' _ < "$t/comm" 2>/dev/null)" "$(cut -d' ' -f1 "$t/schedstat" 2>/dev/null)"
+    done
+}
+
 # Waits for the machine to be quiet (other engineers compile here).
 wait_quiet() {
     local waited=0 a b busy
@@ -239,10 +251,12 @@ run_one() { # run server attempt
     esac
     local c0 c1 s0 s1 w0 w1
     times > "$WORK/.times0"
+    thread_cpu > "$WORK/.threads0"
     c0=$(cpu_sample); s0=$(proc_ticks "$PID")
     wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --timeout 10s --latency -s bench/post.lua "$URL" > "$OUT/$name-$run.wrk" 2>&1
     times > "$WORK/.times1"
     c1=$(cpu_sample); s1=$(proc_ticks "$PID")
+    thread_cpu > "$WORK/.threads1"
     w0=$(children_cpu "$WORK/.times0"); w1=$(children_cpu "$WORK/.times1")
     local rss db=- log_lines=-
     rss=$(awk '/^VmHWM/{printf "%.1f", $2/1024}' "/proc/$PID/status")
@@ -279,7 +293,13 @@ run_one() { # run server attempt
                 v["non2xx"], sock, v["requests"] - v["non2xx"], db, rss,
                 100 * srv / secs, 100 * wrkc / secs, 100 * other / secs, 100 * steal / secs, ll
         }' >> "$OUT/results.tsv"
+    # CPU per request by thread name (the tokio workers, the writer, the sync loops...)
+    awk -v n="$(sed -n 's/^BENCH requests=\([0-9]*\).*/\1/p' "$OUT/$name-$run.wrk")" -v name="$name" '
+        FNR == NR { a[$1] += $2; next } { b[$1] += $2 }
+        END { if (n > 0) { printf "   %-15s CPU per request by thread (µs):", name; for (k in b) if ((b[k] - a[k]) / 1000 / n >= 0.01) printf " %s %.2f", k, (b[k] - a[k]) / 1000 / n; printf "\n" } }' \
+        "$WORK/.threads0" "$WORK/.threads1" > "$OUT/$name-$run.threads"
     tail -1 "$OUT/results.tsv" | awk -F'\t' '{printf "   %-15s %8s req/s  p50 %6s ms  p99 %7s ms  non-2xx %s  sock-err %s  2xx %s  db %s  RSS %s MB  cpu: server %s%% wrk %s%% other %s%% steal %s%%\n", $2, $3, $4, $5, $8, $9, $10, $11, $12, $13, $14, $15, $16}' | tee -a "$OUT/summary.txt"
+    cat "$OUT/$name-$run.threads" | tee -a "$OUT/summary.txt"
     sleep 2
 }
 
