@@ -790,8 +790,8 @@ echo "done $HOOKTRAIL_EVENT_ID""#,
     let env = TestEnv::new(&config);
     let mut d = env.start();
     let ids: Vec<String> = (0..2).map(|n| d.post_json("/hooks/leads", &format!(r#"{{"n":{n}}}"#)).id()).collect();
-    // One runs; the other is claimed ahead (held with a lease, up to
-    // `concurrency` of them) and waits for the handler's only slot.
+    // One runs; the other is claimed ahead (held with a lease, up to three
+    // times `concurrency` of them) and waits for the handler's only slot.
     wait_for("one attempt to start and one more delivery to be held", SETTLE, || {
         ids.iter().all(|id| delivery(&env.show(id), "slow")["status"] == "running")
     });
