@@ -23,6 +23,11 @@
 //! process-bench post-keyed URL N CONCURRENCY
 //!     The same, with `"key_1000":"k<i % 1000>","key_50":"k<i % 50>"` added
 //!     to event i: ordering keys for `bench/ordering.sh`.
+//! process-bench wait-indexed DB TIMEOUT_S
+//!     Waits until the daemon running on DB has put every stored event in the
+//!     search index (`meta.search_upto` reached `max(seq)`; at once on a
+//!     database without one), so a dispatch run that follows measures
+//!     dispatch, not the indexing of the events just posted (an ingest cost).
 //! process-bench dispatch DB HANDLER N TIMEOUT_S -- CMD...
 //!     Starts CMD (`hooktrail serve --role process`) and polls the database every
 //!     5 ms until N deliveries of HANDLER finished; prints the rate, then SIGTERMs
@@ -79,6 +84,7 @@ async fn main() {
         ["target", addr] => target(addr).await,
         ["post", url, n, c] => post(url, n.parse().expect("N"), c.parse().expect("CONCURRENCY"), event_body).await,
         ["post-keyed", url, n, c] => post(url, n.parse().expect("N"), c.parse().expect("CONCURRENCY"), keyed_event_body).await,
+        ["wait-indexed", db, timeout] => wait_indexed(db, Duration::from_secs(timeout.parse().expect("TIMEOUT_S"))).await,
         ["dispatch", db, handler, n, timeout, "--", cmd @ ..] if !cmd.is_empty() => {
             dispatch(db, handler, n.parse().expect("N"), Duration::from_secs(timeout.parse().expect("TIMEOUT_S")), cmd).await
         }
@@ -360,6 +366,31 @@ async fn post(url: &str, n: usize, concurrency: usize, make_body: fn(usize) -> S
 }
 
 // ------------------------------------------------------------------ dispatch
+
+async fn wait_indexed(db: &str, timeout: Duration) -> Result<(), Error> {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let has_meta: bool = conn.query_row("SELECT count(*) > 0 FROM sqlite_master WHERE name = 'meta'", [], |r| r.get(0))?;
+    if !has_meta {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    loop {
+        let (upto, max): (i64, i64) = conn.query_row(
+            "SELECT coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'search_upto'), 0), coalesce((SELECT max(seq) FROM events), 0)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if upto >= max {
+            println!("indexed_after_s {:.3}", t0.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            return Err(format!("search index at {upto} of {max} events after {timeout:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 async fn dispatch(db: &str, handler: &str, n: u64, timeout: Duration, cmd: &[&str]) -> Result<(), Error> {
     let conn =
