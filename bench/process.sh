@@ -8,7 +8,8 @@
 #
 #   store    `serve --role ingest` on a fresh SQLite DB on disk; EVENTS (10,000) webhook
 #            events posted over 32 keep-alive connections, each routed to two handlers
-#            (`sh` and `fwd`), so every event has two pending deliveries; clean stop.
+#            (`sh` and `fwd`), so every event has two pending deliveries; clean stop
+#            once the search index covers them (so (a) and (b) do not index them).
 #   bare     the bare fork/exec rate of /bin/true from Rust: tokio::process spawn + wait,
 #            stdio to /dev/null, SHELL_CONCURRENCY at once (the handler's concurrency),
 #            measured before and after (a), the faster one kept;
@@ -182,6 +183,9 @@ one_run() {
 
     start_daemon ingest "$RUN/ingest.toml" ingest
     "$PB" post "http://$DADDR/hooks/bench" "$EVENTS" 32 >"$RUN/post.out" 2>&1 || { cat "$RUN/post.out"; exit 1; }
+    # The ingest daemon indexes the events for search in the background; let it
+    # finish, so (a) and (b) measure dispatch and not that (an ingest cost).
+    "$PB" wait-indexed "$DB" 120 >"$RUN/indexed.out" 2>&1 || { cat "$RUN/indexed.out"; exit 1; }
     stop "$DPID"; DPID=""
     log "   stored $EVENTS events ($(value post_rate "$RUN/post.out")/s through --role ingest)"
 

@@ -771,6 +771,51 @@ echo "finished during the grace period""#,
     assert!(last["output"].as_str().is_some_and(|o| o.contains("ran after restart")), "{ev:#}");
 }
 
+/// README "Leases, crashes and stopping": up to three times `concurrency`
+/// deliveries wait claimed ahead, so a slot that frees up during a claim's
+/// round trip still finds one; no more than that are held.
+#[test]
+fn three_rounds_per_slot_are_claimed_ahead_and_no_more() {
+    let w = Work::new();
+    let config = [
+        fast("").as_str(),
+        &open_source("leads"),
+        &w.shell(
+            "slow",
+            r#"echo "$HOOKTRAIL_EVENT_ID" >> "$W/started"
+i=0; while [ ! -e "$W/go" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done"#,
+            "concurrency = 1",
+        ),
+        &route("leads", "slow"),
+    ]
+    .concat();
+    let env = TestEnv::new(&config);
+    let d = env.start();
+    let ids: Vec<String> = (0..6).map(|n| d.post_json("/hooks/leads", &format!(r#"{{"n":{n}}}"#)).id()).collect();
+    let held = || ids.iter().filter(|id| delivery(&env.show(id), "slow")["status"] == "running").count();
+    // One runs; at least two more wait for its slot (before, only one did).
+    wait_for("one attempt to run and at least two more deliveries to be held for its slot", SETTLE, || held() >= 3);
+    let started = w.read_string("started");
+    assert_eq!(started.lines().count(), 1, "concurrency = 1: one attempt at a time; started: {started}");
+    let n = held();
+    assert!(n <= 4, "at most one running and three waiting are held; held {n}");
+    for id in &ids {
+        let ev = env.show(id);
+        let del = delivery(&ev, "slow");
+        assert!(del["status"] == "running" || del["status"] == "pending", "nothing finished before go: {ev:#}");
+        if !started.contains(id.as_str()) {
+            assert!(attempts(del).is_empty(), "a delivery held for the slot has no attempt yet: {ev:#}");
+        }
+    }
+
+    std::fs::write(w.path("go"), "").unwrap();
+    for id in &ids {
+        let ev = wait_settled(&env, id);
+        assert_eq!(ev["status"], "done", "{ev:#}");
+        assert_eq!(attempts(delivery(&ev, "slow")).len(), 1, "each ran once: {ev:#}");
+    }
+}
+
 #[test]
 fn deliveries_claimed_ahead_wait_for_a_slot_and_are_released_unstarted_on_shutdown() {
     let w = Work::new();
@@ -790,8 +835,8 @@ echo "done $HOOKTRAIL_EVENT_ID""#,
     let env = TestEnv::new(&config);
     let mut d = env.start();
     let ids: Vec<String> = (0..2).map(|n| d.post_json("/hooks/leads", &format!(r#"{{"n":{n}}}"#)).id()).collect();
-    // One runs; the other is claimed ahead (held with a lease, up to
-    // `concurrency` of them) and waits for the handler's only slot.
+    // One runs; the other is claimed ahead (held with a lease, up to three
+    // times `concurrency` of them) and waits for the handler's only slot.
     wait_for("one attempt to start and one more delivery to be held", SETTLE, || {
         ids.iter().all(|id| delivery(&env.show(id), "slow")["status"] == "running")
     });

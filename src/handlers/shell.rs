@@ -86,6 +86,17 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// The read end of the output pipe, registered with the runtime. Made
+/// non-blocking here, where it is known to be a pipe's read end, so tokio's
+/// checks (an `fstat` and a flags read per attempt) are not needed.
+fn output_receiver(read: OwnedFd) -> std::io::Result<tokio::net::unix::pipe::Receiver> {
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(read)
+}
+
 /// The child's stdin: a pipe already holding `bytes`. A payload fits in the
 /// pipe's buffer (64 KiB) almost always, so it is written here, at once, and
 /// no task or event registration is needed; what does not fit is returned
@@ -310,7 +321,7 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
     let mut out = OutputBuf::default();
     let (status, drained) = {
         let reading = async {
-            let Ok(mut r) = tokio::net::unix::pipe::Receiver::from_owned_fd(out_read) else { return };
+            let Ok(mut r) = output_receiver(out_read) else { return };
             let mut buf = vec![0u8; 8192];
             while let Ok(n) = r.read(&mut buf).await {
                 if n == 0 {

@@ -42,35 +42,50 @@ struct HandlerRt {
     /// a slot, or running (not those whose attempt is being recorded).
     held: Arc<AtomicUsize>,
     /// Of those, the ones running (holding both the handler's and the global
-    /// slot). The others wait; up to `concurrency` of them, so a slot that
-    /// frees up starts its next delivery at once instead of after a claim
-    /// round trip, whatever the global limit lets run.
+    /// slot). The others wait; up to [`AHEAD`] × `concurrency` of them, so a
+    /// slot that frees up starts its next delivery at once instead of after a
+    /// claim round trip, whatever the global limit lets run.
     running: Arc<AtomicUsize>,
     lease: Duration,
 }
 
 impl HandlerRt {
-    /// Deliveries to claim now: up to twice `concurrency` held in all, so as
-    /// many again wait behind the running ones. Nothing until at least
-    /// `concurrency` places are free, so claims come in batches rather than
-    /// one per finished delivery (each claim is a write transaction). While
-    /// the global limit is what holds them back, no more than it could start
-    /// plus `concurrency` are claimed (so one process does not hoard work
-    /// that another `--role process` could run).
+    /// Deliveries to claim now: up to (1 + [`AHEAD`]) × `concurrency` held
+    /// in all, so [`AHEAD`] × `concurrency` wait behind the running ones.
+    /// Nothing until at least [`BATCH`] × `concurrency` places are free, so
+    /// claims come in batches rather than one per finished delivery: each
+    /// claim is a write transaction whose answer waits for a sync of the
+    /// log, and the syncs are a good part of what a short delivery costs.
+    /// A claim still begins while `concurrency` deliveries wait, so the
+    /// slots that free up during its round trip start those at once instead
+    /// of sitting idle until it returns. While the global limit is what
+    /// holds them back, no more than it could start plus [`AHEAD`] ×
+    /// `concurrency` are claimed (so one process does not hoard work that
+    /// another `--role process` could run).
     fn room(&self, global_free: usize) -> usize {
         claim_room(self.held.load(Ordering::Relaxed), self.running.load(Ordering::Relaxed), self.cfg.concurrency, global_free)
     }
 }
+
+/// Waiting places per handler slot, claimed ahead (README "Leases, crashes
+/// and stopping").
+const AHEAD: usize = 3;
+
+/// A claim waits until this many places per slot are free (of the
+/// [`AHEAD`] + 1 per slot); what stays waiting then covers the claim's own
+/// round trip.
+const BATCH: usize = 2;
 
 /// The arithmetic of [`HandlerRt::room`], apart so it can be tested: `held`
 /// deliveries of a handler with `concurrency` are claimed, `running` of them
 /// are running, and the global limit could start `global_free` more.
 fn claim_room(held: usize, running: usize, concurrency: usize, global_free: usize) -> usize {
     let waiting = held.saturating_sub(running);
-    if held > concurrency {
+    let most = (1 + AHEAD) * concurrency;
+    if held + BATCH * concurrency > most {
         return 0;
     }
-    (2 * concurrency - held).min((concurrency + global_free).saturating_sub(waiting)).min(CLAIM_BATCH)
+    (most - held).min((AHEAD * concurrency + global_free).saturating_sub(waiting)).min(CLAIM_BATCH)
 }
 
 /// Counts one in `n` (a held or a running delivery) for as long as it lives,
@@ -235,6 +250,19 @@ impl Processor {
         Ok(more)
     }
 
+    /// Wakes the dispatch loop when a finished attempt's slot lets it claim
+    /// something: when `h` has room now, or when other handlers (or a
+    /// reload's new ones) may be waiting for the global slot it gave back.
+    /// A lone handler whose claimed-ahead queue is still deep has nothing to
+    /// claim, and is not woken for every delivery.
+    fn slot_given_back(&self, h: &HandlerRt, global: &Semaphore) {
+        let state = self.state.load();
+        let alone = matches!(state.handlers.as_slice(), [only] if Arc::ptr_eq(&only.held, &h.held));
+        if !alone || h.room(global.available_permits()) > 0 {
+            self.slot_freed.notify_one();
+        }
+    }
+
     /// Renews the lease of a delivery this process holds every lease/3 until
     /// `fut` is done: another processor may take the delivery over only when
     /// this one stopped renewing (it died).
@@ -336,7 +364,10 @@ impl Processor {
         drop(running);
         drop(permits);
         drop(held);
-        self.slot_freed.notify_one();
+        self.slot_given_back(h, global);
+        // The delivery waiting for this slot was woken on this thread: let it
+        // start its process now, before this attempt's log line and record.
+        tokio::task::yield_now().await;
         let (next, give_up) = if result.interrupted {
             // Kept in the paper trail like any attempt; the delivery is due
             // again at once, so the next start runs it first.
@@ -462,25 +493,34 @@ mod tests {
     use super::{claim_room, CLAIM_BATCH};
 
     #[test]
-    fn an_idle_handler_claims_twice_its_concurrency() {
-        assert_eq!(claim_room(0, 0, 4, 64), 8, "four to run and four waiting behind them");
-        assert_eq!(claim_room(0, 0, 1, 64), 2);
+    fn an_idle_handler_claims_four_times_its_concurrency() {
+        assert_eq!(claim_room(0, 0, 4, 64), 16, "four to run and twelve waiting behind them");
+        assert_eq!(claim_room(0, 0, 1, 64), 4);
     }
 
     #[test]
-    fn claims_come_in_batches_once_at_least_concurrency_places_are_free() {
-        assert_eq!(claim_room(5, 4, 4, 64), 0, "one waiting: more than concurrency held, no claim yet");
-        assert_eq!(claim_room(4, 4, 4, 64), 4, "exactly concurrency held: the other half is claimed at once");
-        assert_eq!(claim_room(2, 2, 4, 64), 6);
+    fn claims_come_in_batches_once_at_least_twice_concurrency_places_are_free() {
+        assert_eq!(claim_room(9, 4, 4, 64), 0, "five waiting: fewer than eight places free, no claim yet");
+        assert_eq!(claim_room(8, 4, 4, 64), 8, "eight places free: claimed while four still wait");
+        assert_eq!(claim_room(2, 2, 4, 64), 14);
+    }
+
+    #[test]
+    fn a_claim_begins_while_a_whole_round_of_slots_still_waits() {
+        // Every slot busy and one round waiting: the claim for the next two
+        // rounds starts now, so slots freeing during its round trip do not sit idle.
+        assert_eq!(claim_room(16, 8, 8, 64), 16);
+        assert_eq!(claim_room(17, 8, 8, 64), 0);
     }
 
     #[test]
     fn the_global_limit_caps_what_is_held_beyond_what_could_start() {
-        // Nothing can start anywhere: at most concurrency wait, minus those already waiting.
-        assert_eq!(claim_room(0, 0, 4, 0), 4);
-        assert_eq!(claim_room(3, 0, 4, 0), 1, "three already wait for the global limit");
-        assert_eq!(claim_room(4, 0, 4, 0), 0);
-        assert_eq!(claim_room(2, 0, 4, 1), 3, "one could start, plus concurrency, minus two waiting");
+        // Nothing can start anywhere: at most AHEAD × concurrency wait, minus those already waiting.
+        assert_eq!(claim_room(0, 0, 4, 0), 12);
+        assert_eq!(claim_room(3, 0, 4, 0), 9, "three already wait for the global limit");
+        assert_eq!(claim_room(8, 0, 4, 0), 4);
+        assert_eq!(claim_room(12, 0, 4, 0), 0);
+        assert_eq!(claim_room(2, 0, 4, 1), 11, "one could start, plus three times concurrency, minus two waiting");
     }
 
     #[test]

@@ -1,11 +1,17 @@
 //! Helpers for `bench/process.sh`, the processor benchmark of issue 4.
 //!
 //! ```text
-//! process-bench spawn-rate N CONCURRENCY [bare|piped]
+//! process-bench spawn-rate N CONCURRENCY [bare|piped|group|pdeathsig]
 //!     fork/exec + wait of /bin/true N times with tokio::process, CONCURRENCY at
 //!     once (the shell handler's `concurrency`). `bare`: stdio to /dev/null;
 //!     `piped`: what the shell handler sets up per attempt (own process group,
-//!     stdin/stdout/stderr pipes read to the end). Prints `spawn_rate <per s>`.
+//!     stdin/stdout/stderr pipes read to the end); `group`: bare in its own
+//!     process group (still `posix_spawn`); `pdeathsig`: that plus a `pre_exec`
+//!     setting PR_SET_PDEATHSIG, which makes the standard library fork the
+//!     whole process instead (the experiment behind README "Leases, crashes
+//!     and stopping"). With BALLAST_MB=M in the environment, M MiB are
+//!     allocated and touched first, so a fork copies page tables of a
+//!     daemon-sized process. Prints `spawn_rate <per s>`.
 //! process-bench target [ADDR]
 //!     A loopback forward target (hyper 1.x, keep-alive): answers every POST 200;
 //!     when the body is a hooktrail envelope it records now - received_at.
@@ -17,6 +23,11 @@
 //! process-bench post-keyed URL N CONCURRENCY
 //!     The same, with `"key_1000":"k<i % 1000>","key_50":"k<i % 50>"` added
 //!     to event i: ordering keys for `bench/ordering.sh`.
+//! process-bench wait-indexed DB TIMEOUT_S
+//!     Waits until the daemon running on DB has put every stored event in the
+//!     search index (`meta.search_upto` reached `max(seq)`; at once on a
+//!     database without one), so a dispatch run that follows measures
+//!     dispatch, not the indexing of the events just posted (an ingest cost).
 //! process-bench dispatch DB HANDLER N TIMEOUT_S -- CMD...
 //!     Starts CMD (`hooktrail serve --role process`) and polls the database every
 //!     5 ms until N deliveries of HANDLER finished; prints the rate, then SIGTERMs
@@ -64,12 +75,16 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = match argv.as_slice() {
-        ["spawn-rate", n, c] => spawn_rate(n.parse().expect("N"), c.parse().expect("CONCURRENCY"), false).await,
-        ["spawn-rate", n, c, mode] => spawn_rate(n.parse().expect("N"), c.parse().expect("CONCURRENCY"), *mode == "piped").await,
+        ["spawn-rate", n, c] => spawn_rate(n.parse().expect("N"), c.parse().expect("CONCURRENCY"), SpawnMode::Bare).await,
+        ["spawn-rate", n, c, mode] => match SpawnMode::parse(mode) {
+            Some(m) => spawn_rate(n.parse().expect("N"), c.parse().expect("CONCURRENCY"), m).await,
+            None => Err(format!("unknown spawn mode `{mode}`").into()),
+        },
         ["target"] => target("127.0.0.1:0").await,
         ["target", addr] => target(addr).await,
         ["post", url, n, c] => post(url, n.parse().expect("N"), c.parse().expect("CONCURRENCY"), event_body).await,
         ["post-keyed", url, n, c] => post(url, n.parse().expect("N"), c.parse().expect("CONCURRENCY"), keyed_event_body).await,
+        ["wait-indexed", db, timeout] => wait_indexed(db, Duration::from_secs(timeout.parse().expect("TIMEOUT_S"))).await,
         ["dispatch", db, handler, n, timeout, "--", cmd @ ..] if !cmd.is_empty() => {
             dispatch(db, handler, n.parse().expect("N"), Duration::from_secs(timeout.parse().expect("TIMEOUT_S")), cmd).await
         }
@@ -115,7 +130,39 @@ fn own_cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks / hz)
 }
 
-async fn spawn_rate(n: usize, concurrency: usize, piped: bool) -> Result<(), Error> {
+/// How `spawn-rate` starts each /bin/true.
+#[derive(Clone, Copy, Debug)]
+enum SpawnMode {
+    Bare,
+    Piped,
+    Group,
+    Pdeathsig,
+}
+
+impl SpawnMode {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "bare" => SpawnMode::Bare,
+            "piped" => SpawnMode::Piped,
+            "group" => SpawnMode::Group,
+            "pdeathsig" => SpawnMode::Pdeathsig,
+            _ => return None,
+        })
+    }
+}
+
+/// BALLAST_MB MiB allocated and touched, kept for the life of the process.
+fn ballast() -> Vec<u8> {
+    let mb: usize = std::env::var("BALLAST_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut v = vec![0u8; mb << 20];
+    for i in (0..v.len()).step_by(4096) {
+        v[i] = 1;
+    }
+    v
+}
+
+async fn spawn_rate(n: usize, concurrency: usize, mode: SpawnMode) -> Result<(), Error> {
+    let kept = ballast();
     let next = Arc::new(AtomicUsize::new(0));
     let cpu0 = cpu_secs(libc::RUSAGE_SELF) + cpu_secs(libc::RUSAGE_CHILDREN);
     let t0 = Instant::now();
@@ -124,7 +171,11 @@ async fn spawn_rate(n: usize, concurrency: usize, piped: bool) -> Result<(), Err
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < n {
-                let ok = if piped { run_piped().await? } else { run_bare().await? };
+                let ok = match mode {
+                    SpawnMode::Bare => run_bare().await?,
+                    SpawnMode::Piped => run_piped().await?,
+                    SpawnMode::Group | SpawnMode::Pdeathsig => run_grouped(matches!(mode, SpawnMode::Pdeathsig)).await?,
+                };
                 if !ok {
                     return Err::<(), Error>("/bin/true failed".into());
                 }
@@ -139,8 +190,27 @@ async fn spawn_rate(n: usize, concurrency: usize, piped: bool) -> Result<(), Err
     let cpu = cpu_secs(libc::RUSAGE_SELF) + cpu_secs(libc::RUSAGE_CHILDREN) - cpu0;
     println!("spawn_rate {:.0}", n as f64 / secs);
     println!("cpu_ms_per_spawn {:.3}", cpu * 1000.0 / n as f64);
-    eprintln!("{n} spawns of /bin/true ({}) at concurrency {concurrency} in {secs:.3}s", if piped { "piped" } else { "bare" });
+    eprintln!("{n} spawns of /bin/true ({mode:?}, {} MiB ballast) at concurrency {concurrency} in {secs:.3}s", kept.len() >> 20);
     Ok(())
+}
+
+/// /bin/true in its own process group, stdio to /dev/null; with `pdeathsig`,
+/// killed when this process dies (a `pre_exec`: fork instead of `posix_spawn`).
+async fn run_grouped(pdeathsig: bool) -> Result<bool, Error> {
+    let mut cmd = tokio::process::Command::new("/bin/true");
+    cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    if pdeathsig {
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    Ok(cmd.status().await?.success())
 }
 
 async fn run_bare() -> Result<bool, Error> {
@@ -296,6 +366,31 @@ async fn post(url: &str, n: usize, concurrency: usize, make_body: fn(usize) -> S
 }
 
 // ------------------------------------------------------------------ dispatch
+
+async fn wait_indexed(db: &str, timeout: Duration) -> Result<(), Error> {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let has_meta: bool = conn.query_row("SELECT count(*) > 0 FROM sqlite_master WHERE name = 'meta'", [], |r| r.get(0))?;
+    if !has_meta {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    loop {
+        let (upto, max): (i64, i64) = conn.query_row(
+            "SELECT coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'search_upto'), 0), coalesce((SELECT max(seq) FROM events), 0)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if upto >= max {
+            println!("indexed_after_s {:.3}", t0.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            return Err(format!("search index at {upto} of {max} events after {timeout:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 async fn dispatch(db: &str, handler: &str, n: u64, timeout: Duration, cmd: &[&str]) -> Result<(), Error> {
     let conn =
