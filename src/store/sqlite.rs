@@ -2846,11 +2846,18 @@ mod tests {
         // be read from there, and damaging the main file would miss it.
         let conn = Connection::open(path).expect("opening to checkpoint");
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)).expect("checkpointing");
+        // A leaf of `events` itself, from the middle of its tree: the first
+        // table leaf in the file's second half was sometimes one of the search
+        // index's (its batches interleave with the inserts), which held no event.
+        let leaves: Vec<i64> = conn
+            .prepare("SELECT pageno FROM dbstat WHERE name = 'events' AND pagetype = 'leaf' ORDER BY path")
+            .and_then(|mut st| st.query_map([], |r| r.get::<_, i64>(0)).and_then(|rows| rows.collect()))
+            .expect("reading the events table's leaves");
         drop(conn);
         let mut bytes = std::fs::read(path).expect("reading the database");
         let size = 4096;
-        let pages = bytes.len() / size;
-        let i = (pages / 2..pages).find(|&i| bytes[i * size] == 0x0D).expect("a table leaf page in the second half");
+        let i = leaves[leaves.len() / 2] as usize - 1;
+        assert_eq!(bytes[i * size], 0x0D, "page {} is a table leaf", i + 1);
         bytes[i * size..(i + 1) * size].fill(0xA5);
         std::fs::write(path, bytes).expect("writing the database");
     }
