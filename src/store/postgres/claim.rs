@@ -2,9 +2,9 @@
 //! "Several nodes: PostgreSQL", processing).
 //!
 //! A claim used to be about ten statements sent one after another in one
-//! transaction, whatever its size; PostgreSQL's CPU per statement (executor
-//! start-up, the counter triggers, the network) was most of a forwarded
-//! delivery's cost. Here:
+//! transaction, whatever its size, each with its own executor start-up,
+//! counter trigger run and round trip (BENCHMARKS.md "pgclaim" measures
+//! what that cost at full batches: little). Here:
 //!
 //! - A handler with no key heads (no `ordering`, and no keyed deliveries
 //!   left from when it had one) is claimed by **one statement**, run as its
@@ -21,7 +21,14 @@
 //!   the same statement's tail ([`claim_locked`]), one statement too.
 //!
 //! Locks are taken in the order of every other writer: deliveries, then
-//! their events in id order (see `finish` and `ordering`).
+//! their events in id order (see `finish` and `ordering`). Rows are found
+//! by `= ANY (ARRAY(…))` and `LATERAL` probes, never a join the planner may
+//! turn into a scan of a whole table (its cached plans did, once the table
+//! held finished rows).
+//!
+//! A claim commits with `synchronous_commit = on` (the server's default)
+//! like a finish: were a committed claim lost in a database crash, an
+//! attempt that ran under it would leave no interrupted record.
 
 use super::*;
 
