@@ -28,7 +28,8 @@
 #        PG_PORT [55442] BENCH_TMPDIR [/var/tmp] KEEP=1 (keep the temp dir)
 #        HOOKTRAIL_BIN=PATH (measure this binary instead of building one)
 #        PHASES ["ingest forward dispatch rescue"] (the phases to run, e.g. PHASES=forward)
-#        PG_STATS=1 (pg_stat_statements over the forward phase, to pg-statements.txt)
+#        PG_STATS=1 (pg_stat_statements over the forward phase, to pg-statements.txt;
+#                    plans of statements over 5 ms, auto_explain, to pg-server.log)
 # Results: bench/out/pg-<UTC time>/summary.txt (and logs).
 set -euo pipefail
 
