@@ -28,7 +28,8 @@
 #        PG_PORT [55442] BENCH_TMPDIR [/var/tmp] KEEP=1 (keep the temp dir)
 #        HOOKTRAIL_BIN=PATH (measure this binary instead of building one)
 #        PHASES ["ingest forward dispatch rescue"] (the phases to run, e.g. PHASES=forward)
-#        PG_STATS=1 (pg_stat_statements over the forward phase, to pg-statements.txt)
+#        PG_STATS=1 (pg_stat_statements over the forward phase, to pg-statements.txt;
+#                    plans of statements over 5 ms, auto_explain, to pg-server.log)
 # Results: bench/out/pg-<UTC time>/summary.txt (and logs).
 set -euo pipefail
 
@@ -67,9 +68,12 @@ BARE="$CARGO_TARGET_DIR/release/bare-hyper"
 
 SERVER=$(bash .ci/postgres.sh start "$WORK/pg" "$PG_PORT")
 if [ "${PG_STATS:-0}" = 1 ]; then
-    # pg_stat_statements for the forward phase: loaded at server start.
+    # pg_stat_statements for the forward phase: loaded at server start; and
+    # auto_explain logs the plan of any statement slower than 5 ms (copied
+    # to pg-server.log).
     "$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/psql" -q "$SERVER/postgres?sslmode=disable" \
-        -c "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'"
+        -c "LOAD 'auto_explain'" -c "ALTER SYSTEM SET shared_preload_libraries = pg_stat_statements, auto_explain" \
+        -c "ALTER SYSTEM SET auto_explain.log_min_duration = '5ms'"
     bash .ci/postgres.sh halt "$WORK/pg" && bash .ci/postgres.sh resume "$WORK/pg" "$PG_PORT"
 fi
 PSQL=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/psql
@@ -203,9 +207,16 @@ start "$cfg" process forward-process-1
 p1=$STARTED
 start "$cfg" process forward-process-2
 p2=$STARTED
+# Gives up (and says why) if the nodes stop making progress for 60 s.
+last=-1; since=$(date +%s)
 while :; do
     left=$("$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "SELECT count(*) FROM deliveries WHERE status IN ('pending','retrying','running')")
     [ "$left" = 0 ] && break
+    if [ "$left" != "$last" ]; then last=$left; since=$(date +%s); fi
+    if [ $(( $(date +%s) - since )) -ge 60 ]; then
+        echo "forward: $left deliveries left and no progress for 60 s; see $OUT/forward-process-*.log" | tee -a "$OUT/summary.txt" >&2
+        exit 1
+    fi
     sleep 0.2
 done
 t1=$(date +%s.%N)
@@ -223,6 +234,7 @@ if [ "${PG_STATS:-0}" = 1 ]; then
         rows, left(regexp_replace(query, '\s+', ' ', 'g'), 150) AS query FROM pg_stat_statements
         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT 30" >"$OUT/pg-statements.txt"
     echo "         statements: $OUT/pg-statements.txt"
+    cp "$WORK/pg/server.log" "$OUT/pg-server.log" 2>/dev/null || true
 fi
 stop_nodes
 fi

@@ -160,7 +160,8 @@ macro_rules! prunable_sql {
     };
 }
 
-// After the SQL spellings of the rules, which it uses.
+// After the SQL spellings of the rules, which they use.
+mod claim;
 mod scale;
 
 /// The smallest event id that can have been received at or after `t` (ids
@@ -1025,12 +1026,12 @@ struct Due {
     id: i64,
     event_id: String,
     step: rules::ClaimStep,
-    budget_from: u32,
 }
 
-/// Claims up to `limit` due deliveries of `handler` in one transaction.
-/// Kept in one function (with [`claim_due_sql`]) so rules on what may be
-/// claimed (ordering keys) extend it in one place.
+/// Claims up to `limit` due deliveries of `handler` without an ordering
+/// key, in the caller's transaction (`claim`, one statement). Kept in one
+/// function so rules on what may be claimed (ordering keys) extend it in
+/// one place.
 async fn claim_in(
     tx: &deadpool_postgres::Transaction<'_>,
     owner: &str,
@@ -1038,9 +1039,10 @@ async fn claim_in(
     limit: i64,
     lease_us: i64,
 ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
-    let rows = tx.query(&tx.prepare_cached(claim_due_sql()).await?, &[&handler, &limit]).await?;
-    let due = due_rows(&rows);
-    claim_rows(tx, owner, handler, due, lease_us).await
+    match claim::claim_unkeyed(tx, owner, handler, limit, lease_us, false).await? {
+        claim::Unkeyed::Claimed(claimed) => Ok(claimed),
+        claim::Unkeyed::HasHeads => Ok(Vec::new()),
+    }
 }
 
 /// The claimable deliveries among rows of `id, event_id, status, attempts,
@@ -1051,10 +1053,9 @@ fn due_rows(rows: &[Row]) -> Vec<Due> {
         let status: &str = r.get(2);
         let Ok(status) = status.parse::<DeliveryStatus>() else { continue };
         let attempts: i32 = r.get(3);
-        let budget_from: i32 = r.get(4);
         // Every unfinished status is claimable; a finished one cannot be here.
         let Some(step) = rules::claim_step(status, r.get(5), attempts.max(0) as u32) else { continue };
-        due.push(Due { id: r.get(0), event_id: r.get(1), step, budget_from: budget_from.max(0) as u32 });
+        due.push(Due { id: r.get(0), event_id: r.get(1), step });
     }
     due
 }
@@ -1070,104 +1071,7 @@ async fn claim_rows(
     if due.is_empty() {
         return Ok(Vec::new());
     }
-    let interrupted: Vec<(i64, i32)> = due.iter().filter_map(|d| d.step.interrupted.map(|n| (d.id, n as i32))).collect();
-    if !interrupted.is_empty() {
-        let ids: Vec<i64> = interrupted.iter().map(|x| x.0).collect();
-        let numbers: Vec<i32> = interrupted.iter().map(|x| x.1).collect();
-        tx.execute(
-            &tx.prepare_cached(
-                "INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, error, output)
-                 SELECT d, n, now(), 0, $3, $4, '' FROM unnest($1::int8[], $2::int4[]) AS u(d, n) ON CONFLICT DO NOTHING",
-            )
-            .await?,
-            &[&ids, &numbers, &Outcome::Retry.as_str(), &rules::INTERRUPTED_ATTEMPT],
-        )
-        .await?;
-    }
-    let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
-    let attempts: Vec<i32> = due.iter().map(|d| d.step.attempt as i32).collect();
-    tx.execute(
-        &tx.prepare_cached(
-            "UPDATE deliveries d SET status = 'running', attempts = u.a, held = true, lease_owner = $3,
-                    next_at = now() + $4::int8 * interval '1 microsecond', updated_at = now()
-             FROM unnest($1::int8[], $2::int4[]) AS u(id, a) WHERE d.id = u.id",
-        )
-        .await?,
-        &[&ids, &attempts, &owner, &lease_us],
-    )
-    .await?;
-    // A running delivery decides its event's status alone; sorted, so
-    // claims on several nodes lock events in one order.
-    let mut events: Vec<&str> = due.iter().map(|d| d.event_id.as_str()).collect();
-    events.sort_unstable();
-    events.dedup();
-    tx.execute(
-        &tx.prepare_cached(
-            "UPDATE events SET status = $2 WHERE id IN (SELECT id FROM events WHERE id = ANY($1) AND status <> $2 ORDER BY id FOR UPDATE)",
-        )
-        .await?,
-        &[&events, &rules::event_status_while_running().as_str()],
-    )
-    .await?;
-    let rows = tx
-        .query(
-            &tx.prepare_cached(
-                "SELECT d.id, e.id, e.source, e.received_at, e.content_type, e.query, e.headers, e.body, e.payload_kind, e.payload, d.queued_at
-                 FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.id = ANY($1)",
-            )
-            .await?,
-            &[&ids],
-        )
-        .await?;
-    let by_id: HashMap<i64, &Row> = rows.iter().map(|r| (r.get::<_, i64>(0), r)).collect();
-    let mut out = Vec::with_capacity(due.len());
-    for d in &due {
-        let Some(r) = by_id.get(&d.id) else { continue };
-        match claimed_from_row(r, d, handler) {
-            Ok(c) => out.push(c),
-            // An event this version cannot read: left claimed, it comes
-            // back after the lease and is reported each time.
-            Err(e) => tracing::error!(delivery = d.id, error = %e, "cannot hand over a stored event"),
-        }
-    }
-    Ok(out)
-}
-
-/// The due deliveries of a handler without an ordering key (keyed ones
-/// are claimed through their key's head, `ordering`), oldest due first,
-/// locked for this claim; rows another node is claiming are skipped, not
-/// waited for. "Due" is [`rules::unfinished`] with its time come (for a
-/// running delivery, its lease's end), on the database's clock. Spelt as
-/// the partial index `deliveries_unkeyed` spells it.
-fn claim_due_sql() -> &'static str {
-    concat!(
-        "SELECT id, event_id, status, attempts, budget_from, held FROM deliveries
-         WHERE handler = $1 AND status IN ",
-        unfinished_sql!(),
-        " AND order_key IS NULL AND next_at <= now() ORDER BY next_at LIMIT $2 FOR UPDATE SKIP LOCKED"
-    )
-}
-
-fn claimed_from_row(r: &Row, d: &Due, handler: &str) -> Result<Claimed, StoreError> {
-    let event_id: EventId = parsed(get::<&str>(r, 1)?)?;
-    let headers = headers_value(get::<&str>(r, 6)?).map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
-    let body: Vec<u8> = get(r, 7)?;
-    let payload = payload_value(get(r, 8)?, &body, get(r, 9)?).map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
-    Ok(Claimed {
-        delivery_id: d.id,
-        event_id,
-        source: get(r, 2)?,
-        handler: handler.to_string(),
-        attempt: d.step.attempt,
-        attempt_in_budget: rules::attempt_in_budget(d.step.attempt, d.budget_from),
-        received_at: get(r, 3)?,
-        first_queued_at: get(r, 10)?,
-        content_type: get(r, 4)?,
-        query: get(r, 5)?,
-        headers,
-        body: Bytes::from(body),
-        payload,
-    })
+    claim::claim_locked(tx, owner, handler, &due, lease_us).await
 }
 
 /// Sets an event's status from its deliveries' ([`rules::event_status`]).
@@ -1404,8 +1308,24 @@ impl Store for PostgresStore {
     }
 
     async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
-        // Deliveries stored with a key keep their order after a reload took `ordering` off.
-        self.claim_ordered(owner, handler, OnFailure::Continue, limit, lease).await
+        // One statement, its own transaction, when the handler has no key
+        // heads (see `claim`); deliveries stored with a key keep their order
+        // after a reload took `ordering` off, through the ordered claim.
+        let client = self.shared.client().await?;
+        let (n, lease_us) = (i64::try_from(limit).unwrap_or(i64::MAX), micros(lease));
+        let mut tries = 0;
+        let found = loop {
+            match claim::claim_unkeyed(&client, owner, handler, n, lease_us, true).await {
+                Ok(found) => break found,
+                Err(e) if connect::retryable(&e) && tries < RETRIES => tries += 1,
+                Err(e) => return Err(connect::neutral(e)),
+            }
+        };
+        drop(client);
+        match found {
+            claim::Unkeyed::Claimed(claimed) => Ok(claimed),
+            claim::Unkeyed::HasHeads => self.claim_ordered(owner, handler, OnFailure::Continue, limit, lease).await,
+        }
     }
 
     async fn claim_ordered(

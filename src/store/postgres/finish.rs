@@ -431,11 +431,19 @@ const RECORD_FINISHES: &str = "WITH u AS (
 /// Locks the events of the batch's deliveries (`$1`) in id order, after
 /// the deliveries: of two nodes finishing deliveries of one event at once,
 /// the second reads the first's committed change.
-const LOCK_EVENTS: &str = "SELECT 1 FROM events WHERE id IN (SELECT event_id FROM deliveries WHERE id = ANY($1)) ORDER BY id FOR UPDATE";
+///
+/// `= ANY (ARRAY(…))` rather than `IN (SELECT …)` here and below: with the
+/// latter, the cached (generic) plan of [`EVENT_DELIVERY_STATUSES`] joined
+/// by hash over a sequential scan of all `deliveries`, finished ones
+/// included, in every batch (most of PostgreSQL's time per forwarded
+/// delivery, BENCHMARKS.md "pgclaim"); an array makes it one index probe
+/// per event whatever the table's size.
+const LOCK_EVENTS: &str =
+    "SELECT 1 FROM events WHERE id = ANY (ARRAY(SELECT event_id FROM deliveries WHERE id = ANY($1))) ORDER BY id FOR UPDATE";
 
 /// `event_id, status` of every delivery of the batch's deliveries' events.
 const EVENT_DELIVERY_STATUSES: &str =
-    "SELECT event_id, status FROM deliveries WHERE event_id IN (SELECT event_id FROM deliveries WHERE id = ANY($1))";
+    "SELECT event_id, status FROM deliveries WHERE event_id = ANY (ARRAY(SELECT event_id FROM deliveries WHERE id = ANY($1)))";
 
 /// Events' new statuses (`$1` ids, `$2` statuses), written where they change.
 const SET_EVENT_STATUSES: &str = "UPDATE events e SET status = u.s FROM unnest($1::text[], $2::text[]) AS u(id, s)

@@ -123,22 +123,16 @@ pub async fn claim_ordered_in(
     limit: i64,
     lease_us: i64,
 ) -> PgResult<Vec<crate::store::Claimed>> {
-    if on_failure == OnFailure::Continue {
-        // A reload may have turned `block` off: what it blocked runs on.
-        tx.execute(
-            &tx.prepare_cached("UPDATE order_heads SET blocked = false, due = now() WHERE handler = $1 AND blocked").await?,
-            &[&handler],
-        )
-        .await?;
-    }
-    // A blocker pruned with its event (README "Retention") no longer blocks.
+    // A reload may have turned `block` off: what it blocked runs on. And a
+    // blocker pruned with its event (README "Retention") no longer blocks.
+    // One statement for both.
     tx.execute(
         &tx.prepare_cached(
             "UPDATE order_heads h SET blocked = false, due = now() WHERE handler = $1 AND blocked
-             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = h.delivery_id)",
+             AND ($2 OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = h.delivery_id))",
         )
         .await?,
-        &[&handler],
+        &[&handler, &(on_failure == OnFailure::Continue)],
     )
     .await?;
     let heads = tx
