@@ -2502,38 +2502,23 @@ fn head_follows(conn: &Connection, delivery_id: i64, due: i64) -> Result<bool, E
 /// it was queued, claims (oldest `due` first) then take ready heads in
 /// about event order, as an unordered claim takes its deliveries, instead
 /// of in the order their predecessors finished: a claim's rows and events
-/// sit close together, and a commit writes far fewer pages. One statement
-/// in the common case (what [`next_head`] and [`set_head`] do, on the row
-/// only if it still names this delivery: a replayed delivery waiting
-/// behind the head moves nothing); a second removes the row when the key
-/// has nothing left. Returns whether the key's next delivery is due now
-/// (the writer wakes the processor).
+/// sit close together, and a commit writes far fewer pages. Returns whether
+/// the key's next delivery is due now (the writer wakes the processor).
 fn head_passes_on(conn: &Connection, handler: &str, key: &str, delivery_id: i64) -> Result<bool, Error> {
-    let due: Option<i64> = conn
-        .prepare_cached(concat!(
-            "UPDATE order_heads SET delivery_id = n.id, event_seq = n.event_seq, due = n.next_at, floor = n.event_seq
-             FROM (SELECT id, event_seq, next_at FROM deliveries INDEXED BY deliveries_by_key
-                   WHERE handler = ?1 AND order_key = ?2 AND status IN ",
-            unfinished_sql!(),
-            " AND event_seq >= (SELECT CASE WHEN floor = event_seq THEN event_seq + 1 ELSE floor END
-                                      FROM order_heads WHERE handler = ?1 AND key = ?2)
-                   ORDER BY event_seq LIMIT 1) AS n
-             WHERE order_heads.handler = ?1 AND order_heads.key = ?2 AND order_heads.delivery_id = ?3
-             RETURNING due"
-        ))?
-        .query_row(params![handler, key, delivery_id], |r| r.get(0))
+    let head: Option<(i64, i64, i64)> = conn
+        .prepare_cached("SELECT delivery_id, event_seq, floor FROM order_heads WHERE handler = ?1 AND key = ?2")?
+        .query_row(params![handler, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    match due {
-        Some(due) => Ok(due <= now_us()),
-        None => {
-            // Nothing left of the key (or not the head: then nothing matches).
-            conn.prepare_cached("DELETE FROM order_heads WHERE handler = ?1 AND key = ?2 AND delivery_id = ?3")?.execute(params![
-                handler,
-                key,
-                delivery_id
-            ])?;
-            Ok(false)
+    let Some((_, seq, floor)) = head.filter(|h| h.0 == delivery_id) else {
+        // Not the head (a replayed delivery waiting behind it): the head moves on its own.
+        return Ok(false);
+    };
+    match next_head(conn, handler, key, search_from(floor, seq))? {
+        Some(((id, seq, ..), due)) => {
+            set_head(conn, handler, key, (id, seq), due, seq)?;
+            Ok(due <= now_us())
         }
+        None => Ok(false),
     }
 }
 
