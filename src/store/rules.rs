@@ -192,10 +192,16 @@ pub fn replay_takes(status: DeliveryStatus, only_failed: bool) -> bool {
 //   head, `due` when it may next be looked at (its `next_at` as last seen),
 //   `blocked` set while a failed head holds the key ([`head_step`]).
 //   Indexed by `(handler, blocked, due)`.
-// * An index on unfinished keyed deliveries `(handler, key, event)`, to find
-//   a key's next head in one probe, and one on unfinished *unkeyed*
-//   deliveries `(handler, next_at)`, so the unordered part of a claim never
-//   walks the keyed backlog.
+// * An index on keyed deliveries `(handler, key, event)`, to find a key's
+//   next head in one probe, and one on unfinished *unkeyed* deliveries
+//   `(handler, next_at)`, so the unordered part of a claim never walks the
+//   keyed backlog. On PostgreSQL the keyed index holds the unfinished ones
+//   only. On SQLite it holds every keyed delivery and names no column a
+//   claim or a finish changes (SQLite rewrites an index entry whenever such
+//   a column changes, and the entries of the keys' heads lie in random
+//   places of the index); the head row then keeps a `floor`: no delivery of
+//   the key below that event is unfinished, so the next head is the first
+//   unfinished one from the floor on (usually the floor's next entry).
 //
 // Insert: a keyed delivery adds `(handler, key, itself, now)` to the heads
 // unless the key has a row already (ids grow, so an existing head is older).
@@ -210,7 +216,8 @@ pub fn replay_takes(status: DeliveryStatus, only_failed: bool) -> bool {
 //    `next_at <= now` (else copy its `next_at` into `due`: a renewed lease
 //    or a retry time, and move on); `Advance`: the next head is the
 //    unfinished delivery of the key with the smallest event id (one probe
-//    of the keyed index; none: delete the row), and the next step claims it
+//    of the keyed index, from the floor on and past a finished head that is
+//    the floor; none: delete the row), and the next step claims it
 //    or waits for it (2 steps per head at most); `Block`: set `blocked`,
 //    leave `delivery` (it names the blocker).
 // 4. Claiming is what [`claim_step`] says, as for any delivery; the head
@@ -230,7 +237,8 @@ pub fn replay_takes(status: DeliveryStatus, only_failed: bool) -> bool {
 // `next_at` (for a pending one, when it was queued), or the row goes. Ready
 // heads are then claimed in about event order rather than in the order
 // their predecessors finished, so a claim's rows sit close together.
-// Replay of a keyed delivery D: no row: D becomes the head. A row whose
+// Replay of a keyed delivery D: on SQLite the row's floor goes down to D
+// if D is older (it is unfinished again). No row: D becomes the head. A row whose
 // head is D (blocked): unblocked, due now. A row whose head is `pending`
 // and younger than D: D becomes the head (it goes back in event-id order
 // among deliveries not yet begun). Otherwise the row stays: D waits behind

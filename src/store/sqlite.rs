@@ -109,17 +109,11 @@ macro_rules! unfinished_sql {
     };
 }
 
-/// How many deliveries are unfinished, read from the two partial indexes
-/// that hold them (`deliveries_due`, `deliveries_keyed`; see migration 4).
+/// How many deliveries are unfinished, read from the partial index that
+/// holds them all (`deliveries_waiting`; see migrations 5 and 6).
 macro_rules! unfinished_count_sql {
     () => {
-        concat!(
-            "SELECT (SELECT count(*) FROM deliveries WHERE status IN ",
-            unfinished_sql!(),
-            " AND order_key IS NULL) + (SELECT count(*) FROM deliveries WHERE status IN ",
-            unfinished_sql!(),
-            " AND order_key IS NOT NULL)"
-        )
+        concat!("SELECT count(*) FROM deliveries WHERE status IN ", unfinished_sql!())
     };
 }
 
@@ -270,6 +264,25 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 5: counters, the indexes filters need, and search (see `scale`).
     scale::MIGRATION,
+    // 6: the keyed index holds every keyed delivery, finished or not, and
+    // names no column a claim or a finish changes: SQLite rewrites an index
+    // entry whenever a column it names (or its WHERE names) changes, so with
+    // `status` in its WHERE each ordered delivery rewrote its entry at claim
+    // and removed it at finish, two pages in random places of the index (one
+    // per key) where an unordered delivery's claim and finish touch the two
+    // ends of `deliveries_due`. A key's next head is then found from the
+    // head row's `floor`, below which none of the key's deliveries is
+    // unfinished (`rules`, "Ordered claims"); set here to the head or the
+    // key's oldest unfinished delivery, whichever is older. Unfinished
+    // deliveries are counted through `deliveries_waiting` (`unfinished_count_sql!`).
+    r#"
+    ALTER TABLE order_heads ADD COLUMN floor INTEGER NOT NULL DEFAULT 0;
+    UPDATE order_heads SET floor = min(event_seq, coalesce((SELECT min(d.event_seq) FROM deliveries d
+        WHERE d.handler = order_heads.handler AND d.order_key = order_heads.key
+          AND d.status IN ('pending', 'retrying', 'running')), event_seq));
+    DROP INDEX deliveries_keyed;
+    CREATE INDEX deliveries_by_key ON deliveries(handler, order_key, event_seq) WHERE order_key IS NOT NULL;
+    "#,
 ];
 
 /// The smallest event id that can have been received at or after `t`: ids are
@@ -2458,10 +2471,11 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), E
 const HEAD_STEPS: usize = 2;
 
 /// A keyed delivery was inserted: it heads its key unless the key has a
-/// head already (ids grow, so that one is older).
+/// head already (ids grow, so that one is older). A new row's `floor` is
+/// the delivery itself: the key had nothing unfinished.
 fn new_keyed_delivery(conn: &Connection, handler: &str, key: &str, delivery_id: i64, seq: i64, now: i64) -> Result<(), Error> {
     conn.prepare_cached(
-        "INSERT OR IGNORE INTO order_heads(handler, key, delivery_id, event_seq, due, blocked) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+        "INSERT OR IGNORE INTO order_heads(handler, key, delivery_id, event_seq, due, blocked, floor) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?4)",
     )?
     .execute(params![handler, key, delivery_id, seq, now])?;
     Ok(())
@@ -2484,7 +2498,7 @@ fn head_follows(conn: &Connection, delivery_id: i64, due: i64) -> Result<bool, E
 }
 
 /// A keyed delivery that heads its key succeeded: the key's next unfinished
-/// delivery (one probe of `deliveries_keyed`) becomes the head at once, due
+/// delivery (one probe of `deliveries_by_key`) becomes the head at once, due
 /// at its own `next_at`, or the row goes when there is none (`rules`,
 /// "Ordered claims", finish). Since a pending delivery's `next_at` is when
 /// it was queued, claims (oldest `due` first) then take ready heads in
@@ -2493,34 +2507,47 @@ fn head_follows(conn: &Connection, delivery_id: i64, due: i64) -> Result<bool, E
 /// sit close together, and a commit writes far fewer pages. Returns whether
 /// the key's next delivery is due now (the writer wakes the processor).
 fn head_passes_on(conn: &Connection, handler: &str, key: &str, delivery_id: i64) -> Result<bool, Error> {
-    let heads: Option<i64> = conn
-        .prepare_cached("SELECT delivery_id FROM order_heads WHERE handler = ?1 AND key = ?2")?
-        .query_row(params![handler, key], |r| r.get(0))
+    let head: Option<(i64, i64, i64)> = conn
+        .prepare_cached("SELECT delivery_id, event_seq, floor FROM order_heads WHERE handler = ?1 AND key = ?2")?
+        .query_row(params![handler, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    if heads != Some(delivery_id) {
+    let Some((_, seq, floor)) = head.filter(|h| h.0 == delivery_id) else {
         // Not the head (a replayed delivery waiting behind it): the head moves on its own.
         return Ok(false);
-    }
-    match next_head(conn, handler, key)? {
+    };
+    match next_head(conn, handler, key, search_from(floor, seq))? {
         Some(((id, seq, ..), due)) => {
-            set_head(conn, handler, key, (id, seq), due)?;
+            set_head(conn, handler, key, (id, seq), due, seq)?;
             Ok(due <= now_us())
         }
         None => Ok(false),
     }
 }
 
-/// A key's next head: its oldest unfinished delivery (one probe of
-/// `deliveries_keyed`); none left, and its head row goes.
-fn next_head(conn: &Connection, handler: &str, key: &str) -> Result<Option<HeadRow>, Error> {
+/// Where to look for the next head of a key whose head (of event
+/// `head_seq`) is finished: from the row's `floor` (nothing of the key
+/// below it is unfinished), past the head itself when it is the floor.
+fn search_from(floor: i64, head_seq: i64) -> i64 {
+    if floor == head_seq {
+        head_seq.saturating_add(1)
+    } else {
+        floor
+    }
+}
+
+/// A key's next head: its oldest unfinished delivery, looked for from
+/// event `from` on (the row's `floor`, or past it) in `deliveries_by_key`:
+/// usually its first entry there; none left, and its head row goes. The
+/// caller writes the head it found with `floor` = its event.
+fn next_head(conn: &Connection, handler: &str, key: &str, from: i64) -> Result<Option<HeadRow>, Error> {
     let next = conn
         .prepare_cached(concat!(
-            "SELECT id, event_seq, status, attempts, budget_from, held, next_at FROM deliveries
-             WHERE handler = ?1 AND order_key = ?2 AND status IN ",
+            "SELECT id, event_seq, status, attempts, budget_from, held, next_at FROM deliveries INDEXED BY deliveries_by_key
+             WHERE handler = ?1 AND order_key = ?2 AND event_seq >= ?3 AND status IN ",
             unfinished_sql!(),
             " ORDER BY event_seq LIMIT 1"
         ))?
-        .query_row(params![handler, key], head_row)
+        .query_row(params![handler, key, from], head_row)
         .optional()?;
     if next.is_none() {
         conn.prepare_cached("DELETE FROM order_heads WHERE handler = ?1 AND key = ?2")?.execute(params![handler, key])?;
@@ -2554,11 +2581,17 @@ fn replay_head(conn: &Connection, delivery_id: i64, seq: i64, now: i64) -> Resul
             rules::replay_takes_head(status, head_seq > seq)
         }
     };
+    // Either way nothing of the key older than it is unfinished: the
+    // `floor` goes down to it, so the key's next head is looked for from it.
     if take {
         conn.prepare_cached(
-            "UPDATE order_heads SET delivery_id = ?3, event_seq = ?4, due = ?5, blocked = 0 WHERE handler = ?1 AND key = ?2",
+            "UPDATE order_heads SET delivery_id = ?3, event_seq = ?4, due = ?5, blocked = 0, floor = min(floor, ?4)
+             WHERE handler = ?1 AND key = ?2",
         )?
         .execute(params![handler, key, delivery_id, seq, now])?;
+    } else {
+        conn.prepare_cached("UPDATE order_heads SET floor = min(floor, ?3) WHERE handler = ?1 AND key = ?2")?
+            .execute(params![handler, key, seq])?;
     }
     Ok(())
 }
@@ -2603,10 +2636,11 @@ fn claim_heads(
     limit: usize,
     (now, lease_until): (i64, i64),
 ) -> Result<Vec<Claimed>, Error> {
-    // Each due head with its delivery (NULLs when it is gone: pruned).
-    let heads: Vec<(String, Option<HeadRow>)> = conn
+    // Each due head with its delivery (NULLs when it is gone: pruned), the
+    // head's event and the row's `floor`.
+    let heads: Vec<(String, Option<HeadRow>, (i64, i64))> = conn
         .prepare_cached(
-            "SELECT h.key, d.id, d.event_seq, d.status, d.attempts, d.budget_from, d.held, d.next_at
+            "SELECT h.key, d.id, d.event_seq, d.status, d.attempts, d.budget_from, d.held, d.next_at, h.event_seq, h.floor
              FROM order_heads h LEFT JOIN deliveries d ON d.id = h.delivery_id
              WHERE h.handler = ?1 AND h.blocked = 0 AND h.due <= ?2 ORDER BY h.due LIMIT ?3",
         )?
@@ -2615,20 +2649,20 @@ fn claim_heads(
                 Some(id) => Some(((id, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?), r.get(7)?)),
                 None => None,
             };
-            Ok((r.get(0)?, head))
+            Ok((r.get(0)?, head, (r.get(8)?, r.get(9)?)))
         })?
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(heads.len());
-    for (key, mut head) in heads {
+    for (key, mut head, (head_seq, mut floor)) in heads {
         for _ in 0..HEAD_STEPS {
             match (rules::head_step(head.map(|(d, _)| d.2), on_failure), head) {
                 (rules::HeadStep::Claim, Some((due, next_at))) => {
                     let (id, seq) = (due.0, due.1);
                     if next_at > now {
                         // A renewed lease or a retry time: look again then.
-                        set_head(conn, handler, &key, (id, seq), next_at)?;
+                        set_head(conn, handler, &key, (id, seq), next_at, floor)?;
                     } else if let Some(c) = claim_due(conn, st, owner, handler, (now, lease_until), due)? {
-                        set_head(conn, handler, &key, (id, seq), lease_until)?;
+                        set_head(conn, handler, &key, (id, seq), lease_until, floor)?;
                         out.push(c);
                     }
                     break;
@@ -2640,12 +2674,12 @@ fn claim_heads(
                 }
                 (rules::HeadStep::Advance, _) | (rules::HeadStep::Claim, None) => {
                     // The key's next head, looked at in the next step.
-                    head = next_head(conn, handler, &key)?;
-                    if head.is_none() {
-                        break;
-                    }
-                    // An unfinished delivery: the next step claims it or
-                    // waits for it, and writes the row either way.
+                    head = next_head(conn, handler, &key, search_from(floor, head_seq))?;
+                    let Some(((_, seq, ..), _)) = head else { break };
+                    // An unfinished delivery, the key's oldest: the next
+                    // step claims it or waits for it, and writes the row
+                    // (with it as the floor) either way.
+                    floor = seq;
                 }
             }
         }
@@ -2660,10 +2694,13 @@ fn head_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HeadRow> {
     Ok(((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?), r.get(6)?))
 }
 
-/// Points a key's head row at delivery `id` (of event `seq`), unblocked, looked at again at `due`.
-fn set_head(conn: &Connection, handler: &str, key: &str, (id, seq): (i64, i64), due: i64) -> Result<(), Error> {
-    conn.prepare_cached("UPDATE order_heads SET delivery_id = ?3, event_seq = ?4, due = ?5, blocked = 0 WHERE handler = ?1 AND key = ?2")?
-        .execute(params![handler, key, id, seq, due])?;
+/// Points a key's head row at delivery `id` (of event `seq`), unblocked,
+/// looked at again at `due`, with nothing of the key unfinished below event `floor`.
+fn set_head(conn: &Connection, handler: &str, key: &str, (id, seq): (i64, i64), due: i64, floor: i64) -> Result<(), Error> {
+    conn.prepare_cached(
+        "UPDATE order_heads SET delivery_id = ?3, event_seq = ?4, due = ?5, blocked = 0, floor = ?6 WHERE handler = ?1 AND key = ?2",
+    )?
+    .execute(params![handler, key, id, seq, due, floor])?;
     Ok(())
 }
 
@@ -2823,14 +2860,15 @@ mod tests {
         let count = plan(unfinished_count_sql!());
         // Either split index, or deliveries_waiting (every unfinished delivery): never the table.
         assert!(count.matches("SCAN deliveries").count() == count.matches("SCAN deliveries USING").count(), "{count}");
-        assert!(count.contains("USING INDEX deliveries_"), "{count}");
+        assert!(count.contains("USING INDEX deliveries_") || count.contains("USING COVERING INDEX deliveries_"), "{count}");
         assert!(!unkeyed.contains("TEMP B-TREE"), "{unkeyed}");
+        // A key's next head (`next_head`): the planner's own choice, without the hint.
         let next = plan(concat!(
-            "SELECT id FROM deliveries WHERE handler = 'h' AND order_key = 'k' AND status IN ",
+            "SELECT id FROM deliveries WHERE handler = 'h' AND order_key = 'k' AND event_seq >= 3 AND status IN ",
             unfinished_sql!(),
             " ORDER BY event_seq LIMIT 1"
         ));
-        assert!(next.contains("deliveries_keyed"), "{next}");
+        assert!(next.contains("deliveries_by_key (handler=? AND order_key=? AND event_seq>?)"), "{next}");
         assert!(!next.contains("TEMP B-TREE"), "{next}");
         let heads = plan(
             "SELECT h.key, d.status FROM order_heads h LEFT JOIN deliveries d ON d.id = h.delivery_id
@@ -2919,6 +2957,84 @@ mod tests {
         assert_eq!(next.iter().map(|c| c.event_id).collect::<Vec<_>>(), vec![ids[2]]);
         let last = store.claim_ordered("me", "h", OnFailure::Continue, 1, lease).await.expect("claiming");
         assert_eq!(last.iter().map(|c| c.event_id).collect::<Vec<_>>(), vec![ids[3]]);
+        store.close().await;
+    }
+
+    fn succeeded(c: &Claimed) -> Finished {
+        Finished {
+            owner: "me".into(),
+            delivery_id: c.delivery_id,
+            attempt: c.attempt,
+            started_at: Utc::now(),
+            duration_ms: 1,
+            outcome: Outcome::Success,
+            exit_code: Some(0),
+            http_status: None,
+            error: None,
+            output: String::new(),
+            next: Next::Succeeded,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_from_before_the_key_floor_upgrades_and_a_replayed_delivery_still_runs_before_later_ones() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("db.sqlite");
+        let store = SqliteStore::open(&path, Role::All).expect("creating");
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let mut ev = event("s", n);
+            ev.handlers = vec!["h".into()];
+            ev.order_keys = vec![Some("a".into())];
+            ids.push(store.insert_event(ev).await.expect("inserting").id);
+        }
+        let lease = Duration::from_secs(60);
+        let claim_one = || store.claim_ordered("me", "h", OnFailure::Continue, 1, lease);
+        let first = claim_one().await.expect("claiming");
+        assert_eq!(first.iter().map(|c| c.event_id).collect::<Vec<_>>(), vec![ids[0]]);
+        store.finish(succeeded(&first[0])).await.expect("finishing");
+        let second = claim_one().await.expect("claiming");
+        assert_eq!(second.iter().map(|c| c.event_id).collect::<Vec<_>>(), vec![ids[1]]);
+        // The first event is replayed while the second runs: it waits behind it.
+        assert_eq!(store.replay(vec![ids[0]], Some("h".into()), false).await.expect("replaying"), 1);
+        store.close().await;
+
+        // The file as schema 5 left it: the keyed index of unfinished
+        // deliveries, no floor (the head row still names the second event).
+        let conn = Connection::open(&path).expect("opening");
+        conn.execute_batch(
+            "DROP INDEX deliveries_by_key; ALTER TABLE order_heads DROP COLUMN floor;
+             CREATE INDEX deliveries_keyed ON deliveries(handler, order_key, event_seq)
+                 WHERE order_key IS NOT NULL AND status IN ('pending', 'retrying', 'running');
+             PRAGMA user_version = 5;",
+        )
+        .expect("going back to schema 5");
+        drop(conn);
+
+        let store = SqliteStore::open(&path, Role::All).expect("upgrading");
+        let claim_one = || store.claim_ordered("me", "h", OnFailure::Continue, 1, lease);
+        let conn = Connection::open(&path).expect("opening");
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        // The replayed first event, not the head's, is where the key's next head is looked for.
+        let (floor, first_seq): (i64, i64) = conn
+            .query_row(
+                "SELECT h.floor, (SELECT seq FROM events WHERE id = ?1) FROM order_heads h WHERE h.handler = 'h' AND h.key = 'a'",
+                [ids[0].to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("the head row");
+        assert_eq!(floor, first_seq);
+        assert!(claim_one().await.expect("claiming").is_empty(), "the second event still runs");
+        store.finish(succeeded(&second[0])).await.expect("finishing");
+        let mut order = Vec::new();
+        while let Some(c) = claim_one().await.expect("claiming").pop() {
+            order.push(c.event_id);
+            store.finish(succeeded(&c)).await.expect("finishing");
+        }
+        assert_eq!(order, vec![ids[0], ids[2]], "the replayed event, then the third");
+        let heads: i64 = conn.query_row("SELECT count(*) FROM order_heads", [], |r| r.get(0)).expect("counting");
+        assert_eq!(heads, 0, "a key with nothing left has no head row");
         store.close().await;
     }
 

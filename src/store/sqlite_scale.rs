@@ -640,9 +640,9 @@ const FILL_BATCH: u64 = 10_000;
 /// `path`, spread evenly over the past year, each with one succeeded
 /// delivery to `crm` and its attempt, counted and indexed as ingest would.
 /// Posting ten million events would take hours; this takes minutes.
-/// `old_schema` leaves the file at schema version 4 (what migration 5 adds
-/// is dropped after the fill), so the next start measures migration 5's
-/// back-fill of the counters and the search index.
+/// `old_schema` leaves the file at schema version 4 (what migrations 5 and
+/// 6 add is dropped after the fill, what 6 drops put back), so the next
+/// start measures migration 5's back-fill of the counters and the search index.
 pub(super) fn fill(path: &Path, events: u64, old_schema: bool) -> Result<(), Error> {
     let mut conn = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)?;
     conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
@@ -675,6 +675,9 @@ pub(super) fn fill(path: &Path, events: u64, old_schema: bool) -> Result<(), Err
         conn.execute_batch(
             "DROP TABLE tally_totals; DROP TABLE tally_hours; DROP TABLE event_search;
              DROP INDEX events_received; DROP INDEX deliveries_waiting; DROP INDEX deliveries_handler;
+             DROP INDEX deliveries_by_key; ALTER TABLE order_heads DROP COLUMN floor;
+             CREATE INDEX deliveries_keyed ON deliveries(handler, order_key, event_seq)
+                 WHERE order_key IS NOT NULL AND status IN ('pending', 'retrying', 'running');
              PRAGMA user_version = 4;",
         )?;
     }

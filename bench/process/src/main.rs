@@ -403,9 +403,14 @@ async fn dispatch(db: &str, handler: &str, n: u64, timeout: Duration, cmd: &[&st
     // Since ordered processing, unfinished deliveries sit in two partial
     // indexes, unkeyed (`deliveries_due`) and keyed (`deliveries_keyed`);
     // a database of an older build has only the first.
+    // Since schema 6 the keyed index holds finished deliveries too, so both
+    // parts are read from `deliveries_waiting` (every unfinished delivery,
+    // schema 5 on), as the plain form below does.
     let keyed: bool =
         conn.query_row("SELECT count(*) > 0 FROM pragma_table_info('deliveries') WHERE name = 'order_key'", [], |r| r.get(0))?;
-    let (unfinished_sql, any_sql) = if keyed {
+    let waiting: bool =
+        conn.query_row("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'deliveries_waiting'", [], |r| r.get(0))?;
+    let (unfinished_sql, any_sql) = if keyed && !waiting {
         (
             "SELECT (SELECT count(*) FROM deliveries WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running') AND order_key IS NULL)
                   + (SELECT count(*) FROM deliveries WHERE handler = ?1 AND status IN ('pending', 'retrying', 'running') AND order_key IS NOT NULL)",
