@@ -615,3 +615,29 @@ fn import_names_the_line_that_is_not_an_event() {
     assert_eq!(out.stdout.trim(), "imported 1 event(s); skipped 0 already stored");
     assert_eq!(to.show(&id)["id"], id.as_str());
 }
+
+/// `import` keeps several lines on their way at once; a bad line still
+/// stops it there, after every line before it is stored, and nothing after
+/// it is.
+#[test]
+fn import_of_many_events_stores_every_line_before_a_bad_one_and_none_after() {
+    let from = TestEnv::on_sqlite(MOVED);
+    let d = from.daemon().arg("--role").arg("ingest").start();
+    let ids: Vec<String> = (0..150).map(|i| d.post_json("/hooks/queued", &format!(r#"{{"q":{i}}}"#)).id()).collect();
+    let late = d.post_json("/hooks/queued", r#"{"q":"after the bad line"}"#).id();
+    drop(d);
+    let export = from.cli(&["export"]).stdout;
+    let (before, after): (Vec<&str>, Vec<&str>) = export.lines().partition(|l| !l.contains(late.as_str()));
+    assert_eq!((before.len(), after.len()), (150, 1), "one line per event");
+    let file = from.dir().join("events.jsonl");
+    std::fs::write(&file, format!("{}\n{{\"id\":\"nope\"}}\n{}\n", before.join("\n"), after[0])).unwrap();
+    let to = TestEnv::new(MOVED);
+    let out = to.cli(&["import", file.to_str().unwrap()]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("line 151: not an event as `export` writes it"), "{out:?}");
+    assert_eq!(out.stdout.trim(), "imported 150 event(s); skipped 0 already stored");
+    let stored: Vec<String> = to.events().iter().map(|e| e["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(stored.len(), 150, "{stored:?}");
+    assert!(ids.iter().all(|id| stored.contains(id)), "every line before the bad one");
+    assert!(!stored.contains(&late), "nothing after it");
+}

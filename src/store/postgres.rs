@@ -1137,8 +1137,11 @@ async fn import_in(
     let words = scale::stored_index_words(kind, &body, payload);
     let inserted = tx
         .query_opt(
-            "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
+            &tx.prepare_cached(
+                "INSERT INTO events (id, source, status, received_at, method, content_type, query, headers, remote_addr, body, payload_kind, payload)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING RETURNING id",
+            )
+            .await?,
             &[
                 &ev.id.to_string(),
                 &ev.source,
@@ -1159,14 +1162,18 @@ async fn import_in(
         return Ok(false);
     }
     let (ids, words) = (vec![ev.id.to_string()], vec![words]);
-    tx.execute(concat!(event_words_insert!("$1", "$2"), " ON CONFLICT (event_id) DO NOTHING"), &[&ids, &words]).await?;
+    tx.execute(&tx.prepare_cached(concat!(event_words_insert!("$1", "$2"), " ON CONFLICT (event_id) DO NOTHING")).await?, &[&ids, &words])
+        .await?;
     for (d, status) in ev.deliveries.iter().flatten().zip(statuses) {
         // Waiting ones keep their time; the max_age clock starts at receipt.
         let next_at = d.next_attempt_at.filter(|_| rules::waits_for_its_time(*status)).unwrap_or_else(Utc::now);
         let id: i64 = tx
             .query_one(
-                "INSERT INTO deliveries (event_id, handler, status, attempts, next_at, queued_at, updated_at, source, hour)
+                &tx.prepare_cached(
+                    "INSERT INTO deliveries (event_id, handler, status, attempts, next_at, queued_at, updated_at, source, hour)
                  VALUES ($1, $2, $3, $4, $5, $6, now(), $7, $8) RETURNING id",
+                )
+                .await?,
                 &[
                     &ev.id.to_string(),
                     &d.handler,
@@ -1182,8 +1189,11 @@ async fn import_in(
             .get(0);
         for a in &d.attempts {
             tx.execute(
-                "INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
+                &tx.prepare_cached(
+                    "INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                )
+                .await?,
                 &[
                     &id,
                     &(a.number as i32),
