@@ -21,7 +21,14 @@
 # 4. RSS of the daemon on the full database, then `prune` of the older half
 #    (daemon running), file size before and after, and `hooktrail compact`.
 #
+# With BACKEND=postgres (a throw-away PostgreSQL cluster on the same CPUs, .ci/postgres.sh):
+# after step 2 on SQLite, the full store is moved with `export | import` into PostgreSQL
+# (both timed) and step 2's questions are asked of it too, side by side; then `prune` of
+# the older half on both. Steps 3 and 4's ingest, RSS and compact are SQLite's only
+# (bench/postgres.sh measures PostgreSQL ingest).
+#
 # Environment knobs [defaults]: N [10000000]  DURATION [10s]  REPS [5]  INGEST_RUNS [3]
+#   BACKEND [sqlite] or postgres; PG_PORT [55453] for its cluster
 #   BENCH_TMPDIR [/var/tmp] (a real disk)  KEEP=1 keep the databases
 #   HOOKTRAIL_BIN=PATH  measure this binary instead of building one
 # Results: bench/out/scale-<UTC time>/summary.txt
@@ -42,6 +49,7 @@ PID=""
 log() { printf '%s\n' "$*" | tee -a "$OUT/summary.txt"; }
 cleanup() {
     [ -n "$PID" ] && kill -TERM "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
+    [ "${BACKEND:-sqlite}" = postgres ] && bash "$ROOT/.ci/postgres.sh" stop "$WORK/pg" > /dev/null 2>&1 || true
     if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -116,23 +124,57 @@ log "first start (migration 5):     $START_MS ms (back-fills counters and the se
 start "$FULL"
 log "start-up:                      $START_MS ms"
 
-C=(--config "$FULL/hooktrail.toml")
+questions() { # dir: every operator question, REPS times each, medians
+    C=(--config "$1/hooktrail.toml")
+    ADMIN="http://$(addr "$1" admin)"
+    q "stats" "$HT" "${C[@]}" stats
+    q "stats --since 24h" "$HT" "${C[@]}" stats --since 24h
+    q "events list --limit 20" "$HT" "${C[@]}" events list --limit 20
+    q "events list --match (a lead)" "$HT" "${C[@]}" events list --limit 20 --match "/email_address/0=$LEAD"
+    q "events list --search (a lead)" "$HT" "${C[@]}" events list --limit 20 --search "$LEAD"
+    q "/api/events?source&status" curl -sf "$ADMIN/api/events?source=netresults&status=done&limit=20"
+    q "/api/events?match=" curl -sf "$ADMIN/api/events?match=%2Femail_address%2F0%3D${LEAD/@/%40}"
+    q "/api/events?search=" curl -sf "$ADMIN/api/events?search=${LEAD/@/%40}"
+    q "page with a search" curl -sf "$ADMIN/?search=${LEAD/@/%40}"
+    q "/api/stats" curl -sf "$ADMIN/api/stats"
+    q "/metrics (queue depth)" curl -sf "$ADMIN/metrics"
+    found=$("$HT" "${C[@]}" events list --json --search "$LEAD" | grep -c '"id"' || true)
+    [ "$found" = 1 ] || log "WARNING: --search $LEAD found $found events, expected 1"
+}
 LEAD="lead$((N / 2))@example$(( (N / 2) % 997 )).com"
-ADMIN="http://$(addr "$FULL" admin)"
 q() { log "$(printf '%-30s %6s ms' "$1" "$(med_ms "${@:2}")")"; }
-q "stats" "$HT" "${C[@]}" stats
-q "stats --since 24h" "$HT" "${C[@]}" stats --since 24h
-q "events list --limit 20" "$HT" "${C[@]}" events list --limit 20
-q "events list --match (a lead)" "$HT" "${C[@]}" events list --limit 20 --match "/email_address/0=$LEAD"
-q "events list --search (a lead)" "$HT" "${C[@]}" events list --limit 20 --search "$LEAD"
-q "/api/events?source&status" curl -sf "$ADMIN/api/events?source=netresults&status=done&limit=20"
-q "/api/events?match=" curl -sf "$ADMIN/api/events?match=%2Femail_address%2F0%3D${LEAD/@/%40}"
-q "/api/events?search=" curl -sf "$ADMIN/api/events?search=${LEAD/@/%40}"
-q "page with a search" curl -sf "$ADMIN/?search=${LEAD/@/%40}"
-q "/api/stats" curl -sf "$ADMIN/api/stats"
-q "/metrics (queue depth)" curl -sf "$ADMIN/metrics"
-found=$("$HT" "${C[@]}" events list --json --search "$LEAD" | grep -c '"id"' || true)
-[ "$found" = 1 ] || log "WARNING: --search $LEAD found $found events, expected 1"
+questions "$FULL"
+
+if [ "${BACKEND:-sqlite}" = postgres ]; then
+    stop
+    PG_PORT=${PG_PORT:-55453}
+    chmod 755 "$WORK"  # the cluster runs as the postgres user
+    export HOOKTRAIL_DATABASE_URL
+    HOOKTRAIL_DATABASE_URL="$(bash .ci/postgres.sh start "$WORK/pg" "$PG_PORT")/postgres?sslmode=disable"
+    PGD="$WORK/pgstore"; mkdir -p "$PGD"; config "$PGD"
+    sed -i "s|^path = .*|backend = \"postgres\"\nurl_env = \"HOOKTRAIL_DATABASE_URL\"|" "$PGD/hooktrail.toml"
+    log "PostgreSQL $("$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/psql" --version | awk '{print $3}') on the same CPUs (.ci/postgres.sh)"
+    t0=$(now_ms)
+    "$HT" --config "$FULL/hooktrail.toml" export > "$WORK/export.jsonl"
+    log "export (SQLite):               $(( $(now_ms) - t0 )) ms, $(du -m "$WORK/export.jsonl" | cut -f1) MB"
+    t0=$(now_ms)
+    "$HT" --config "$PGD/hooktrail.toml" import "$WORK/export.jsonl" >> "$OUT/import.txt" 2>> "$OUT/import.log"
+    log "import into PostgreSQL:        $(( $(now_ms) - t0 )) ms ($(cat "$OUT/import.txt"))"
+    rm -f "$WORK/export.jsonl"
+    start "$PGD"
+    log "PostgreSQL start-up:           $START_MS ms; the same questions:"
+    questions "$PGD"
+    t0=$(now_ms)
+    "$HT" --config "$PGD/hooktrail.toml" export > /dev/null
+    log "export (PostgreSQL):           $(( $(now_ms) - t0 )) ms"
+    for d in "$FULL" "$PGD"; do
+        t0=$(now_ms)
+        "$HT" --config "$d/hooktrail.toml" prune --older-than 182d > "$OUT/prune-$(basename "$d").txt"
+        log "prune --older-than 182d ($(basename "$d")): $(( $(now_ms) - t0 )) ms ($(cat "$OUT/prune-$(basename "$d").txt"))"
+    done
+    log "results: $OUT"
+    exit 0
+fi
 
 stop
 empties=(); fulls=()
