@@ -71,7 +71,7 @@ macro_rules! claim_tail {
 /// lease expired: held, the attempt never began and keeps its number;
 /// otherwise it was cut short, is recorded as interrupted, and the claim
 /// runs the next number). `tests/store_contract.rs` holds it to the rule.
-const CLAIM_UNKEYED: &str = concat!(
+pub(super) const CLAIM_UNKEYED: &str = concat!(
     "WITH heads AS MATERIALIZED (SELECT EXISTS (SELECT 1 FROM order_heads WHERE handler = $1) AS has_heads
      ), due AS MATERIALIZED (
         SELECT id, event_id, status, attempts, held FROM deliveries
@@ -92,7 +92,7 @@ const CLAIM_UNKEYED: &str = concat!(
 /// Deliveries the caller locked (`$1` ids, `$2` the attempts claimed,
 /// `$8` the attempts to record as interrupted or NULL, `$9` their events),
 /// claimed; the steps come from [`rules::claim_step`] in Rust.
-const CLAIM_LOCKED: &str = concat!(
+pub(super) const CLAIM_LOCKED: &str = concat!(
     "WITH u AS (SELECT * FROM unnest($1::int8[], $9::text[], $2::int4[], $8::int4[]) AS u(id, event_id, a, i)), ",
     claim_tail!(),
     " SELECT true, c.* FROM claimed c"

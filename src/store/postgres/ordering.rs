@@ -125,27 +125,27 @@ pub async fn claim_ordered_in(
 ) -> PgResult<Vec<crate::store::Claimed>> {
     // A reload may have turned `block` off: what it blocked runs on. And a
     // blocker pruned with its event (README "Retention") no longer blocks.
-    // One statement for both.
-    tx.execute(
-        &tx.prepare_cached(
+    // One statement for both. It and the head scan after it are sent
+    // together (pipelined, see [`prepare_rest`]): one round trip, not two.
+    let unblock = tx
+        .prepare_cached(
             "UPDATE order_heads h SET blocked = false, due = now() WHERE handler = $1 AND blocked
              AND ($2 OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = h.delivery_id))",
         )
-        .await?,
-        &[&handler, &(on_failure == OnFailure::Continue)],
-    )
-    .await?;
-    let heads = tx
-        .query(
-            &tx.prepare_cached(
-                "SELECT h.key, d.id, d.event_id, d.status, d.attempts, d.budget_from, d.held, d.next_at <= now(), d.next_at
-                 FROM order_heads h LEFT JOIN deliveries d ON d.id = h.delivery_id
-                 WHERE h.handler = $1 AND NOT h.blocked AND h.due <= now() ORDER BY h.due LIMIT $2 FOR UPDATE OF h SKIP LOCKED",
-            )
-            .await?,
-            &[&handler, &limit],
+        .await?;
+    let scan = tx
+        .prepare_cached(
+            "SELECT h.key, d.id, d.event_id, d.status, d.attempts, d.budget_from, d.held, d.next_at <= now(), d.next_at
+             FROM order_heads h LEFT JOIN deliveries d ON d.id = h.delivery_id
+             WHERE h.handler = $1 AND NOT h.blocked AND h.due <= now() ORDER BY h.due LIMIT $2 FOR UPDATE OF h SKIP LOCKED",
         )
         .await?;
+    let continue_on = on_failure == OnFailure::Continue;
+    let (unblock_args, scan_args): ([&(dyn tokio_postgres::types::ToSql + Sync); 2], [&(dyn tokio_postgres::types::ToSql + Sync); 2]) =
+        ([&handler, &continue_on], [&handler, &limit]);
+    let (unblocked, heads) = tokio::join!(tx.execute(&unblock, &unblock_args), tx.query(&scan, &scan_args));
+    unblocked?;
+    let heads = heads?;
     let mut writes: Vec<(String, HeadWrite)> = Vec::with_capacity(heads.len());
     let mut claim_ids: Vec<i64> = Vec::new();
     let mut advance: Vec<String> = Vec::new();
@@ -191,7 +191,7 @@ pub async fn claim_ordered_in(
             writes.push((key, w));
         }
     }
-    let mut out = Vec::new();
+    let mut due: Vec<Due> = Vec::new();
     if !claim_ids.is_empty() {
         let rows = tx
             .query(
@@ -202,16 +202,48 @@ pub async fn claim_ordered_in(
                 &[&claim_ids],
             )
             .await?;
-        let due: Vec<Due> = due_rows(&rows);
-        out = claim_rows(tx, owner, handler, due, lease_us).await?;
+        due = due_rows(&rows);
     }
-    write_heads(tx, handler, &writes, lease_us).await?;
-    let room = limit - out.len() as i64;
-    if room > 0 {
-        out.extend(claim_in(tx, owner, handler, room, lease_us).await?);
-    }
+    // The rest depends on nothing it returns: the locked heads' deliveries
+    // claimed, the head rows written, the unkeyed deliveries claimed, in
+    // this order, pipelined. Every delivery in `due` is claimed, so the
+    // unkeyed part has the room they leave.
+    let room = limit - due.len() as i64;
+    prepare_rest(tx).await?;
+    let (locked, heads, unkeyed) =
+        tokio::join!(claim_rows(tx, owner, handler, due, lease_us), write_heads(tx, handler, &writes, lease_us), async {
+            if room > 0 {
+                claim_in(tx, owner, handler, room, lease_us).await
+            } else {
+                Ok(Vec::new())
+            }
+        });
+    let mut out = locked?;
+    heads?;
+    out.extend(unkeyed?);
     Ok(out)
 }
+
+/// Statements pipelined on one connection (`tokio::join!`) are sent, and
+/// run, in the order they are first polled. Each is prepared (and cached)
+/// before, so none waits inside the join for its own `Parse` round trip
+/// and lets a later one go first.
+async fn prepare_rest(tx: &Tx<'_>) -> PgResult<()> {
+    for sql in [super::claim::CLAIM_LOCKED, HEADS_SET, HEADS_DELETE, super::claim::CLAIM_UNKEYED] {
+        tx.prepare_cached(sql).await?;
+    }
+    Ok(())
+}
+
+/// [`write_heads`]' statements.
+const HEADS_SET: &str = "UPDATE order_heads h SET
+                    delivery_id = CASE WHEN u.b THEN h.delivery_id ELSE u.d END,
+                    event_id = CASE WHEN u.b THEN h.event_id ELSE u.e END,
+                    due = CASE WHEN u.b THEN h.due ELSE coalesce(u.t, now() + $7::int8 * interval '1 microsecond') END,
+                    blocked = u.b
+                 FROM unnest($2::text[], $3::int8[], $4::text[], $5::timestamptz[], $6::bool[]) AS u(k, d, e, t, b)
+                 WHERE h.handler = $1 AND h.key = u.k";
+const HEADS_DELETE: &str = "DELETE FROM order_heads WHERE handler = $1 AND key = ANY($2)";
 
 /// One step of `rules` ("Ordered claims", step 3) on a head: what to write,
 /// or `None` to advance to the key's next delivery.
@@ -250,23 +282,10 @@ async fn write_heads(tx: &Tx<'_>, handler: &str, writes: &[(String, HeadWrite)],
         }
     }
     if !keys.is_empty() {
-        tx.execute(
-            &tx.prepare_cached(
-                "UPDATE order_heads h SET
-                    delivery_id = CASE WHEN u.b THEN h.delivery_id ELSE u.d END,
-                    event_id = CASE WHEN u.b THEN h.event_id ELSE u.e END,
-                    due = CASE WHEN u.b THEN h.due ELSE coalesce(u.t, now() + $7::int8 * interval '1 microsecond') END,
-                    blocked = u.b
-                 FROM unnest($2::text[], $3::int8[], $4::text[], $5::timestamptz[], $6::bool[]) AS u(k, d, e, t, b)
-                 WHERE h.handler = $1 AND h.key = u.k",
-            )
-            .await?,
-            &[&handler, &keys, &deliveries, &events, &dues, &blocks, &lease_us],
-        )
-        .await?;
+        tx.execute(&tx.prepare_cached(HEADS_SET).await?, &[&handler, &keys, &deliveries, &events, &dues, &blocks, &lease_us]).await?;
     }
     if !gone.is_empty() {
-        tx.execute(&tx.prepare_cached("DELETE FROM order_heads WHERE handler = $1 AND key = ANY($2)").await?, &[&handler, &gone]).await?;
+        tx.execute(&tx.prepare_cached(HEADS_DELETE).await?, &[&handler, &gone]).await?;
     }
     Ok(())
 }
