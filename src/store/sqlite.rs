@@ -1966,13 +1966,20 @@ fn filter_sql(f: &EventFilter) -> (String, Vec<rusqlite::types::Value>) {
         args.push(V::Text(id_floor(t)));
         sql.push_str(&format!(" AND e.id >= ?{}", args.len()));
     }
+    // A page cursor is the previous page's last event: the listing goes on
+    // from its position (`seq`, the table's own key), so a page is one seek,
+    // not a scan from the first event up to the cursor (`export` of a large
+    // store was quadratic). A cursor event pruned meanwhile leaves the id
+    // comparison to do the work, as before.
     if let Some(b) = f.before {
         args.push(V::Text(b.to_string()));
-        sql.push_str(&format!(" AND e.id < ?{}", args.len()));
+        let n = args.len();
+        sql.push_str(&format!(" AND e.seq < coalesce((SELECT seq FROM events WHERE id = ?{n}), 9223372036854775807) AND e.id < ?{n}"));
     }
     if let Some(a) = f.after {
         args.push(V::Text(a.to_string()));
-        sql.push_str(&format!(" AND e.id > ?{}", args.len()));
+        let n = args.len();
+        sql.push_str(&format!(" AND e.seq > coalesce((SELECT seq FROM events WHERE id = ?{n}), 0) AND e.id > ?{n}"));
     }
     if let Some(h) = &f.handler {
         args.push(V::Text(h.clone()));

@@ -826,6 +826,25 @@ mod tests {
         lines.join("\n")
     }
 
+    /// A page after (or before) a cursor starts at the cursor's position by
+    /// the table's key, in both orders, instead of scanning from the end.
+    #[tokio::test]
+    async fn a_page_after_a_cursor_seeks_to_it_instead_of_scanning_up_to_it() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"), Role::All).expect("creating");
+        let id = store.insert_event(event("web", &[], Utc::now())).await.expect("inserting").id;
+        let conn = open_conn(&store.path, OpenFlags::SQLITE_OPEN_READ_ONLY).expect("opening");
+        for filter in [
+            EventFilter { after: Some(id), ascending: true, limit: Some(500), ..Default::default() },
+            EventFilter { before: Some(id), limit: Some(20), ..Default::default() },
+        ] {
+            let p = plan(&conn, &filter);
+            assert!(p.contains("USING INTEGER PRIMARY KEY (rowid"), "{p}");
+            assert!(!p.lines().any(|l| l.starts_with("SCAN e")), "{p}");
+        }
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn search_reads_the_index_up_to_where_it_reaches_and_checks_newer_events_one_by_one() {
         let dir = tempfile::tempdir().expect("a temp dir");
