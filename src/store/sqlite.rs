@@ -2943,20 +2943,7 @@ mod tests {
         assert_eq!(first.iter().map(|c| c.event_id).collect::<Vec<_>>(), vec![ids[0], ids[1]], "one head per key");
         // b's head finishes first, then a's.
         for c in [&first[1], &first[0]] {
-            let f = Finished {
-                owner: "me".into(),
-                delivery_id: c.delivery_id,
-                attempt: c.attempt,
-                started_at: Utc::now(),
-                duration_ms: 1,
-                outcome: Outcome::Success,
-                exit_code: Some(0),
-                http_status: None,
-                error: None,
-                output: String::new(),
-                next: Next::Succeeded,
-            };
-            store.finish(f).await.expect("finishing");
+            store.finish(succeeded(c)).await.expect("finishing");
         }
         // Each key's next delivery heads it at once, due when it was queued:
         // event 3 comes before event 4, although b's key was free first.
