@@ -100,9 +100,8 @@ fn output_receiver(read: OwnedFd) -> std::io::Result<tokio::net::unix::pipe::Rec
 /// The child's stdin: a pipe already holding `bytes`. A payload fits in the
 /// pipe's buffer (64 KiB) almost always, so it is written here, at once, and
 /// no task or event registration is needed; what does not fit is returned
-/// (write end, bytes, offset) for a background writer.
-#[allow(clippy::type_complexity)]
-fn stdin_pipe(bytes: Vec<u8>) -> std::io::Result<(OwnedFd, Option<(OwnedFd, Vec<u8>, usize)>)> {
+/// (write end, the rest) for a background writer.
+fn stdin_pipe(bytes: &[u8]) -> std::io::Result<(OwnedFd, Option<(OwnedFd, Vec<u8>)>)> {
     let (read, write) = pipe()?;
     // SAFETY: fcntl on a descriptor we own.
     if unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
@@ -116,13 +115,22 @@ fn stdin_pipe(bytes: Vec<u8>) -> std::io::Result<(OwnedFd, Option<(OwnedFd, Vec<
             let e = std::io::Error::last_os_error();
             match e.kind() {
                 std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock => return Ok((read, Some((write, bytes, off)))),
+                std::io::ErrorKind::WouldBlock => return Ok((read, Some((write, bytes[off..].to_vec())))),
                 _ => return Err(e),
             }
         }
         off += n as usize;
     }
     Ok((read, None))
+}
+
+/// `v` as compact JSON, the bytes `Value::to_string` gives (the same
+/// serializer), written straight into a buffer of about `hint` bytes rather
+/// than through `fmt`, which checks every piece as UTF-8.
+fn json_bytes(v: &serde_json::Value, hint: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(hint);
+    serde_json::to_writer(&mut out, v).expect("a Value always prints, and writing to a Vec cannot fail");
+    out
 }
 
 /// The attempt's `HOOKTRAIL_PAYLOAD_FILE`, removed when dropped.
@@ -217,15 +225,29 @@ impl Handler for Shell {
 
 async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
     let d = job.delivery;
-    let payload_json = d.payload.to_string();
-    let payload_file = match payload_file(payload_json.as_bytes()) {
+    // The normalized JSON: as the store holds it when it can say that is
+    // what printing the payload gives (README "Shell handler": the same
+    // bytes either way), else printed here.
+    let printed;
+    let payload_json: &[u8] = match &d.payload_text {
+        Some(text) => text.as_bytes(),
+        None => {
+            printed = json_bytes(&d.payload, d.body.len());
+            &printed
+        }
+    };
+    let payload_file = match payload_file(payload_json) {
         Ok(f) => f,
         Err(e) => return AttemptResult::retry(format!("cannot write the payload file: {e}")),
     };
-    let stdin_bytes: Option<Vec<u8>> = match spec.stdin {
-        StdinMode::Json => Some(payload_json.into_bytes()),
-        StdinMode::Raw => Some(d.body.to_vec()),
-        StdinMode::Envelope => Some(envelope(d).to_string().into_bytes()),
+    let envelope_json;
+    let stdin_bytes: Option<&[u8]> = match spec.stdin {
+        StdinMode::Json => Some(payload_json),
+        StdinMode::Raw => Some(&d.body),
+        StdinMode::Envelope => {
+            envelope_json = envelope(d).to_string().into_bytes();
+            Some(&envelope_json)
+        }
         StdinMode::None => None,
     };
 
@@ -299,13 +321,13 @@ async fn run_shell(spec: &ShellSpec, job: &Job<'_>) -> AttemptResult {
         }
     };
     let pgid = child.pid();
-    if let Some((write, bytes, from)) = feed {
+    if let Some((write, rest)) = feed {
         // More than the pipe holds: the rest goes in the background, and a
         // handler that stops reading (or exits) just ends the write.
         match tokio::net::unix::pipe::Sender::from_owned_fd(write) {
             Ok(mut w) => {
                 tokio::spawn(async move {
-                    let _ = w.write_all(&bytes[from..]).await;
+                    let _ = w.write_all(&rest).await;
                 });
             }
             Err(e) => {

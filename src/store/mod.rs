@@ -455,6 +455,11 @@ pub struct Claimed {
     pub headers: Value,
     pub body: Bytes,
     pub payload: Value,
+    /// `payload` as compact JSON text, byte for byte what printing it gives,
+    /// when the store holds that text already (SQLite, for a payload it
+    /// normalized at receive time): a handler sends it instead of printing
+    /// `payload` again. `None`: print `payload`.
+    pub payload_text: Option<String>,
 }
 
 /// What to do with a delivery after an attempt (its new status is

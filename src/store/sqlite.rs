@@ -399,6 +399,21 @@ struct WriterState {
     backlog_delta: i64,
     /// Counter changes of the open transaction, written just before COMMIT.
     tallies: scale::Tallies,
+    /// Attempt records in the open transaction, by delivery (see
+    /// [`FinishAhead`]). Empty while operations run one per transaction.
+    finishing: HashMap<i64, FinishAhead>,
+}
+
+/// An attempt record ([`Store::finish`]) further on in the open
+/// transaction. A start mark of the same delivery and owner met before it
+/// is left to it: the record sets `held = 0` itself, in the same COMMIT, so
+/// the mark would change nothing a reader or a crash could see (README
+/// "Leases, crashes and stopping"). Should the record find the delivery no
+/// longer its own (and so leave `held` alone), it writes the mark itself.
+struct FinishAhead {
+    owner: String,
+    /// A start mark was left to this record.
+    mark_left: bool,
 }
 
 impl WriterState {
@@ -421,6 +436,41 @@ trait WriteOp: Send {
     /// Only wakes the writer for the lazy writes waiting in [`Shared::lazy`].
     fn is_nudge(&self) -> bool {
         false
+    }
+    /// The delivery and owner whose attempt this records, if it is an
+    /// attempt record ([`FinishAhead`]).
+    fn finishes(&self) -> Option<(i64, &str)> {
+        None
+    }
+}
+
+/// An attempt record: `op`, known to its batch by delivery and owner.
+struct Finishing<O> {
+    delivery_id: i64,
+    owner: String,
+    op: O,
+}
+
+impl<O: WriteOp> WriteOp for Finishing<O> {
+    fn apply(&mut self, conn: &Connection, st: &mut WriterState) -> Result<(), Error> {
+        self.op.apply(conn, st)
+    }
+    fn finish(self: Box<Self>, result: Result<(), StoreError>) {
+        Box::new(self.op).finish(result)
+    }
+    fn urgent(&self) -> bool {
+        self.op.urgent()
+    }
+    fn finishes(&self) -> Option<(i64, &str)> {
+        Some((self.delivery_id, &self.owner))
+    }
+}
+
+/// Notes the attempt records among `ops`, about to run in the open
+/// transaction (see [`FinishAhead`]).
+fn note_finishes(st: &mut WriterState, ops: &[Box<dyn WriteOp>]) {
+    for (id, owner) in ops.iter().filter_map(|op| op.finishes()) {
+        st.finishing.entry(id).or_insert_with(|| FinishAhead { owner: owner.to_string(), mark_left: false });
     }
 }
 
@@ -870,15 +920,6 @@ impl SqliteStore {
         self.write_op(f, true).await
     }
 
-    /// [`Self::write`] for a write nobody waits on to go on (see [`WriteOp::urgent`]).
-    async fn write_lazy<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnMut(&Connection, &mut WriterState) -> Result<T, Error> + Send + 'static,
-    {
-        self.write_op(f, false).await
-    }
-
     /// Queues a lazy write nobody waits for; only a refusal to queue it is
     /// returned (the write's own failure is not reported).
     fn enqueue_lazy<F>(&self, f: F) -> Result<(), StoreError>
@@ -1255,7 +1296,13 @@ fn writer_loop(
     responder: Option<tokio::sync::mpsc::UnboundedSender<Answers>>,
     mut syncer: Option<Syncer>,
 ) {
-    let mut st = WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0, tallies: Default::default() };
+    let mut st = WriterState {
+        ids: ulid::Generator::new(),
+        new_work: false,
+        backlog_delta: 0,
+        tallies: Default::default(),
+        finishing: HashMap::new(),
+    };
     let mut last_maintenance = Instant::now();
     let mut disconnected = false;
     while !disconnected {
@@ -1470,10 +1517,12 @@ fn run_batch(
         return refuse_all(batch, || shared.fault_error().expect("checked above"));
     }
     st.tallies.clear();
+    st.finishing.clear();
     let whole = (|| -> Result<(), Error> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let mut applied = 0;
         loop {
+            note_finishes(st, &batch[applied..]);
             for op in batch[applied..].iter_mut() {
                 if let Err(e) = op.apply(conn, st) {
                     let _ = conn.execute_batch("ROLLBACK");
@@ -1525,6 +1574,8 @@ fn run_batch(
             // its neighbours still commit.
             st.new_work = false;
             st.backlog_delta = 0;
+            // One per transaction now: every start mark is written.
+            st.finishing.clear();
             let mut counts_done = false;
             let mut answers = Vec::with_capacity(batch.len());
             for mut op in batch {
@@ -1748,6 +1799,22 @@ fn payload_value(kind: i64, body: &[u8], payload: Option<&str>) -> Result<Value,
         (PAYLOAD_JSON, Some(p)) => json_doc(p.as_bytes()).map_err(|e| format!("the normalized payload is not JSON: {e}")),
         (PAYLOAD_JSON, None) => Err("the normalized payload is missing".into()),
         (other, _) => Err(format!("unknown payload kind {other}")),
+    }
+}
+
+/// Whether a normalized payload's stored text (`PAYLOAD_JSON`) is what
+/// printing its parsed `v` gives again, so the handler may be handed that
+/// text ([`Claimed::payload_text`]). Ingest and import store the printed
+/// value (`Value::to_string`), and printing what serde_json parsed from its
+/// own print gives the same bytes: keys in the same (sorted) order, strings
+/// escaped alike, integers exact; but a float may parse to a neighbouring
+/// value, so a payload holding one is printed again, as before.
+fn prints_as_stored(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => !n.is_f64(),
+        Value::Array(a) => a.iter().all(prints_as_stored),
+        Value::Object(o) => o.values().all(prints_as_stored),
+        Value::Null | Value::Bool(_) | Value::String(_) => true,
     }
 }
 
@@ -2119,7 +2186,14 @@ impl Store for SqliteStore {
     }
 
     async fn finish(&self, f: Finished) -> Result<(), StoreError> {
-        self.write_lazy(move |conn, st| finish(conn, st, &f)).await
+        if let Some(e) = self.shared.fault_error() {
+            return Err(e);
+        }
+        let (delivery_id, owner) = (f.delivery_id, f.owner.clone());
+        let (reply, rx) = oneshot::channel();
+        let op = Op { f: move |conn: &Connection, st: &mut WriterState| finish(conn, st, &f), out: None, reply, urgent: false };
+        self.submit(Box::new(Finishing { delivery_id, owner, op }))?;
+        rx.await.unwrap_or(Err(StoreError::ShuttingDown))
     }
 
     async fn started(&self, owner: &str, delivery_id: i64) -> Result<(), StoreError> {
@@ -2128,10 +2202,14 @@ impl Store for SqliteStore {
         // nothing of the attempt depends on when (README "Processing": it
         // only decides what a crash leaves in the history). Not answering it
         // saves a reply and a wake-up of the attempt's task per delivery.
-        self.enqueue_lazy(move |conn, _| {
-            conn.prepare_cached("UPDATE deliveries SET held = 0 WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' AND held = 1")?
-                .execute(params![delivery_id, owner])?;
-            Ok(())
+        // An attempt that ended in time for its record to share that commit
+        // needs no mark (see `FinishAhead`): a short handler's usual case.
+        self.enqueue_lazy(move |conn, st| {
+            if let Some(ahead) = st.finishing.get_mut(&delivery_id).filter(|a| a.owner == owner) {
+                ahead.mark_left = true;
+                return Ok(());
+            }
+            mark_begun(conn, delivery_id, &owner)
         })
     }
 
@@ -2395,9 +2473,10 @@ fn claim_due(
                 let event_id: EventId = r.get(0)?;
                 let headers = headers_value(r.get_ref(5)?.as_str()?).map_err(|e| unreadable(5, format!("event {event_id}: {e}")))?;
                 let body: Vec<u8> = r.get(6)?;
-                let payload: Option<String> = r.get(8)?;
-                let payload =
-                    payload_value(r.get(7)?, &body, payload.as_deref()).map_err(|e| unreadable(8, format!("event {event_id}: {e}")))?;
+                let kind: i64 = r.get(7)?;
+                let text: Option<String> = r.get(8)?;
+                let payload = payload_value(kind, &body, text.as_deref()).map_err(|e| unreadable(8, format!("event {event_id}: {e}")))?;
+                let payload_text = text.filter(|_| kind == PAYLOAD_JSON && prints_as_stored(&payload));
                 Ok(Claimed {
                     delivery_id: id,
                     event_id,
@@ -2412,13 +2491,26 @@ fn claim_due(
                     headers,
                     body: Bytes::from(body),
                     payload,
+                    payload_text,
                 })
             })?;
         Ok(Some(c))
     }
 }
 
+/// The start mark: the held delivery's attempt began (README "Leases,
+/// crashes and stopping": a crash now counts it as an interrupted attempt).
+fn mark_begun(conn: &Connection, delivery_id: i64, owner: &str) -> Result<(), Error> {
+    conn.prepare_cached("UPDATE deliveries SET held = 0 WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' AND held = 1")?
+        .execute(params![delivery_id, owner])?;
+    Ok(())
+}
+
 fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), Error> {
+    let ahead = match st.finishing.get(&f.delivery_id) {
+        Some(a) if a.owner == f.owner => st.finishing.remove(&f.delivery_id),
+        _ => None,
+    };
     let now = now_us();
     let status = rules::after_attempt(f.next);
     let next_at = match f.next {
@@ -2436,6 +2528,11 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), E
         )?
         .query_row(params![status.as_str(), next_at, now, f.delivery_id, f.attempt, f.owner], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
+    if seq.is_none() && ahead.is_some_and(|a| a.mark_left) {
+        // The delivery is no longer this attempt's: its start mark, left
+        // to this record, is written as it would have been (see `FinishAhead`).
+        mark_begun(conn, f.delivery_id, &f.owner)?;
+    }
     // The holder's record replaces whatever stands for this attempt (the
     // "interrupted" note of a takeover it outlived); a stale holder's record
     // is kept only where the trail has none, never over the new owner's.

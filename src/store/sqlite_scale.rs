@@ -648,7 +648,8 @@ pub(super) fn fill(path: &Path, events: u64, old_schema: bool) -> Result<(), Err
     conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
     migrate(&mut conn)?;
     conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -64000;")?;
-    let mut st = WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0, tallies: Tallies::new() };
+    let mut st =
+        WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0, tallies: Tallies::new(), finishing: Default::default() };
     let now = Utc::now();
     let span = chrono::Duration::days(365);
     let start = now - span;

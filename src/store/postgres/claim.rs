@@ -207,5 +207,6 @@ fn claimed_row(r: &Row, delivery_id: i64, handler: &str) -> Result<Claimed, Stor
         headers,
         body: Bytes::from(body),
         payload,
+        payload_text: None,
     })
 }
