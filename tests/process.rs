@@ -303,6 +303,56 @@ printf '%s' "$QUOTE" > "$W/env-QUOTE""#,
     assert_eq!(w.read_string("env-QUOTE"), quote);
 }
 
+/// The normalized JSON the script gets on stdin and in its payload file is
+/// the payload printed compact with its keys sorted, whatever the body's
+/// kind: a JSON body (printed from its parsed value) or a form or XML body
+/// (the text stored at receive time, handed over as it is): unicode,
+/// escapes and key order as printing gives them, byte for byte.
+#[test]
+fn the_normalized_payload_reaches_stdin_and_the_file_as_its_compact_sorted_print_for_json_form_and_xml_bodies() {
+    let w = Work::new();
+    let config = [
+        fast("").as_str(),
+        &open_source("leads"),
+        &w.shell(
+            "dump",
+            r#"cat > "$W/$HOOKTRAIL_EVENT_ID.stdin"
+cp "$HOOKTRAIL_PAYLOAD_FILE" "$W/$HOOKTRAIL_EVENT_ID.file""#,
+            "stdin = \"json\"",
+        ),
+        &route("leads", "dump"),
+    ]
+    .concat();
+    let env = TestEnv::new(&config);
+    let d = env.start();
+    let json_body = r#"{
+  "zeta": "caf\u00e9 \ud83d\ude00 \/ \" \\ \n \u001F \u007f",
+  "alpha": [1.5e3, -0.25, 18446744073709551615, -9223372036854775808, true, null],
+  "mid": {"b": "ümläut 日本", "a": {}}
+}"#;
+    let form_body =
+        "zeta=caf%C3%A9+%F0%9F%98%80&alpha=%22quoted%22+back%5Cslash&mid=line%0Abreak%01&alpha=second&b%C3%A9=%E6%97%A5%E6%9C%AC";
+    let xml_body = r#"<lead><zeta>café &amp; &lt;tag&gt; "q" \</zeta><alpha n="1">日本</alpha></lead>"#;
+    let ids = [
+        d.post("/hooks/leads", "application/json", json_body).id(),
+        d.post("/hooks/leads", "application/x-www-form-urlencoded", form_body).id(),
+        d.post("/hooks/leads", "application/xml", xml_body).id(),
+    ];
+    for id in &ids {
+        let ev = wait_settled(&env, id);
+        assert_eq!(delivery(&ev, "dump")["status"], "succeeded", "{ev:#}");
+        let printed = serde_json::to_string(&ev["payload"]).expect("printing");
+        assert!(printed.len() > 20, "a payload was normalized: {ev:#}");
+        assert_eq!(w.read_string(&format!("{id}.stdin")), printed, "stdin: the payload printed compact, keys sorted: {ev:#}");
+        assert_eq!(w.read_string(&format!("{id}.file")), printed, "the payload file: the same bytes: {ev:#}");
+    }
+    let json_seen = w.read_string(&format!("{}.stdin", ids[0]));
+    let want = r#"{"alpha":[1500.0,-0.25,18446744073709551615,-9223372036854775808,true,null],"mid":{"a":{},"b":"ümläut 日本"},"zeta":"café 😀 / \" \\ \n \u001f "#;
+    assert_eq!(json_seen, format!("{want}\u{7f}\"}}"), "escapes, unicode and key order as printing writes them");
+    let form_seen = w.read_string(&format!("{}.stdin", ids[1]));
+    assert!(form_seen.starts_with(r#"{"alpha":["\"quoted\" back\\slash","second"],"bé":"#), "{form_seen}");
+}
+
 #[test]
 fn shell_stdin_modes_environment_and_pointer_mappings_and_no_daemon_secrets() {
     let w = Work::new();

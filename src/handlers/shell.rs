@@ -101,6 +101,7 @@ fn output_receiver(read: OwnedFd) -> std::io::Result<tokio::net::unix::pipe::Rec
 /// pipe's buffer (64 KiB) almost always, so it is written here, at once, and
 /// no task or event registration is needed; what does not fit is returned
 /// (write end, the rest) for a background writer.
+#[allow(clippy::type_complexity)]
 fn stdin_pipe(bytes: &[u8]) -> std::io::Result<(OwnedFd, Option<(OwnedFd, Vec<u8>)>)> {
     let (read, write) = pipe()?;
     // SAFETY: fcntl on a descriptor we own.

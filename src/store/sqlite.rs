@@ -2461,12 +2461,10 @@ fn claim_due(
             "UPDATE deliveries SET status = 'running', attempts = ?5, held = 1, lease_owner = ?2, next_at = ?3, updated_at = ?4 WHERE id = ?1",
         )?
         .execute(params![id, owner, lease_until, now, step.attempt])?;
-        scale::delivery_moved(conn, st, seq, handler, status, DeliveryStatus::Running)?;
-        // A running delivery decides its event's status alone: no need to read the others.
-        scale::set_event_status(conn, st, seq, rules::event_status_while_running())?;
-        let c = conn
+        // The event row is read once, for the handler and for the counters.
+        let (c, was) = conn
             .prepare_cached(
-                "SELECT e.id, e.source, e.received_at, e.content_type, e.query, e.headers, e.body, e.payload_kind, e.payload, d.queued_at
+                "SELECT e.id, e.source, e.received_at, e.content_type, e.query, e.headers, e.body, e.payload_kind, e.payload, d.queued_at, e.status
              FROM events e JOIN deliveries d ON d.event_seq = e.seq WHERE d.id = ?1",
             )?
             .query_row([id], |r| {
@@ -2477,7 +2475,7 @@ fn claim_due(
                 let text: Option<String> = r.get(8)?;
                 let payload = payload_value(kind, &body, text.as_deref()).map_err(|e| unreadable(8, format!("event {event_id}: {e}")))?;
                 let payload_text = text.filter(|_| kind == PAYLOAD_JSON && prints_as_stored(&payload));
-                Ok(Claimed {
+                let c = Claimed {
                     delivery_id: id,
                     event_id,
                     source: r.get(1)?,
@@ -2492,8 +2490,13 @@ fn claim_due(
                     body: Bytes::from(body),
                     payload,
                     payload_text,
-                })
+                };
+                Ok((c, r.get::<_, EventStatus>(10)?))
             })?;
+        let key = scale::EventKey::new(&c.source, c.received_at);
+        // A running delivery decides its event's status alone: no need to read the others.
+        let moved = (status, DeliveryStatus::Running);
+        scale::moved_as_known(conn, st, (seq, &key, was), handler, moved, rules::event_status_while_running())?;
         Ok(Some(c))
     }
 }
@@ -2559,8 +2562,8 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), E
             Some(key) if status == DeliveryStatus::Succeeded => head_passes_on(conn, &handler, &key, f.delivery_id)?,
             _ => head_follows(conn, f.delivery_id, next_at)? && next_at <= now,
         };
-        scale::delivery_moved(conn, st, seq, &handler, DeliveryStatus::Running, status)?;
-        refresh_event_status(conn, st, seq)?;
+        let event_status = event_status_of(conn, seq)?;
+        scale::delivery_and_event_moved(conn, st, seq, &handler, (DeliveryStatus::Running, status), event_status)?;
         if !rules::unfinished(status) {
             st.backlog_delta -= 1;
         }
@@ -3065,6 +3068,136 @@ mod tests {
             output: String::new(),
             next: Next::Succeeded,
         }
+    }
+
+    /// Holds the writer inside a write (a transaction of its own) until the
+    /// returned sender is used or dropped: what is queued meanwhile goes into
+    /// the writer's next transaction together. The write also sets up a
+    /// temporary table `marks` that a trigger fills with every delivery whose
+    /// start mark was written (`held` cleared while it is still running).
+    async fn hold_writer(store: &SqliteStore) -> (std::sync::mpsc::Sender<()>, impl std::future::Future<Output = ()> + '_) {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let hold = store.write(move |conn, _| {
+            conn.execute_batch(
+                "CREATE TEMP TABLE IF NOT EXISTS marks(delivery_id INTEGER);
+                 CREATE TEMP TRIGGER IF NOT EXISTS mark_seen AFTER UPDATE OF held ON main.deliveries
+                 WHEN OLD.held = 1 AND NEW.held = 0 AND NEW.status = 'running'
+                 BEGIN INSERT INTO marks VALUES (NEW.id); END",
+            )?;
+            let _ = entered_tx.send(());
+            let _ = released.recv();
+            Ok(())
+        });
+        let mut hold = Box::pin(hold);
+        // Queued by its first poll; then the writer runs it and waits.
+        tokio::select! { biased; r = &mut hold => panic!("the holding write ended early: {r:?}"), _ = std::future::ready(()) => {} }
+        entered.recv().expect("the writer runs the holding write");
+        (release, async move { hold.await.expect("the holding write") })
+    }
+
+    /// Start marks written (see [`hold_writer`]), and `held` of `delivery_id`.
+    async fn marks_and_held(store: &SqliteStore, delivery_id: i64) -> (Vec<i64>, bool) {
+        store
+            .write(move |conn, _| {
+                let marks = conn.prepare("SELECT delivery_id FROM marks")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                let held = conn.query_row("SELECT held FROM deliveries WHERE id = ?1", [delivery_id], |r| r.get(0))?;
+                Ok((marks, held))
+            })
+            .await
+            .expect("reading the marks")
+    }
+
+    async fn one_claimed(store: &SqliteStore, n: usize) -> Claimed {
+        let mut ev = event("s", n);
+        ev.handlers = vec!["h".into()];
+        store.insert_event(ev).await.expect("inserting");
+        let mut c = store.claim("me", "h", 1, Duration::from_secs(60)).await.expect("claiming");
+        c.pop().expect("one due delivery")
+    }
+
+    #[tokio::test]
+    async fn a_start_mark_whose_attempt_record_shares_its_commit_is_left_to_the_record_which_is_complete() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"), Role::All).expect("creating");
+        let c = one_claimed(&store, 1).await;
+        let (release, held) = hold_writer(&store).await;
+        // A short attempt: begun and finished while the writer was busy, so
+        // both wait for its next commit together.
+        store.started("me", c.delivery_id).await.expect("queueing the start mark");
+        let started_at = Utc::now() - chrono::Duration::milliseconds(3);
+        let record = Finished { started_at, duration_ms: 3, output: "ok\n".into(), ..succeeded(&c) };
+        let mut finishing = Box::pin(store.finish(record));
+        tokio::select! { biased; r = &mut finishing => panic!("the record committed while the writer was held: {r:?}"), _ = std::future::ready(()) => {} }
+        release.send(()).expect("releasing the writer");
+        held.await;
+        finishing.await.expect("recording the attempt");
+        let (marks, held) = marks_and_held(&store, c.delivery_id).await;
+        assert_eq!(marks, Vec::<i64>::new(), "the start mark was left to the attempt record that shares its commit");
+        assert!(!held, "the record itself clears `held`");
+        let ev = store.get_event(c.event_id).await.expect("reading").expect("stored");
+        assert_eq!(ev.status, EventStatus::Done);
+        let d = &ev.deliveries.as_ref().expect("full detail")[0];
+        assert_eq!(d.status, DeliveryStatus::Succeeded);
+        let a = &d.attempts[0];
+        assert_eq!(d.attempts.len(), 1);
+        assert_eq!((a.number, a.outcome, a.exit_code, a.duration_ms), (1, Outcome::Success, Some(0), 3));
+        assert_eq!((a.error.as_deref(), a.output.as_str()), (None, "ok\n"));
+        assert_eq!(rfc3339(a.started_at), rfc3339(started_at));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_start_mark_is_written_when_its_record_is_not_in_the_commit_or_finds_the_delivery_gone() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"), Role::All).expect("creating");
+        // Still running at the next commit: the mark goes in, so a crash now
+        // counts the attempt as begun (README "Leases, crashes and stopping").
+        let running = one_claimed(&store, 1).await;
+        let (release, held) = hold_writer(&store).await;
+        store.started("me", running.delivery_id).await.expect("queueing the start mark");
+        release.send(()).expect("releasing the writer");
+        held.await;
+        assert_eq!(marks_and_held(&store, running.delivery_id).await, (vec![running.delivery_id], false));
+        // A record in the same commit that no longer holds the delivery (not
+        // this attempt's number) leaves `held` alone: the mark is written.
+        let other = one_claimed(&store, 2).await;
+        let (release, held) = hold_writer(&store).await;
+        store.started("me", other.delivery_id).await.expect("queueing the start mark");
+        let stale = Finished { attempt: other.attempt + 1, ..succeeded(&other) };
+        let mut finishing = Box::pin(store.finish(stale));
+        tokio::select! { biased; r = &mut finishing => panic!("the record committed while the writer was held: {r:?}"), _ = std::future::ready(()) => {} }
+        release.send(()).expect("releasing the writer");
+        held.await;
+        finishing.await.expect("recording the stale attempt");
+        assert_eq!(marks_and_held(&store, other.delivery_id).await, (vec![running.delivery_id, other.delivery_id], false));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_claim_hands_over_a_normalized_payload_as_stored_when_printing_it_gives_the_same_bytes() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"), Role::All).expect("creating");
+        let normalized =
+            serde_json::json!({"b": ["caf\u{e9} \u{1F600}", "\"q\" \\ \n \u{1} \u{7f}"], "a": {"z": 18446744073709551615u64, "y": -1}});
+        let with_float = serde_json::json!({"n": 0.30000000000000004, "s": "x"});
+        for (n, payload) in [normalized.to_string(), with_float.to_string()].into_iter().enumerate() {
+            let mut ev = event("s", n);
+            ev.handlers = vec!["h".into()];
+            ev.payload = Payload::Json(payload);
+            store.insert_event(ev).await.expect("inserting");
+        }
+        let mut body_ev = event("s", 3);
+        body_ev.handlers = vec!["h".into()];
+        store.insert_event(body_ev).await.expect("inserting");
+        let c = store.claim("me", "h", 3, Duration::from_secs(60)).await.expect("claiming");
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[0].payload, normalized);
+        assert_eq!(c[0].payload_text.as_deref(), Some(c[0].payload.to_string().as_str()), "the stored text is what printing gives");
+        assert_eq!(c[1].payload_text, None, "a float may not print back as stored: printed again");
+        assert_eq!(c[2].payload_text, None, "a JSON body is stored as sent: printed again");
+        assert!(prints_as_stored(&normalized) && !prints_as_stored(&with_float));
+        store.close().await;
     }
 
     #[tokio::test]

@@ -300,6 +300,40 @@ pub(super) fn set_event_status(conn: &Connection, st: &mut WriterState, seq: i64
     Ok(())
 }
 
+/// [`delivery_moved`] and then [`set_event_status`], reading the event
+/// row once: what a claim and an attempt record do for each delivery.
+pub(super) fn delivery_and_event_moved(
+    conn: &Connection,
+    st: &mut WriterState,
+    seq: i64,
+    handler: &str,
+    moved: (DeliveryStatus, DeliveryStatus),
+    status: EventStatus,
+) -> Result<(), Error> {
+    let (key, was) = event_row(conn, seq)?;
+    moved_as_known(conn, st, (seq, &key, was), handler, moved, status)
+}
+
+/// [`delivery_and_event_moved`] for a caller that read the event row
+/// already: its key and the status it had.
+pub(super) fn moved_as_known(
+    conn: &Connection,
+    st: &mut WriterState,
+    (seq, key, was): (i64, &EventKey, EventStatus),
+    handler: &str,
+    (from, to): (DeliveryStatus, DeliveryStatus),
+    status: EventStatus,
+) -> Result<(), Error> {
+    if from != to {
+        count_delivery(st, key, handler, Some(from), Some(to));
+    }
+    if was != status {
+        conn.prepare_cached("UPDATE events SET status = ?1 WHERE seq = ?2")?.execute(params![status.as_str(), seq])?;
+        count_event(st, key, Some(was), Some(status));
+    }
+    Ok(())
+}
+
 /// Writes the transaction's counter changes; called just before COMMIT.
 pub(super) fn flush(conn: &Connection, st: &mut WriterState) -> Result<(), Error> {
     if st.tallies.is_empty() {
@@ -648,8 +682,13 @@ pub(super) fn fill(path: &Path, events: u64, old_schema: bool) -> Result<(), Err
     conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
     migrate(&mut conn)?;
     conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -64000;")?;
-    let mut st =
-        WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0, tallies: Tallies::new(), finishing: Default::default() };
+    let mut st = WriterState {
+        ids: ulid::Generator::new(),
+        new_work: false,
+        backlog_delta: 0,
+        tallies: Tallies::new(),
+        finishing: Default::default(),
+    };
     let now = Utc::now();
     let span = chrono::Duration::days(365);
     let start = now - span;
