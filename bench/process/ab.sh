@@ -8,7 +8,8 @@
 # until the search index covers them (NOWAIT=1: don't), then ROUNDS [3] times: the
 # bare spawn rate, then each build on its own copy of that DB, back to back. Prints
 # per run the deliveries/s (from the first attempt), the CPU per delivery (children
-# included) and the daemon's own CPU per delivery. Needs process-bench built
+# included), the daemon's own CPU per delivery, and that by thread name in µs
+# (from schedstat, ns resolution: the writer's share shows a few µs). Needs process-bench built
 # (bench/process.sh builds it; PB=path overrides).
 set -euo pipefail
 ROUNDS=${ROUNDS:-3}; EVENTS=${EVENTS:-10000}; CONC=${SHELL_CONCURRENCY:-8}
@@ -53,6 +54,6 @@ for r in $(seq "$ROUNDS"); do
     rm -rf "$W"/run.db*; cp "$W/seed.db" "$W/run.db"
     cfg "$W/run.db" > "$W/run.toml"
     "$PB" dispatch "$W/run.db" sh "$EVENTS" 600 -- "$b" --config "$W/run.toml" serve --role process >"$W/d.out" 2>"$W/d.log" || { tail "$W/d.log"; exit 1; }
-    echo "round $r $(basename "$b") $(sed -n 's/^dispatch_rate_after_start //p' "$W/d.out")/s cpu $(sed -n 's/^cpu_ms_per_delivery //p' "$W/d.out") daemon $(sed -n 's/^daemon_cpu_ms_per_delivery //p' "$W/d.out")"
+    echo "round $r $(basename "$b") $(sed -n 's/^dispatch_rate_after_start //p' "$W/d.out")/s cpu $(sed -n 's/^cpu_ms_per_delivery //p' "$W/d.out") daemon $(sed -n 's/^daemon_cpu_ms_per_delivery //p' "$W/d.out") µs/delivery: $(sed -n 's/^daemon_thread_us_per_delivery //p' "$W/d.out")"
   done
 done

@@ -130,6 +130,22 @@ fn own_cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks / hz)
 }
 
+/// On-CPU seconds of each of process `pid`'s live threads, summed by thread
+/// name (`/proc/<pid>/task/*/schedstat`: nanoseconds, not 10 ms ticks, so
+/// a thread's share of a few µs per delivery shows). Threads that already
+/// ended are not in it.
+fn thread_cpu_secs(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return by_name };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let (Ok(name), Ok(stat)) = (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("schedstat"))) else { continue };
+        let Some(ns) = stat.split_whitespace().next().and_then(|f| f.parse::<f64>().ok()) else { continue };
+        *by_name.entry(name.trim().to_string()).or_insert(0.0) += ns / 1e9;
+    }
+    by_name
+}
+
 /// How `spawn-rate` starts each /bin/true.
 #[derive(Clone, Copy, Debug)]
 enum SpawnMode {
@@ -470,6 +486,7 @@ async fn dispatch(db: &str, handler: &str, n: u64, timeout: Duration, cmd: &[&st
     // reaped): what the deliveries cost beyond their spawns. Read before the
     // stop, so the shutdown is not counted.
     let own = own_cpu_secs(child.id());
+    let threads = thread_cpu_secs(child.id());
     // SAFETY: kill(2) on the child we spawned and have not reaped yet.
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
@@ -484,6 +501,10 @@ async fn dispatch(db: &str, handler: &str, n: u64, timeout: Duration, cmd: &[&st
     if let Some(own) = own {
         println!("daemon_cpu_ms_per_delivery {:.3}", own * 1000.0 / n as f64);
     }
+    // Per thread name, in µs per delivery: where the daemon's own share goes.
+    let per = |secs: f64| secs * 1e6 / n as f64;
+    let threads: Vec<String> = threads.iter().map(|(name, secs)| format!("{name}={:.1}", per(*secs))).collect();
+    println!("daemon_thread_us_per_delivery {}", threads.join(" "));
     eprintln!(
         "{ok} succeeded, {failed} failed in {secs:.3}s from spawning the daemon ({startup:.3}s until its first attempt); daemon exit {st}"
     );
