@@ -696,12 +696,33 @@ pub struct SqliteStore {
 }
 
 fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection, Error> {
+    memstatus_off();
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;")?;
     register_functions(&conn)?;
     Ok(conn)
+}
+
+/// Turns off SQLite's allocation statistics (`SQLITE_CONFIG_MEMSTATUS`, on
+/// in the bundled build), which nothing here reads: with them every
+/// allocation SQLite makes, on every connection, takes one process-wide
+/// mutex. Possible only before SQLite initializes, so done once, before the
+/// process's first connection; later it is refused (`SQLITE_MISUSE`) and
+/// changes nothing.
+fn memstatus_off() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_config takes this option's one int argument. It
+        // must not run while another thread is inside SQLite: the daemon and
+        // the CLI open every connection through `open_conn`, which waits for
+        // this to return (as do the unit tests, which open a connection by
+        // hand only after their store's).
+        unsafe {
+            rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int);
+        }
+    });
 }
 
 /// `json_pointer_is(doc, pointer, text)`: whether the JSON document has, at that
