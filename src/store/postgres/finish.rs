@@ -176,8 +176,13 @@ async fn store_finishes(shared: &Shared, writes: &[&Write]) -> Result<Vec<Option
     };
     // Committed: the keys' next deliveries claimed in it wait for this
     // process's processor (see `handoff`); the wake-up below brings it.
+    let mut handed_on = 0;
     for (reserved, claimed, began) in handed {
+        handed_on += claimed.len();
         reserved.hand(claimed, began);
+    }
+    if handed_on > 0 {
+        tracing::debug!(deliveries = handed_on, "a finish batch claimed the next deliveries of its keys for this node's processor");
     }
     let finished = moved.values().filter(|s| !rules::unfinished(**s)).count() as i64;
     shared.add_backlog(-finished);

@@ -265,6 +265,11 @@ pub(super) async fn release_unserved(shared: &Shared, all: bool) -> u64 {
         }
     }
     if n > 0 {
+        if all {
+            tracing::info!(deliveries = n, "released the deliveries finishes had handed on and no attempt took; due again at once");
+        } else {
+            tracing::debug!(deliveries = n, "released handed-on deliveries no claim took in time");
+        }
         shared.new_work();
     }
     n
