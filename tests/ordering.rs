@@ -457,7 +457,7 @@ fn with_block_a_head_that_failed_for_good_hands_nothing_on() {
         assert!(!d.log().contains(HANDED_ON), "a failed head handed its key on:\n{}", d.log());
     }
     let ran: Vec<String> = runs_of_lines(&parse(&w.lines()));
-    assert_eq!(ran, [a1.clone()], "only the head ran");
+    assert_eq!(ran, vec![a1], "only the head ran");
 }
 
 /// The events whose runs began (`start` lines), in file order.
