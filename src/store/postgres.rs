@@ -1386,7 +1386,6 @@ impl Store for PostgresStore {
         self.shared.check_open()?;
         let handed = self.shared.handoff.plain_claim(owner, handler, limit);
         if !handed.is_empty() {
-            self.shared.work.notify_one();
             return Ok(handed);
         }
         // One statement, its own transaction, when the handler has no key
@@ -1421,13 +1420,9 @@ impl Store for PostgresStore {
         // every other call claims from the database too.
         self.shared.check_open()?;
         let queued = match self.shared.handoff.ordered_claim(owner, handler, limit, lease) {
-            handoff::Serve::Handed(handed) => {
-                if handed.len() < limit {
-                    // Back at once for the rest, from the database.
-                    self.shared.work.notify_one();
-                }
-                return Ok(handed);
-            }
+            // The processor's next round (the next slot a delivery frees,
+            // a wake-up, its poll) claims from the database.
+            handoff::Serve::Handed(handed) => return Ok(handed),
             handoff::Serve::Database { queued } => queued,
         };
         let got = self.claim_ordered_in_db(owner, handler, on_failure, limit - queued, lease).await?;
