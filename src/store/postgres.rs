@@ -1384,7 +1384,7 @@ impl Store for PostgresStore {
         // A handler whose `ordering` a reload took off: what a finish handed
         // on before goes first, and nothing more is handed (see `handoff`).
         self.shared.check_open()?;
-        let handed = self.shared.handoff.plain_claim(owner, handler, limit);
+        let handed = self.shared.handoff.plain_claim(owner, handler, limit, lease);
         if !handed.is_empty() {
             return Ok(handed);
         }

@@ -30,7 +30,9 @@
 //!   within [`fresh_for`] of that `BEGIN` (a sixth of the lease at most):
 //!   the processor's view of the lease is then never more than a sixth
 //!   late, and an attempt it lets begin still has a sixth of the lease in
-//!   hand. One not served by then is released ([`sweeper`]).
+//!   hand. One not served by then is released ([`sweeper`]), and so is one
+//!   claimed with another lease than the claim asks for (a reload changed
+//!   it: the processor would date and renew it by the new one).
 //! - **Stopping and reloading.** What waits here is released (pending
 //!   again, due at once, no attempt recorded, as the processor releases
 //!   its claimed-ahead queue), never left to its lease: at `close`, and by
@@ -86,6 +88,9 @@ struct Handed {
     claimed: Claimed,
     /// Served until then; released after.
     fresh_until: Instant,
+    /// The lease it was claimed with: served only to a claim that asks for
+    /// the same (the processor dates and renews it by its own).
+    lease: Duration,
 }
 
 /// Room reserved for the pre-claims of one finish batch; what is not handed
@@ -114,8 +119,8 @@ impl Reserved<'_> {
         let hand = takers.entry(self.taker()).or_insert_with(|| Hand::new(self.lease));
         hand.room += self.n.saturating_sub(claimed.len());
         self.n = 0;
-        let fresh_until = began + fresh_for(self.lease);
-        hand.queue.extend(claimed.into_iter().map(|claimed| Handed { claimed, fresh_until }));
+        let (fresh_until, lease) = (began + fresh_for(self.lease), self.lease);
+        hand.queue.extend(claimed.into_iter().map(|claimed| Handed { claimed, fresh_until, lease }));
     }
 }
 
@@ -135,12 +140,16 @@ impl Hand {
         Hand { ordered: false, lease, room: 0, queue: VecDeque::new(), database_next: false }
     }
 
-    /// Up to `limit` fresh handed deliveries, oldest first; stale ones stay
-    /// for the sweeper.
-    fn take(&mut self, limit: usize, now: Instant) -> Vec<Claimed> {
+    /// Up to `limit` fresh handed deliveries claimed with `lease`, oldest
+    /// first; stale ones stay for the sweeper. One claimed with another
+    /// lease (a reload changed it) becomes stale at once.
+    fn take(&mut self, limit: usize, now: Instant, lease: Duration) -> Vec<Claimed> {
         let mut out = Vec::new();
         let mut kept = VecDeque::with_capacity(self.queue.len());
-        for h in self.queue.drain(..) {
+        for mut h in self.queue.drain(..) {
+            if h.lease != lease {
+                h.fresh_until = now;
+            }
             if out.len() < limit && h.fresh_until > now {
                 out.push(h.claimed);
             } else {
@@ -151,8 +160,8 @@ impl Hand {
         out
     }
 
-    fn fresh(&self, now: Instant) -> usize {
-        self.queue.iter().filter(|h| h.fresh_until > now).count()
+    fn fresh(&self, now: Instant, lease: Duration) -> usize {
+        self.queue.iter().filter(|h| h.fresh_until > now && h.lease == lease).count()
     }
 }
 
@@ -180,9 +189,9 @@ impl Handoff {
         let hand = takers.entry((owner.to_string(), handler.to_string())).or_insert_with(|| Hand::new(lease));
         hand.ordered = true;
         hand.lease = lease;
-        let queued = hand.fresh(now);
+        let queued = hand.fresh(now, lease);
         if queued > 0 && !hand.database_next {
-            let handed = hand.take(limit, now);
+            let handed = hand.take(limit, now, lease);
             hand.room = limit - handed.len();
             hand.database_next = true;
             return Serve::Handed(handed);
@@ -197,7 +206,8 @@ impl Handoff {
         let now = Instant::now();
         let mut takers = self.lock();
         if let Some(hand) = takers.get_mut(&(owner.to_string(), handler.to_string())) {
-            got.extend(hand.take(limit.saturating_sub(got.len()), now));
+            let lease = hand.lease;
+            got.extend(hand.take(limit.saturating_sub(got.len()), now, lease));
             hand.room = limit.saturating_sub(got.len());
         }
         got
@@ -206,12 +216,12 @@ impl Handoff {
     /// A plain claim by `owner` for `handler` (its `ordering` is off, or it
     /// never had one): no more pre-claims for it; what was handed before
     /// is served first, up to `limit`.
-    pub fn plain_claim(&self, owner: &str, handler: &str, limit: usize) -> Vec<Claimed> {
+    pub fn plain_claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Vec<Claimed> {
         let mut takers = self.lock();
         let Some(hand) = takers.get_mut(&(owner.to_string(), handler.to_string())) else { return Vec::new() };
         hand.ordered = false;
         hand.room = 0;
-        let out = hand.take(limit, Instant::now());
+        let out = hand.take(limit, Instant::now(), lease);
         if hand.queue.is_empty() {
             takers.remove(&(owner.to_string(), handler.to_string()));
         }
@@ -231,6 +241,13 @@ impl Handoff {
         hand.room -= n;
         let lease = hand.lease;
         Some(Reserved { handoff: self, owner: taker.0, handler: taker.1, n, lease_us: super::micros(lease), lease })
+    }
+
+    #[cfg(test)]
+    fn push_for_test(&self, owner: &str, handler: &str, claimed: Claimed, lease: Duration) {
+        let mut takers = self.lock();
+        let hand = takers.entry((owner.to_string(), handler.to_string())).or_insert_with(|| Hand::new(lease));
+        hand.queue.push_back(Handed { claimed, fresh_until: Instant::now() + fresh_for(lease), lease });
     }
 
     /// The handed deliveries no claim served in time (all of them when
@@ -314,6 +331,35 @@ mod tests {
         assert_eq!(fresh_for(Duration::from_secs(60)), MAX_WAIT);
     }
 
+    fn claimed(id: i64) -> Claimed {
+        Claimed {
+            delivery_id: id,
+            event_id: crate::store::EventId(ulid::Ulid::new()),
+            source: "s".into(),
+            handler: "h".into(),
+            attempt: 1,
+            attempt_in_budget: 1,
+            received_at: chrono::Utc::now(),
+            first_queued_at: chrono::Utc::now(),
+            content_type: String::new(),
+            query: String::new(),
+            headers: serde_json::Value::Null,
+            body: bytes::Bytes::new(),
+            payload: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_delivery_handed_with_another_lease_than_the_claim_asks_is_not_served_but_released() {
+        let h = Handoff::default();
+        h.push_for_test("o", "h", claimed(1), Duration::from_secs(5));
+        h.push_for_test("o", "h", claimed(2), Duration::from_secs(60));
+        // A reload made the lease 60 s: the one leased for 5 s goes back.
+        let Serve::Handed(got) = h.ordered_claim("o", "h", 10, Duration::from_secs(60)) else { panic!("the queue is served first") };
+        assert_eq!(got.iter().map(|c| c.delivery_id).collect::<Vec<_>>(), [2]);
+        assert_eq!(h.take_unserved(false), HashMap::from([("o".to_string(), vec![1])]));
+    }
+
     #[test]
     fn room_comes_from_the_last_ordered_claim_and_only_an_ordered_handler_has_any() {
         let h = Handoff::default();
@@ -326,7 +372,7 @@ mod tests {
         assert!(h.reserve("o", "h", 1).is_none(), "all of it reserved");
         drop(r);
         assert_eq!(h.reserve("o", "h", 3).expect("given back").n, 3);
-        assert!(h.plain_claim("o", "h", 10).is_empty());
+        assert!(h.plain_claim("o", "h", 10, Duration::from_secs(60)).is_empty());
         assert!(h.reserve("o", "h", 1).is_none(), "ordering off: no pre-claims");
     }
 }
