@@ -167,10 +167,17 @@ async fn store_finishes(shared: &Shared, writes: &[&Write]) -> Result<Vec<Option
     let batch = Batch::new(writes);
     let client = shared.pool.get().await.map_err(connect::pool_error)?;
     let mut tries = 0;
+    let mut hand = true;
     let (moved, heads, handed) = loop {
-        match batch.commit(shared, &client).await {
+        match batch.commit(shared, &client, hand).await {
             Ok(done) => break done,
             Err(e) if connect::retryable(&e) && tries < RETRIES => tries += 1,
+            // Handing keys on is an extra: a batch that failed with it is
+            // tried once without it before it fails (see `handoff`).
+            Err(e) if hand && e.as_db_error().is_some() => {
+                tracing::warn!(error = %e, "a finish batch failed while claiming its keys' next deliveries; committing it without that");
+                hand = false;
+            }
             Err(e) => return Err(connect::neutral(e)),
         }
     };
@@ -273,10 +280,17 @@ impl Batch {
     /// otherwise): `BEGIN`, the head rows' follow-up, the begun marks, the
     /// deliveries moved on with their attempts recorded, the events locked
     /// and their deliveries' statuses read, all sent together; then each
-    /// event's new status ([`rules::event_status`]) and `COMMIT`. Any error
-    /// rolls the whole back. Returns the new status of each (delivery,
-    /// attempt) that moved, and how many key heads it moved on.
-    async fn commit<'s>(&self, shared: &'s Shared, client: &deadpool_postgres::Object) -> Result<Committed<'s>, tokio_postgres::Error> {
+    /// event's new status ([`rules::event_status`]), with `hand`, the claim
+    /// of the next deliveries of keys whose heads succeeded (`handoff`), and
+    /// `COMMIT`. Any error rolls the whole back. Returns the new status of
+    /// each (delivery, attempt) that moved, how many key heads it moved on,
+    /// and what it claimed for this process's processor.
+    async fn commit<'s>(
+        &self,
+        shared: &'s Shared,
+        client: &deadpool_postgres::Object,
+        hand: bool,
+    ) -> Result<Committed<'s>, tokio_postgres::Error> {
         // The handed deliveries' lease runs from the server's `BEGIN`, after this.
         let began = std::time::Instant::now();
         let finishing = !self.id.is_empty();
@@ -381,8 +395,18 @@ impl Batch {
         let to: [&(dyn ToSql + Sync); 2] = [&ids, &event_statuses];
         // The keys whose heads just succeeded hand their next deliveries on,
         // after the event statuses (which the pre-claim may change again).
-        let reserved = self.hand_on(shared, &moved);
-        let next = client.prepare_cached(claim::CLAIM_NEXT_OF_FINISHED).await?;
+        let reserved = if hand { self.hand_on(shared, &moved) } else { Vec::new() };
+        let next = match reserved.is_empty() {
+            true => None,
+            false => match client.prepare_cached(claim::CLAIM_NEXT_OF_FINISHED).await {
+                Ok(statement) => Some(statement),
+                Err(e) => {
+                    // A failed `Parse` aborted the transaction: end it before the retry.
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(e);
+                }
+            },
+        };
         let (retry, running) = (Outcome::Retry.as_str(), rules::event_status_while_running().as_str());
         let params: Vec<[&(dyn ToSql + Sync); 7]> = reserved
             .iter()
@@ -390,7 +414,10 @@ impl Batch {
                 [&r.handler, ids, &r.owner, &r.lease_us, &retry, &rules::INTERRUPTED_ATTEMPT, &running]
             })
             .collect();
-        let picks = params.iter().map(|p| client.query(&next, p));
+        let picks: Vec<_> = match &next {
+            Some(statement) => params.iter().map(|p| client.query(statement, p)).collect(),
+            None => Vec::new(),
+        };
         let (updated, picked, committed) =
             tokio::join!(client.execute(&update, &to), futures_util::future::join_all(picks), client.batch_execute("COMMIT"));
         // On an error in the update, the COMMIT of the aborted transaction rolled it back.
