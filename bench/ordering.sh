@@ -91,19 +91,26 @@ sql() { "$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "$1"; }
 cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
 # pg_dispatch HANDLER CONFIG: like `process-bench dispatch` on PostgreSQL: NODES process
 # nodes started at once, timed until no delivery of HANDLER is unfinished (polled every
-# 50 ms); prints dispatch_rate and cpu_ms_per_delivery (the nodes' CPU, not the server's).
+# 50 ms); prints dispatch_rate, cpu_ms_per_delivery (the nodes' CPU, not the server's) and
+# commits_per_delivery (the database's committed transactions over the run, pg_stat_database's
+# xact_commit, less this script's own polls, per delivery; read-only ones included) and
+# wal_syncs_per_delivery (the cluster's WAL flushes to disk, pg_stat_wal's wal_sync: what a
+# synchronous commit waits for, whatever it shares it with).
 pg_dispatch() {
-    local h=$1 config=$2 queued left t0 t1 cpu=0 failed first
+    local h=$1 config=$2 queued left t0 t1 cpu=0 failed first c0 c1 s0 s1 gap polls=0
     queued=$(sql "SELECT count(*) FROM deliveries WHERE handler = '$h' AND status = 'pending'")
     [ "$queued" = "$EVENTS" ] || { echo "$queued deliveries of $h queued, expected $EVENTS" >&2; return 1; }
+    c0=$(sql "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+    s0=$(sql "SELECT wal_sync FROM pg_stat_wal")
     PG_NODES=()
     t0=$(date +%s.%N)
     for n in $(seq "$NODES"); do
-        RUST_LOG=warn "$BIN" --config "$config" serve --role process 2>>"$RUN/$h.log" &
+        RUST_LOG=${NODE_LOG:-warn} "$BIN" --config "$config" serve --role process 2>>"$RUN/$h.log" &
         PG_NODES+=($!)
     done
     while :; do
         left=$(sql "SELECT EXISTS (SELECT 1 FROM deliveries WHERE handler = '$h' AND status IN ('pending', 'retrying', 'running'))")
+        polls=$((polls + 1))
         [ "$left" = f ] && break
         for p in "${PG_NODES[@]}"; do kill -0 "$p" 2>/dev/null || { echo "a process node exited" >&2; return 1; }; done
         sleep 0.05
@@ -112,10 +119,23 @@ pg_dispatch() {
     for p in "${PG_NODES[@]}"; do cpu=$(awk "BEGIN { print $cpu + $(cpu_of "$p") }"); done
     for p in "${PG_NODES[@]}"; do stop "$p"; done
     PG_NODES=()
+    # Each stopped node flushed its statistics as it exited (its backends end just after it);
+    # the first read also counts itself.
+    sleep 0.3
+    c1=$(sql "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+    s1=$(sql "SELECT wal_sync FROM pg_stat_wal")
     failed=$(sql "SELECT count(*) FROM deliveries WHERE handler = '$h' AND status <> 'succeeded'")
     [ "$failed" = 0 ] || { echo "$failed deliveries of $h did not succeed" >&2; return 1; }
     first=$(sql "SELECT extract(epoch FROM min(a.started_at)) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.handler = '$h'")
-    awk "BEGIN { printf \"dispatch_rate %.0f\\ndispatch_rate_after_start %.0f\\ncpu_ms_per_delivery %.3f\\n\", $EVENTS / ($t1 - $t0), $EVENTS / ($t1 - $first), 1000 * $cpu / $EVENTS }"
+    # A key's cycle: from the end of one delivery's attempt to the start of the key's next
+    # (the nodes' clocks, one machine), median and 90th percentile.
+    gap=$(sql "SELECT coalesce(round(percentile_cont(0.5) WITHIN GROUP (ORDER BY g)::numeric, 2) || ' ' || round(percentile_cont(0.9) WITHIN GROUP (ORDER BY g)::numeric, 2), '- -')
+               FROM (SELECT 1000 * extract(epoch FROM a.started_at - lag(a.started_at + a.duration_ms * interval '1 millisecond')
+                            OVER (PARTITION BY d.order_key ORDER BY d.event_id)) AS g
+                     FROM attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.handler = '$h' AND d.order_key IS NOT NULL) x
+               WHERE g IS NOT NULL")
+    echo "key_gap_ms $gap"
+    awk "BEGIN { printf \"dispatch_rate %.0f\\ndispatch_rate_after_start %.0f\\ncpu_ms_per_delivery %.3f\\ncommits_per_delivery %.3f\\nwal_syncs_per_delivery %.3f\\n\", $EVENTS / ($t1 - $t0), $EVENTS / ($t1 - $first), 1000 * $cpu / $EVENTS, ($c1 - $c0 - $polls - 1) / $EVENTS, ($s1 - $s0) / $EVENTS }"
 }
 
 start_daemon() { # start_daemon NAME CONFIG ROLE
@@ -202,7 +222,10 @@ for run in $(seq "$RUNS"); do
         fi
         RATE[$h]=$(value dispatch_rate "$RUN/$h.out")
         CPU[$h]=$(value cpu_ms_per_delivery "$RUN/$h.out")
-        log "   $h: ${RATE[$h]} deliveries/s ($(value dispatch_rate_after_start "$RUN/$h.out")/s from the first attempt), ${CPU[$h]} ms CPU per delivery"
+        if [ "$h" != plain ] && [ "$BACKEND" = postgres ]; then
+            log "   $h: a key's next delivery starts $(value key_gap_ms "$RUN/$h.out" | awk '{ print $1 " ms (median), " $2 " ms (p90)" }') after its previous one ended"
+        fi
+        log "   $h: ${RATE[$h]} deliveries/s ($(value dispatch_rate_after_start "$RUN/$h.out")/s from the first attempt), ${CPU[$h]} ms CPU per delivery$([ "$BACKEND" = postgres ] && echo ", $(value commits_per_delivery "$RUN/$h.out") commits and $(value wal_syncs_per_delivery "$RUN/$h.out") WAL syncs per delivery")"
     done
     P1000=$(( 100 * RATE[k1000] / RATE[plain] ))
     P50=$(( 100 * RATE[k50] / RATE[plain] ))

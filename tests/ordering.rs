@@ -386,3 +386,81 @@ fn admin_addr(env: &TestEnv) -> String {
     let ready: Value = serde_json::from_slice(&std::fs::read(env.ready_file()).expect("ready file")).expect("ready json");
     ready["admin"].as_str().unwrap_or_else(|| panic!("no admin address in {ready}")).to_string()
 }
+
+/// The debug line of a PostgreSQL finish batch that handed keys' next
+/// deliveries to its own node's processor (README "Several nodes: PostgreSQL").
+const HANDED_ON: &str = "a finish batch claimed the next deliveries of its keys for this node's processor";
+
+/// README "Ordered processing", several nodes: on PostgreSQL a finish of a
+/// key's head claims the key's next delivery for its own processor. One
+/// handed so but not begun when the daemon stops is released at once, as
+/// the processor releases what it claimed ahead: the next start runs it at
+/// once, not after its lease (60 s here), with no attempt of the stopped
+/// daemon in its history.
+#[test]
+fn a_handed_on_delivery_not_begun_at_shutdown_is_released_and_runs_at_once_on_the_next_start() {
+    let w = Work::new();
+    // The head waits for `$W/go`: the daemon is stopped while it runs.
+    let body = format!(
+        "{LOG}\nlog start\nif [ \"$FAIL\" = hold ]; then\n  touch \"$W/held\"\n  while [ ! -e \"$W/go\" ]; do sleep 0.01; done\nfi\nlog end"
+    );
+    let env = leads_to_crm(&fast_retries(3, "200ms", "lease = \"60s\""), &w.shell("crm", &body, "ordering = { key = \"/key\" }"));
+    let mut d = env.daemon().env("RUST_LOG", "info,hooktrail::store::postgres=debug").start();
+    let a1 = post(&d, json!({"key": "a", "fail": "hold"}));
+    let a2 = post(&d, json!({"key": "a"}));
+    wait_for("the head to start", SETTLE, || w.path("held").exists());
+    d.sigterm();
+    // The processor claims nothing more; the head finishes within the grace.
+    wait_for("the processor to stop claiming", SETTLE, || d.log().contains("waiting for running deliveries"));
+    std::fs::write(w.path("go"), "").expect("marker");
+    assert!(d.wait_exit(SETTLE).success(), "{}", d.log());
+    let log = d.log();
+    if env.postgres().is_some() {
+        assert!(log.contains(HANDED_ON), "the head's finish handed a2 on:\n{log}");
+        assert!(log.contains("released the deliveries finishes had handed on and no attempt took"), "{log}");
+    }
+    assert_eq!(env.show(&a1)["status"], "done");
+    let ev = env.show(&a2);
+    assert_eq!(delivery(&ev, "crm")["status"], "pending", "released, not left to its lease: {ev:#}");
+    assert!(attempts(delivery(&ev, "crm")).is_empty(), "no attempt recorded: {ev:#}");
+    let _d = env.start();
+    wait_event(&env, &a2, "a2 to run at once on the next start", |ev| ev["status"] == "done");
+    let ran = runs_of_lines(&parse(&w.lines()));
+    assert_eq!(ran, [a1.clone(), a2.clone()], "each once, in order");
+    assert_eq!(attempts(delivery(&env.show(&a2), "crm")).len(), 1);
+}
+
+/// `on_failure = "block"`: a head that failed for good hands nothing on,
+/// on PostgreSQL neither (only a succeeded head passes its key on): the
+/// next delivery stays pending, blocked, unclaimed, and never runs.
+#[test]
+fn with_block_a_head_that_failed_for_good_hands_nothing_on() {
+    let w = Work::new();
+    let body = format!("{LOG}\nlog start\nif [ \"$FAIL\" = yes ]; then exit 3; fi\nlog end");
+    let env = leads_to_crm(
+        &fast_retries(3, "200ms", ""),
+        &w.shell("crm", &body, "permanent_exit_codes = [3]\nordering = { key = \"/key\", on_failure = \"block\" }"),
+    );
+    let d = env.daemon().env("RUST_LOG", "info,hooktrail::store::postgres=debug").start();
+    let a1 = post(&d, json!({"key": "a", "fail": "yes"}));
+    let a2 = post(&d, json!({"key": "a"}));
+    let a3 = post(&d, json!({"key": "a"}));
+    wait_event(&env, &a1, "the head to fail", |ev| ev["status"] == "failed");
+    for id in [&a2, &a3] {
+        let ev = wait_event(&env, id, "the next ones to show blocked_by", |ev| delivery(ev, "crm").get("blocked_by").is_some());
+        assert_eq!(delivery(&ev, "crm")["blocked_by"], a1.as_str());
+        assert_eq!(delivery(&ev, "crm")["status"], "pending");
+        assert!(attempts(delivery(&ev, "crm")).is_empty(), "{ev:#}");
+    }
+    if let Some(db) = env.postgres() {
+        assert_eq!(db.scalar("SELECT count(*) FROM deliveries WHERE lease_owner IS NOT NULL").as_deref(), Some("0"), "nothing leased");
+        assert!(!d.log().contains(HANDED_ON), "a failed head handed its key on:\n{}", d.log());
+    }
+    let ran: Vec<String> = runs_of_lines(&parse(&w.lines()));
+    assert_eq!(ran, vec![a1], "only the head ran");
+}
+
+/// The events whose runs began (`start` lines), in file order.
+fn runs_of_lines(lines: &[Line]) -> Vec<String> {
+    lines.iter().filter(|l| l.what == "start").map(|l| l.id.clone()).collect()
+}

@@ -752,3 +752,79 @@ fn a_process_node_restarted_after_kill9_stops_the_handler_its_predecessor_left_a
     let attempts = delivery(&ev, "slow")["attempts"].as_array().unwrap().clone();
     assert_eq!(attempts.len(), 2, "the interrupted attempt, then the one that succeeded: {ev:#}");
 }
+
+/// README "Several nodes: PostgreSQL": a finish of a key's head claims the
+/// key's next delivery in its own transaction for its own node's processor.
+/// With two process nodes taking a backlog of few keys, the nodes hand keys
+/// on (each says so in its debug log), and still every delivery runs
+/// exactly once (one attempt each, one run line each), per key one at a
+/// time and in id order, whichever node ran the one before.
+#[test]
+fn two_process_nodes_handing_keys_on_run_each_delivery_once_in_key_order() {
+    if postgres_only() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("run.log");
+    let script = dir.path().join("crm.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nlog() {{ printf '%s %s %s %s\\n' \"$1\" \"$KEY\" \"$HOOKTRAIL_EVENT_ID\" \"$PPID\" >> {log}; }}\nlog start\nlog end\n",
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"200ms\"\nmax_concurrency = 8\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [handlers.crm]\ntype = \"shell\"\ncommand = [\"/bin/sh\", {script}]\nenv = {{ KEY = \"/key\" }}\nconcurrency = 4\n\
+         ordering = {{ key = \"/key\" }}\n[[routes]]\nsource = \"in\"\nhandler = \"crm\"\n",
+        script = toml_str(&script.to_string_lossy())
+    ));
+    let ingest = env.daemon().arg("--role").arg("ingest").start();
+    const EVENTS: usize = 240;
+    const KEYS: usize = 6;
+    // A backlog first: every key's next delivery is due when its head ends.
+    for i in 0..EVENTS {
+        let r = ingest.post_json("/hooks/in", &format!(r#"{{"key":"k{}","n":{i}}}"#, i % KEYS));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let debug = "info,hooktrail::store::postgres=debug";
+    let nodes = [
+        env.daemon().arg("--role").arg("process").env("RUST_LOG", debug).start(),
+        env.daemon().arg("--role").arg("process").env("RUST_LOG", debug).start(),
+    ];
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_string).collect::<Vec<_>>();
+    wait_for("every delivery to end", Duration::from_secs(300), || lines().len() >= 2 * EVENTS);
+    wait_for("every event to show done", SETTLE_ALL, || env.events_where(&["--status", "done"]).len() == EVENTS);
+    let lines = lines();
+    assert_eq!(lines.len(), 2 * EVENTS, "each delivery ran exactly once");
+    let mut in_flight: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_id: BTreeMap<String, String> = BTreeMap::new();
+    let mut ran: BTreeSet<String> = BTreeSet::new();
+    for l in &lines {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert_eq!(f.len(), 4, "a log line is `what key id node`: {l:?}");
+        let (what, key, id) = (f[0], f[1].to_string(), f[2].to_string());
+        match what {
+            "start" => {
+                assert!(!in_flight.contains_key(&key), "{id} started while {} of key {key} ran", in_flight[&key]);
+                if let Some(prev) = last_id.get(&key) {
+                    assert!(*prev < id, "key {key}: {id} ran after {prev}, out of id order");
+                }
+                assert!(ran.insert(id.clone()), "{id} ran twice");
+                last_id.insert(key.clone(), id.clone());
+                in_flight.insert(key, id);
+            }
+            "end" => assert_eq!(in_flight.remove(&key), Some(id), "an end without its start"),
+            other => panic!("unexpected line {other}"),
+        }
+    }
+    assert_eq!(last_id.len(), KEYS);
+    let db = env.postgres().expect("on PostgreSQL");
+    assert_eq!(db.scalar("SELECT count(*) FROM attempts").as_deref(), Some(EVENTS.to_string().as_str()), "one attempt per delivery");
+    assert_eq!(db.scalar("SELECT max(number) FROM attempts").as_deref(), Some("1"), "no delivery ran a second attempt");
+    let handed = "a finish batch claimed the next deliveries of its keys for this node's processor";
+    let handing = nodes.iter().filter(|n| n.log().contains(handed)).count();
+    assert!(handing >= 1, "no node handed a key on:\n{}\n{}", nodes[0].log(), nodes[1].log());
+}
