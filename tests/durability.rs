@@ -175,3 +175,64 @@ fn deleting_the_write_ahead_log_while_running_gets_503_and_nothing_more_is_ackno
     let stored = env.events();
     assert!(!stored.iter().any(|e| e["payload"]["n"] == "refused"), "a refused event is stored: {stored:?}");
 }
+
+/// `se.slice` (ns) from a `/proc/.../sched` file, where the kernel shows it.
+fn slice_of(sched: &str) -> Option<u64> {
+    let line = std::fs::read_to_string(sched).ok()?.lines().find(|l| l.starts_with("se.slice"))?.to_string();
+    line.rsplit(':').next()?.trim().parse().ok()
+}
+
+/// Whether this kernel honours a thread's own slice (EEVDF, Linux 6.12 and
+/// later): asked for on a thread of the test and read back.
+fn kernel_honours_custom_slice(ns: u64) -> bool {
+    std::thread::spawn(move || {
+        // `struct sched_attr` version 0: size, policy, flags, nice, priority, runtime, deadline, period.
+        #[repr(C)]
+        struct SchedAttr(u32, u32, u64, i32, u32, u64, u64, u64);
+        let attr = SchedAttr(48, 0, 0, 0, 0, ns, 0, 0);
+        // SAFETY: pid 0 is this thread; the kernel only reads `attr`.
+        let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
+        r == 0 && slice_of("/proc/thread-self/sched") == Some(ns)
+    })
+    .join()
+    .unwrap()
+}
+
+/// Every answer waits for the writer and then a sync loop, each woken once
+/// per batch; with the scheduler's default slice a woken one waits for the
+/// running thread's slice to end (README "Durability"). They ask for a short
+/// slice, so they run as soon as they wake.
+#[test]
+fn the_writer_and_the_sync_loops_ask_the_scheduler_for_a_short_slice() {
+    if sqlite_only("the SQLite writer and its sync loops") {
+        return;
+    }
+    const SHORT_SLICE_NS: u64 = 100_000;
+    if !kernel_honours_custom_slice(SHORT_SLICE_NS) {
+        eprintln!("skipped: this kernel does not show or honour a thread's own scheduler slice (Linux 6.12+)");
+        return;
+    }
+    let env = TestEnv::new(&open_source("lead"));
+    let d = env.start();
+    let r = d.post_json("/hooks/lead", r#"{"n":1}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let tasks = format!("/proc/{}/task", d.pid());
+    let slices = || -> Vec<(String, Option<u64>)> {
+        let mut found = Vec::new();
+        for t in std::fs::read_dir(&tasks).unwrap().flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+            if comm == "hooktrail-write" || comm == "hooktrail-sync" {
+                found.push((comm, slice_of(&t.path().join("sched").to_string_lossy())));
+            }
+        }
+        found.sort();
+        found
+    };
+    let want = vec![
+        ("hooktrail-sync".to_string(), Some(SHORT_SLICE_NS)),
+        ("hooktrail-sync".to_string(), Some(SHORT_SLICE_NS)),
+        ("hooktrail-write".to_string(), Some(SHORT_SLICE_NS)),
+    ];
+    let ok = wait_until(std::time::Duration::from_secs(10), || slices() == want);
+    assert!(ok, "the writer and both sync loops with a {SHORT_SLICE_NS} ns slice: {:?}", slices());
+}
