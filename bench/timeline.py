@@ -79,11 +79,17 @@ print(f"  fdatasync end -> answers handed on  {wmean(9):7.0f}")
 if R:
     rr = [r for r in R if t_lo <= r[0] <= t_hi]
     # answers handed to the responder (sync's done) -> responder took them: approximate by pairing in order
-    dd = sorted(s[5] for s in S)
+    # The responder takes commits' answers in the order the sync loops handed
+    # them on: a sync's first commit is the next responder run after it.
     rr_all = sorted(r[0] for r in R)
-    if len(dd) == len(rr_all):
-        lag = [r - d for r, d in zip(rr_all, dd) if t_lo <= d <= t_hi]
-        print(f"  answers handed on -> responder task runs: mean {statistics.mean(lag):.0f} us (pairing syncs and responder runs in order)")
+    lag, k = [], 0
+    for s in sorted(S, key=lambda s: s[5]):
+        if k < len(rr_all) and t_lo <= s[5] <= t_hi:
+            lag.append(rr_all[k] - s[5])
+        k += s[1]
+    if lag:
+        print(f"  answers handed on -> responder task runs: mean {statistics.mean(lag):.0f} us, p50 {sorted(lag)[len(lag) // 2]} "
+              "(syncs and responder runs paired in order)")
     print(f"  responder: per commit, recv -> all woken {statistics.mean([r[1] - r[0] for r in rr]):.0f} us ({len(rr)} commits)")
 if W:
     print(f"  all urgent writes: queued -> caller's task runs again: {W[1] / max(1, W[0]):.0f} us mean over {W[0]} (whole run)")
