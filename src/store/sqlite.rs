@@ -47,7 +47,7 @@ use serde_json::Value;
 use tokio::sync::{oneshot, Notify};
 
 use super::sqlite_disk::DiskGuard;
-use super::sqlite_sync::{ask_short_slice, sync_loop, SyncQueue, SyncTrace, WalFile, SHORT_SLICE};
+use super::sqlite_sync::{sync_loop, SyncQueue, SyncTrace, WalFile};
 use super::sqlite_timeline as timeline;
 use super::*;
 
@@ -1274,8 +1274,6 @@ fn writer_loop(
     mut syncer: Option<Syncer>,
 ) {
     let mut st = WriterState { ids: ulid::Generator::new(), new_work: false, backlog_delta: 0, tallies: Default::default() };
-    // On the path of every answer, woken once per batch: see `ask_short_slice`.
-    ask_short_slice(SHORT_SLICE);
     let mut last_maintenance = Instant::now();
     let mut disconnected = false;
     while !disconnected {

@@ -217,53 +217,6 @@ impl<T> SyncQueue<T> {
     }
 }
 
-/// The time slice the writer and the sync loops ask for ([`ask_short_slice`]).
-pub const SHORT_SLICE: Duration = Duration::from_micros(100);
-
-/// Asks the kernel's scheduler for a short time slice for the calling
-/// thread (`sched_setattr` with `sched_runtime`, honoured by EEVDF from
-/// Linux 6.12 for normal threads, no privilege needed). Every answer waits
-/// for the writer and then a sync loop, each woken once per batch and then
-/// on the CPU for well under a millisecond. With the default slice (0.7 ms ×
-/// (1 + log2 CPUs): 1.4 ms on 2 vCPUs) a thread woken while both CPUs run
-/// request handling or the load generator waits for the running thread's
-/// slice to end: on the benchmark's quiet moments about 100 µs of each
-/// 250 µs `fdatasync`, and as long again for the writer per batch
-/// (BENCHMARKS.md, "ingest6"). A short slice gives the woken thread an
-/// earlier deadline, so it runs at once; its share of the CPU (its weight,
-/// `nice`) is unchanged. Older kernels accept the call and ignore the
-/// slice; a refusal is only logged at debug level.
-pub fn ask_short_slice(slice: Duration) {
-    /// `struct sched_attr`, version 0 (48 bytes), from `linux/sched/types.h`.
-    #[repr(C)]
-    struct SchedAttr {
-        size: u32,
-        policy: u32,
-        flags: u64,
-        nice: i32,
-        priority: u32,
-        runtime: u64,
-        deadline: u64,
-        period: u64,
-    }
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
-        flags: 0,
-        nice: 0,
-        priority: 0,
-        runtime: slice.as_nanos() as u64,
-        deadline: 0,
-        period: 0,
-    };
-    // SAFETY: pid 0 is the calling thread; `attr` is a valid, initialised
-    // `sched_attr` that the kernel only reads, for the size it declares.
-    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot ask for a short scheduler slice");
-    }
-}
-
 /// Test hook (`HOOKTRAIL_TEST_SYNC_TRACE=FILE`): appends `commit N`,
 /// `sync begin N`, `sync end N` and `ack N` lines, one `write` each, so a
 /// test through the real binary can check the order (`tests/durability.rs`).
@@ -296,7 +249,6 @@ pub fn sync_loop<T>(
     trace: &SyncTrace,
     mut release: impl FnMut(std::io::Result<()>, Vec<(u64, T)>),
 ) {
-    ask_short_slice(SHORT_SLICE);
     while let Some(commits) = queue.take() {
         let took = super::sqlite_timeline::stamp();
         let covers = commits.last().map_or(0, |(seq, _)| *seq);
