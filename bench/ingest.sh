@@ -26,13 +26,15 @@
 # and prints a table of medians over the runs plus the issue's targets. After
 # each run it prints the server's CPU per request by thread name (from
 # /proc/PID/task/*/schedstat: for hooktrail the tokio workers, the writer, the
-# sync loops, the checkpointer), where a change to one of them shows.
+# sync loops, the checkpointer), where a change to one of them shows, and each
+# thread's time waiting on a run queue per request (the same file's second
+# field: time it was ready to run but had no CPU).
 # For hooktrail it also checks that every 2xx wrk counted is in the database
 # (`hooktrail stats --json` after a clean stop): db >= 2xx, and db - 2xx is at most
 # the requests still in flight when wrk stopped (<= connections).
 #
 # Environment knobs (defaults in brackets):
-#   RUNS [3]  DURATION [10s]  CONNECTIONS [64]  THREADS [2]
+#   RUNS [3]  DURATION [10s]  CONNECTIONS or CONNS [64]  THREADS [2]
 #   SERVERS ["bare hooktrail hooktrail-info webhook"]  SLOW_SYNC_MS [1]
 #   BENCH_TMPDIR [/var/tmp]  where the temp DBs live (must be a real disk, not tmpfs)
 #   QUIET_MAX_WAIT [120]  seconds to wait before each run for other load to drop
@@ -42,6 +44,9 @@
 #                   (kept aside in results-disturbed.tsv); the 'other%' column
 #                   shows what the kept one had
 #   KEEP=1    keep the temp directory (DBs, configs, logs)
+#   TIMELINE=1  hooktrail runs write the durable-ingest timeline
+#               (HOOKTRAIL_TIMELINE, src/store/sqlite_timeline.rs) and the script
+#               prints where a request's time went (bench/timeline.py)
 #   HOOKTRAIL_BIN=PATH  measure this hooktrail binary instead of building one
 #                       (to compare a patched build against the baseline)
 # Results: bench/out/<UTC time>/ (results.tsv, summary.txt, wrk outputs, logs).
@@ -52,7 +57,7 @@ cd "$ROOT"
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-10s}
-CONNS=${CONNECTIONS:-64}
+CONNS=${CONNECTIONS:-${CONNS:-64}}
 THREADS=${THREADS:-2}
 SERVERS=${SERVERS:-"bare hooktrail hooktrail-info webhook"}
 SLOW_SYNC_MS=${SLOW_SYNC_MS:-1}
@@ -146,7 +151,7 @@ children_cpu() {
 thread_cpu() {
     local t
     for t in /proc/"$PID"/task/*; do
-        printf '%s %s\n' "$(tr ' ' _ < "$t/comm" 2>/dev/null)" "$(cut -d' ' -f1 "$t/schedstat" 2>/dev/null)"
+        printf '%s %s\n' "$(tr ' ' _ < "$t/comm" 2>/dev/null)" "$(cut -d' ' -f1,2 "$t/schedstat" 2>/dev/null)"
     done
 }
 
@@ -203,7 +208,7 @@ EOF
     if [ "$level" = info ]; then
         env -u RUST_LOG "$HT" --config "$dir/hooktrail.toml" serve 2> "$dir/server.log" &
     else
-        HOOKTRAIL_TEST_SYNC_DELAY_MS=$sync_delay RUST_LOG=$level "$HT" --config "$dir/hooktrail.toml" serve 2> "$dir/server.log" &
+        HOOKTRAIL_TIMELINE=${TIMELINE:+$dir/timeline.txt} HOOKTRAIL_TEST_SYNC_DELAY_MS=$sync_delay RUST_LOG=$level "$HT" --config "$dir/hooktrail.toml" serve 2> "$dir/server.log" &
     fi
     PID=$!
     wait_until 30 test -s "$dir/ready.json" || { cat "$dir/server.log"; return 1; }
@@ -295,11 +300,17 @@ run_one() { # run server attempt
         }' >> "$OUT/results.tsv"
     # CPU per request by thread name (the tokio workers, the writer, the sync loops...)
     awk -v n="$(sed -n 's/^BENCH requests=\([0-9]*\).*/\1/p' "$OUT/$name-$run.wrk")" -v name="$name" '
-        FNR == NR { a[$1] += $2; next } { b[$1] += $2 }
-        END { if (n > 0) { printf "   %-15s CPU per request by thread (µs):", name; for (k in b) if ((b[k] - a[k]) / 1000 / n >= 0.01) printf " %s %.2f", k, (b[k] - a[k]) / 1000 / n; printf "\n" } }' \
+        FNR == NR { a[$1] += $2; qa[$1] += $3; next } { b[$1] += $2; qb[$1] += $3 }
+        END { if (n > 0) {
+            printf "   %-15s CPU per request by thread (µs):", name; for (k in b) if ((b[k] - a[k]) / 1000 / n >= 0.01) printf " %s %.2f", k, (b[k] - a[k]) / 1000 / n; printf "\n"
+            printf "   %-15s run-queue wait per request by thread (µs):", name; for (k in b) if ((b[k] - a[k]) / 1000 / n >= 0.01) printf " %s %.2f", k, (qb[k] - qa[k]) / 1000 / n; printf "\n" } }' \
         "$WORK/.threads0" "$WORK/.threads1" > "$OUT/$name-$run.threads"
     tail -1 "$OUT/results.tsv" | awk -F'\t' '{printf "   %-15s %8s req/s  p50 %6s ms  p99 %7s ms  non-2xx %s  sock-err %s  2xx %s  db %s  RSS %s MB  cpu: server %s%% wrk %s%% other %s%% steal %s%%\n", $2, $3, $4, $5, $8, $9, $10, $11, $12, $13, $14, $15, $16}' | tee -a "$OUT/summary.txt"
     cat "$OUT/$name-$run.threads" | tee -a "$OUT/summary.txt"
+    if [ -n "${TIMELINE:-}" ] && [ -s "$dir/timeline.txt" ]; then
+        python3 "$ROOT/bench/timeline.py" "$dir/timeline.txt" > "$OUT/$name-$run.timeline" 2>&1 || true
+        sed 's/^/   /' "$OUT/$name-$run.timeline" | tee -a "$OUT/summary.txt"
+    fi
     sleep 2
 }
 

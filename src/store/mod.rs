@@ -12,6 +12,7 @@ pub mod search;
 pub mod sqlite;
 mod sqlite_disk;
 mod sqlite_sync;
+mod sqlite_timeline;
 
 use std::fmt;
 use std::str::FromStr;

@@ -48,6 +48,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::sqlite_disk::DiskGuard;
 use super::sqlite_sync::{sync_loop, SyncQueue, SyncTrace, WalFile};
+use super::sqlite_timeline as timeline;
 use super::*;
 
 /// Most operations taken into one transaction. Bounded so one commit's
@@ -442,6 +443,10 @@ trait WriteOp: Send {
     fn finishes(&self) -> Option<(i64, &str)> {
         None
     }
+    /// When it was submitted, only with the diagnostic timeline on (`sqlite_timeline.rs`).
+    fn queued(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// An attempt record: `op`, known to its batch by delivery and owner.
@@ -495,6 +500,7 @@ struct Op<T, F> {
     out: Option<T>,
     reply: oneshot::Sender<Result<T, StoreError>>,
     urgent: bool,
+    queued: Option<Instant>,
 }
 
 impl<T, F> WriteOp for Op<T, F>
@@ -508,6 +514,9 @@ where
     }
     fn urgent(&self) -> bool {
         self.urgent
+    }
+    fn queued(&self) -> Option<Instant> {
+        self.queued
     }
     fn finish(self: Box<Self>, result: Result<(), StoreError>) {
         let Op { out, reply, .. } = *self;
@@ -849,8 +858,12 @@ impl SqliteStore {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Answers>();
             rt.spawn(async move {
                 while let Some(answers) = rx.recv().await {
+                    let (recv, n) = (timeline::stamp(), answers.len());
                     for (op, r) in answers {
                         op.finish(r);
+                    }
+                    if let (Some(tl), Some(recv)) = (timeline::get(), recv) {
+                        tl.line(format_args!("R {} {} {n}", tl.us(recv), tl.us(Instant::now())));
                     }
                 }
             });
@@ -951,7 +964,7 @@ impl SqliteStore {
             return Err(e);
         }
         let (reply, _) = oneshot::channel();
-        self.submit(Box::new(Op { f, out: None, reply, urgent: false }))
+        self.submit(Box::new(Op { f, out: None, reply, urgent: false, queued: None }))
     }
 
     /// Hands `op` to the writer: an urgent one through the channel (which
@@ -992,8 +1005,13 @@ impl SqliteStore {
             return Err(e);
         }
         let (reply, rx) = oneshot::channel();
-        self.submit(Box::new(Op { f, out: None, reply, urgent }))?;
-        rx.await.unwrap_or(Err(StoreError::ShuttingDown))
+        let queued = timeline::stamp();
+        self.submit(Box::new(Op { f, out: None, reply, urgent, queued }))?;
+        let out = rx.await.unwrap_or(Err(StoreError::ShuttingDown));
+        if let (Some(tl), Some(queued), true) = (timeline::get(), queued, urgent) {
+            tl.resumed(queued);
+        }
+        out
     }
 
     /// Runs `f` with a read connection on the blocking pool.
@@ -1328,7 +1346,9 @@ fn writer_loop(
     let mut disconnected = false;
     while !disconnected {
         let mut batch: Vec<Box<dyn WriteOp>> = Vec::new();
-        match rx.recv_timeout(WRITER_IDLE_CHECK) {
+        let recv_result = rx.recv_timeout(WRITER_IDLE_CHECK);
+        let recv = timeline::stamp();
+        match recv_result {
             Ok(op) => batch.push(op),
             Err(RecvTimeoutError::Timeout) => {
                 // Idle: notice a lost file now rather than at the next write.
@@ -1366,11 +1386,27 @@ fn writer_loop(
         let counts = std::mem::take(&mut *shared.rejections.lock().expect("rejection counter lock poisoned"));
         if !batch.is_empty() || !counts.is_empty() {
             let (urgent, until) = (batch.iter().any(|op| op.urgent()), Instant::now() + HOLD_MAX);
+            let (n0, begin) = (batch.len(), timeline::stamp());
+            let mut holds = (0u32, Duration::ZERO);
             let answers = {
-                let mut more = |len: usize| gather(&rx, &shared, syncer.as_ref().filter(|_| urgent), len, until, &mut disconnected);
+                let mut more =
+                    |len: usize| gather(&rx, &shared, syncer.as_ref().filter(|_| urgent), len, until, &mut disconnected, &mut holds);
                 run_batch(&mut conn, &mut st, batch, &counts, &shared, &mut more)
             };
+            let probe = timeline::get().zip(recv).zip(begin).map(|((tl, recv), begin)| {
+                let queued: Vec<u64> = answers.iter().filter_map(|(op, _)| op.queued()).map(|t| tl.us(t)).collect();
+                let first = queued.iter().min().copied().unwrap_or(0);
+                let mean = queued.iter().sum::<u64>() / (queued.len().max(1) as u64);
+                let (n, end) = (answers.len(), tl.us(Instant::now()));
+                (tl, format!("{first} {mean} {} {} {end} {n0} {n} {} {}", tl.us(recv), tl.us(begin), holds.0, holds.1.as_micros()))
+            });
+            let seq = syncer.as_ref().map_or(0, |s| s.seq);
             Syncer::hand_over(&mut syncer, answers, &responder);
+            if let Some((tl, line)) = probe {
+                // The commit's sequence number if it waits for a sync, else 0.
+                let handed = syncer.as_ref().map_or(0, |s| if s.seq > seq { s.seq } else { 0 });
+                tl.line(format_args!("B {handed} {line}"));
+            }
         }
         if shared.fault.get().is_some() {
             // Nothing more is written to a lost or damaged file.
@@ -1386,7 +1422,12 @@ fn writer_loop(
             && shared.pass_done.swap(false, Ordering::Relaxed)
             && shared.wal_frames.load(Ordering::Relaxed) > WAL_FINISH_FRAMES
         {
-            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
+            let t = timeline::stamp();
+            let pass = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+            if let (Some(tl), Some(t), Ok((log, done))) = (timeline::get(), t, &pass) {
+                tl.line(format_args!("F {} {} {log} {done}", tl.us(t), tl.us(Instant::now())));
+            }
+            match pass {
                 Ok((log, done)) if log == done => shared.wal_frames.store(0, Ordering::Relaxed),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "writer checkpoint failed"),
@@ -1400,6 +1441,9 @@ fn writer_loop(
     // Every commit made is answered before the connection closes.
     if let Some(s) = syncer {
         s.finish();
+    }
+    if let Some(tl) = timeline::get() {
+        tl.finish();
     }
     if shared.lost() {
         // A checkpoint now would fold the log into the lost file and empty
@@ -1436,6 +1480,7 @@ fn gather(
     len: usize,
     until: Instant,
     disconnected: &mut bool,
+    holds: &mut (u32, Duration),
 ) -> Vec<Box<dyn WriteOp>> {
     let mut more: Vec<Box<dyn WriteOp>> = Vec::new();
     let Some(syncer) = syncer else { return more };
@@ -1446,7 +1491,10 @@ fn gather(
     // Waiting here rather than in the channel, the writer is not woken by
     // each arriving operation, only by the free loop; it then takes every
     // operation that arrived meanwhile.
+    let held = Instant::now();
     syncer.queue.wait_free(left);
+    holds.0 += 1;
+    holds.1 += held.elapsed();
     while len + more.len() < MAX_BATCH {
         match rx.try_recv() {
             Ok(op) => more.push(op),
@@ -1715,7 +1763,12 @@ fn checkpoint_loop(conn: Connection, shared: Arc<Shared>) {
         // PASSIVE never blocks the writer; it copies what it can. Once a pass
         // catches up, the writer's next commit restarts the WAL from the start,
         // so the file stays small without ever making a request wait.
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
+        let t = timeline::stamp();
+        let pass = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+        if let (Some(tl), Some(t), Ok((log, done))) = (timeline::get(), t, &pass) {
+            tl.line(format_args!("C {} {} {log} {done}", tl.us(t), tl.us(Instant::now())));
+        }
+        match pass {
             Ok((log, _)) => {
                 shared.wal_frames.store(log.max(0) as u64, Ordering::Relaxed);
                 shared.pass_done.store(true, Ordering::Relaxed);
@@ -2212,7 +2265,8 @@ impl Store for SqliteStore {
         }
         let (delivery_id, owner) = (f.delivery_id, f.owner.clone());
         let (reply, rx) = oneshot::channel();
-        let op = Op { f: move |conn: &Connection, st: &mut WriterState| finish(conn, st, &f), out: None, reply, urgent: false };
+        let op =
+            Op { f: move |conn: &Connection, st: &mut WriterState| finish(conn, st, &f), out: None, reply, urgent: false, queued: None };
         self.submit(Box::new(Finishing { delivery_id, owner, op }))?;
         rx.await.unwrap_or(Err(StoreError::ShuttingDown))
     }

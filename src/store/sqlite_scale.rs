@@ -147,8 +147,13 @@ pub(super) fn index_loop(tx: SyncSender<Box<dyn WriteOp>>, read: Connection, sha
             continue;
         }
         let (reply, rx) = oneshot::channel();
-        let op: Box<dyn WriteOp> =
-            Box::new(Op { f: |conn: &Connection, _: &mut WriterState| index_pending(conn, INDEX_CHUNK), out: None, reply, urgent: false });
+        let op: Box<dyn WriteOp> = Box::new(Op {
+            f: |conn: &Connection, _: &mut WriterState| index_pending(conn, INDEX_CHUNK),
+            out: None,
+            reply,
+            urgent: false,
+            queued: None,
+        });
         if tx.try_send(op).is_err() {
             continue;
         }

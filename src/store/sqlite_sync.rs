@@ -250,14 +250,25 @@ pub fn sync_loop<T>(
     mut release: impl FnMut(std::io::Result<()>, Vec<(u64, T)>),
 ) {
     while let Some(commits) = queue.take() {
+        let took = super::sqlite_timeline::stamp();
         let covers = commits.last().map_or(0, |(seq, _)| *seq);
+        let n = commits.len();
         trace.note("sync begin", covers);
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
+        let q0 = took.map(|_| super::sqlite_timeline::runq_us());
+        let start = took.map(|_| std::time::Instant::now());
         let synced = wal.file.sync_data();
+        let end = took.map(|_| std::time::Instant::now());
+        let q1 = took.map(|_| super::sqlite_timeline::runq_us());
         trace.note("sync end", covers);
         release(synced, commits);
+        if let (Some(tl), Some(took), Some(start), Some(end)) = (super::sqlite_timeline::get(), took, start, end) {
+            let done = tl.us(std::time::Instant::now());
+            let runq = q1.unwrap_or(0).saturating_sub(q0.unwrap_or(0));
+            tl.line(format_args!("S {covers} {n} {} {} {} {done} {runq}", tl.us(took), tl.us(start), tl.us(end)));
+        }
     }
 }
 

@@ -346,6 +346,7 @@ mod tests {
             headers: serde_json::Value::Null,
             body: bytes::Bytes::new(),
             payload: serde_json::Value::Null,
+            payload_text: None,
         }
     }
 
