@@ -9,7 +9,11 @@ fn main() {
     let cli = hooktrail::cli::Cli::parse();
     // Logs go to stderr through a non-blocking writer so a slow terminal or
     // journal never stalls request handling; the guard flushes on exit.
-    let (writer, _guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+    // The appender's thread writes every line it finds queued into this
+    // buffer and flushes it when the queue is empty, so a burst of lines
+    // (one per attempt under load) costs one `write` instead of one each.
+    let stderr = std::io::BufWriter::with_capacity(32 * 1024, std::io::stderr());
+    let (writer, _guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(stderr);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
