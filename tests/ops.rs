@@ -342,7 +342,7 @@ fn sighup_adds_a_source_while_requests_keep_flowing_and_a_broken_config_is_refus
     wait_for("the new source to accept events", Duration::from_secs(15), || {
         http.post(&url_new).header("content-type", "application/json").body("{}").send().is_ok_and(|r| r.status() == 200)
     });
-    assert!(d.log().contains("SIGHUP: configuration reloaded"), "{}", d.log());
+    wait_for("the reload to be logged", Duration::from_secs(15), || d.log().contains("SIGHUP: configuration reloaded"));
     after(20);
 
     // A config with an error is refused; the running one (with `fresh`) stays.
@@ -749,7 +749,7 @@ fn retention_prunes_only_finished_events_past_the_age() {
     // them gone any earlier than 4 s after it means they went too soon.
     assert!(received.elapsed() >= Duration::from_secs(4), "pruned before the retention age");
     assert_eq!(admin.event(&retrying)["status"], "retrying", "unfinished work is never pruned");
-    assert!(d.log().contains("retention: deleted finished events"), "{}", d.log());
+    wait_for("the retention pass to be logged", Duration::from_secs(15), || d.log().contains("retention: deleted finished events"));
     // A fresh event is kept while young.
     let fresh = d.post_json("/hooks/bare", "{}").id();
     assert_eq!(admin.get(&format!("/api/events/{fresh}")).status, 200);
@@ -958,7 +958,7 @@ fn idle_connections_to_the_admin_listener_do_not_starve_health_probes() {
     // Everything else still works: readiness, and webhooks on the public listener.
     assert_eq!(admin.get("/readyz").status, 200);
     d.post_json("/hooks/forms", "{}").id();
-    assert!(env.log().contains("closed the oldest idle one"), "making room is logged");
+    wait_for("making room to be logged", Duration::from_secs(15), || env.log().contains("closed the oldest idle one"));
     assert!(!env.log().contains("panicked"));
 }
 

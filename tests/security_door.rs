@@ -277,5 +277,5 @@ fn an_address_that_keeps_failing_authentication_is_refused_unchecked_and_others_
     post_token(&d, "right-token", "192.0.2.10").id();
     wait_rejected(&env, "lim", 22);
     assert_eq!(env.events().len(), 1);
-    assert!(env.log().contains("too many failed authentications"), "the block is logged");
+    wait_for("the block to be logged", std::time::Duration::from_secs(15), || env.log().contains("too many failed authentications"));
 }

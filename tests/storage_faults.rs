@@ -109,7 +109,8 @@ fn deleting_the_database_file_while_running_gets_503_and_loses_no_acknowledged_e
     // While the daemon runs, the deleted file is still open: the log says
     // how to copy it back, and copying it is how nothing is lost.
     let fd = deleted_fd(d.pid(), &env.db_path()).expect("the daemon still has the deleted file open");
-    assert!(d.log().contains(&format!("/proc/{}/fd/", d.pid())), "the ERROR line says how to recover: {}", d.log());
+    let how = format!("/proc/{}/fd/", d.pid());
+    wait_for("the ERROR line to say how to recover", Duration::from_secs(15), || d.log().contains(&how));
     let saved = env.dir().join("saved.sqlite");
     std::fs::copy(&fd, &saved).expect("copying the deleted file from /proc");
 
