@@ -27,7 +27,6 @@
 
 mod connect;
 mod finish;
-mod handoff;
 mod ordering;
 pub use connect::check_url;
 mod schema;
@@ -202,8 +201,6 @@ struct Shared {
     /// key's head is never younger than a delivery committed after it
     /// (see `ordering`).
     keyed: tokio::sync::Mutex<()>,
-    /// Deliveries a finish batch claimed for this process's processor (see `handoff`).
-    handoff: handoff::Handoff,
 }
 
 impl Shared {
@@ -327,7 +324,6 @@ impl PostgresStore {
             closing: AtomicBool::new(false),
             ids: Mutex::new(ulid::Generator::new()),
             keyed: tokio::sync::Mutex::new(()),
-            handoff: handoff::Handoff::default(),
         });
         let (tx, rx) = mpsc::channel::<Waiting>(QUEUE_DEPTH);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
@@ -344,7 +340,6 @@ impl PostgresStore {
             rt.spawn(cancel.clone().run_until_cancelled_owned(scale::folder(shared.clone())));
         }
         if role.processes() {
-            rt.spawn(cancel.clone().run_until_cancelled_owned(handoff::sweeper(shared.clone())));
             rt.spawn(cancel.run_until_cancelled_owned(listener(target.config, target.tls, shared.work.clone())));
         }
         Ok(PostgresStore {
@@ -1079,41 +1074,6 @@ async fn claim_rows(
     claim::claim_locked(tx, owner, handler, &due, lease_us).await
 }
 
-/// [`Store::release`] in the caller's transaction: each of `ids` still
-/// held by `owner` goes back to what it was before the claim
-/// ([`rules::after_release`]), due at once, its key's head looked at again.
-async fn release_in(tx: &deadpool_postgres::Transaction<'_>, owner: &str, ids: &[i64]) -> Result<u64, tokio_postgres::Error> {
-    let mut n = 0u64;
-    for id in ids {
-        let held = tx
-            .query_opt(
-                &tx.prepare_cached(
-                    "SELECT event_id, attempts, budget_from FROM deliveries
-                     WHERE id = $1 AND lease_owner = $2 AND status = 'running' FOR UPDATE",
-                )
-                .await?,
-                &[id, &owner],
-            )
-            .await?;
-        let Some(row) = held else { continue };
-        let (attempts, budget_from): (i32, i32) = (row.get(1), row.get(2));
-        let (status, attempts) = rules::after_release(attempts.max(0) as u32, budget_from.max(0) as u32);
-        tx.execute(
-            &tx.prepare_cached(
-                "UPDATE deliveries SET status = $2, attempts = $3, next_at = now(), lease_owner = NULL, held = false, updated_at = now()
-                 WHERE id = $1",
-            )
-            .await?,
-            &[id, &status.as_str(), &(attempts as i32)],
-        )
-        .await?;
-        ordering::head_follows(tx, *id).await?;
-        refresh_event_status(tx, row.get(0)).await?;
-        n += 1;
-    }
-    Ok(n)
-}
-
 /// Sets an event's status from its deliveries' ([`rules::event_status`]).
 /// The event row is locked first, so of two nodes finishing deliveries of
 /// one event at once, the second reads the first's committed change.
@@ -1253,29 +1213,6 @@ async fn import_in(
 }
 
 impl PostgresStore {
-    /// The database part of an ordered claim (`ordering::claim_ordered_in`),
-    /// its own transaction.
-    async fn claim_ordered_in_db(
-        &self,
-        owner: &str,
-        handler: &str,
-        on_failure: OnFailure,
-        limit: usize,
-        lease: Duration,
-    ) -> Result<Vec<Claimed>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let lease_us = micros(lease);
-        let (owner, handler) = (owner.to_string(), handler.to_string());
-        self.in_tx(|tx| {
-            let (owner, handler) = (owner.clone(), handler.clone());
-            boxed(async move { ordering::claim_ordered_in(tx, &owner, &handler, on_failure, limit, lease_us).await })
-        })
-        .await
-    }
-
     /// Queues a finish or a begun mark for this process's finishers (see
     /// `finish`); the answer comes after the commit of its batch.
     #[allow(clippy::type_complexity)]
@@ -1381,13 +1318,6 @@ impl Store for PostgresStore {
     }
 
     async fn claim(&self, owner: &str, handler: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
-        // A handler whose `ordering` a reload took off: what a finish handed
-        // on before goes first, and nothing more is handed (see `handoff`).
-        self.shared.check_open()?;
-        let handed = self.shared.handoff.plain_claim(owner, handler, limit, lease);
-        if !handed.is_empty() {
-            return Ok(handed);
-        }
         // One statement, its own transaction, when the handler has no key
         // heads (see `claim`); deliveries stored with a key keep their order
         // after a reload took `ordering` off, through the ordered claim.
@@ -1404,7 +1334,7 @@ impl Store for PostgresStore {
         drop(client);
         match found {
             claim::Unkeyed::Claimed(claimed) => Ok(claimed),
-            claim::Unkeyed::HasHeads => self.claim_ordered_in_db(owner, handler, OnFailure::Continue, limit, lease).await,
+            claim::Unkeyed::HasHeads => self.claim_ordered(owner, handler, OnFailure::Continue, limit, lease).await,
         }
     }
 
@@ -1416,17 +1346,16 @@ impl Store for PostgresStore {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<Claimed>, StoreError> {
-        // What finishes handed on (see `handoff`) goes without a round trip;
-        // every other call claims from the database too.
-        self.shared.check_open()?;
-        let queued = match self.shared.handoff.ordered_claim(owner, handler, limit, lease) {
-            // The processor's next round (the next slot a delivery frees,
-            // a wake-up, its poll) claims from the database.
-            handoff::Serve::Handed(handed) => return Ok(handed),
-            handoff::Serve::Database { queued } => queued,
-        };
-        let got = self.claim_ordered_in_db(owner, handler, on_failure, limit - queued, lease).await?;
-        Ok(self.shared.handoff.after_claim(owner, handler, limit, got))
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let lease_us = micros(lease);
+        let (owner, handler) = (owner.to_string(), handler.to_string());
+        let claimed = self
+            .in_tx(|tx| {
+                let (owner, handler) = (owner.clone(), handler.clone());
+                boxed(async move { ordering::claim_ordered_in(tx, &owner, &handler, on_failure, limit, lease_us).await })
+            })
+            .await?;
+        Ok(claimed)
     }
 
     async fn skip(&self, id: EventId, handler: &str) -> Result<(), SkipError> {
@@ -1481,7 +1410,37 @@ impl Store for PostgresStore {
         let n = self
             .in_tx(|tx| {
                 let (owner, ids) = (owner.clone(), ids.clone());
-                boxed(async move { release_in(tx, &owner, &ids).await })
+                boxed(async move {
+                    let mut n = 0u64;
+                    for id in &ids {
+                        let held = tx
+                            .query_opt(
+                                &tx.prepare_cached(
+                                    "SELECT event_id, attempts, budget_from FROM deliveries
+                                     WHERE id = $1 AND lease_owner = $2 AND status = 'running' FOR UPDATE",
+                                )
+                                .await?,
+                                &[id, &owner],
+                            )
+                            .await?;
+                        let Some(row) = held else { continue };
+                        let (attempts, budget_from): (i32, i32) = (row.get(1), row.get(2));
+                        let (status, attempts) = rules::after_release(attempts.max(0) as u32, budget_from.max(0) as u32);
+                        tx.execute(
+                            &tx.prepare_cached(
+                                "UPDATE deliveries SET status = $2, attempts = $3, next_at = now(), lease_owner = NULL, held = false, updated_at = now()
+                                 WHERE id = $1",
+                            )
+                            .await?,
+                            &[id, &status.as_str(), &(attempts as i32)],
+                        )
+                        .await?;
+                        ordering::head_follows(tx, *id).await?;
+                        refresh_event_status(tx, row.get(0)).await?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
             })
             .await?;
         if n > 0 {
@@ -1615,9 +1574,6 @@ impl Store for PostgresStore {
         for f in finishers {
             let _ = f.await;
         }
-        // Deliveries finishes handed on that no claim took go back now, due
-        // at once for another node or the next start (see `handoff`).
-        handoff::release_unserved(&self.shared, true).await;
         // Counts not yet written go with a last small transaction.
         let counts = self.shared.take_counts();
         if !counts.is_empty() {

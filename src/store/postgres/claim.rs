@@ -98,48 +98,6 @@ pub(super) const CLAIM_LOCKED: &str = concat!(
     " SELECT true, c.* FROM claimed c"
 );
 
-/// The pre-claim of a finish batch (`handoff`): for each delivery of
-/// handler `$1` in `$2` that this batch just moved to `succeeded` and that
-/// heads its key (the batch locked that head row first), the key's next
-/// delivery, its oldest unfinished one by event id, claimed when it is
-/// `pending` or `retrying` and due, and the head pointed at it with the
-/// lease just taken: the steps of `ordering::claim_ordered_in` for one
-/// head, attempt arithmetic as in [`CLAIM_UNKEYED`]. Deliveries and events
-/// another transaction holds are skipped, never waited for (this batch
-/// holds other rows already): such a key goes the ordinary way, its head
-/// due now. Returns the columns [`claimed_from`] reads.
-pub(super) const CLAIM_NEXT_OF_FINISHED: &str = concat!(
-    "WITH hd AS MATERIALIZED (
-        SELECT h.key FROM unnest($2::int8[]) AS f(id)
-        CROSS JOIN LATERAL (SELECT order_key FROM deliveries WHERE id = f.id AND handler = $1 AND status = 'succeeded') d
-        JOIN order_heads h ON h.handler = $1 AND h.key = d.order_key AND h.delivery_id = f.id AND NOT h.blocked
-        ORDER BY h.key FOR UPDATE OF h SKIP LOCKED
-     ), nx AS MATERIALIZED (
-        SELECT hd.key, n.id FROM hd CROSS JOIN LATERAL (
-            SELECT id, status, next_at FROM deliveries
-            WHERE handler = $1 AND order_key = hd.key AND status IN ('pending', 'retrying', 'running')
-            ORDER BY event_id LIMIT 1) n
-        WHERE n.status IN ('pending', 'retrying') AND n.next_at <= now()
-     ), due AS MATERIALIZED (
-        SELECT id, event_id, status, attempts, held FROM deliveries
-        WHERE id = ANY (ARRAY(SELECT id FROM nx)) AND status IN ('pending', 'retrying') AND next_at <= now()
-        ORDER BY id FOR UPDATE SKIP LOCKED
-     ), evl AS MATERIALIZED (
-        SELECT id FROM events WHERE id = ANY (ARRAY(SELECT event_id FROM due)) ORDER BY id FOR UPDATE SKIP LOCKED
-     ), u AS MATERIALIZED (
-        SELECT id, event_id,
-               CASE WHEN status = 'running' AND held THEN attempts ELSE attempts + 1 END AS a,
-               CASE WHEN status = 'running' AND NOT held THEN attempts END AS i
-        FROM due WHERE event_id = ANY (ARRAY(SELECT id FROM evl))
-     ), hw AS (
-        UPDATE order_heads h SET delivery_id = u.id, event_id = u.event_id,
-               due = now() + $4::int8 * interval '1 microsecond', blocked = false
-        FROM nx JOIN u ON u.id = nx.id WHERE h.handler = $1 AND h.key = nx.key
-     ), ",
-    claim_tail!(),
-    " SELECT true, c.* FROM claimed c"
-);
-
 /// What [`claim_unkeyed`] found.
 pub(super) enum Unkeyed {
     Claimed(Vec<Claimed>),
@@ -214,7 +172,7 @@ pub(super) async fn claim_locked(
 /// The claimed deliveries among rows of `heads, id, attempts, budget_from,
 /// queued_at, event id, source, received_at, content_type, query, headers,
 /// body, payload_kind, payload` (a NULL id: none).
-pub(super) fn claimed_from(rows: &[Row], handler: &str) -> Vec<Claimed> {
+fn claimed_from(rows: &[Row], handler: &str) -> Vec<Claimed> {
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let Some(id) = r.get::<_, Option<i64>>(1) else { continue };

@@ -167,30 +167,13 @@ async fn store_finishes(shared: &Shared, writes: &[&Write]) -> Result<Vec<Option
     let batch = Batch::new(writes);
     let client = shared.pool.get().await.map_err(connect::pool_error)?;
     let mut tries = 0;
-    let mut hand = true;
-    let (moved, heads, handed) = loop {
-        match batch.commit(shared, &client, hand).await {
+    let (moved, heads) = loop {
+        match batch.commit(&client).await {
             Ok(done) => break done,
             Err(e) if connect::retryable(&e) && tries < RETRIES => tries += 1,
-            // Handing keys on is an extra: a batch that failed with it is
-            // tried once without it before it fails (see `handoff`).
-            Err(e) if hand && e.as_db_error().is_some() => {
-                tracing::warn!(error = %e, "a finish batch failed while claiming its keys' next deliveries; committing it without that");
-                hand = false;
-            }
             Err(e) => return Err(connect::neutral(e)),
         }
     };
-    // Committed: the keys' next deliveries claimed in it wait for this
-    // process's processor (see `handoff`); the wake-up below brings it.
-    let mut handed_on = 0;
-    for (reserved, claimed, began) in handed {
-        handed_on += claimed.len();
-        reserved.hand(claimed, began);
-    }
-    if handed_on > 0 {
-        tracing::debug!(deliveries = handed_on, "a finish batch claimed the next deliveries of its keys for this node's processor");
-    }
     let finished = moved.values().filter(|s| !rules::unfinished(**s)).count() as i64;
     shared.add_backlog(-finished);
     // A delivery due again, or a key whose head moved on: its next delivery
@@ -280,19 +263,13 @@ impl Batch {
     /// otherwise): `BEGIN`, the head rows' follow-up, the begun marks, the
     /// deliveries moved on with their attempts recorded, the events locked
     /// and their deliveries' statuses read, all sent together; then each
-    /// event's new status ([`rules::event_status`]), with `hand`, the claim
-    /// of the next deliveries of keys whose heads succeeded (`handoff`), and
-    /// `COMMIT`. Any error rolls the whole back. Returns the new status of
-    /// each (delivery, attempt) that moved, how many key heads it moved on,
-    /// and what it claimed for this process's processor.
-    async fn commit<'s>(
+    /// event's new status ([`rules::event_status`]) and `COMMIT`. Any error
+    /// rolls the whole back. Returns the new status of each (delivery,
+    /// attempt) that moved, and how many key heads it moved on.
+    async fn commit(
         &self,
-        shared: &'s Shared,
         client: &deadpool_postgres::Object,
-        hand: bool,
-    ) -> Result<Committed<'s>, tokio_postgres::Error> {
-        // The handed deliveries' lease runs from the server's `BEGIN`, after this.
-        let began = std::time::Instant::now();
+    ) -> Result<(HashMap<(i64, i32), DeliveryStatus>, u64), tokio_postgres::Error> {
         let finishing = !self.id.is_empty();
         // What a finish waits for must survive a crash; marks alone need not.
         let begin = if finishing { "BEGIN; SET LOCAL synchronous_commit = on" } else { "BEGIN; SET LOCAL synchronous_commit = off" };
@@ -376,7 +353,7 @@ impl Batch {
         }
         if events.is_empty() {
             client.batch_execute("COMMIT").await?;
-            return Ok((out, heads, Vec::new()));
+            return Ok((out, heads));
         }
         // Each moved delivery's event, from the statuses of all its deliveries.
         let mut by_event: HashMap<&str, Vec<DeliveryStatus>> = HashMap::new();
@@ -393,86 +370,13 @@ impl Batch {
         }
         let update = client.prepare_cached(SET_EVENT_STATUSES).await?;
         let to: [&(dyn ToSql + Sync); 2] = [&ids, &event_statuses];
-        // The keys whose heads just succeeded hand their next deliveries on,
-        // after the event statuses (which the pre-claim may change again).
-        let reserved = if hand { self.hand_on(shared, &moved) } else { Vec::new() };
-        let next = match reserved.is_empty() {
-            true => None,
-            false => match client.prepare_cached(claim::CLAIM_NEXT_OF_FINISHED).await {
-                Ok(statement) => Some(statement),
-                Err(e) => {
-                    // A failed `Parse` aborted the transaction: end it before the retry.
-                    let _ = client.batch_execute("ROLLBACK").await;
-                    return Err(e);
-                }
-            },
-        };
-        let (retry, running) = (Outcome::Retry.as_str(), rules::event_status_while_running().as_str());
-        let params: Vec<[&(dyn ToSql + Sync); 7]> = reserved
-            .iter()
-            .map(|(r, ids)| -> [&(dyn ToSql + Sync); 7] {
-                [&r.handler, ids, &r.owner, &r.lease_us, &retry, &rules::INTERRUPTED_ATTEMPT, &running]
-            })
-            .collect();
-        let picks: Vec<_> = match &next {
-            Some(statement) => params.iter().map(|p| client.query(statement, p)).collect(),
-            None => Vec::new(),
-        };
-        let (updated, picked, committed) =
-            tokio::join!(client.execute(&update, &to), futures_util::future::join_all(picks), client.batch_execute("COMMIT"));
+        let (updated, committed) = tokio::join!(client.execute(&update, &to), client.batch_execute("COMMIT"));
         // On an error in the update, the COMMIT of the aborted transaction rolled it back.
         updated?;
-        let picked = picked.into_iter().collect::<Result<Vec<_>, _>>()?;
         committed?;
-        drop(params);
-        let handed = reserved
-            .into_iter()
-            .zip(picked)
-            .map(|((r, _), rows)| {
-                let mut claimed = claim::claimed_from(&rows, &r.handler);
-                claimed.truncate(r.n);
-                (r, claimed, began)
-            })
-            .collect();
-        Ok((out, heads, handed))
-    }
-
-    /// The finishes of `moved` (rows of [`RECORD_FINISHES`]) that may hand
-    /// their key's next delivery on: succeeded, keyed, of a handler their
-    /// process claims with `ordering` and has room for (see `handoff`),
-    /// grouped by owner and handler, with the room reserved.
-    fn hand_on<'s>(&self, shared: &'s Shared, moved: &[tokio_postgres::Row]) -> Vec<(handoff::Reserved<'s>, Vec<i64>)> {
-        if shared.closing.load(std::sync::atomic::Ordering::Relaxed) {
-            return Vec::new();
-        }
-        let mut groups: BTreeMap<(&str, &str), Vec<i64>> = BTreeMap::new();
-        for r in moved {
-            let (id, attempt, status, handler, key): (i64, i32, &str, &str, Option<&str>) =
-                (r.get(0), r.get(1), r.get(3), r.get(4), r.get(5));
-            if key.is_none() || status != DeliveryStatus::Succeeded.as_str() {
-                continue;
-            }
-            // The lease holder whose finish moved it (the batch's columns
-            // are sorted by delivery id, then attempt).
-            let from = self.id.partition_point(|d| *d < id);
-            let Some(at) = (from..self.id.len()).take_while(|&i| self.id[i] == id).find(|&i| self.attempt[i] == attempt) else { continue };
-            groups.entry((self.owner[at].as_str(), handler)).or_default().push(id);
-        }
-        let mut out = Vec::new();
-        for ((owner, handler), mut ids) in groups {
-            let Some(reserved) = shared.handoff.reserve(owner, handler, ids.len()) else { continue };
-            ids.truncate(reserved.n);
-            out.push((reserved, ids));
-        }
-        out
+        Ok((out, heads))
     }
 }
-
-/// What a committed batch did: each (delivery, attempt) moved with its new
-/// status, how many key heads it moved on, and the deliveries it claimed
-/// for this process's processor with the room they were reserved from and
-/// the instant before the batch began.
-type Committed<'s> = (HashMap<(i64, i32), DeliveryStatus>, u64, Vec<(handoff::Reserved<'s>, Vec<Claimed>, std::time::Instant)>);
 
 /// The head follow-up of a batch (`$1` delivery ids, `$2` retry times, `$3`
 /// attempts, `$4` owners), first in its transaction: the head row of each
@@ -508,7 +412,7 @@ const RECORD_FINISHES: &str = "WITH u AS (
         UPDATE deliveries d SET status = u.status, next_at = coalesce(u.retry_at, now()), lease_owner = NULL, held = false, updated_at = now()
         FROM u WHERE d.id = u.id AND d.id IN (SELECT id FROM held)
           AND d.status = 'running' AND d.attempts = u.attempt AND d.lease_owner = u.owner
-        RETURNING d.id, d.attempts, d.event_id, d.status, d.handler, d.order_key
+        RETURNING d.id, d.attempts, d.event_id, d.status
      ), mine AS (
         INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
         SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.outcome, u.exit_code, u.http_status, u.error, u.output
@@ -522,7 +426,7 @@ const RECORD_FINISHES: &str = "WITH u AS (
         FROM u WHERE NOT EXISTS (SELECT 1 FROM moved m WHERE m.id = u.id AND m.attempts = u.attempt)
           AND EXISTS (SELECT 1 FROM deliveries d WHERE d.id = u.id)
         ON CONFLICT (delivery_id, number) DO NOTHING
-     ) SELECT id, attempts, event_id, status, handler, order_key FROM moved";
+     ) SELECT id, attempts, event_id, status FROM moved";
 
 /// Locks the events of the batch's deliveries (`$1`) in id order, after
 /// the deliveries: of two nodes finishing deliveries of one event at once,
