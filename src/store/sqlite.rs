@@ -951,7 +951,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnMut(&Connection, &mut WriterState) -> Result<T, Error> + Send + 'static,
     {
-        self.write_op(f, true).await
+        self.write_op(f, true, |op| Box::new(op)).await
     }
 
     /// Queues a lazy write nobody waits for; only a refusal to queue it is
@@ -996,7 +996,9 @@ impl SqliteStore {
         })
     }
 
-    async fn write_op<T, F>(&self, f: F, urgent: bool) -> Result<T, StoreError>
+    /// Runs `f` on the writer thread and waits for its answer; `wrap` boxes
+    /// the operation (an attempt record goes in as [`Finishing`]).
+    async fn write_op<T, F>(&self, f: F, urgent: bool, wrap: impl FnOnce(Op<T, F>) -> Box<dyn WriteOp>) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnMut(&Connection, &mut WriterState) -> Result<T, Error> + Send + 'static,
@@ -1006,7 +1008,7 @@ impl SqliteStore {
         }
         let (reply, rx) = oneshot::channel();
         let queued = timeline::stamp();
-        self.submit(Box::new(Op { f, out: None, reply, urgent, queued }))?;
+        self.submit(wrap(Op { f, out: None, reply, urgent, queued }))?;
         let out = rx.await.unwrap_or(Err(StoreError::ShuttingDown));
         if let (Some(tl), Some(queued), true) = (timeline::get(), queued, urgent) {
             tl.resumed(queued);
@@ -1793,6 +1795,20 @@ fn refresh_event_status(conn: &Connection, st: &mut WriterState, seq: i64) -> Re
     scale::set_event_status(conn, st, seq, status)
 }
 
+/// A delivery of event `seq` moved (`from`, `to`): counts it, and sets and
+/// counts the event's status as its deliveries now give it, reading the
+/// event row once (release, skip and an attempt record).
+fn delivery_moved_refreshing_event(
+    conn: &Connection,
+    st: &mut WriterState,
+    seq: i64,
+    handler: &str,
+    moved: (DeliveryStatus, DeliveryStatus),
+) -> Result<(), Error> {
+    let status = event_status_of(conn, seq)?;
+    scale::delivery_and_event_moved(conn, st, seq, handler, moved, status)
+}
+
 fn insert_event(conn: &Connection, st: &mut WriterState, ev: &NewEvent) -> Result<Inserted, Error> {
     let now = now_us();
     if let Some((key, _)) = &ev.dedup {
@@ -2260,15 +2276,9 @@ impl Store for SqliteStore {
     }
 
     async fn finish(&self, f: Finished) -> Result<(), StoreError> {
-        if let Some(e) = self.shared.fault_error() {
-            return Err(e);
-        }
         let (delivery_id, owner) = (f.delivery_id, f.owner.clone());
-        let (reply, rx) = oneshot::channel();
-        let op =
-            Op { f: move |conn: &Connection, st: &mut WriterState| finish(conn, st, &f), out: None, reply, urgent: false, queued: None };
-        self.submit(Box::new(Finishing { delivery_id, owner, op }))?;
-        rx.await.unwrap_or(Err(StoreError::ShuttingDown))
+        let record = move |conn: &Connection, st: &mut WriterState| finish(conn, st, &f);
+        self.write_op(record, false, |op| Box::new(Finishing { delivery_id, owner, op })).await
     }
 
     async fn started(&self, owner: &str, delivery_id: i64) -> Result<(), StoreError> {
@@ -2319,8 +2329,7 @@ impl Store for SqliteStore {
                 )?
                 .execute(params![id, status.as_str(), attempts, now])?;
                 head_follows(conn, *id, now)?;
-                scale::delivery_moved(conn, st, seq, &handler, DeliveryStatus::Running, status)?;
-                refresh_event_status(conn, st, seq)?;
+                delivery_moved_refreshing_event(conn, st, seq, &handler, (DeliveryStatus::Running, status))?;
                 n += 1;
             }
             st.new_work |= n > 0;
@@ -2637,8 +2646,7 @@ fn finish(conn: &Connection, st: &mut WriterState, f: &Finished) -> Result<(), E
             Some(key) if status == DeliveryStatus::Succeeded => head_passes_on(conn, &handler, &key, f.delivery_id)?,
             _ => head_follows(conn, f.delivery_id, next_at)? && next_at <= now,
         };
-        let event_status = event_status_of(conn, seq)?;
-        scale::delivery_and_event_moved(conn, st, seq, &handler, (DeliveryStatus::Running, status), event_status)?;
+        delivery_moved_refreshing_event(conn, st, seq, &handler, (DeliveryStatus::Running, status))?;
         if !rules::unfinished(status) {
             st.backlog_delta -= 1;
         }
@@ -2909,8 +2917,7 @@ fn skip(conn: &Connection, st: &mut WriterState, id: EventId, handler: &str) -> 
          WHERE (handler, key) = (SELECT handler, order_key FROM deliveries WHERE id = ?1) AND delivery_id = ?1",
     )?
     .execute(params![delivery_id, now])?;
-    scale::delivery_moved(conn, st, seq, handler, status, DeliveryStatus::Skipped)?;
-    refresh_event_status(conn, st, seq)?;
+    delivery_moved_refreshing_event(conn, st, seq, handler, (status, DeliveryStatus::Skipped))?;
     st.new_work = true;
     Ok(Ok(()))
 }

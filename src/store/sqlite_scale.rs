@@ -297,11 +297,20 @@ pub(super) fn delivery_moved(
 /// Sets event `seq`'s status, counting the change.
 pub(super) fn set_event_status(conn: &Connection, st: &mut WriterState, seq: i64, status: EventStatus) -> Result<(), Error> {
     let (key, was) = event_row(conn, seq)?;
-    if was == status {
-        return Ok(());
+    event_status_as_known(conn, st, (seq, &key, was), status)
+}
+
+/// [`set_event_status`] for a caller that read the event row already.
+fn event_status_as_known(
+    conn: &Connection,
+    st: &mut WriterState,
+    (seq, key, was): (i64, &EventKey, EventStatus),
+    status: EventStatus,
+) -> Result<(), Error> {
+    if was != status {
+        conn.prepare_cached("UPDATE events SET status = ?1 WHERE seq = ?2")?.execute(params![status.as_str(), seq])?;
+        count_event(st, key, Some(was), Some(status));
     }
-    conn.prepare_cached("UPDATE events SET status = ?1 WHERE seq = ?2")?.execute(params![status.as_str(), seq])?;
-    count_event(st, &key, Some(was), Some(status));
     Ok(())
 }
 
@@ -332,11 +341,7 @@ pub(super) fn moved_as_known(
     if from != to {
         count_delivery(st, key, handler, Some(from), Some(to));
     }
-    if was != status {
-        conn.prepare_cached("UPDATE events SET status = ?1 WHERE seq = ?2")?.execute(params![status.as_str(), seq])?;
-        count_event(st, key, Some(was), Some(status));
-    }
-    Ok(())
+    event_status_as_known(conn, st, (seq, key, was), status)
 }
 
 /// Writes the transaction's counter changes; called just before COMMIT.
