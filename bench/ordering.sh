@@ -89,6 +89,12 @@ newdb() {
 sql() { "$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "$1"; }
 # CPU seconds (user + system) a live process used so far.
 cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
+# `PID CPU-seconds` of each live process of the PostgreSQL cluster (the postmaster's children).
+pg_cpus() {
+    local pm
+    pm=$(head -1 "$WORK/pg/data/postmaster.pid" 2>/dev/null) || return 0
+    for p in $(pgrep -P "$pm"); do echo "$p $(cpu_of "$p" 2>/dev/null || echo 0)"; done
+}
 # pg_dispatch HANDLER CONFIG: like `process-bench dispatch` on PostgreSQL: NODES process
 # nodes started at once, timed until no delivery of HANDLER is unfinished (polled every
 # 50 ms); prints dispatch_rate, cpu_ms_per_delivery (the nodes' CPU, not the server's) and
@@ -97,12 +103,13 @@ cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ print ($14 + $15) / t }' "/proc/$1/s
 # wal_syncs_per_delivery (the cluster's WAL flushes to disk, pg_stat_wal's wal_sync: what a
 # synchronous commit waits for, whatever it shares it with).
 pg_dispatch() {
-    local h=$1 config=$2 queued left t0 t1 cpu=0 failed first c0 c1 s0 s1 gap polls=0
+    local h=$1 config=$2 queued left t0 t1 cpu=0 failed first c0 c1 s0 s1 gap polls=0 pg0 pgcpu
     queued=$(sql "SELECT count(*) FROM deliveries WHERE handler = '$h' AND status = 'pending'")
     [ "$queued" = "$EVENTS" ] || { echo "$queued deliveries of $h queued, expected $EVENTS" >&2; return 1; }
     c0=$(sql "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
     s0=$(sql "SELECT wal_sync FROM pg_stat_wal")
     PG_NODES=()
+    pg0=$(pg_cpus)
     t0=$(date +%s.%N)
     for n in $(seq "$NODES"); do
         RUST_LOG=${NODE_LOG:-warn} "$BIN" --config "$config" serve --role process 2>>"$RUN/$h.log" &
@@ -117,6 +124,10 @@ pg_dispatch() {
     done
     t1=$(date +%s.%N)
     for p in "${PG_NODES[@]}"; do cpu=$(awk "BEGIN { print $cpu + $(cpu_of "$p") }"); done
+    # The server's CPU over the run: its processes alive now (the nodes' backends among
+    # them), less what those alive at the start had used then.
+    pgcpu=$( { echo "$pg0" | sed 's/^/0 /'; pg_cpus | sed 's/^/1 /'; } |
+        awk 'NF == 3 { if ($1 == 0) a[$2] = $3; else s += $3 - ($2 in a ? a[$2] : 0) } END { print s + 0 }')
     for p in "${PG_NODES[@]}"; do stop "$p"; done
     PG_NODES=()
     # Each stopped node flushed its statistics as it exited (its backends end just after it);
@@ -135,6 +146,7 @@ pg_dispatch() {
                      FROM attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.handler = '$h' AND d.order_key IS NOT NULL) x
                WHERE g IS NOT NULL")
     echo "key_gap_ms $gap"
+    awk "BEGIN { printf \"server_cpu_ms_per_delivery %.3f\\n\", 1000 * $pgcpu / $EVENTS }"
     awk "BEGIN { printf \"dispatch_rate %.0f\\ndispatch_rate_after_start %.0f\\ncpu_ms_per_delivery %.3f\\ncommits_per_delivery %.3f\\nwal_syncs_per_delivery %.3f\\n\", $EVENTS / ($t1 - $t0), $EVENTS / ($t1 - $first), 1000 * $cpu / $EVENTS, ($c1 - $c0 - $polls - 1) / $EVENTS, ($s1 - $s0) / $EVENTS }"
 }
 
@@ -225,7 +237,7 @@ for run in $(seq "$RUNS"); do
         if [ "$h" != plain ] && [ "$BACKEND" = postgres ]; then
             log "   $h: a key's next delivery starts $(value key_gap_ms "$RUN/$h.out" | awk '{ print $1 " ms (median), " $2 " ms (p90)" }') after its previous one ended"
         fi
-        log "   $h: ${RATE[$h]} deliveries/s ($(value dispatch_rate_after_start "$RUN/$h.out")/s from the first attempt), ${CPU[$h]} ms CPU per delivery$([ "$BACKEND" = postgres ] && echo ", $(value commits_per_delivery "$RUN/$h.out") commits and $(value wal_syncs_per_delivery "$RUN/$h.out") WAL syncs per delivery")"
+        log "   $h: ${RATE[$h]} deliveries/s ($(value dispatch_rate_after_start "$RUN/$h.out")/s from the first attempt), ${CPU[$h]} ms CPU per delivery$([ "$BACKEND" = postgres ] && echo " (PostgreSQL $(value server_cpu_ms_per_delivery "$RUN/$h.out") ms), $(value commits_per_delivery "$RUN/$h.out") commits and $(value wal_syncs_per_delivery "$RUN/$h.out") WAL syncs per delivery")"
     done
     P1000=$(( 100 * RATE[k1000] / RATE[plain] ))
     P50=$(( 100 * RATE[k50] / RATE[plain] ))
