@@ -168,7 +168,14 @@ const CLAIM_ORDERED_FN: &str = concat!(
             DELETE FROM order_heads WHERE handler = p_handler AND key = ANY (l_gone);
         END IF;
         p_limit := p_limit - coalesce(cardinality(l_ids), 0);
-        IF p_limit > 0 THEN
+        -- Only when one is due: run on nothing, the claim's two UPDATEs would
+        -- still fire the counter triggers of `deliveries` and `events`, at
+        -- every claim of a handler whose deliveries all have a key. One probe
+        -- of `deliveries_unkeyed`, spelt as it is.
+        IF p_limit > 0 AND EXISTS (
+            SELECT 1 FROM deliveries WHERE handler = p_handler AND status IN ",
+    unfinished_sql!(),
+    " AND order_key IS NULL AND next_at <= now()) THEN
             RETURN QUERY ",
     super::claim::claim_unkeyed_sql!(),
     ";
