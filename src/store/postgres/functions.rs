@@ -3,11 +3,11 @@
 //! run as its own transaction, so no transaction stays open while the
 //! client waits for a CPU between its statements.
 //!
-//! Measured (BENCHMARKS.md "pgfn (issue 15)"): a key's next delivery began
-//! about 15 ms after the previous ended, with the backends sampled `idle in
+//! Before (BENCHMARKS.md "pgone"), backends were sampled `idle in
 //! transaction` (`ClientRead`): the head rows a claim had locked stayed
 //! locked across the five round trips of the claim, and a finish batch's
 //! across its two, while the daemon's threads waited for the shared CPUs.
+//! What the functions changed is measured in BENCHMARKS.md "pgfn".
 //!
 //! The functions are the statements the claim and the finish sent before
 //! (pipelined, with the steps between them in Rust), in the same order and
@@ -16,7 +16,10 @@
 //! those of `rules` (each spot names its rule). They are
 //! created by the schema setup at every daemon start (`CREATE OR REPLACE`,
 //! under the migration lock, so nodes starting together do not race and an
-//! upgraded daemon replaces an older body).
+//! upgraded daemon replaces an older body). Nodes of the previous version
+//! may still run beside it and call them: a version that needs other
+//! parameters or results gives the function a new name, never a new
+//! signature under the old one.
 //!
 //! Inside a function every statement takes a fresh snapshot (they are
 //! `VOLATILE`), as the statements of a `READ COMMITTED` transaction do, so
@@ -47,7 +50,7 @@ const CLAIM_ORDERED_FN: &str = concat!(
     #variable_conflict use_column
     DECLARE
         l_head record;
-        -- The head rows' writes (`write_heads`): set (unblocked or blocked), or deleted.
+        -- What the claim writes back to the head rows it holds: set (unblocked or blocked), or deleted.
         l_keys text[] := '{}';
         l_heads bigint[] := '{}';
         l_events text[] := '{}';
