@@ -83,12 +83,23 @@ if [ "$BACKEND" = postgres ]; then
 fi
 # newdb NAME: a fresh PostgreSQL database for one run (HOOKTRAIL_DATABASE_URL).
 newdb() {
-    "$PSQL" -q "$SERVER/postgres?sslmode=disable" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" 2>/dev/null
+    "$PSQL" -q "$SERVER/postgres?sslmode=disable" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" \
+        -c "ALTER DATABASE $1 SET track_functions = 'pl'" 2>/dev/null
     HOOKTRAIL_DATABASE_URL="$SERVER/$1?sslmode=disable"
 }
 sql() { "$PSQL" -tA "$HOOKTRAIL_DATABASE_URL" -c "$1"; }
+# Calls of the ordered claim's and the finish batch's functions so far (0 0 for a version
+# without them), counted with `track_functions` (set on each bench database).
+FUNCTION_CALLS="SELECT coalesce(sum(calls) FILTER (WHERE funcname = 'hooktrail_claim_ordered'), 0) || ' ' ||
+    coalesce(sum(calls) FILTER (WHERE funcname = 'hooktrail_finish'), 0) FROM pg_stat_user_functions"
 # CPU seconds (user + system) a live process used so far.
 cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
+# `PID CPU-seconds` of each live process of the PostgreSQL cluster (the postmaster's children).
+pg_cpus() {
+    local pm
+    pm=$(head -1 "$WORK/pg/data/postmaster.pid" 2>/dev/null) || return 0
+    for p in $(pgrep -P "$pm"); do echo "$p $(cpu_of "$p" 2>/dev/null || echo 0)"; done
+}
 # pg_dispatch HANDLER CONFIG: like `process-bench dispatch` on PostgreSQL: NODES process
 # nodes started at once, timed until no delivery of HANDLER is unfinished (polled every
 # 50 ms); prints dispatch_rate, cpu_ms_per_delivery (the nodes' CPU, not the server's) and
@@ -97,12 +108,14 @@ cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ print ($14 + $15) / t }' "/proc/$1/s
 # wal_syncs_per_delivery (the cluster's WAL flushes to disk, pg_stat_wal's wal_sync: what a
 # synchronous commit waits for, whatever it shares it with).
 pg_dispatch() {
-    local h=$1 config=$2 queued left t0 t1 cpu=0 failed first c0 c1 s0 s1 gap polls=0
+    local h=$1 config=$2 queued left t0 t1 cpu=0 failed first c0 c1 s0 s1 gap polls=0 pg0 pgcpu f0 f1
     queued=$(sql "SELECT count(*) FROM deliveries WHERE handler = '$h' AND status = 'pending'")
     [ "$queued" = "$EVENTS" ] || { echo "$queued deliveries of $h queued, expected $EVENTS" >&2; return 1; }
     c0=$(sql "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
     s0=$(sql "SELECT wal_sync FROM pg_stat_wal")
+    f0=$(sql "$FUNCTION_CALLS")
     PG_NODES=()
+    pg0=$(pg_cpus)
     t0=$(date +%s.%N)
     for n in $(seq "$NODES"); do
         RUST_LOG=${NODE_LOG:-warn} "$BIN" --config "$config" serve --role process 2>>"$RUN/$h.log" &
@@ -117,6 +130,10 @@ pg_dispatch() {
     done
     t1=$(date +%s.%N)
     for p in "${PG_NODES[@]}"; do cpu=$(awk "BEGIN { print $cpu + $(cpu_of "$p") }"); done
+    # The server's CPU over the run: its processes alive now (the nodes' backends among
+    # them), less what those alive at the start had used then.
+    pgcpu=$( { echo "$pg0" | sed 's/^/0 /'; pg_cpus | sed 's/^/1 /'; } |
+        awk 'NF == 3 { if ($1 == 0) a[$2] = $3; else s += $3 - ($2 in a ? a[$2] : 0) } END { print s + 0 }')
     for p in "${PG_NODES[@]}"; do stop "$p"; done
     PG_NODES=()
     # Each stopped node flushed its statistics as it exited (its backends end just after it);
@@ -124,6 +141,7 @@ pg_dispatch() {
     sleep 0.3
     c1=$(sql "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
     s1=$(sql "SELECT wal_sync FROM pg_stat_wal")
+    f1=$(sql "$FUNCTION_CALLS")
     failed=$(sql "SELECT count(*) FROM deliveries WHERE handler = '$h' AND status <> 'succeeded'")
     [ "$failed" = 0 ] || { echo "$failed deliveries of $h did not succeed" >&2; return 1; }
     first=$(sql "SELECT extract(epoch FROM min(a.started_at)) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.handler = '$h'")
@@ -135,6 +153,8 @@ pg_dispatch() {
                      FROM attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.handler = '$h' AND d.order_key IS NOT NULL) x
                WHERE g IS NOT NULL")
     echo "key_gap_ms $gap"
+    echo "$f0 $f1" | awk -v n="$EVENTS" '{ printf "claims_per_delivery %.3f\nfinish_batches_per_delivery %.3f\n", ($3 - $1) / n, ($4 - $2) / n }'
+    awk "BEGIN { printf \"server_cpu_ms_per_delivery %.3f\\n\", 1000 * $pgcpu / $EVENTS }"
     awk "BEGIN { printf \"dispatch_rate %.0f\\ndispatch_rate_after_start %.0f\\ncpu_ms_per_delivery %.3f\\ncommits_per_delivery %.3f\\nwal_syncs_per_delivery %.3f\\n\", $EVENTS / ($t1 - $t0), $EVENTS / ($t1 - $first), 1000 * $cpu / $EVENTS, ($c1 - $c0 - $polls - 1) / $EVENTS, ($s1 - $s0) / $EVENTS }"
 }
 
@@ -225,7 +245,7 @@ for run in $(seq "$RUNS"); do
         if [ "$h" != plain ] && [ "$BACKEND" = postgres ]; then
             log "   $h: a key's next delivery starts $(value key_gap_ms "$RUN/$h.out" | awk '{ print $1 " ms (median), " $2 " ms (p90)" }') after its previous one ended"
         fi
-        log "   $h: ${RATE[$h]} deliveries/s ($(value dispatch_rate_after_start "$RUN/$h.out")/s from the first attempt), ${CPU[$h]} ms CPU per delivery$([ "$BACKEND" = postgres ] && echo ", $(value commits_per_delivery "$RUN/$h.out") commits and $(value wal_syncs_per_delivery "$RUN/$h.out") WAL syncs per delivery")"
+        log "   $h: ${RATE[$h]} deliveries/s ($(value dispatch_rate_after_start "$RUN/$h.out")/s from the first attempt), ${CPU[$h]} ms CPU per delivery$([ "$BACKEND" = postgres ] && echo " (PostgreSQL $(value server_cpu_ms_per_delivery "$RUN/$h.out") ms), $(value commits_per_delivery "$RUN/$h.out") commits and $(value wal_syncs_per_delivery "$RUN/$h.out") WAL syncs per delivery; $(value claims_per_delivery "$RUN/$h.out") ordered-claim and $(value finish_batches_per_delivery "$RUN/$h.out") finish-batch calls per delivery")"
     done
     P1000=$(( 100 * RATE[k1000] / RATE[plain] ))
     P50=$(( 100 * RATE[k50] / RATE[plain] ))

@@ -752,3 +752,86 @@ fn a_process_node_restarted_after_kill9_stops_the_handler_its_predecessor_left_a
     let attempts = delivery(&ev, "slow")["attempts"].as_array().unwrap().clone();
     assert_eq!(attempts.len(), 2, "the interrupted attempt, then the one that succeeded: {ev:#}");
 }
+
+/// Issue 15: the ordered claim and the finish batch are functions the
+/// daemon creates at every start (README "Several nodes: PostgreSQL"). A
+/// database whose schema an earlier version made has none: two process
+/// nodes starting on it at the same moment both come up (one creates them
+/// while the other waits for the schema lock) and run every delivery, each
+/// key's in id order.
+#[test]
+fn process_nodes_starting_together_on_a_schema_without_the_functions_create_them_and_run_in_order() {
+    if postgres_only() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("run.log");
+    let env = TestEnv::new(&format!(
+        "[processor]\npoll_interval = \"200ms\"\n[sources.in]\nauth = {{ type = \"none\" }}\n\
+         [handlers.ord]\ntype = \"shell\"\ncommand = [\"/bin/sh\", \"-c\", \"echo \\\"$KEY $HOOKTRAIL_EVENT_ID\\\" >> {log}\"]\n\
+         env = {{ KEY = \"/key\" }}\nconcurrency = 4\nordering = {{ key = \"/key\" }}\n\
+         [[routes]]\nsource = \"in\"\nhandler = \"ord\"\n",
+        log = log.display()
+    ));
+    let db = env.postgres().expect("a PostgreSQL env");
+    let ingest = env.daemon().arg("--role").arg("ingest").start();
+    let ids: Vec<String> = (0..60).map(|i| ingest.post_json("/hooks/in", &format!(r#"{{"key":"k{}","n":{i}}}"#, i % 3)).id()).collect();
+    // What an earlier version's schema has: every table, no function.
+    let functions = "SELECT count(*) FROM pg_proc WHERE proname IN ('hooktrail_claim_ordered', 'hooktrail_finish')";
+    assert_eq!(db.scalar(functions).as_deref(), Some("2"), "the ingest node's start created them");
+    Session::open(db.url()).run("DROP FUNCTION hooktrail_claim_ordered, hooktrail_finish").unwrap();
+    assert_eq!(db.scalar(functions).as_deref(), Some("0"));
+
+    // Both spawned before either could have created them (`start` waits for
+    // one node's ready file; these two share a config, so they are spawned
+    // as bare processes and watched through their logs).
+    let mut nodes: Vec<Killed> = (0..2)
+        .map(|n| {
+            let log = std::fs::File::create(dir.path().join(format!("node{n}.log"))).unwrap();
+            let child = env
+                .command(&["serve", "--role", "process"])
+                .env("RUST_LOG", "info")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("spawning a process node");
+            Killed(child)
+        })
+        .collect();
+    let node_log = |n: usize| std::fs::read_to_string(dir.path().join(format!("node{n}.log"))).unwrap_or_default();
+    for (n, node) in nodes.iter_mut().enumerate() {
+        wait_for(&format!("node {n} to start its processor"), SETTLE_ALL, || {
+            if let Some(status) = node.0.try_wait().unwrap() {
+                panic!("node {n} exited ({status}) while starting; its log:\n{}", node_log(n));
+            }
+            node_log(n).contains("processor started")
+        });
+    }
+    assert_eq!(db.scalar(functions).as_deref(), Some("2"));
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_string).collect::<Vec<_>>();
+    wait_for("every delivery to run", SETTLE_ALL, || lines().len() >= ids.len());
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for l in lines() {
+        let (key, id) = l.split_once(' ').unwrap_or_else(|| panic!("a line is `key id`: {l:?}"));
+        if let Some(prev) = last.get(key) {
+            assert!(prev.as_str() < id, "key {key}: {id} ran after {prev}");
+        }
+        last.insert(key.to_string(), id.to_string());
+    }
+    assert_eq!(lines().len(), ids.len(), "each delivery ran once");
+    wait_for("every event to show done", SETTLE_ALL, || env.events_where(&["--status", "done"]).len() == ids.len());
+    for (n, mut node) in nodes.into_iter().enumerate() {
+        assert!(node.0.try_wait().unwrap().is_none(), "node {n} is still up; its log:\n{}", node_log(n));
+        assert!(!node_log(n).contains("ERROR"), "node {n} logged an error:\n{}", node_log(n));
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -162,6 +162,7 @@ macro_rules! prunable_sql {
 
 // After the SQL spellings of the rules, which they use.
 mod claim;
+mod functions;
 mod scale;
 
 /// The smallest event id that can have been received at or after `t` (ids
@@ -1021,59 +1022,6 @@ fn arg_refs(args: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
 // ---------------------------------------------------------------------------
 // Processing
 
-/// A due delivery a claim locked.
-struct Due {
-    id: i64,
-    event_id: String,
-    step: rules::ClaimStep,
-}
-
-/// Claims up to `limit` due deliveries of `handler` without an ordering
-/// key, in the caller's transaction (`claim`, one statement). Kept in one
-/// function so rules on what may be claimed (ordering keys) extend it in
-/// one place.
-async fn claim_in(
-    tx: &deadpool_postgres::Transaction<'_>,
-    owner: &str,
-    handler: &str,
-    limit: i64,
-    lease_us: i64,
-) -> Result<Vec<Claimed>, tokio_postgres::Error> {
-    match claim::claim_unkeyed(tx, owner, handler, limit, lease_us, false).await? {
-        claim::Unkeyed::Claimed(claimed) => Ok(claimed),
-        claim::Unkeyed::HasHeads => Ok(Vec::new()),
-    }
-}
-
-/// The claimable deliveries among rows of `id, event_id, status, attempts,
-/// budget_from, held` ([`rules::claim_step`]).
-fn due_rows(rows: &[Row]) -> Vec<Due> {
-    let mut due = Vec::with_capacity(rows.len());
-    for r in rows {
-        let status: &str = r.get(2);
-        let Ok(status) = status.parse::<DeliveryStatus>() else { continue };
-        let attempts: i32 = r.get(3);
-        // Every unfinished status is claimable; a finished one cannot be here.
-        let Some(step) = rules::claim_step(status, r.get(5), attempts.max(0) as u32) else { continue };
-        due.push(Due { id: r.get(0), event_id: r.get(1), step });
-    }
-    due
-}
-
-/// Claims the due deliveries `due` (locked by the caller) for `owner`.
-async fn claim_rows(
-    tx: &deadpool_postgres::Transaction<'_>,
-    owner: &str,
-    handler: &str,
-    due: Vec<Due>,
-    lease_us: i64,
-) -> Result<Vec<Claimed>, tokio_postgres::Error> {
-    if due.is_empty() {
-        return Ok(Vec::new());
-    }
-    claim::claim_locked(tx, owner, handler, &due, lease_us).await
-}
-
 /// Sets an event's status from its deliveries' ([`rules::event_status`]).
 /// The event row is locked first, so of two nodes finishing deliveries of
 /// one event at once, the second reads the first's committed change.
@@ -1349,13 +1297,17 @@ impl Store for PostgresStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let lease_us = micros(lease);
         let (owner, handler) = (owner.to_string(), handler.to_string());
-        let claimed = self
-            .in_tx(|tx| {
-                let (owner, handler) = (owner.clone(), handler.clone());
-                boxed(async move { ordering::claim_ordered_in(tx, &owner, &handler, on_failure, limit, lease_us).await })
-            })
-            .await?;
-        Ok(claimed)
+        // One statement, its own transaction (`functions`): the head rows
+        // it locks are held for no client round trip.
+        let client = self.shared.client().await?;
+        let mut tries = 0;
+        loop {
+            match functions::claim_ordered(&client, &owner, &handler, on_failure, limit, lease_us).await {
+                Ok(claimed) => return Ok(claimed),
+                Err(e) if connect::retryable(&e) && tries < RETRIES => tries += 1,
+                Err(e) => return Err(connect::neutral(e)),
+            }
+        }
     }
 
     async fn skip(&self, id: EventId, handler: &str) -> Result<(), SkipError> {

@@ -17,8 +17,10 @@
 //!   something it wrote (the events' payloads, which a claim never
 //!   changes). If the handler has key heads the statement claims nothing
 //!   and says so, and the claim goes the ordered way (`ordering`).
-//! - Deliveries already locked (the ordered claim's heads) are claimed by
-//!   the same statement's tail ([`claim_locked`]), one statement too.
+//! - The ordered claim is one statement too, `hooktrail_claim_ordered`
+//!   (`functions`): it claims the heads' deliveries it locked with the same
+//!   tail ([`claim_tail!`]) and the unkeyed ones with [`CLAIM_UNKEYED`]'s
+//!   text, used there as is.
 //!
 //! Locks are taken in the order of every other writer: deliveries, then
 //! their events in id order (see `finish` and `ordering`). Rows are found
@@ -59,6 +61,31 @@ macro_rules! claim_tail {
          )"
     };
 }
+pub(super) use claim_tail;
+
+/// [`CLAIM_UNKEYED`]'s text, for `functions` to use it as is.
+macro_rules! claim_unkeyed_sql {
+    () => {
+        concat!(
+            "WITH heads AS MATERIALIZED (SELECT EXISTS (SELECT 1 FROM order_heads WHERE handler = $1) AS has_heads
+         ), due AS MATERIALIZED (
+            SELECT id, event_id, status, attempts, held FROM deliveries
+            WHERE handler = $1 AND status IN ",
+            unfinished_sql!(),
+            " AND order_key IS NULL AND next_at <= now() AND NOT ($8::bool AND (SELECT has_heads FROM heads))
+            ORDER BY next_at LIMIT $2 FOR UPDATE SKIP LOCKED
+         ), u AS (
+            SELECT id, event_id,
+                   CASE WHEN status = 'running' AND held THEN attempts ELSE attempts + 1 END AS a,
+                   CASE WHEN status = 'running' AND NOT held THEN attempts END AS i
+            FROM due
+         ), ",
+            $crate::store::postgres::claim::claim_tail!(),
+            " SELECT h.has_heads, c.* FROM heads h LEFT JOIN claimed c ON true"
+        )
+    };
+}
+pub(super) use claim_unkeyed_sql;
 
 /// The unkeyed due deliveries of handler `$1` (oldest due first, at most
 /// `$2`), claimed; when `$8` is true, only if the handler has no key heads
@@ -71,32 +98,7 @@ macro_rules! claim_tail {
 /// lease expired: held, the attempt never began and keeps its number;
 /// otherwise it was cut short, is recorded as interrupted, and the claim
 /// runs the next number). `tests/store_contract.rs` holds it to the rule.
-pub(super) const CLAIM_UNKEYED: &str = concat!(
-    "WITH heads AS MATERIALIZED (SELECT EXISTS (SELECT 1 FROM order_heads WHERE handler = $1) AS has_heads
-     ), due AS MATERIALIZED (
-        SELECT id, event_id, status, attempts, held FROM deliveries
-        WHERE handler = $1 AND status IN ",
-    unfinished_sql!(),
-    " AND order_key IS NULL AND next_at <= now() AND NOT ($8::bool AND (SELECT has_heads FROM heads))
-        ORDER BY next_at LIMIT $2 FOR UPDATE SKIP LOCKED
-     ), u AS (
-        SELECT id, event_id,
-               CASE WHEN status = 'running' AND held THEN attempts ELSE attempts + 1 END AS a,
-               CASE WHEN status = 'running' AND NOT held THEN attempts END AS i
-        FROM due
-     ), ",
-    claim_tail!(),
-    " SELECT h.has_heads, c.* FROM heads h LEFT JOIN claimed c ON true"
-);
-
-/// Deliveries the caller locked (`$1` ids, `$2` the attempts claimed,
-/// `$8` the attempts to record as interrupted or NULL, `$9` their events),
-/// claimed; the steps come from [`rules::claim_step`] in Rust.
-pub(super) const CLAIM_LOCKED: &str = concat!(
-    "WITH u AS (SELECT * FROM unnest($1::int8[], $9::text[], $2::int4[], $8::int4[]) AS u(id, event_id, a, i)), ",
-    claim_tail!(),
-    " SELECT true, c.* FROM claimed c"
-);
+pub(super) const CLAIM_UNKEYED: &str = claim_unkeyed_sql!();
 
 /// What [`claim_unkeyed`] found.
 pub(super) enum Unkeyed {
@@ -137,42 +139,10 @@ pub(super) async fn claim_unkeyed<C: deadpool_postgres::GenericClient>(
     Ok(Unkeyed::Claimed(claimed_from(&rows, handler)))
 }
 
-/// [`CLAIM_LOCKED`] for `due`, locked by the caller.
-pub(super) async fn claim_locked(
-    tx: &deadpool_postgres::Transaction<'_>,
-    owner: &str,
-    handler: &str,
-    due: &[Due],
-    lease_us: i64,
-) -> Result<Vec<Claimed>, tokio_postgres::Error> {
-    let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
-    let events: Vec<&str> = due.iter().map(|d| d.event_id.as_str()).collect();
-    let attempts: Vec<i32> = due.iter().map(|d| d.step.attempt as i32).collect();
-    let interrupted: Vec<Option<i32>> = due.iter().map(|d| d.step.interrupted.map(|n| n as i32)).collect();
-    let stmt = tx.prepare_cached(CLAIM_LOCKED).await?;
-    let rows = tx
-        .query(
-            &stmt,
-            &[
-                &ids,
-                &attempts,
-                &owner,
-                &lease_us,
-                &Outcome::Retry.as_str(),
-                &rules::INTERRUPTED_ATTEMPT,
-                &rules::event_status_while_running().as_str(),
-                &interrupted,
-                &events,
-            ],
-        )
-        .await?;
-    Ok(claimed_from(&rows, handler))
-}
-
 /// The claimed deliveries among rows of `heads, id, attempts, budget_from,
 /// queued_at, event id, source, received_at, content_type, query, headers,
 /// body, payload_kind, payload` (a NULL id: none).
-fn claimed_from(rows: &[Row], handler: &str) -> Vec<Claimed> {
+pub(super) fn claimed_from(rows: &[Row], handler: &str) -> Vec<Claimed> {
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let Some(id) = r.get::<_, Option<i64>>(1) else { continue };

@@ -1,7 +1,9 @@
 //! Group commit of attempt records on PostgreSQL (README "Several nodes:
 //! PostgreSQL"): every [`Store::finish`] and [`Store::started`] waiting in
 //! this process goes into one transaction, a few statements over arrays
-//! (`unnest`) whatever their number, rather than a transaction each.
+//! (`unnest`) whatever their number, rather than a transaction each. The
+//! transaction is one statement, `hooktrail_finish` (`functions`), one
+//! round trip: no transaction stays open while this process waits for a CPU.
 //!
 //! Nobody waits on these writes but the attempt's own task, and a
 //! transaction costs the database the same few statements (and the counter
@@ -168,7 +170,7 @@ async fn store_finishes(shared: &Shared, writes: &[&Write]) -> Result<Vec<Option
     let client = shared.pool.get().await.map_err(connect::pool_error)?;
     let mut tries = 0;
     let (moved, heads) = loop {
-        match batch.commit(&client).await {
+        match batch.call(&client).await {
             Ok(done) => break done,
             Err(e) if connect::retryable(&e) && tries < RETRIES => tries += 1,
             Err(e) => return Err(connect::neutral(e)),
@@ -259,29 +261,14 @@ impl Batch {
         b
     }
 
-    /// The transaction, in two round trips when some delivery moved (one
-    /// otherwise): `BEGIN`, the head rows' follow-up, the begun marks, the
+    /// The transaction, one statement (`hooktrail_finish`, see
+    /// `functions`): the head rows' follow-up, the begun marks, the
     /// deliveries moved on with their attempts recorded, the events locked
-    /// and their deliveries' statuses read, all sent together; then each
-    /// event's new status ([`rules::event_status`]) and `COMMIT`. Any error
-    /// rolls the whole back. Returns the new status of each (delivery,
-    /// attempt) that moved, and how many key heads it moved on.
-    async fn commit(
-        &self,
-        client: &deadpool_postgres::Object,
-    ) -> Result<(HashMap<(i64, i32), DeliveryStatus>, u64), tokio_postgres::Error> {
-        let finishing = !self.id.is_empty();
-        // What a finish waits for must survive a crash; marks alone need not.
-        let begin = if finishing { "BEGIN; SET LOCAL synchronous_commit = on" } else { "BEGIN; SET LOCAL synchronous_commit = off" };
-        let follow = client.prepare_cached(HEAD_FOLLOWS_FINISHES).await?;
-        let mark = client.prepare_cached(MARK_BEGUN).await?;
-        let record = client.prepare_cached(RECORD_FINISHES).await?;
-        let lock = client.prepare_cached(LOCK_EVENTS).await?;
-        let statuses = client.prepare_cached(EVENT_DELIVERY_STATUSES).await?;
-        let by_id: [&(dyn ToSql + Sync); 1] = [&self.id];
-        let head: [&(dyn ToSql + Sync); 4] = [&self.id, &self.retry_at, &self.attempt, &self.owner];
-        let marks: [&(dyn ToSql + Sync); 2] = [&self.mark_id, &self.mark_owner];
-        let params: [&(dyn ToSql + Sync); 12] = [
+    /// and given their new status ([`rules::event_status`]). Any error rolls
+    /// the whole back. Returns the new status of each (delivery, attempt)
+    /// that moved, and how many key heads it moved on.
+    async fn call(&self, client: &deadpool_postgres::Object) -> Result<(HashMap<(i64, i32), DeliveryStatus>, u64), tokio_postgres::Error> {
+        let finishes: [&(dyn ToSql + Sync); 12] = [
             &self.id,
             &self.attempt,
             &self.owner,
@@ -295,156 +282,7 @@ impl Batch {
             &self.error,
             &self.output,
         ];
-        let (begun, followed, marked, moved, locked, seen) = tokio::join!(
-            client.batch_execute(begin),
-            async {
-                if finishing {
-                    client.execute(&follow, &head).await
-                } else {
-                    Ok(0)
-                }
-            },
-            async {
-                if self.mark_id.is_empty() {
-                    Ok(0)
-                } else {
-                    client.execute(&mark, &marks).await
-                }
-            },
-            async {
-                if finishing {
-                    client.query(&record, &params).await
-                } else {
-                    Ok(Vec::new())
-                }
-            },
-            async {
-                if finishing {
-                    client.execute(&lock, &by_id).await
-                } else {
-                    Ok(0)
-                }
-            },
-            async {
-                if finishing {
-                    client.query(&statuses, &by_id).await
-                } else {
-                    Ok(Vec::new())
-                }
-            },
-        );
-        let heads = *followed.as_ref().unwrap_or(&0);
-        let firsts = begun.and(followed).and(marked).and(moved).and_then(|moved| locked.and(seen).map(|seen| (moved, seen)));
-        let (moved, seen) = match firsts {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
-        };
-        let mut out = HashMap::with_capacity(moved.len());
-        let mut events: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
-        for r in &moved {
-            let (id, attempt, status): (i64, i32, &str) = (r.get(0), r.get(1), r.get(3));
-            if let Ok(status) = status.parse::<DeliveryStatus>() {
-                out.insert((id, attempt), status);
-            }
-            events.insert(r.get(2));
-        }
-        if events.is_empty() {
-            client.batch_execute("COMMIT").await?;
-            return Ok((out, heads));
-        }
-        // Each moved delivery's event, from the statuses of all its deliveries.
-        let mut by_event: HashMap<&str, Vec<DeliveryStatus>> = HashMap::new();
-        for r in &seen {
-            if let Ok(s) = r.get::<_, &str>(1).parse() {
-                by_event.entry(r.get(0)).or_default().push(s);
-            }
-        }
-        let (mut ids, mut event_statuses): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
-        for id in events {
-            let seen = by_event.get(id).map(Vec::as_slice).unwrap_or_default();
-            ids.push(id);
-            event_statuses.push(rules::event_status(seen).as_str());
-        }
-        let update = client.prepare_cached(SET_EVENT_STATUSES).await?;
-        let to: [&(dyn ToSql + Sync); 2] = [&ids, &event_statuses];
-        let (updated, committed) = tokio::join!(client.execute(&update, &to), client.batch_execute("COMMIT"));
-        // On an error in the update, the COMMIT of the aborted transaction rolled it back.
-        updated?;
-        committed?;
-        Ok((out, heads))
+        let args = super::functions::FinishArgs { finishes, mark_id: &self.mark_id, mark_owner: &self.mark_owner };
+        super::functions::finish_batch(client, args).await
     }
 }
-
-/// The head follow-up of a batch (`$1` delivery ids, `$2` retry times, `$3`
-/// attempts, `$4` owners), first in its transaction: the head row of each
-/// delivery this batch moves on (its lease holder's attempt), if it heads
-/// its key, is looked at again at the delivery's new `next_at` (a retry
-/// time, or now for a finished one so the next claim advances or blocks
-/// the key; see `ordering`). Head rows are locked in key order, before the
-/// deliveries, as a claim locks them.
-const HEAD_FOLLOWS_FINISHES: &str = "WITH h AS (
-        SELECT h.handler, h.key, u.t FROM unnest($1::int8[], $2::timestamptz[], $3::int4[], $4::text[]) AS u(id, t, a, o)
-        JOIN deliveries d ON d.id = u.id AND d.status = 'running' AND d.attempts = u.a AND d.lease_owner = u.o
-        JOIN order_heads h ON h.handler = d.handler AND h.key = d.order_key AND h.delivery_id = u.id
-        ORDER BY h.handler, h.key FOR UPDATE OF h
-     ) UPDATE order_heads o SET due = coalesce(h.t, now()) FROM h WHERE o.handler = h.handler AND o.key = h.key";
-
-/// Begun marks (`$1` delivery ids, `$2` owners; see [`Store::started`]):
-/// only while the owner still holds the delivery's lease.
-const MARK_BEGUN: &str = "UPDATE deliveries d SET held = false FROM unnest($1::int8[], $2::text[]) AS u(id, o)
-     WHERE d.id = u.id AND d.lease_owner = u.o AND d.status = 'running' AND d.held";
-
-/// Moves on each delivery whose lease holder's attempt this is and records
-/// the attempts (see the module doc for whose record stands); returns the
-/// moved deliveries: `id, attempt, event_id, status`. Deliveries are locked
-/// in id order.
-const RECORD_FINISHES: &str = "WITH u AS (
-        SELECT * FROM unnest($1::int8[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::int8[],
-                             $8::text[], $9::int4[], $10::int4[], $11::text[], $12::text[])
-            AS u(id, attempt, owner, status, retry_at, started_at, duration_ms, outcome, exit_code, http_status, error, output)
-     ), held AS (
-        SELECT d.id FROM deliveries d JOIN u ON d.id = u.id AND d.status = 'running' AND d.attempts = u.attempt AND d.lease_owner = u.owner
-        ORDER BY d.id FOR UPDATE OF d
-     ), moved AS (
-        UPDATE deliveries d SET status = u.status, next_at = coalesce(u.retry_at, now()), lease_owner = NULL, held = false, updated_at = now()
-        FROM u WHERE d.id = u.id AND d.id IN (SELECT id FROM held)
-          AND d.status = 'running' AND d.attempts = u.attempt AND d.lease_owner = u.owner
-        RETURNING d.id, d.attempts, d.event_id, d.status
-     ), mine AS (
-        INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
-        SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.outcome, u.exit_code, u.http_status, u.error, u.output
-        FROM u JOIN moved m ON m.id = u.id AND m.attempts = u.attempt
-        ON CONFLICT (delivery_id, number) DO UPDATE SET started_at = EXCLUDED.started_at, duration_ms = EXCLUDED.duration_ms,
-           outcome = EXCLUDED.outcome, exit_code = EXCLUDED.exit_code, http_status = EXCLUDED.http_status,
-           error = EXCLUDED.error, output = EXCLUDED.output
-     ), stale AS (
-        INSERT INTO attempts (delivery_id, number, started_at, duration_ms, outcome, exit_code, http_status, error, output)
-        SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.outcome, u.exit_code, u.http_status, u.error, u.output
-        FROM u WHERE NOT EXISTS (SELECT 1 FROM moved m WHERE m.id = u.id AND m.attempts = u.attempt)
-          AND EXISTS (SELECT 1 FROM deliveries d WHERE d.id = u.id)
-        ON CONFLICT (delivery_id, number) DO NOTHING
-     ) SELECT id, attempts, event_id, status FROM moved";
-
-/// Locks the events of the batch's deliveries (`$1`) in id order, after
-/// the deliveries: of two nodes finishing deliveries of one event at once,
-/// the second reads the first's committed change.
-///
-/// `= ANY (ARRAY(…))` rather than `IN (SELECT …)` here and below: with the
-/// latter, the cached (generic) plan of [`EVENT_DELIVERY_STATUSES`] joined
-/// by hash over a sequential scan of all `deliveries`, finished ones
-/// included, in every batch (most of PostgreSQL's time per forwarded
-/// delivery, BENCHMARKS.md "pgclaim"); an array makes it one index probe
-/// per event whatever the table's size.
-const LOCK_EVENTS: &str =
-    "SELECT 1 FROM events WHERE id = ANY (ARRAY(SELECT event_id FROM deliveries WHERE id = ANY($1))) ORDER BY id FOR UPDATE";
-
-/// `event_id, status` of every delivery of the batch's deliveries' events.
-const EVENT_DELIVERY_STATUSES: &str =
-    "SELECT event_id, status FROM deliveries WHERE event_id = ANY (ARRAY(SELECT event_id FROM deliveries WHERE id = ANY($1)))";
-
-/// Events' new statuses (`$1` ids, `$2` statuses), written where they change.
-const SET_EVENT_STATUSES: &str = "UPDATE events e SET status = u.s FROM unnest($1::text[], $2::text[]) AS u(id, s)
-     WHERE e.id = u.id AND e.status <> u.s";

@@ -286,7 +286,8 @@ async fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
         tx.commit().await.map_err(neutral)?;
         tracing::info!(version = i + 1, "database schema migrated");
     }
-    Ok(())
+    // Not a migration: every start puts this version's functions in place.
+    super::functions::install(client).await.map_err(neutral)
 }
 
 /// The schema version, `None` before the first migration.
