@@ -28,6 +28,8 @@
 #   RUNS [1]  EVENTS [100000]  HTTP_CONCURRENCY [64]
 #   BACKEND [sqlite] or postgres; with postgres: NODES [1] `--role process` nodes per
 #             handler (2: the keys are shared between two nodes), PG_PORT [55452]
+#             PG_ANALYZE [1]: ANALYZE the stored backlog before the handlers run (0: leave it
+#             to autovacuum, which may or may not run during a handler)
 #   BENCH_TMPDIR [/var/tmp]  where the DBs live (a real disk, not tmpfs)
 #   KEEP=1    keep the temp directory (DBs, configs, logs)
 #   HOOKTRAIL_BIN=PATH  measure this hooktrail binary instead of building one
@@ -229,6 +231,11 @@ for run in $(seq "$RUNS"); do
         done
     fi
     stop "$DPID"; DPID=""
+    # The tables' statistics, as autovacuum gathers them at some point of any real
+    # run (here it used to land in the middle of a handler's run, or not at all,
+    # and the plans it led to halved some runs: BENCHMARKS.md, "Quiet-machine runs
+    # at the end of stop 15"). PG_ANALYZE=0 leaves them to autovacuum.
+    if [ "$BACKEND" = postgres ] && [ "${PG_ANALYZE:-1}" = 1 ]; then sql "ANALYZE" >/dev/null; fi
     log "   stored $EVENTS events, 3 deliveries each ($(value post_rate "$RUN/post.out")/s through --role ingest)"
     declare -A RATE CPU
     for h in plain k1000 k50; do
@@ -256,6 +263,10 @@ for run in $(seq "$RUNS"); do
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "${RATE[plain]}" "${RATE[k1000]}" "${RATE[k50]}" "$P1000" "$P50" >>"$OUT/results.tsv"
     for f in "$RUN"/*.log; do cp "$f" "$OUT/run$run-$(basename "$f")"; done
     stop "$TPID"; TPID=""
+    # A finished run's database goes: nothing reads it again.
+    if [ "$BACKEND" = postgres ]; then
+        "$PSQL" -q "$SERVER/postgres?sslmode=disable" -c "DROP DATABASE IF EXISTS bench_ordering_$run WITH (FORCE)" 2>/dev/null
+    fi
 done
 
 median() { awk -F'\t' -v c="$1" 'NR > 1 { print $c }' "$OUT/results.tsv" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }

@@ -72,12 +72,20 @@ const CLAIM_ORDERED_FN: &str = concat!(
             AND (p_continue OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = h.delivery_id));
         -- Due heads first (at most one per key, so they cannot crowd out
         -- unkeyed work for long); rows other nodes hold are skipped, so two
-        -- nodes claiming at once take different keys.
+        -- nodes claiming at once take different keys. The heads are taken
+        -- (limited and locked) first, then each looks up its delivery by id:
+        -- joined before the limit, the plan ANALYZE led to merged every due
+        -- head with a walk of `deliveries_pkey` across their id range, at
+        -- every claim (BENCHMARKS.md, \"Quiet-machine runs at the end of stop 15\").
+        -- The lookup's `LIMIT 1` keeps the planner from pulling it up into
+        -- that join again: one probe of `deliveries_pkey` per head.
         FOR l_head IN
             SELECT h.key AS k, d.id AS d_id, d.event_id AS d_event, d.status AS d_status,
                    d.next_at <= now() AS d_due_now, d.next_at AS d_next_at
-            FROM order_heads h LEFT JOIN deliveries d ON d.id = h.delivery_id
-            WHERE h.handler = p_handler AND NOT h.blocked AND h.due <= now() ORDER BY h.due LIMIT p_limit FOR UPDATE OF h SKIP LOCKED
+            FROM (SELECT key, delivery_id, due FROM order_heads
+                  WHERE handler = p_handler AND NOT blocked AND due <= now() ORDER BY due LIMIT p_limit FOR UPDATE SKIP LOCKED) h
+            LEFT JOIN LATERAL (SELECT * FROM deliveries d WHERE d.id = h.delivery_id LIMIT 1) d ON true
+            ORDER BY h.due
         LOOP
             -- rules::head_step: an unfinished head (a retry-waiting one too)
             -- holds its key; a failed one blocks it under `block`; anything
@@ -174,11 +182,17 @@ const CLAIM_ORDERED_FN: &str = concat!(
         -- Only when one is due: run on nothing, the claim's two UPDATEs would
         -- still fire the counter triggers of `deliveries` and `events`, at
         -- every claim of a handler whose deliveries all have a key. One probe
-        -- of `deliveries_unkeyed`, spelt as it is.
-        IF p_limit > 0 AND EXISTS (
-            SELECT 1 FROM deliveries WHERE handler = p_handler AND status IN ",
+        -- of `deliveries_unkeyed`, spelt as it is: its first entry for the
+        -- handler, `min(next_at)`, which the planner always answers from
+        -- that index. Spelt as `EXISTS (… AND next_at <= now())`, the cached
+        -- plan became a sequential scan of all `deliveries` once ANALYZE had
+        -- seen other handlers' unkeyed rows (it expected a match at once;
+        -- an all-keyed handler has none): 10 ms a claim, and a third of the
+        -- 50-key rate (BENCHMARKS.md, \"Quiet-machine runs at the end of stop 15\").
+        IF p_limit > 0 AND (
+            SELECT min(next_at) FROM deliveries WHERE handler = p_handler AND status IN ",
     unfinished_sql!(),
-    " AND order_key IS NULL AND next_at <= now()) THEN
+    " AND order_key IS NULL) <= now() THEN
             RETURN QUERY ",
     super::claim::claim_unkeyed_sql!(),
     ";
