@@ -107,6 +107,30 @@ pub(super) enum Unkeyed {
     HasHeads,
 }
 
+/// Runs `sql`, a claim statement whose parameters are numbered as
+/// [`CLAIM_UNKEYED`] numbers them (`$1` handler … `$8`
+/// `only_without_heads`), with `more` after them (`$9`, …): the
+/// interrupted attempt's outcome and error and the event status while a
+/// delivery runs are the rules' own.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn query_claim<C: deadpool_postgres::GenericClient>(
+    c: &C,
+    sql: &str,
+    owner: &str,
+    handler: &str,
+    limit: i64,
+    lease_us: i64,
+    only_without_heads: bool,
+    more: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let stmt = c.prepare_cached(sql).await?;
+    let (outcome, running) = (Outcome::Retry.as_str(), rules::event_status_while_running().as_str());
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        vec![&handler, &limit, &owner, &lease_us, &outcome, &rules::INTERRUPTED_ATTEMPT, &running, &only_without_heads];
+    params.extend_from_slice(more);
+    c.query(&stmt, &params).await
+}
+
 /// [`CLAIM_UNKEYED`]; `only_without_heads` false claims regardless of key
 /// heads (the ordered claim's unkeyed part, in its transaction).
 pub(super) async fn claim_unkeyed<C: deadpool_postgres::GenericClient>(
@@ -117,22 +141,7 @@ pub(super) async fn claim_unkeyed<C: deadpool_postgres::GenericClient>(
     lease_us: i64,
     only_without_heads: bool,
 ) -> Result<Unkeyed, tokio_postgres::Error> {
-    let stmt = c.prepare_cached(CLAIM_UNKEYED).await?;
-    let rows = c
-        .query(
-            &stmt,
-            &[
-                &handler,
-                &limit,
-                &owner,
-                &lease_us,
-                &Outcome::Retry.as_str(),
-                &rules::INTERRUPTED_ATTEMPT,
-                &rules::event_status_while_running().as_str(),
-                &only_without_heads,
-            ],
-        )
-        .await?;
+    let rows = query_claim(c, CLAIM_UNKEYED, owner, handler, limit, lease_us, only_without_heads, &[]).await?;
     if only_without_heads && rows.first().is_some_and(|r| r.get::<_, bool>(0)) {
         return Ok(Unkeyed::HasHeads);
     }

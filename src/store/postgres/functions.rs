@@ -29,6 +29,27 @@ use tokio_postgres::types::ToSql;
 
 use super::*;
 
+/// What the ordered claim does with an unfinished head `l_head` (the key's
+/// current head, or the next one it advanced to): the head row points at
+/// it, unblocked; a due one is claimed now and looked at again when the
+/// lease just taken ends, any other (a renewed lease, a retry time) at its
+/// `next_at`. One spelling for both places the function meets such a head.
+macro_rules! keep_head_sql {
+    () => {
+        "
+                l_keys := array_append(l_keys, l_head.k);
+                l_heads := array_append(l_heads, l_head.d_id);
+                l_events := array_append(l_events, l_head.d_event);
+                l_blocks := array_append(l_blocks, false);
+                IF l_head.d_due_now THEN
+                    l_dues := array_append(l_dues, NULL::timestamptz);
+                    l_claim := array_append(l_claim, l_head.d_id);
+                ELSE
+                    l_dues := array_append(l_dues, l_head.d_next_at);
+                END IF;"
+    };
+}
+
 /// The ordered claim (`SELECT * FROM hooktrail_claim_ordered(…)`).
 ///
 /// Parameters, numbered as [`super::claim::CLAIM_UNKEYED`] numbers them so
@@ -92,19 +113,9 @@ const CLAIM_ORDERED_FN: &str = concat!(
             -- else (finished, gone, unreadable) lets it go.
             IF l_head.d_status IN ",
     unfinished_sql!(),
-    " THEN
-                l_keys := array_append(l_keys, l_head.k);
-                l_heads := array_append(l_heads, l_head.d_id);
-                l_events := array_append(l_events, l_head.d_event);
-                l_blocks := array_append(l_blocks, false);
-                IF l_head.d_due_now THEN
-                    -- Claimed now: looked at again when the lease just taken ends.
-                    l_dues := array_append(l_dues, NULL::timestamptz);
-                    l_claim := array_append(l_claim, l_head.d_id);
-                ELSE
-                    -- A renewed lease or a retry time: look again then.
-                    l_dues := array_append(l_dues, l_head.d_next_at);
-                END IF;
+    " THEN ",
+    keep_head_sql!(),
+    "
             ELSIF l_head.d_status = 'failed' AND NOT p_continue THEN
                 l_keys := array_append(l_keys, l_head.k);
                 l_heads := array_append(l_heads, 0::bigint);
@@ -130,17 +141,9 @@ const CLAIM_ORDERED_FN: &str = concat!(
             LOOP
                 IF l_head.d_status IN ",
     unfinished_sql!(),
-    " THEN
-                    l_keys := array_append(l_keys, l_head.k);
-                    l_heads := array_append(l_heads, l_head.d_id);
-                    l_events := array_append(l_events, l_head.d_event);
-                    l_blocks := array_append(l_blocks, false);
-                    IF l_head.d_due_now THEN
-                        l_dues := array_append(l_dues, NULL::timestamptz);
-                        l_claim := array_append(l_claim, l_head.d_id);
-                    ELSE
-                        l_dues := array_append(l_dues, l_head.d_next_at);
-                    END IF;
+    " THEN ",
+    keep_head_sql!(),
+    "
                 ELSE
                     l_gone := array_append(l_gone, l_head.k);
                 END IF;
@@ -314,24 +317,18 @@ pub(super) async fn claim_ordered<C: deadpool_postgres::GenericClient>(
     limit: i64,
     lease_us: i64,
 ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
-    let stmt = c.prepare_cached("SELECT * FROM hooktrail_claim_ordered($1, $2, $3, $4, $5, $6, $7, $8, $9)").await?;
     let continue_on = on_failure == OnFailure::Continue;
-    let rows = c
-        .query(
-            &stmt,
-            &[
-                &handler,
-                &limit,
-                &owner,
-                &lease_us,
-                &Outcome::Retry.as_str(),
-                &rules::INTERRUPTED_ATTEMPT,
-                &rules::event_status_while_running().as_str(),
-                &false,
-                &continue_on,
-            ],
-        )
-        .await?;
+    let rows = super::claim::query_claim(
+        c,
+        "SELECT * FROM hooktrail_claim_ordered($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        owner,
+        handler,
+        limit,
+        lease_us,
+        false,
+        &[&continue_on],
+    )
+    .await?;
     Ok(super::claim::claimed_from(&rows, handler))
 }
 
